@@ -1,0 +1,53 @@
+"""Entry point: the ``distlaunch`` click group and the mapping of errors to exit codes."""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import click
+
+from .. import __version__
+from ..errors import DistlaunchError
+from .run import run_command
+
+
+class Group(click.Group):
+    """Turn DistlaunchError into one line on stderr and its documented exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DistlaunchError as exc:
+            click.echo(f"distlaunch: error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="distlaunch")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def cli(verbose: int) -> None:
+    """Launch distributed training jobs with MPI on localhost, clusters and allocations.
+
+    \b
+    Examples:
+      distlaunch run --ppn 2 examples/train.py --epochs 2
+      distlaunch run --hosts node1:4,node2:4 train.py --lr 0.1
+      distlaunch run --dry-run --nodes 2 --ppn 4 --hostfile hostfiles/two-nodes-4-gpus.txt train.py
+
+    Every option can also be set from the environment as DISTLAUNCH_<COMMAND>_<OPTION>,
+    e.g. DISTLAUNCH_RUN_PPN=4.
+    """
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=level, format="distlaunch: %(message)s", stream=sys.stderr)
+
+
+cli.add_command(run_command)
+
+
+def main() -> None:
+    cli(prog_name="distlaunch", auto_envvar_prefix="DISTLAUNCH")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""Where a job runs: resolve the host list and place ranks on it.
+
+Host sources, first match wins: ``--hosts``, ``--hostfile``, the scheduler allocation
+distlaunch runs inside (Slurm, PBS/Torque, LSF), and finally localhost.
+``assign_slots`` turns hosts plus ``--nodes``/``--ppn`` into one ``RankSlot`` per rank.
+Everything here is pure apart from reading the hostfile and scheduler files named.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import HostError
+
+_HOSTNAME = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,252})$")
+LOCALHOST = "localhost"
+
+
+@dataclass(frozen=True)
+class Host:
+    """One machine: its name as mpirun will reach it, and its slot count if known."""
+
+    name: str
+    slots: int | None = None
+    max_slots: int | None = None
+
+
+@dataclass(frozen=True)
+class HostSource:
+    """The hosts found and where they came from (for messages and run records)."""
+
+    hosts: tuple[Host, ...]
+    origin: str  # "--hosts", "hostfile <path>", "slurm", "pbs", "lsf", "localhost"
+
+
+@dataclass(frozen=True)
+class RankSlot:
+    """One rank's place: global rank, host, rank within the host, GPUs it gets."""
+
+    rank: int
+    host: str
+    local_rank: int
+    local_size: int
+    gpus: tuple[int, ...] = ()
+
+
+def check_hostname(name: str, where: str) -> str:
+    """Return ``name`` if it is a plausible host name or IPv4 address, else raise."""
+    if not _HOSTNAME.match(name) or ".." in name:
+        raise HostError(
+            f"{where}: {name!r} is not a valid host name: use letters, digits, '.', '-' "
+            "and '_' only (no spaces or shell characters)"
+        )
+    return name
+
+
+def _positive(text: str, what: str, where: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise HostError(f"{where}: {what}={text!r} is not a whole number: write e.g. {what}=4") from None
+    if value < 1:
+        raise HostError(f"{where}: {what}={value} must be at least 1")
+    return value
+
+
+def _no_duplicates(hosts: Sequence[Host], where: str) -> tuple[Host, ...]:
+    seen: set[str] = set()
+    for host in hosts:
+        if host.name in seen:
+            raise HostError(
+                f"{where}: host {host.name!r} is listed twice: list each host once "
+                "and give its rank count with slots=N (or host:N)"
+            )
+        seen.add(host.name)
+    return tuple(hosts)
+
+
+def parse_hosts_arg(text: str) -> tuple[Host, ...]:
+    """Parse ``--hosts``: ``a:4,b:4`` or ``a,b`` (slots then come from --ppn)."""
+    hosts = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            raise HostError(f"--hosts {text!r}: empty host name: write e.g. --hosts node1:4,node2:4")
+        name, sep, slots = part.partition(":")
+        check_hostname(name, "--hosts")
+        hosts.append(Host(name, _positive(slots, "slots", f"--hosts {part!r}") if sep else None))
+    return _no_duplicates(hosts, "--hosts")
+
+
+def parse_hostfile_text(text: str, where: str) -> tuple[Host, ...]:
+    """Parse Open MPI / DeepSpeed (``host slots=N max_slots=M``) or MPICH (``host:N``) lines."""
+    hosts = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        at = f"{where}:{number}"
+        first, *rest = line.split()
+        name, sep, count = first.partition(":")
+        slots: int | None = _positive(count, "slots", at) if sep else None
+        max_slots: int | None = None
+        for item in rest:
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise HostError(f"{at}: cannot read {item!r}: write 'host slots=N'")
+            if key in ("slots", "cpu"):
+                slots = _positive(value, key, at)
+            elif key == "max_slots":
+                max_slots = _positive(value, key, at)
+            else:
+                raise HostError(f"{at}: unknown key {key!r}: use slots=N or max_slots=N")
+        check_hostname(name, at)
+        hosts.append(Host(name, slots, max_slots))
+    if not hosts:
+        raise HostError(f"{where}: no hosts in the file: add lines such as 'node1 slots=4'")
+    return _no_duplicates(hosts, where)
+
+
+def parse_hostfile(path: str | os.PathLike[str]) -> tuple[Host, ...]:
+    """Read and parse a hostfile; errors name the file and line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise HostError(f"cannot read hostfile {str(path)!r}: {exc}: check the path") from None
+    return parse_hostfile_text(text, str(path))
+
+
+def _counted(names: Sequence[str], where: str) -> tuple[Host, ...]:
+    """Hosts from one-line-per-slot lists (PBS, LSF): order kept, repeats become slots."""
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[check_hostname(name, where)] = counts.get(name, 0) + 1
+    return tuple(Host(name, slots) for name, slots in counts.items())
+
+
+def expand_hostlist(expr: str) -> list[str]:
+    """Expand a Slurm hostlist expression such as ``gpu[01-04,07],cpu-[1-2]x``."""
+    import hostlist  # python-hostlist, imported lazily
+
+    try:
+        names: list[str] = hostlist.expand_hostlist(expr)
+    except hostlist.BadHostlist as exc:
+        raise HostError(f"cannot expand hostlist {expr!r}: {exc}: check SLURM_JOB_NODELIST") from None
+    return names
+
+
+def compress_hostlist(names: Sequence[str]) -> str:
+    """The inverse of ``expand_hostlist`` (order kept as far as the notation allows)."""
+    import hostlist
+
+    return str(hostlist.collect_hostlist(list(names)))
+
+
+def parse_tasks_per_node(text: str, count: int) -> list[int]:
+    """Expand ``SLURM_TASKS_PER_NODE`` (``2(x3),1``) to one number per node."""
+    values: list[int] = []
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if not match:
+            raise HostError(f"cannot read SLURM_TASKS_PER_NODE={text!r}: expected forms like 2(x3),1")
+        values += [int(match.group(1))] * int(match.group(2) or 1)
+    if len(values) != count:
+        raise HostError(
+            f"SLURM_TASKS_PER_NODE={text!r} gives {len(values)} nodes but the node list has "
+            f"{count}: check the Slurm environment"
+        )
+    return values
+
+
+def from_slurm(env: Mapping[str, str]) -> tuple[Host, ...]:
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
+    names = expand_hostlist(nodelist)
+    for name in names:
+        check_hostname(name, "SLURM_JOB_NODELIST")
+    per_node = env.get("SLURM_TASKS_PER_NODE") or env.get("SLURM_JOB_CPUS_PER_NODE")
+    if not per_node:
+        return tuple(Host(name) for name in names)
+    slots = parse_tasks_per_node(per_node, len(names))
+    return tuple(Host(name, n) for name, n in zip(names, slots))
+
+
+def from_pbs(env: Mapping[str, str]) -> tuple[Host, ...]:
+    path = env["PBS_NODEFILE"]
+    try:
+        lines = Path(path).read_text(encoding="utf-8").split()
+    except OSError as exc:
+        raise HostError(f"cannot read PBS_NODEFILE {path!r}: {exc}: check the PBS environment") from None
+    return _counted(lines, f"PBS_NODEFILE {path}")
+
+
+def from_lsf(env: Mapping[str, str]) -> tuple[Host, ...]:
+    path = env.get("LSB_DJOB_HOSTFILE")
+    if path and Path(path).is_file():
+        return _counted(Path(path).read_text(encoding="utf-8").split(), f"LSB_DJOB_HOSTFILE {path}")
+    words = env.get("LSB_MCPU_HOSTS", "").split()
+    if len(words) % 2:
+        raise HostError(f"cannot read LSB_MCPU_HOSTS={env['LSB_MCPU_HOSTS']!r}: expected 'host N' pairs")
+    return _no_duplicates(
+        [
+            Host(check_hostname(name, "LSB_MCPU_HOSTS"), _positive(n, "slots", "LSB_MCPU_HOSTS"))
+            for name, n in zip(words[::2], words[1::2])
+        ],
+        "LSB_MCPU_HOSTS",
+    )
+
+
+def resolve(
+    hosts: str | None = None,
+    hostfile: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> HostSource:
+    """Find the hosts to run on, first source that applies wins."""
+    env = os.environ if env is None else env
+    if hosts:
+        return HostSource(parse_hosts_arg(hosts), "--hosts")
+    if hostfile:
+        return HostSource(parse_hostfile(hostfile), f"hostfile {hostfile}")
+    if env.get("SLURM_JOB_ID") and (env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")):
+        return HostSource(from_slurm(env), "slurm")
+    if env.get("PBS_NODEFILE"):
+        return HostSource(from_pbs(env), "pbs")
+    if env.get("LSB_DJOB_HOSTFILE") or env.get("LSB_MCPU_HOSTS"):
+        return HostSource(from_lsf(env), "lsf")
+    return HostSource((Host(LOCALHOST),), "localhost")
+
+
+def assign_slots(
+    source: HostSource,
+    nodes: int | None = None,
+    ppn: int | None = None,
+    oversubscribe: bool = False,
+) -> list[RankSlot]:
+    """Place ranks: the first ``nodes`` hosts, ``ppn`` ranks each (or each host's slots)."""
+    available = source.hosts
+    nodes = len(available) if nodes is None else nodes
+    if nodes > len(available):
+        raise HostError(
+            f"--nodes {nodes} asks for more hosts than the {len(available)} found "
+            f"({source.origin}): give more hosts or lower --nodes"
+        )
+    slots: list[RankSlot] = []
+    for host in available[:nodes]:
+        count = ppn or host.slots or 1
+        limit = host.max_slots or host.slots
+        if limit is not None and count > limit and not oversubscribe:
+            raise HostError(
+                f"--ppn {count} is more than the {limit} slots of host {host.name} "
+                f"({source.origin}): lower --ppn, or add --oversubscribe"
+            )
+        for local in range(count):
+            slots.append(RankSlot(len(slots), host.name, local, count))
+    return slots
+
+
+def placement(slots: Sequence[RankSlot]) -> list[tuple[str, int]]:
+    """(host, ranks on it) in rank order: what a hostfile needs."""
+    counts: dict[str, int] = {}
+    for slot in slots:
+        counts[slot.host] = counts.get(slot.host, 0) + 1
+    return list(counts.items())
+
+
+def is_local(name: str) -> bool:
+    """True when ``name`` is this machine (so no ssh or sync is needed)."""
+    if name in (LOCALHOST, "127.0.0.1", "::1"):
+        return True
+    here = socket.gethostname()
+    return name in (here, here.split(".")[0])

@@ -1,0 +1,63 @@
+"""Horovod's PyTorch API: ``import distlaunch.hvd as hvd`` in place of ``import horovod.torch as hvd``.
+
+Real Horovod is used when ``horovod.torch`` imports and was built with MPI or Gloo;
+otherwise distlaunch's implementation on torch.distributed (gloo on CPU, nccl with
+CUDA) is used, rendezvoused through MPI. ``DISTLAUNCH_HVD_BACKEND=horovod|torch``
+forces one; ``hvd.backend()`` says which is active.
+"""
+from __future__ import annotations
+
+import os
+
+_choice = os.environ.get("DISTLAUNCH_HVD_BACKEND", "auto").strip().lower()
+if _choice not in ("auto", "horovod", "torch"):
+    raise ImportError(
+        f"DISTLAUNCH_HVD_BACKEND={_choice!r} is not a backend: use 'horovod', 'torch' or leave it unset"
+    )
+
+
+def _real_horovod() -> bool:
+    if _choice == "torch":
+        return False
+    try:
+        import horovod.torch as real
+    except ImportError as exc:
+        if _choice == "horovod":
+            raise ImportError(
+                f"DISTLAUNCH_HVD_BACKEND=horovod but horovod.torch cannot be imported ({exc}): "
+                "build it with 'distlaunch install-horovod', or unset the variable"
+            ) from exc
+        return False
+    if not (real.mpi_built() or real.gloo_built()):
+        if _choice == "horovod":
+            raise ImportError("horovod.torch was built without MPI and Gloo: rebuild it with "
+                              "'distlaunch install-horovod'")
+        return False
+    return True
+
+
+if _real_horovod():
+    from horovod.torch import *  # noqa: F403
+    from horovod.torch import Compression  # noqa: F401
+
+    _BACKEND = "horovod"
+else:
+    from .compression import Compression  # noqa: F401
+    from .optimizer import DistributedOptimizer  # noqa: F401
+    from .torchdist import *  # noqa: F403
+    from .torchdist import (  # noqa: F401
+        Adasum,
+        Average,
+        HorovodInternalError,
+        Max,
+        Min,
+        Product,
+        Sum,
+    )
+
+    _BACKEND = "torch"
+
+
+def backend() -> str:
+    """'horovod' when real Horovod is in use, 'torch' for distlaunch's torch.distributed one."""
+    return _BACKEND

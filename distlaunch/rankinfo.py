@@ -1,0 +1,51 @@
+"""Who am I in the job? Rank, size and local rank from the launcher's environment.
+
+Read from Open MPI (``OMPI_COMM_WORLD_*``), MPICH/Hydra (``PMI_*``, ``MPI_LOCAL*``),
+Slurm's srun (``SLURM_PROCID`` …) or torchrun (``RANK`` …), in that order; a process
+started with none of them is rank 0 of 1. Never derive the local rank from
+``rank % ppn``: Open MPI does not promise that order.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+_SOURCES = (
+    ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
+     "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    ("mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+    ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"),
+    ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
+)
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+    source: str = "single"
+
+    @property
+    def prefix(self) -> bytes:
+        """Output prefix such as ``[3] `` (padded so that columns line up)."""
+        width = len(str(max(self.size - 1, 0)))
+        return f"[{self.rank:>{width}}] ".encode()
+
+
+def from_environ(env: Mapping[str, str] | None = None) -> RankInfo:
+    env = os.environ if env is None else env
+    for source, rank, size, local_rank, local_size in _SOURCES:
+        if rank in env and size in env:
+            if source == "slurm" and "SLURM_STEP_ID" not in env and "SLURM_STEPID" not in env:
+                continue  # a batch script inside an allocation, not an srun task
+            total = int(env[size])
+            local = int(env.get(local_rank, env[rank]))
+            try:
+                nlocal = int(env.get(local_size, total))
+            except ValueError:  # e.g. SLURM_NTASKS_PER_NODE unset in odd forms
+                nlocal = total
+            return RankInfo(int(env[rank]), total, local, nlocal, source)
+    return RankInfo()

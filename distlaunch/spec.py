@@ -1,0 +1,94 @@
+"""``JobSpec``: what the user asked for, validated once, immutable afterwards.
+
+The CLI and the Python API both build a JobSpec; nothing downstream sees parsed
+arguments. ``JobSpec.command()`` gives the argv of the user's program on a rank.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import SpecError
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def parse_env_items(items: tuple[str, ...] | list[str]) -> tuple[tuple[str, str], ...]:
+    """``("K=V", ...)`` → ``(("K", "V"), ...)``; a bad item is a SpecError."""
+    pairs = []
+    for item in items:
+        name, eq, value = item.partition("=")
+        if not eq:
+            raise SpecError(f"--env {item!r}: expected NAME=VALUE, e.g. --env OMP_NUM_THREADS=4")
+        pairs.append((name, value))
+    return tuple(pairs)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A distributed job, independent of where and how it is launched."""
+
+    script: str
+    script_args: tuple[str, ...] = ()
+    nodes: int | None = None
+    ppn: int | None = None
+    hosts: str | None = None
+    hostfile: str | None = None
+    oversubscribe: bool = False
+    env: tuple[tuple[str, str], ...] = ()
+    mpi_args: tuple[str, ...] = ()
+    mpirun: str | None = None
+    runs_root: str = "runs"
+    python: str = field(default_factory=lambda: sys.executable)
+
+    def __post_init__(self) -> None:
+        if not self.script:
+            raise SpecError("no script given: name the training script, e.g. distlaunch run train.py")
+        for name in ("nodes", "ppn"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise SpecError(f"--{name} {value!r} must be a whole number of at least 1")
+        if self.hosts and self.hostfile:
+            raise SpecError("--hosts and --hostfile both given: use one of them")
+        for name, _ in self.env:
+            if not _ENV_NAME.match(name):
+                raise SpecError(
+                    f"--env {name!r}: not a valid variable name: use letters, digits and _, "
+                    "not starting with a digit"
+                )
+        if self.hostfile and not os.path.isfile(self.hostfile):
+            raise SpecError(f"hostfile {self.hostfile!r} does not exist: check the path")
+        self.command()  # validates the script
+
+    @property
+    def is_python(self) -> bool:
+        return self.script.endswith(".py")
+
+    def command(self) -> list[str]:
+        """The user program's argv, run on every rank (after the worker shim)."""
+        if self.is_python:
+            if not os.path.isfile(self.script):
+                raise SpecError(f"script {self.script!r} not found: check the path (relative to {os.getcwd()})")
+            return [self.python, "-u", os.path.abspath(self.script), *self.script_args]
+        if os.sep in self.script or os.path.exists(self.script):
+            path = Path(self.script)
+            if not path.is_file():
+                raise SpecError(f"program {self.script!r} not found: check the path")
+            if not os.access(path, os.X_OK):
+                raise SpecError(
+                    f"program {self.script!r} is not executable: chmod +x it, or pass a .py script"
+                )
+            return [str(path.resolve()), *self.script_args]
+        found = shutil.which(self.script)
+        if found is None:
+            raise SpecError(
+                f"program {self.script!r} is neither a file nor on PATH: give its path, or a .py script"
+            )
+        return [found, *self.script_args]
+
+    def env_dict(self) -> dict[str, str]:
+        return dict(self.env)

@@ -1,0 +1,189 @@
+"""The per-rank shim: ``python -m distlaunch.worker --run-dir DIR -- PROGRAM [ARGS...]``.
+
+mpirun starts this on every rank. It works out the rank from the MPI environment,
+starts the user's program as a child (which dies with it), relays the child's output
+line by line with a ``[rank]`` prefix while keeping a raw copy in
+``logs/rank-<N>.log``, forwards termination signals, and finally writes
+``ranks/rank-<N>.json`` saying how the rank ended. It exits the way the child did
+(same code, or the same signal), so mpirun sees the real outcome.
+
+Kept free of heavy imports: it runs once per rank on every launch.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from .rankinfo import RankInfo, from_environ
+from .records import RunPaths, write_json
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+MAX_LINE = 64 * 1024  # a longer line is passed on in pieces of this size
+IDLE_FLUSH_S = 1.0  # a partial line (a prompt, a progress bar) is passed on after this
+
+
+def _die_with_parent() -> None:
+    """In the child: receive SIGKILL if the worker dies, so no rank outlives its worker."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BrokenPipeError:
+            return
+
+
+class LineRelay:
+    """Split one stream into lines; send each, prefixed, to ``out_fd`` and raw to ``log``."""
+
+    def __init__(self, prefix: bytes, out_fd: int, log: IO[bytes]) -> None:
+        self.prefix, self.out_fd, self.log = prefix, out_fd, log
+        self.pending = b""
+        self.last_data = time.monotonic()
+
+    def feed(self, data: bytes) -> None:
+        self.last_data = time.monotonic()
+        self.pending += data
+        *lines, self.pending = self.pending.split(b"\n")
+        while len(self.pending) >= MAX_LINE:
+            lines.append(self.pending[:MAX_LINE])
+            self.pending = self.pending[MAX_LINE:]
+        if lines:
+            self._emit(lines)
+
+    def flush(self, idle_only: bool = False) -> None:
+        if self.pending and (not idle_only or time.monotonic() - self.last_data >= IDLE_FLUSH_S):
+            line, self.pending = self.pending, b""
+            self._emit([line])
+
+    def _emit(self, lines: list[bytes]) -> None:
+        self.log.write(b"".join(line + b"\n" for line in lines))
+        self.log.flush()
+        _write_all(self.out_fd, b"".join(self.prefix + line + b"\n" for line in lines))
+
+
+def relay(child: subprocess.Popen[bytes], info: RankInfo, log: IO[bytes]) -> None:
+    """Pump the child's stdout and stderr until both close."""
+    assert child.stdout is not None and child.stderr is not None
+    selector = selectors.DefaultSelector()
+    relays = {
+        child.stdout.fileno(): LineRelay(info.prefix, sys.stdout.fileno(), log),
+        child.stderr.fileno(): LineRelay(info.prefix, sys.stderr.fileno(), log),
+    }
+    for fd in relays:
+        selector.register(fd, selectors.EVENT_READ)
+    while relays:
+        events = selector.select(timeout=IDLE_FLUSH_S)
+        for key, _ in events:
+            fd = key.fd
+            data = os.read(fd, 65536)
+            if data:
+                relays[fd].feed(data)
+            else:
+                relays.pop(fd).flush()
+                selector.unregister(fd)
+        for line_relay in relays.values():
+            line_relay.flush(idle_only=True)
+    selector.close()
+
+
+def child_env(info: RankInfo) -> dict[str, str]:
+    """The user's program sees the usual rank variables, whatever the MPI flavour."""
+    env = dict(os.environ)
+    env.setdefault("RANK", str(info.rank))
+    env.setdefault("WORLD_SIZE", str(info.size))
+    env.setdefault("LOCAL_RANK", str(info.local_rank))
+    env.setdefault("LOCAL_WORLD_SIZE", str(info.local_size))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def run_rank(command: list[str], paths: RunPaths, info: RankInfo) -> dict[str, Any]:
+    """Run the user's program for this rank; return its exit record."""
+    record: dict[str, Any] = {
+        "rank": info.rank,
+        "local_rank": info.local_rank,
+        "size": info.size,
+        "host": socket.gethostname(),
+        "worker_pid": os.getpid(),
+        "started": time.time(),
+    }
+    for folder in (paths.logs, paths.ranks):
+        folder.mkdir(parents=True, exist_ok=True)
+    with open(paths.rank_log(info.rank), "ab") as log:
+        try:
+            child = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=child_env(info),
+                preexec_fn=_die_with_parent,
+            )
+        except OSError as exc:
+            message = f"distlaunch: cannot start {command[0]}: {exc.strerror or exc}\n".encode()
+            log.write(message)
+            _write_all(sys.stderr.fileno(), info.prefix + message)
+            record.update(ended=time.time(), exit_code=127, signal=None, error=str(exc))
+            return record
+        record["pid"] = child.pid
+
+        def forward(signum: int, _frame: object) -> None:
+            if child.returncode is None:
+                child.send_signal(signum)
+
+        for signum in FORWARDED:
+            signal.signal(signum, forward)
+        relay(child, info, log)
+        code = child.wait()
+    record["ended"] = time.time()
+    if code < 0:
+        record.update(exit_code=128 - code, signal=signal.Signals(-code).name)
+    else:
+        record.update(exit_code=code, signal=None)
+    return record
+
+
+def _exit_like(record: dict[str, Any]) -> None:
+    """Leave the way the child left: same signal, or same exit code."""
+    if record.get("signal"):
+        signum = signal.Signals[record["signal"]]
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        time.sleep(1)
+    sys.exit(int(record["exit_code"]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m distlaunch.worker", description=__doc__)
+    parser.add_argument("--run-dir", required=True, help="the run folder (created if missing)")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- PROGRAM [ARGS...]")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("no program given after --")
+    info = from_environ()
+    paths = RunPaths(Path(args.run_dir))
+    record = run_rank(command, paths, info)
+    write_json(paths.rank_record(info.rank), record)
+    _exit_like(record)
+
+
+if __name__ == "__main__":
+    main()

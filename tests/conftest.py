@@ -1,0 +1,51 @@
+"""Shared fixtures: run the real ``distlaunch`` command in a scratch folder."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+
+
+class Launched:
+    """The result of one ``distlaunch`` invocation."""
+
+    def __init__(self, proc: subprocess.CompletedProcess[str], cwd: Path) -> None:
+        self.proc, self.cwd = proc, cwd
+        self.returncode, self.stdout, self.stderr = proc.returncode, proc.stdout, proc.stderr
+
+    def run_dirs(self) -> list[Path]:
+        runs = self.cwd / "runs"
+        return sorted(runs.iterdir()) if runs.is_dir() else []
+
+    def record(self) -> dict[str, Any]:
+        dirs = self.run_dirs()
+        assert len(dirs) == 1, f"expected one run folder, found {dirs}"
+        return json.loads((dirs[0] / "run.json").read_text())
+
+
+@pytest.fixture
+def distlaunch(tmp_path: Path):
+    """Call ``distlaunch ARGS...`` as a real process in tmp_path; returns a Launched."""
+
+    def call(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> Launched:
+        full_env = {**os.environ, "OUT_DIR": str(tmp_path), **(env or {})}
+        proc = subprocess.run(
+            [sys.executable, "-m", "distlaunch", *args],
+            cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=timeout,
+        )
+        return Launched(proc, tmp_path)
+
+    return call
+
+
+@pytest.fixture
+def rank_script() -> str:
+    return str(SCRIPTS / "rank_file.py")

@@ -1,0 +1,153 @@
+"""``distlaunch run`` on localhost with real mpirun and real ranks."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def rank_files(folder: Path) -> dict[int, dict]:
+    return {int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in folder.glob("rank-*.txt")}
+
+
+@pytest.mark.parametrize("ppn", [2, 4])
+def test_every_rank_runs_and_leaves_its_file(distlaunch, rank_script, tmp_path, ppn):
+    result = distlaunch("run", "--ppn", str(ppn), rank_script)
+    assert result.returncode == 0, result.stderr
+    files = rank_files(tmp_path)
+    assert sorted(files) == list(range(ppn))
+    assert {f["size"] for f in files.values()} == {ppn}
+    assert sorted(f["local_rank"] for f in files.values()) == list(range(ppn))
+    record = result.record()
+    assert record["status"] == "completed" and record["exit_code"] == 0
+    assert record["ranks"] == ppn
+    run_dir = result.run_dirs()[0]
+    for rank in range(ppn):
+        log = (run_dir / "logs" / f"rank-{rank}.log").read_text()
+        assert f"rank {rank} argv" in log and f"rank {rank} on stderr" in log
+        assert json.loads((run_dir / "ranks" / f"rank-{rank}.json").read_text())["exit_code"] == 0
+    assert (run_dir / "hostfile").read_text() == f"localhost slots={ppn}\n"
+    # output is streamed with a rank prefix, one whole line each
+    for rank in range(ppn):
+        assert f"[{rank}] rank {rank} argv" in result.stdout
+    assert "completed" in result.stderr and str(run_dir) in result.stderr
+
+
+def test_oversubscribed_run_unbinds_ranks(distlaunch, rank_script):
+    ranks = os.cpu_count() + 1
+    result = distlaunch("run", "--ppn", str(ranks), rank_script)
+    assert result.returncode == 0, result.stderr
+    argv = result.record()["argv"]
+    assert argv[argv.index("--bind-to") + 1] == "none"
+
+
+def test_script_arguments_pass_through_untouched(distlaunch, rank_script, tmp_path):
+    args = ["--ppn", "1", "two words", "it's \"quoted\"", "--lr", "0.1", "--ppn", "7", "; touch pwned", "$HOME"]
+    result = distlaunch("run", "--ppn", "2", rank_script, *args)
+    assert result.returncode == 0, result.stderr
+    for data in rank_files(tmp_path).values():
+        assert data["argv"] == args
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_failing_rank_fails_the_run_with_its_code(distlaunch, rank_script):
+    result = distlaunch("run", "--ppn", "3", rank_script, env={"FAIL_RANK": "1", "FAIL_CODE": "3"})
+    assert result.returncode == 3
+    record = result.record()
+    assert record["status"] == "failed" and record["exit_code"] == 3
+    assert record["first_failure"]["rank"] == 1
+    assert record["first_failure"]["exit_code"] == 3
+    assert "rank 1 failing" in record["first_failure"]["last_lines"]
+    assert "rank 1 on" in result.stderr and "exited with code 3" in result.stderr
+
+
+def test_failing_rank_ends_sleeping_peers(distlaunch, rank_script):
+    started = time.monotonic()
+    result = distlaunch("run", "--ppn", "2", rank_script, env={"FAIL_RANK": "0", "SLEEP": "0"},
+                        timeout=60)
+    assert result.returncode == 3
+    assert time.monotonic() - started < 30
+
+
+def test_non_python_executable(distlaunch, tmp_path):
+    script = tmp_path / "job.sh"
+    script.write_text('#!/bin/sh\necho "shell rank $RANK of $WORLD_SIZE: $1"\n')
+    script.chmod(0o755)
+    result = distlaunch("run", "--ppn", "2", str(script), "hello world")
+    assert result.returncode == 0, result.stderr
+    assert "shell rank 0 of 2: hello world" in result.stdout
+    assert "shell rank 1 of 2: hello world" in result.stdout
+
+
+def test_dry_run_launches_nothing(distlaunch, rank_script, tmp_path):
+    result = distlaunch("run", "--dry-run", "--ppn", "2", "--env", "FOO=bar", rank_script, "--x")
+    assert result.returncode == 0, result.stderr
+    assert "localhost slots=2" in result.stdout
+    assert "distlaunch.worker" in result.stdout and "mpirun" in result.stdout
+    assert "FOO=bar" in result.stdout
+    assert rank_files(tmp_path) == {}
+    assert result.run_dirs() == []
+
+
+def test_env_reaches_every_rank(distlaunch, tmp_path):
+    script = tmp_path / "env.py"
+    script.write_text("import os\nprint('FOO is', os.environ['FOO'], 'ID', os.environ['DISTLAUNCH_RUN_ID'])\n")
+    result = distlaunch("run", "--ppn", "2", "--env", "FOO=a=b c", str(script))
+    assert result.returncode == 0, result.stderr
+    run_id = result.run_dirs()[0].name
+    assert result.stdout.count(f"FOO is a=b c ID {run_id}") == 2
+
+
+def test_ctrl_c_cancels_and_leaves_no_process(rank_script, tmp_path):
+    env = {**os.environ, "OUT_DIR": str(tmp_path), "SLEEP": "60"}
+    proc = subprocess.Popen([sys.executable, "-m", "distlaunch", "run", "--ppn", "2", rank_script],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while len(list(tmp_path.glob("rank-*.txt"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(list(tmp_path.glob("rank-*.txt"))) == 2, "ranks did not start"
+    run_id = next((tmp_path / "runs").iterdir()).name
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    record = json.loads((tmp_path / "runs" / run_id / "run.json").read_text())
+    assert record["status"] == "cancelled"
+    survivors = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("DISTLAUNCH_RUN_ID") == run_id:
+                survivors.append(p)
+        except psutil.Error:
+            pass
+    assert survivors == []
+
+
+def test_run_record_is_never_half_written(distlaunch, rank_script):
+    result = distlaunch("run", "--ppn", "2", rank_script)
+    run_dir = result.run_dirs()[0]
+    assert [p.name for p in run_dir.iterdir() if p.name.startswith(".run.json")] == []
+    record = result.record()
+    assert record["started"] <= record["ended"]
+    for key in ("id", "spec", "argv", "versions", "slots", "hostfile", "duration_s"):
+        assert key in record
+    assert record["versions"]["mpi"].startswith(("Open MPI", "MPICH"))
+
+
+def test_example_training_script_learns(distlaunch):
+    result = distlaunch("run", "--ppn", "2", str(REPO / "examples" / "train.py"), "--epochs", "2",
+                        timeout=300)
+    assert result.returncode == 0, result.stderr
+    losses = [float(line.split("loss ")[1].split()[0]) for line in result.stdout.splitlines()
+              if "loss" in line]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert (result.run_dirs()[0] / "outputs" / "model.pt").is_file()
