@@ -45,7 +45,7 @@ class RankSlot:
     host: str
     local_rank: int
     local_size: int
-    gpus: tuple[int, ...] = ()
+    gpus: tuple[str, ...] = ()  # CUDA device ids (index or UUID) this rank gets
 
 
 def check_hostname(name: str, where: str) -> str:

@@ -17,9 +17,10 @@ from typing import IO, Any
 
 from . import __version__
 from .envpolicy import redact
-from .hosts import HostSource, RankSlot, assign_slots, resolve
+from .hosts import RankSlot
 from .mpi import MPIInstall, detect, find_mpirun
 from .mpirun import LaunchContext, LaunchPlan, plan
+from .placement import Placement, place
 from .records import RunPaths, Status, allocate, write_json
 from .spec import JobSpec
 from .supervise import Outcome, Supervisor
@@ -30,13 +31,16 @@ class Prepared:
     """A job resolved against this machine: hosts, placement and the MPI to use."""
 
     spec: JobSpec
-    source: HostSource
-    slots: tuple[RankSlot, ...]
+    placed: Placement
     mpi: MPIInstall
     context: LaunchContext
 
+    @property
+    def slots(self) -> tuple[RankSlot, ...]:
+        return self.placed.slots
+
     def plan(self, run_id: str, run_dir: str) -> LaunchPlan:
-        return plan(self.spec, self.slots, self.mpi, run_id, run_dir, self.context)
+        return plan(self.spec, self.placed, self.mpi, run_id, run_dir, self.context)
 
 
 def local_cores() -> int:
@@ -47,13 +51,12 @@ def local_cores() -> int:
 
 
 def prepare(spec: JobSpec) -> Prepared:
-    source = resolve(spec.hosts, spec.hostfile)
-    slots = tuple(assign_slots(source, spec.nodes, spec.ppn, spec.oversubscribe))
+    placed = place(spec.target)
     mpi = detect(find_mpirun(spec.mpirun))
     context = LaunchContext(
         is_root=os.geteuid() == 0, local_cores=local_cores(), ambient_env=frozenset(os.environ)
     )
-    return Prepared(spec, source, slots, mpi, context)
+    return Prepared(spec, placed, mpi, context)
 
 
 def versions(mpi: MPIInstall) -> dict[str, str]:
@@ -75,7 +78,8 @@ def initial_record(prepared: Prepared, the_plan: LaunchPlan, paths: RunPaths) ->
         "script": spec.script,
         "nodes": len({slot.host for slot in prepared.slots}),
         "ranks": len(prepared.slots),
-        "host_source": prepared.source.origin,
+        "host_source": prepared.placed.source.origin,
+        "gpu_mode": prepared.placed.gpu_mode,
         "slots": [dataclasses.asdict(slot) for slot in prepared.slots],
         "argv": list(the_plan.argv),
         "env_added": redact(the_plan.env),

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from .hosts import RankSlot, is_local, placement
 from .mpi import Flavour, MPIInstall
+from .placement import Placement
 from .spec import JobSpec
 
 
@@ -73,19 +74,26 @@ def rank_env(spec: JobSpec, slots: Sequence[RankSlot], run_id: str, run_dir: str
     return env
 
 
-def worker_argv(spec: JobSpec, run_dir: str) -> list[str]:
-    return [spec.python, "-m", "distlaunch.worker", "--run-dir", run_dir, "--", *spec.command()]
+def worker_argv(spec: JobSpec, placed: Placement, run_dir: str) -> list[str]:
+    argv = [spec.python, "-m", "distlaunch.worker", "--run-dir", run_dir]
+    if placed.gpu_mode:
+        argv += ["--gpus-per-rank", str(placed.gpus_per_rank)]
+        if placed.restricted:
+            argv += ["--gpus", ",".join(placed.restricted)]
+    return [*argv, "--", *spec.command()]
 
 
 def plan(
     spec: JobSpec,
-    slots: Sequence[RankSlot],
+    placed: Placement,
     mpi: MPIInstall,
     run_id: str,
     run_dir: str,
     ctx: LaunchContext,
 ) -> LaunchPlan:
-    """Build the mpirun argv for ``slots`` with the flags this MPI flavour needs."""
+    """Build the mpirun argv for the placement with the flags this MPI flavour needs."""
+    slots = placed.slots
+    oversubscribe = spec.target.oversubscribe
     hostfile_path = f"{run_dir}/hostfile"
     env = rank_env(spec, slots, run_id, run_dir)
     hosts = placement(slots)
@@ -94,10 +102,10 @@ def plan(
         argv += ["--hostfile", hostfile_path]
         if ctx.is_root:
             argv.append("--allow-run-as-root")
-        if spec.oversubscribe:
+        if oversubscribe:
             argv.append("--oversubscribe")
         crowded = any(is_local(host) and count > ctx.local_cores for host, count in hosts)
-        if crowded or spec.oversubscribe:
+        if crowded or oversubscribe:
             argv += ["--bind-to", "none"]
         if len(hosts) == 1 and not _user_sets_btl(spec, ctx):
             argv += ["--mca", "btl", "^ofi"]
@@ -106,5 +114,5 @@ def plan(
     else:  # Hydra passes mpirun's whole environment to the ranks by default
         argv += ["-f", hostfile_path]
     argv += list(spec.mpi_args)
-    argv += worker_argv(spec, run_dir)
+    argv += worker_argv(spec, placed, run_dir)
     return LaunchPlan(tuple(argv), env, hostfile_text(slots, mpi.flavour), hostfile_path, tuple(slots))

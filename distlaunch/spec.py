@@ -29,16 +29,38 @@ def parse_env_items(items: tuple[str, ...] | list[str]) -> tuple[tuple[str, str]
 
 
 @dataclass(frozen=True)
-class JobSpec:
-    """A distributed job, independent of where and how it is launched."""
+class TargetSpec:
+    """Where and how wide a job runs: hosts, nodes, ranks per node, GPUs."""
 
-    script: str
-    script_args: tuple[str, ...] = ()
     nodes: int | None = None
     ppn: int | None = None
     hosts: str | None = None
     hostfile: str | None = None
     oversubscribe: bool = False
+    use_gpu: bool | None = None  # None: use GPUs when the node has some
+    gpus_per_rank: int = 1
+    gpus: str | None = None  # restrict to these device ids, e.g. "0,1,3"
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "ppn", "gpus_per_rank"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise SpecError(f"--{name.replace('_', '-')} {value!r} must be a whole number of at least 1")
+        if self.hosts and self.hostfile:
+            raise SpecError("--hosts and --hostfile both given: use one of them")
+        if self.hostfile and not os.path.isfile(self.hostfile):
+            raise SpecError(f"hostfile {self.hostfile!r} does not exist: check the path")
+        if self.use_gpu is False and self.gpus:
+            raise SpecError("--gpus given together with --cpu-only: drop one of them")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A distributed job, independent of where and how it is launched."""
+
+    script: str
+    script_args: tuple[str, ...] = ()
+    target: TargetSpec = field(default_factory=TargetSpec)
     env: tuple[tuple[str, str], ...] = ()
     mpi_args: tuple[str, ...] = ()
     mpirun: str | None = None
@@ -48,20 +70,12 @@ class JobSpec:
     def __post_init__(self) -> None:
         if not self.script:
             raise SpecError("no script given: name the training script, e.g. distlaunch run train.py")
-        for name in ("nodes", "ppn"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise SpecError(f"--{name} {value!r} must be a whole number of at least 1")
-        if self.hosts and self.hostfile:
-            raise SpecError("--hosts and --hostfile both given: use one of them")
         for name, _ in self.env:
             if not _ENV_NAME.match(name):
                 raise SpecError(
                     f"--env {name!r}: not a valid variable name: use letters, digits and _, "
                     "not starting with a digit"
                 )
-        if self.hostfile and not os.path.isfile(self.hostfile):
-            raise SpecError(f"hostfile {self.hostfile!r} does not exist: check the path")
         self.command()  # validates the script
 
     @property

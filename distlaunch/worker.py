@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from .errors import DistlaunchError
 from .rankinfo import RankInfo, from_environ
 from .records import RunPaths, write_json
 
@@ -103,9 +104,25 @@ def relay(child: subprocess.Popen[bytes], info: RankInfo, log: IO[bytes]) -> Non
     selector.close()
 
 
-def child_env(info: RankInfo) -> dict[str, str]:
+def pick_gpus(info: RankInfo, per_rank: int, restricted: str | None) -> tuple[str, ...]:
+    """This rank's CUDA devices on this node, from the node's own inventory."""
+    from .gpus import allowed_devices, devices_for, inventory
+
+    inv = inventory()
+    allowed = allowed_devices(inv, restricted, None)
+    if not allowed:
+        if info.local_rank == 0:
+            message = f"distlaunch: no GPU on {socket.gethostname()} ({inv.problem}): running on CPU\n"
+            _write_all(sys.stderr.fileno(), info.prefix + message.encode())
+        return ()
+    return devices_for(info.local_rank, per_rank, allowed)
+
+
+def child_env(info: RankInfo, gpus: tuple[str, ...] = ()) -> dict[str, str]:
     """The user's program sees the usual rank variables, whatever the MPI flavour."""
     env = dict(os.environ)
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     env.setdefault("RANK", str(info.rank))
     env.setdefault("WORLD_SIZE", str(info.size))
     env.setdefault("LOCAL_RANK", str(info.local_rank))
@@ -114,7 +131,7 @@ def child_env(info: RankInfo) -> dict[str, str]:
     return env
 
 
-def run_rank(command: list[str], paths: RunPaths, info: RankInfo) -> dict[str, Any]:
+def run_rank(command: list[str], paths: RunPaths, info: RankInfo, gpus: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run the user's program for this rank; return its exit record."""
     record: dict[str, Any] = {
         "rank": info.rank,
@@ -123,6 +140,7 @@ def run_rank(command: list[str], paths: RunPaths, info: RankInfo) -> dict[str, A
         "host": socket.gethostname(),
         "worker_pid": os.getpid(),
         "started": time.time(),
+        "gpus": list(gpus),
     }
     for folder in (paths.logs, paths.ranks):
         folder.mkdir(parents=True, exist_ok=True)
@@ -133,7 +151,7 @@ def run_rank(command: list[str], paths: RunPaths, info: RankInfo) -> dict[str, A
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                env=child_env(info),
+                env=child_env(info, gpus),
                 preexec_fn=_die_with_parent,
             )
         except OSError as exc:
@@ -173,6 +191,8 @@ def _exit_like(record: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m distlaunch.worker", description=__doc__)
     parser.add_argument("--run-dir", required=True, help="the run folder (created if missing)")
+    parser.add_argument("--gpus-per-rank", type=int, default=0, help="give each rank this many GPUs")
+    parser.add_argument("--gpus", default=None, help="only these devices (indices or UUIDs)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- PROGRAM [ARGS...]")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -180,7 +200,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("no program given after --")
     info = from_environ()
     paths = RunPaths(Path(args.run_dir))
-    record = run_rank(command, paths, info)
+    gpus: tuple[str, ...] = ()
+    if args.gpus_per_rank:
+        try:
+            gpus = pick_gpus(info, args.gpus_per_rank, args.gpus)
+        except DistlaunchError as exc:
+            _write_all(sys.stderr.fileno(), info.prefix + f"distlaunch: error: {exc}\n".encode())
+            sys.exit(exc.exit_code)
+    record = run_rank(command, paths, info, gpus)
     write_json(paths.rank_record(info.rank), record)
     _exit_like(record)
 

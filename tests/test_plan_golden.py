@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from distlaunch.hosts import HostSource, assign_slots, parse_hosts_arg, resolve
+from distlaunch.gpus import GPU, Inventory
 from distlaunch.mpi import Flavour, MPIInstall
 from distlaunch.mpirun import LaunchContext, plan
-from distlaunch.spec import JobSpec
+from distlaunch.placement import place
+from distlaunch.spec import JobSpec, TargetSpec
 
 GOLDEN = Path(__file__).parent / "golden"
 MPIS = {
@@ -23,26 +24,32 @@ MPIS = {
     "ompi5": MPIInstall("/opt/ompi5/bin/mpirun", Flavour.OPENMPI, "5.0.11"),
     "mpich": MPIInstall("/opt/mpich/bin/mpirun", Flavour.MPICH, "4.2.0"),
 }
+NO_GPU = Inventory((), "none", problem="no NVML")
+FOUR_GPUS = Inventory(tuple(GPU(i, f"GPU-{i}") for i in range(4)), "file test")
 CASES = {
-    # name: (hosts or None for localhost, ppn, oversubscribe, extra spec fields)
-    "local-2": (None, 2, False, {}),
-    "local-8-crowded": (None, 8, False, {}),
-    "two-nodes": ("node1:4,node2:4", None, False, {"env": (("OMP_NUM_THREADS", "1"),)}),
-    "oversubscribed": ("node1:2", 4, True, {"mpi_args": ("--mca", "btl", "tcp,self")}),
+    # name: (TargetSpec, GPU inventory, extra JobSpec fields)
+    "local-2": (TargetSpec(ppn=2), NO_GPU, {}),
+    "local-8-crowded": (TargetSpec(ppn=8), NO_GPU, {}),
+    "two-nodes": (TargetSpec(hosts="node1:4,node2:4"), NO_GPU, {"env": (("OMP_NUM_THREADS", "1"),)}),
+    "oversubscribed": (TargetSpec(hosts="node1:2", ppn=4, oversubscribe=True), NO_GPU,
+                       {"mpi_args": ("--mca", "btl", "tcp,self")}),
+    "two-nodes-gpus": (TargetSpec(hosts="node1:4,node2:4", gpus_per_rank=2), FOUR_GPUS, {}),
+    "gpus-restricted": (TargetSpec(gpus="1,3"), FOUR_GPUS, {}),
 }
 
 
 def render(mpi_name: str, case: str, root: bool) -> str:
-    hosts, ppn, over, extra = CASES[case]
-    spec = JobSpec(str(REPO / "examples" / "train.py"), ("--epochs", "1"), ppn=ppn, hosts=hosts,
-                   oversubscribe=over, python="/usr/bin/python3", **extra)
-    source = HostSource(parse_hosts_arg(hosts), "--hosts") if hosts else resolve(env={})
-    slots = assign_slots(source, spec.nodes, spec.ppn, spec.oversubscribe)
+    target, inv, extra = CASES[case]
+    spec = JobSpec(str(REPO / "examples" / "train.py"), ("--epochs", "1"), target=target,
+                   python="/usr/bin/python3", **extra)
+    placed = place(target, env={}, inv=inv)
     ctx = LaunchContext(is_root=root, local_cores=4)
-    the_plan = plan(spec, slots, MPIS[mpi_name], "RUNID", "/runs/RUNID", ctx)
+    the_plan = plan(spec, placed, MPIS[mpi_name], "RUNID", "/runs/RUNID", ctx)
     argv = [a.replace(str(REPO), "<repo>") for a in the_plan.argv]
     env = [f"{k}={v}" for k, v in sorted(the_plan.env.items())]
-    return "\n".join(["# hostfile", the_plan.hostfile_text.rstrip(), "# argv", *argv, "# env", *env]) + "\n"
+    gpus = [f"rank {s.rank} {s.host} local {s.local_rank} gpus {','.join(s.gpus) or '-'}" for s in placed.slots]
+    sections = ["# hostfile", the_plan.hostfile_text.rstrip(), "# argv", *argv, "# env", *env, "# placement", *gpus]
+    return "\n".join(sections) + "\n"
 
 
 @pytest.mark.parametrize("root", [True, False], ids=["root", "user"])
@@ -62,9 +69,9 @@ def test_plan_matches_golden(mpi_name, case, root):
 
 def test_user_btl_choice_wins():
     spec = JobSpec(str(REPO / "examples" / "train.py"), mpi_args=("--mca", "btl", "tcp,self"))
-    slots = assign_slots(resolve(env={}), None, 2)
-    argv = plan(spec, slots, MPIS["ompi5"], "R", "/r", LaunchContext(False, 4)).argv
+    placed = place(TargetSpec(ppn=2), env={}, inv=NO_GPU)
+    argv = plan(spec, placed, MPIS["ompi5"], "R", "/r", LaunchContext(False, 4)).argv
     assert "^ofi" not in argv
-    argv = plan(spec, slots, MPIS["ompi5"], "R", "/r",
+    argv = plan(spec, placed, MPIS["ompi5"], "R", "/r",
                 LaunchContext(False, 4, frozenset({"OMPI_MCA_btl"}))).argv
     assert "^ofi" not in argv

@@ -9,6 +9,8 @@ import click
 
 from .. import __version__
 from ..errors import DistlaunchError
+from .hosts import hosts_command
+from .install_horovod import install_horovod_command
 from .run import run_command
 
 
@@ -43,6 +45,8 @@ def cli(verbose: int) -> None:
 
 
 cli.add_command(run_command)
+cli.add_command(hosts_command)
+cli.add_command(install_horovod_command)
 
 
 def main() -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from typing import Any
 
 import click
 
@@ -10,6 +11,8 @@ from ..launcher import Prepared, launch, prepare
 from ..records import new_run_id
 from ..spec import JobSpec, parse_env_items
 from ..supervise import Outcome
+from .hosts import placement_table
+from .options import pop_target, target_options
 
 RUN_HELP = """Run SCRIPT on every rank, with MPI, and keep a run folder.
 
@@ -42,11 +45,7 @@ def split_mpi_args(values: tuple[str, ...]) -> tuple[str, ...]:
 
 
 @click.command("run", help=RUN_HELP, context_settings={"allow_interspersed_args": False})
-@click.option("--nodes", type=click.IntRange(min=1), help="Number of hosts to use (default: all found).")
-@click.option("--ppn", type=click.IntRange(min=1), help="Ranks per host (default: the host's slots, else 1).")
-@click.option("--hosts", metavar="H1:N,H2:N", help="Hosts and their slots, e.g. node1:4,node2:4.")
-@click.option("--hostfile", metavar="FILE", help="Open MPI (host slots=N) or MPICH (host:N) hostfile.")
-@click.option("--oversubscribe", is_flag=True, help="Allow more ranks than slots (or cores).")
+@target_options
 @click.option("--env", "env_items", multiple=True, metavar="NAME=VALUE",
               help="Set a variable on every rank (repeatable).")
 @click.option("--mpi-arg", "mpi_args", multiple=True, metavar="ARGS",
@@ -59,46 +58,31 @@ def split_mpi_args(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--dry-run", is_flag=True, help="Print hostfile, mpirun argv and environment; launch nothing.")
 @click.argument("script")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def run_command(
-    nodes: int | None,
-    ppn: int | None,
-    hosts: str | None,
-    hostfile: str | None,
-    oversubscribe: bool,
-    env_items: tuple[str, ...],
-    mpi_args: tuple[str, ...],
-    mpirun: str | None,
-    runs_root: str,
-    kill_grace: float,
-    dry_run: bool,
-    script: str,
-    args: tuple[str, ...],
-) -> None:
+def run_command(**kwargs: Any) -> None:
+    target = pop_target(kwargs)
     spec = JobSpec(
-        script=script,
-        script_args=args,
-        nodes=nodes,
-        ppn=ppn,
-        hosts=hosts,
-        hostfile=hostfile,
-        oversubscribe=oversubscribe,
-        env=parse_env_items(env_items),
-        mpi_args=split_mpi_args(mpi_args),
-        mpirun=mpirun,
-        runs_root=runs_root,
+        script=kwargs["script"],
+        script_args=kwargs["args"],
+        target=target,
+        env=parse_env_items(kwargs["env_items"]),
+        mpi_args=split_mpi_args(kwargs["mpi_args"]),
+        mpirun=kwargs["mpirun"],
+        runs_root=kwargs["runs_root"],
     )
     prepared = prepare(spec)
-    if dry_run:
+    if prepared.placed.note:
+        click.echo(f"distlaunch: {prepared.placed.note}", err=True)
+    if kwargs["dry_run"]:
         show_dry_run(prepared)
         return
-    nhosts = len({slot.host for slot in prepared.slots})
+    placed = prepared.placed
     click.echo(
-        f"distlaunch: {len(prepared.slots)} rank(s) on {nhosts} host(s) ({prepared.source.origin}), "
-        f"{prepared.mpi.label}",
+        f"distlaunch: {len(placed.slots)} rank(s) on {placed.nhosts} host(s) ({placed.source.origin}), "
+        f"{'GPU' if placed.gpu_mode else 'CPU'}, {prepared.mpi.label}",
         err=True,
     )
-    paths, outcome = launch(prepared, sys.stdout.buffer, sys.stderr.buffer, kill_grace)
-    summarize(paths.run_id, str(paths.root), outcome, nhosts)
+    paths, outcome = launch(prepared, sys.stdout.buffer, sys.stderr.buffer, kwargs["kill_grace"])
+    summarize(paths.run_id, str(paths.root), outcome, len(placed.slots), placed.nhosts)
     sys.exit(outcome.exit_code)
 
 
@@ -114,12 +98,10 @@ def show_dry_run(prepared: Prepared) -> None:
     for name, value in sorted(the_plan.env.items()):
         click.echo(f"{name}={value}")
     click.echo("# placement")
-    for slot in prepared.slots:
-        click.echo(f"rank {slot.rank}: host {slot.host}, local rank {slot.local_rank}")
+    click.echo(placement_table(prepared.placed), nl=False)
 
 
-def summarize(run_id: str, root: str, outcome: Outcome, nhosts: int) -> None:
-    ranks = len(outcome.ranks) or "?"
+def summarize(run_id: str, root: str, outcome: Outcome, ranks: int, nhosts: int) -> None:
     head = f"distlaunch: run {run_id} {outcome.status.value} in {outcome.duration:.2f} s"
     if outcome.failure is None:
         click.echo(f"{head} ({ranks} ranks on {nhosts} host(s)); run folder {root}", err=True)

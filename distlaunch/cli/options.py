@@ -1,0 +1,37 @@
+"""Options shared by several commands: where a job runs (hosts, nodes, ranks, GPUs)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from ..spec import TargetSpec
+
+_TARGET_OPTIONS = [
+    click.option("--nodes", type=click.IntRange(min=1), help="Number of hosts to use (default: all found)."),
+    click.option("--ppn", type=click.IntRange(min=1),
+                 help="Ranks per host (default: GPUs per host with GPUs, else the host's slots, else 1)."),
+    click.option("--hosts", metavar="H1:N,H2:N", help="Hosts and their slots, e.g. node1:4,node2:4."),
+    click.option("--hostfile", metavar="FILE", help="Open MPI (host slots=N) or MPICH (host:N) hostfile."),
+    click.option("--oversubscribe", is_flag=True, help="Allow more ranks than slots (or cores)."),
+    click.option("--use-gpu/--cpu-only", "use_gpu", default=None,
+                 help="Give each rank its own GPU(s) [default: when the node has GPUs]."),
+    click.option("--gpus-per-rank", type=click.IntRange(min=1), default=1, show_default=True,
+                 help="GPUs given to each rank."),
+    click.option("--gpus", metavar="0,1,3", help="Use only these GPUs (indices or UUIDs)."),
+]
+
+TARGET_KEYS = ("nodes", "ppn", "hosts", "hostfile", "oversubscribe", "use_gpu", "gpus_per_rank", "gpus")
+
+
+def target_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the placement options to a click command."""
+    for option in reversed(_TARGET_OPTIONS):
+        func = option(func)
+    return func
+
+
+def pop_target(kwargs: dict[str, Any]) -> TargetSpec:
+    """Take the placement options out of a command's kwargs and build the TargetSpec."""
+    return TargetSpec(**{key: kwargs.pop(key) for key in TARGET_KEYS})

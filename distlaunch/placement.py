@@ -1,0 +1,58 @@
+"""``place()``: a TargetSpec resolved to ranks on hosts, with their GPUs.
+
+Shared by ``distlaunch run`` (and its ``--dry-run``) and ``distlaunch hosts``. The GPU
+inventory is this node's; other nodes are assumed to have the same devices until their
+workers look for themselves (each worker maps its own rank on its own node).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .gpus import Inventory, allowed_devices, check_capacity, devices_for, inventory
+from .hosts import HostSource, RankSlot, assign_slots, placement, resolve
+from .spec import TargetSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Placement:
+    source: HostSource
+    slots: tuple[RankSlot, ...]
+    gpu_mode: bool = False
+    gpus_per_rank: int = 1
+    restricted: tuple[str, ...] | None = None  # devices the user narrowed to (--gpus / CUDA_VISIBLE_DEVICES)
+    note: str = ""  # one line worth telling the user (e.g. why we run on CPU)
+
+    @property
+    def nhosts(self) -> int:
+        return len(placement(self.slots))
+
+
+def place(target: TargetSpec, env: Mapping[str, str] | None = None, inv: Inventory | None = None) -> Placement:
+    env = os.environ if env is None else env
+    source = resolve(target.hosts, target.hostfile, env)
+    if target.use_gpu is False:
+        return Placement(source, tuple(assign_slots(source, target.nodes, target.ppn, target.oversubscribe)))
+    inv = inventory(env) if inv is None else inv
+    visible = env.get("CUDA_VISIBLE_DEVICES") or None
+    allowed = allowed_devices(inv, target.gpus, visible)
+    if not inv.gpus:
+        note = ""
+        if target.use_gpu or target.gpus:
+            note = f"no GPU found ({inv.problem or 'none listed'}): running on CPU"
+            log.info(note)
+        slots = assign_slots(source, target.nodes, target.ppn, target.oversubscribe)
+        return Placement(source, tuple(slots), note=note)
+    per_rank = target.gpus_per_rank
+    ppn = target.ppn or max(1, len(allowed) // per_rank)
+    slots = assign_slots(source, target.nodes, ppn, target.oversubscribe)
+    for host, count in placement(slots):
+        check_capacity(count, per_rank, allowed, host)
+    mapped = tuple(dataclasses.replace(s, gpus=devices_for(s.local_rank, per_rank, allowed)) for s in slots)
+    restricted = allowed if (target.gpus or visible) else None
+    return Placement(source, mapped, True, per_rank, restricted)
