@@ -9,15 +9,18 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import shutil
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
 from . import __version__
 from .envpolicy import redact
-from .hosts import RankSlot
+from .errors import HostError, RunDirError
+from .hosts import RankSlot, is_local, placement
 from .mpi import MPIInstall, detect, find_mpirun
 from .mpirun import LaunchContext, LaunchPlan, plan
 from .placement import Placement, place
@@ -50,8 +53,33 @@ def local_cores() -> int:
         return os.cpu_count() or 1
 
 
+RESOLVE_LIMIT = 1024  # more hosts than this are not looked up before launch
+
+
+def check_resolvable(names: list[str]) -> None:
+    """HostError naming the first host that does not resolve (looked up in parallel)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    remote = [name for name in names if not is_local(name)]
+    if not remote or len(remote) > RESOLVE_LIMIT:
+        return
+
+    def resolves(name: str) -> bool:
+        try:
+            socket.getaddrinfo(name, None)
+            return True
+        except (OSError, UnicodeError):
+            return False
+
+    with ThreadPoolExecutor(max_workers=min(32, len(remote))) as pool:
+        for name, ok in zip(remote, pool.map(resolves, remote)):
+            if not ok:
+                raise HostError(f"cannot resolve host {name!r}: check its name, DNS or /etc/hosts")
+
+
 def prepare(spec: JobSpec) -> Prepared:
     placed = place(spec.target)
+    check_resolvable([host for host, _ in placement(placed.slots)])
     mpi = detect(find_mpirun(spec.mpirun))
     context = LaunchContext(
         is_root=os.geteuid() == 0, local_cores=local_cores(), ambient_env=frozenset(os.environ)
@@ -100,26 +128,45 @@ def outcome_fields(outcome: Outcome) -> dict[str, Any]:
         "first_failure": dataclasses.asdict(outcome.failure) if outcome.failure else None,
         "rank_exits": {str(rank): rec for rank, rec in sorted(outcome.ranks.items())},
         "leftovers_killed": outcome.leftovers_killed,
+        "reason": outcome.reason,
     }
+
+
+@dataclass(frozen=True)
+class Watch:
+    """How the launcher watches a running job."""
+
+    kill_grace: float = 5.0
+    timeout: float | None = None
+    hang_timeout: float | None = None
 
 
 def launch(
     prepared: Prepared,
     out: IO[bytes] | None = None,
     err: IO[bytes] | None = None,
-    kill_grace: float = 5.0,
+    watch: Watch = Watch(),
+    on_ready: Callable[[RunPaths], None] | None = None,
 ) -> tuple[RunPaths, Outcome]:
-    """Run the job to its end; the run folder records every step."""
+    """Run the job to its end; the run folder records every step. ``on_ready`` is called
+    once the run folder exists, just before mpirun starts."""
     paths = allocate(prepared.spec.runs_root)
     the_plan = prepared.plan(paths.run_id, str(paths.root))
     record = initial_record(prepared, the_plan, paths)
-    write_json(paths.record, record)
+    try:
+        write_json(paths.record, record)
+    except RunDirError:
+        shutil.rmtree(paths.root, ignore_errors=True)  # nothing worth keeping yet
+        raise
+    if on_ready is not None:
+        on_ready(paths)
 
     def started(pid: int) -> None:
         record.update(status=Status.RUNNING.value, started=time.time(), mpirun_pid=pid)
         write_json(paths.record, record)
 
-    supervisor = Supervisor(the_plan, paths, paths.run_id, out, err, kill_grace, on_start=started)
+    supervisor = Supervisor(the_plan, paths, paths.run_id, out, err, watch.kill_grace, on_start=started,
+                            timeout=watch.timeout, hang_timeout=watch.hang_timeout)
     try:
         outcome = supervisor.run()
     except BaseException:

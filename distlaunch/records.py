@@ -85,6 +85,9 @@ class RunPaths:
     def rank_record(self, rank: int) -> Path:
         return self.ranks / f"rank-{rank}.json"
 
+    def rank_exception(self, rank: int) -> Path:
+        return self.ranks / f"rank-{rank}.exception.json"
+
     def create(self) -> None:
         """Make the folder and its sub-folders; RunDirError if that is impossible."""
         try:
@@ -139,7 +142,9 @@ def read_rank_records(paths: RunPaths) -> dict[int, dict[str, Any]]:
     records: dict[int, dict[str, Any]] = {}
     if not paths.ranks.is_dir():
         return records
-    for file in paths.ranks.glob("rank-*.json"):
+    for file in paths.ranks.glob("rank-[0-9]*.json"):
+        if file.name.endswith(".exception.json"):
+            continue
         try:
             data = read_json(file)
             records[int(data["rank"])] = data

@@ -87,7 +87,7 @@ class JobSpec:
         if self.is_python:
             if not os.path.isfile(self.script):
                 raise SpecError(f"script {self.script!r} not found: check the path (relative to {os.getcwd()})")
-            return [self.python, "-u", os.path.abspath(self.script), *self.script_args]
+            return [self.python, "-u", "-m", "distlaunch.bootstrap", os.path.abspath(self.script), *self.script_args]
         if os.sep in self.script or os.path.exists(self.script):
             path = Path(self.script)
             if not path.is_file():

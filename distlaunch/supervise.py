@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from .errors import ExitCode, RunDirError
 from .mpirun import LaunchPlan
 from .records import RunPaths, Status, read_rank_records, tail_lines
 
@@ -27,6 +28,7 @@ RANK_LINE = re.compile(rb"^\[ *\d+\] ")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 PASS_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 LEFTOVER_GRACE_S = 2.0  # after mpirun exits, ranks still finishing get this long
+HANG_DUMP_WAIT_S = 1.0  # after asking ranks for their stacks, before stopping them
 
 
 @dataclass(frozen=True)
@@ -38,10 +40,16 @@ class Failure:
     exit_code: int
     signal: str | None
     last_lines: tuple[str, ...] = ()
+    exception: str | None = None  # "ValueError: bad input" when Python raised
 
     def describe(self) -> str:
         who = f"rank {self.rank} on {self.host}" if self.rank is not None else "mpirun"
-        how = f"was killed by {self.signal}" if self.signal else f"exited with code {self.exit_code}"
+        if self.exception:
+            how = f"raised {self.exception}"
+        elif self.signal:
+            how = f"was killed by {self.signal}"
+        else:
+            how = f"exited with code {self.exit_code}"
         return f"{who} {how}"
 
 
@@ -55,6 +63,7 @@ class Outcome:
     failure: Failure | None = None
     ranks: dict[int, dict[str, Any]] = field(default_factory=dict)
     leftovers_killed: int = 0
+    reason: str = ""  # why the launcher ended the job (cancel, timeout), else ""
 
     @property
     def duration(self) -> float:
@@ -67,10 +76,12 @@ class OutputPump(threading.Thread):
     def __init__(self, stream: IO[bytes], sink: IO[bytes] | None, own_log: IO[bytes], lock: threading.Lock):
         super().__init__(daemon=True)
         self.stream, self.sink, self.own_log, self.lock = stream, sink, own_log, lock
+        self.last_data = time.monotonic()
 
     def run(self) -> None:
         pending = b""
         while data := self.stream.read1(65536):  # type: ignore[attr-defined]
+            self.last_data = time.monotonic()
             self._to_sink(data)
             *lines, pending = (pending + data).split(b"\n")
             self._keep_own(lines)
@@ -145,6 +156,25 @@ def kill_leftovers(session: int, run_id: str, grace: float = 0.0) -> int:
     return len(alive)
 
 
+def dump_stacks(run_id: str) -> int:
+    """Ask every Python rank of the run on this machine to print its threads' stacks."""
+    import psutil
+
+    from .bootstrap import dump_signal
+
+    count = 0
+    for proc in psutil.process_iter():
+        try:
+            env = proc.environ()
+            if env.get("DISTLAUNCH_RUN_ID") == run_id and "DISTLAUNCH_RANK" in env \
+                    and "distlaunch.bootstrap" in proc.cmdline():
+                proc.send_signal(dump_signal())
+                count += 1
+        except psutil.Error:
+            continue
+    return count
+
+
 def root_cause(records: dict[int, dict[str, Any]], paths: RunPaths) -> Failure | None:
     """The rank that failed first (by the time it ended), with its last log lines."""
     failed = [r for r in records.values() if r.get("exit_code", 0) != 0]
@@ -152,9 +182,11 @@ def root_cause(records: dict[int, dict[str, Any]], paths: RunPaths) -> Failure |
         return None
     first = min(failed, key=lambda r: r.get("ended", float("inf")))
     rank = int(first["rank"])
+    exc = first.get("exception") or {}
+    exception = f"{exc['type']}: {exc.get('message', '')}"[:300] if exc.get("type") else None
     return Failure(
         rank, first.get("host"), int(first["exit_code"]), first.get("signal"),
-        tuple(tail_lines(paths.rank_log(rank))),
+        tuple(tail_lines(paths.rank_log(rank))), exception,
     )
 
 
@@ -170,23 +202,29 @@ class Supervisor:
         err: IO[bytes] | None = None,
         kill_grace: float = 5.0,
         on_start: Callable[[int], None] | None = None,
+        timeout: float | None = None,
+        hang_timeout: float | None = None,
     ) -> None:
         self.plan, self.paths, self.run_id = plan, paths, run_id
         self.out, self.err, self.kill_grace, self.on_start = out, err, kill_grace, on_start
-        self.stop_signal: int | None = None
+        self.timeout, self.hang_timeout = timeout, hang_timeout
+        self.stop: tuple[Status, int, str] | None = None  # status, exit code, reason
         self.stop_deadline: float | None = None
         self.proc: subprocess.Popen[bytes] | None = None
+        self.pumps: list[OutputPump] = []
 
-    def request_stop(self, signum: int = signal.SIGTERM) -> None:
-        """Ask the job to end (as on Ctrl-C); it is killed after the grace period."""
+    def request_stop(self, signum: int = signal.SIGTERM, status: Status = Status.CANCELLED,
+                     exit_code: int | None = None, reason: str | None = None) -> None:
+        """End the job: forward ``signum`` to mpirun, SIGKILL what is left after the grace period."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        if self.stop_signal is not None:  # second request: no more grace
+        if self.stop is not None:  # a second request: no more grace
             self.stop_deadline = time.monotonic()
             return
-        self.stop_signal = signum
+        name = signal.Signals(signum).name
+        self.stop = (status, 128 + signum if exit_code is None else exit_code, reason or f"cancelled by {name}")
         self.stop_deadline = time.monotonic() + self.kill_grace
-        log.info("stopping run %s (signal %s)", self.run_id, signal.Signals(signum).name)
+        log.info("stopping run %s: %s", self.run_id, self.stop[2])
         self.proc.send_signal(signum)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
@@ -202,13 +240,18 @@ class Supervisor:
         return {s: signal.signal(s, self._on_signal) for s in (*STOP_SIGNALS, *PASS_SIGNALS)}
 
     def run(self) -> Outcome:
-        self.paths.hostfile.write_text(self.plan.hostfile_text, encoding="utf-8")
+        try:
+            self.paths.hostfile.write_text(self.plan.hostfile_text, encoding="utf-8")
+            own_log = open(self.paths.mpirun_log, "ab")
+        except OSError as exc:
+            raise RunDirError(f"cannot write in run folder {self.paths.root}: {exc.strerror or exc}: "
+                              "free space or pick another --run-dir") from None
         env = {**os.environ, **self.plan.env}
         started = time.time()
         previous = self._install_handlers()
         lock = threading.Lock()
         try:
-            with open(self.paths.mpirun_log, "ab") as own_log:
+            with own_log:
                 self.proc = subprocess.Popen(
                     list(self.plan.argv), env=env, stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
@@ -216,15 +259,15 @@ class Supervisor:
                 if self.on_start is not None:
                     self.on_start(self.proc.pid)
                 assert self.proc.stdout is not None and self.proc.stderr is not None
-                pumps = [
+                self.pumps = [
                     OutputPump(self.proc.stdout, self.out, own_log, lock),
                     OutputPump(self.proc.stderr, self.err, own_log, lock),
                 ]
-                for pump in pumps:
+                for pump in self.pumps:
                     pump.start()
                 code = self._wait()
                 leftovers = kill_leftovers(self.proc.pid, self.run_id, grace=LEFTOVER_GRACE_S)
-                for pump in pumps:
+                for pump in self.pumps:
                     pump.join(timeout=10)
         finally:
             for signum, handler in previous.items():
@@ -236,19 +279,40 @@ class Supervisor:
 
     def _wait(self) -> int:
         assert self.proc is not None
+        start = time.monotonic()
         while True:
             try:
                 return self.proc.wait(timeout=0.2)
             except subprocess.TimeoutExpired:
-                if self.stop_deadline is not None and time.monotonic() >= self.stop_deadline:
+                pass
+            now = time.monotonic()
+            if self.stop_deadline is not None:
+                if now >= self.stop_deadline:
                     log.warning("run %s did not stop within the grace period: killing it", self.run_id)
                     kill_leftovers(self.proc.pid, self.run_id)
+                continue
+            if self.timeout is not None and now - start >= self.timeout:
+                self.request_stop(signal.SIGTERM, Status.TIMEOUT, ExitCode.TIMEOUT,
+                                  f"the job ran longer than --timeout {self.timeout:g} s")
+            elif self.hang_timeout is not None:
+                quiet = now - max(pump.last_data for pump in self.pumps)
+                if quiet >= self.hang_timeout:
+                    self._on_hang(quiet)
+
+    def _on_hang(self, quiet: float) -> None:
+        dumped = dump_stacks(self.run_id)
+        time.sleep(HANG_DUMP_WAIT_S)  # let the stacks reach the logs
+        self.request_stop(signal.SIGTERM, Status.TIMEOUT, ExitCode.TIMEOUT,
+                          f"no output from any rank for {quiet:.0f} s (--hang-timeout); "
+                          f"{dumped} rank stack(s) dumped into the rank logs")
 
     def _outcome(self, code: int, started: float, leftovers: int) -> Outcome:
         records = read_rank_records(self.paths)
         failure = root_cause(records, self.paths)
-        if self.stop_signal is not None:
-            status, exit_code = Status.CANCELLED, 128 + self.stop_signal
+        reason = ""
+        if self.stop is not None:
+            status, exit_code, reason = self.stop
+            failure = None  # the ranks died because we stopped them
         elif failure is not None:
             status, exit_code = Status.FAILED, failure.exit_code
         elif code != 0 or len(records) < self.plan.nranks:
@@ -256,4 +320,4 @@ class Supervisor:
             failure = Failure(None, None, exit_code, None, tuple(tail_lines(self.paths.mpirun_log)))
         else:
             status, exit_code = Status.COMPLETED, 0
-        return Outcome(status, exit_code, code, started, time.time(), failure, records, leftovers)
+        return Outcome(status, exit_code, code, started, time.time(), failure, records, leftovers, reason)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import os
 import selectors
 import signal
@@ -53,7 +54,7 @@ def _write_all(fd: int, data: bytes) -> None:
 class LineRelay:
     """Split one stream into lines; send each, prefixed, to ``out_fd`` and raw to ``log``."""
 
-    def __init__(self, prefix: bytes, out_fd: int, log: IO[bytes]) -> None:
+    def __init__(self, prefix: bytes, out_fd: int, log: IO[bytes] | None) -> None:
         self.prefix, self.out_fd, self.log = prefix, out_fd, log
         self.pending = b""
         self.last_data = time.monotonic()
@@ -74,8 +75,13 @@ class LineRelay:
             self._emit([line])
 
     def _emit(self, lines: list[bytes]) -> None:
-        self.log.write(b"".join(line + b"\n" for line in lines))
-        self.log.flush()
+        if self.log is not None:
+            try:
+                self.log.write(b"".join(line + b"\n" for line in lines))
+                self.log.flush()
+            except OSError as exc:  # disk full: keep relaying, stop logging
+                self.log = None
+                _write_all(self.out_fd, self.prefix + f"distlaunch: rank log no longer written: {exc}\n".encode())
         _write_all(self.out_fd, b"".join(self.prefix + line + b"\n" for line in lines))
 
 
@@ -118,9 +124,11 @@ def pick_gpus(info: RankInfo, per_rank: int, restricted: str | None) -> tuple[st
     return devices_for(info.local_rank, per_rank, allowed)
 
 
-def child_env(info: RankInfo, gpus: tuple[str, ...] = ()) -> dict[str, str]:
+def child_env(info: RankInfo, paths: RunPaths, gpus: tuple[str, ...] = ()) -> dict[str, str]:
     """The user's program sees the usual rank variables, whatever the MPI flavour."""
     env = dict(os.environ)
+    env["DISTLAUNCH_RANK"] = str(info.rank)  # also marks the rank's own process for the launcher
+    env["DISTLAUNCH_EXCEPTION_FILE"] = str(paths.rank_exception(info.rank))
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     env.setdefault("RANK", str(info.rank))
@@ -151,7 +159,7 @@ def run_rank(command: list[str], paths: RunPaths, info: RankInfo, gpus: tuple[st
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                env=child_env(info, gpus),
+                env=child_env(info, paths, gpus),
                 preexec_fn=_die_with_parent,
             )
         except OSError as exc:
@@ -171,11 +179,22 @@ def run_rank(command: list[str], paths: RunPaths, info: RankInfo, gpus: tuple[st
         relay(child, info, log)
         code = child.wait()
     record["ended"] = time.time()
+    record["exception"] = _read_exception(paths.rank_exception(info.rank))
     if code < 0:
         record.update(exit_code=128 - code, signal=signal.Signals(-code).name)
     else:
         record.update(exit_code=code, signal=None)
     return record
+
+
+def _read_exception(path: Path) -> dict[str, Any] | None:
+    """What the bootstrap recorded about an uncaught exception (None if nothing)."""
+    try:
+        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    path.unlink(missing_ok=True)
+    return data
 
 
 def _exit_like(record: dict[str, Any]) -> None:

@@ -39,7 +39,7 @@ def distlaunch(tmp_path: Path):
         full_env = {**os.environ, "OUT_DIR": str(tmp_path), **(env or {})}
         proc = subprocess.run(
             [sys.executable, "-m", "distlaunch", *args],
-            cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=timeout,
+            cwd=tmp_path, env=full_env, capture_output=True, text=True, errors="replace", timeout=timeout,
         )
         return Launched(proc, tmp_path)
 

@@ -3,29 +3,17 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
 
 import click
 
 from .. import __version__
-from ..errors import DistlaunchError
+from ..errors import DistlaunchError, ExitCode
 from .hosts import hosts_command
 from .install_horovod import install_horovod_command
 from .run import run_command
 
 
-class Group(click.Group):
-    """Turn DistlaunchError into one line on stderr and its documented exit code."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except DistlaunchError as exc:
-            click.echo(f"distlaunch: error: {exc}", err=True)
-            ctx.exit(exc.exit_code)
-
-
-@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="distlaunch")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def cli(verbose: int) -> None:
@@ -50,7 +38,23 @@ cli.add_command(install_horovod_command)
 
 
 def main() -> None:
-    cli(prog_name="distlaunch", auto_envvar_prefix="DISTLAUNCH")
+    """Run the CLI; every error is one line on stderr and a documented exit code."""
+    try:
+        code = cli.main(prog_name="distlaunch", auto_envvar_prefix="DISTLAUNCH", standalone_mode=False)
+    except DistlaunchError as exc:
+        click.echo(f"distlaunch: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx is not None else "distlaunch"
+        click.echo(f"distlaunch: error: {exc.format_message()} (see '{command} --help')", err=True)
+        sys.exit(ExitCode.USAGE)
+    except click.ClickException as exc:
+        click.echo(f"distlaunch: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("distlaunch: aborted", err=True)
+        sys.exit(ExitCode.INTERRUPTED)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

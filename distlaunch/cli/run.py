@@ -7,10 +7,12 @@ from typing import Any
 
 import click
 
-from ..launcher import Prepared, launch, prepare
-from ..records import new_run_id
+from ..errors import SpecError
+from ..launcher import Prepared, Watch, launch, prepare
+from ..records import RunPaths, new_run_id
 from ..spec import JobSpec, parse_env_items
 from ..supervise import Outcome
+from ..units import parse_duration
 from .hosts import placement_table
 from .options import pop_target, target_options
 
@@ -34,14 +36,20 @@ logs/rank-<N>.log and outputs/.
 
 \b
 Exit code: the job's (the first failing rank's code, 128+N for signal N); 2 for bad
-input, 69 when no MPI is found, 73 when the run folder cannot be written, 130 after
-Ctrl-C.
+input, 69 when no MPI is found, 73 when the run folder cannot be written, 124 after
+--timeout/--hang-timeout, 130 after Ctrl-C, 143 after SIGTERM.
 """
 
 
 def split_mpi_args(values: tuple[str, ...]) -> tuple[str, ...]:
     """Each --mpi-arg may carry several words: '--mca btl tcp,self'."""
-    return tuple(word for value in values for word in shlex.split(value))
+    words: list[str] = []
+    for value in values:
+        try:
+            words += shlex.split(value)
+        except ValueError as exc:
+            raise SpecError(f"--mpi-arg {value!r}: {exc}: balance the quotes") from None
+    return tuple(words)
 
 
 @click.command("run", help=RUN_HELP, context_settings={"allow_interspersed_args": False})
@@ -55,11 +63,21 @@ def split_mpi_args(values: tuple[str, ...]) -> tuple[str, ...]:
               help="Where run folders are created.")
 @click.option("--kill-grace", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="Seconds between a forwarded Ctrl-C/SIGTERM and SIGKILL.")
+@click.option("--timeout", "timeout", metavar="DURATION",
+              help="End the job after this long (90, 90s, 5m, 1h30m); status 'timeout', exit 124.")
+@click.option("--hang-timeout", metavar="DURATION",
+              help="End the job when no rank printed anything for this long, after dumping every "
+                   "rank's Python stack into its log; status 'timeout', exit 124.")
 @click.option("--dry-run", is_flag=True, help="Print hostfile, mpirun argv and environment; launch nothing.")
 @click.argument("script")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def run_command(**kwargs: Any) -> None:
     target = pop_target(kwargs)
+    watch = Watch(
+        kill_grace=kwargs["kill_grace"],
+        timeout=parse_duration(kwargs["timeout"], "--timeout") if kwargs["timeout"] else None,
+        hang_timeout=parse_duration(kwargs["hang_timeout"], "--hang-timeout") if kwargs["hang_timeout"] else None,
+    )
     spec = JobSpec(
         script=kwargs["script"],
         script_args=kwargs["args"],
@@ -76,12 +94,15 @@ def run_command(**kwargs: Any) -> None:
         show_dry_run(prepared)
         return
     placed = prepared.placed
-    click.echo(
-        f"distlaunch: {len(placed.slots)} rank(s) on {placed.nhosts} host(s) ({placed.source.origin}), "
-        f"{'GPU' if placed.gpu_mode else 'CPU'}, {prepared.mpi.label}",
-        err=True,
-    )
-    paths, outcome = launch(prepared, sys.stdout.buffer, sys.stderr.buffer, kwargs["kill_grace"])
+
+    def banner(paths: RunPaths) -> None:
+        click.echo(
+            f"distlaunch: run {paths.run_id}: {len(placed.slots)} rank(s) on {placed.nhosts} host(s) "
+            f"({placed.source.origin}), {'GPU' if placed.gpu_mode else 'CPU'}, {prepared.mpi.label}",
+            err=True,
+        )
+
+    paths, outcome = launch(prepared, sys.stdout.buffer, sys.stderr.buffer, watch, on_ready=banner)
     summarize(paths.run_id, str(paths.root), outcome, len(placed.slots), placed.nhosts)
     sys.exit(outcome.exit_code)
 
@@ -103,6 +124,9 @@ def show_dry_run(prepared: Prepared) -> None:
 
 def summarize(run_id: str, root: str, outcome: Outcome, ranks: int, nhosts: int) -> None:
     head = f"distlaunch: run {run_id} {outcome.status.value} in {outcome.duration:.2f} s"
+    if outcome.reason:
+        click.echo(f"{head}: {outcome.reason}; exit code {outcome.exit_code}; run folder {root}", err=True)
+        return
     if outcome.failure is None:
         click.echo(f"{head} ({ranks} ranks on {nhosts} host(s)); run folder {root}", err=True)
         return

@@ -1,0 +1,155 @@
+"""The failure matrix: every way a job can go wrong ends it promptly, names the root
+cause, keeps the logs and leaves no process of the run alive.
+
+Set DISTLAUNCH_MATRIX_REPORT=FILE to append one JSON line per cell with the measured
+time from fault to clean exit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import SCRIPTS
+
+pytestmark = pytest.mark.slow
+FAULTS = SCRIPTS / "faults.py"
+
+
+def survivors(run_id: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("DISTLAUNCH_RUN_ID") == run_id:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def report(cell: str, ranks: int, seconds: float, status: str, code: int) -> None:
+    path = os.environ.get("DISTLAUNCH_MATRIX_REPORT")
+    if path:
+        with open(path, "a") as handle:
+            handle.write(json.dumps({"cell": cell, "ranks": ranks, "fault_to_exit_s": round(seconds, 2),
+                                     "status": status, "exit_code": code}) + "\n")
+
+
+class Job:
+    def __init__(self, tmp: Path, ranks: int, fault: str, fault_rank: int, *extra: str) -> None:
+        self.tmp, self.ranks = tmp, ranks
+        env = {**os.environ, "OUT_DIR": str(tmp), "FAULT": fault, "FAULT_RANK": str(fault_rank)}
+        argv = [sys.executable, "-m", "distlaunch", "run", "--ppn", str(ranks), "--kill-grace", "3", *extra,
+                str(FAULTS)]
+        self.proc = subprocess.Popen(argv, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+
+    def wait_ready(self) -> None:
+        wait_for(lambda: len(list(self.tmp.glob("ready-*"))) == self.ranks or self.proc.poll() is not None,
+                 60, "all ranks to start")
+        assert self.proc.poll() is None, self.proc.communicate()
+
+    def finish(self, bound: float) -> tuple[float, dict]:
+        try:
+            _out, self.err = self.proc.communicate(timeout=bound)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"distlaunch did not end within {bound} s") from None
+        ended = time.time()
+        run_dir = next((self.tmp / "runs").iterdir())
+        record = json.loads((run_dir / "run.json").read_text())
+        assert survivors(record["id"]) == [], "processes of the run survived"
+        for rank in range(self.ranks):
+            assert (run_dir / "logs" / f"rank-{rank}.log").exists()
+        return ended, record
+
+    def fault_time(self) -> float:
+        return float((self.tmp / "fault-time").read_text())
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.parametrize("fault,code", [("exception", 1), ("exit7", 7)])
+def test_rank_failure(tmp_path, ranks, fault, code):
+    job = Job(tmp_path, ranks, fault, ranks - 1)
+    job.wait_ready()
+    ended, record = job.finish(60)
+    assert job.proc.returncode == code, job.err
+    assert record["status"] == "failed" and record["exit_code"] == code
+    first = record["first_failure"]
+    assert first["rank"] == ranks - 1 and first["exit_code"] == code
+    if fault == "exception":
+        exc = record["rank_exits"][str(ranks - 1)]["exception"]
+        assert exc["type"] == "RuntimeError" and "injected failure" in exc["message"]
+        assert "RuntimeError: injected failure" in first["exception"]
+        assert f"rank {ranks - 1} on" in job.err and "raised RuntimeError" in job.err
+    elapsed = ended - job.fault_time()
+    assert elapsed < 30
+    report(fault, ranks, elapsed, record["status"], code)
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_rank_killed_from_outside(tmp_path, ranks):
+    job = Job(tmp_path, ranks, "sigkill", 1)
+    job.wait_ready()
+    victim = int((tmp_path / "ready-1").read_text())
+    killed = time.time()
+    os.kill(victim, signal.SIGKILL)
+    ended, record = job.finish(60)
+    assert job.proc.returncode == 128 + signal.SIGKILL, job.err
+    assert record["status"] == "failed"
+    assert record["first_failure"]["rank"] == 1 and record["first_failure"]["signal"] == "SIGKILL"
+    assert "killed by SIGKILL" in job.err
+    report("sigkill", ranks, ended - killed, record["status"], job.proc.returncode)
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_hang_in_collective(tmp_path, ranks):
+    job = Job(tmp_path, ranks, "hang", 0, "--hang-timeout", "3")
+    job.wait_ready()
+    ready = time.time()  # output stops here
+    ended, record = job.finish(60)
+    assert job.proc.returncode == 124, job.err
+    assert record["status"] == "timeout" and "--hang-timeout" in record["reason"]
+    run_dir = tmp_path / "runs" / record["id"]
+    log0 = (run_dir / "logs" / "rank-0.log").read_text()
+    assert "most recent call first" in log0 and "faults.py" in log0  # the stack dump
+    report("hang", ranks, ended - ready - 3, record["status"], 124)
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_job_timeout(tmp_path, ranks):
+    job = Job(tmp_path, ranks, "sleep", -1, "--timeout", "4")
+    started = time.time()
+    job.wait_ready()
+    ended, record = job.finish(60)
+    assert job.proc.returncode == 124, job.err
+    assert record["status"] == "timeout" and "--timeout" in record["reason"]
+    report("timeout", ranks, ended - started - 4, record["status"], 124)
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_to_distlaunch(tmp_path, ranks, signum):
+    job = Job(tmp_path, ranks, "sleep", -1)
+    job.wait_ready()
+    sent = time.time()
+    job.proc.send_signal(signum)
+    ended, record = job.finish(60)
+    assert job.proc.returncode == 128 + signum, job.err
+    assert record["status"] == "cancelled" and record["exit_code"] == 128 + signum
+    assert signal.Signals(signum).name in record["reason"]
+    report(signal.Signals(signum).name, ranks, ended - sent, record["status"], job.proc.returncode)
