@@ -49,3 +49,28 @@ def distlaunch(tmp_path: Path):
 @pytest.fixture
 def rank_script() -> str:
     return str(SCRIPTS / "rank_file.py")
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """tests/mpi runs only inside MPI jobs (``--with-mpi``), which tests/test_hvd.py starts."""
+    if collection_path.name == "mpi" and not config.getoption("--with-mpi", default=False):
+        return True
+    return None
+
+
+def horovod_available() -> bool:
+    """Real Horovod importable (checked in a child so this process stays torch-free)."""
+    code = "import horovod.torch as h; assert h.mpi_built() or h.gloo_built()"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def backends() -> list[str]:
+    """The hvd backends to test: torch always; horovod when installed, and required
+    when DISTLAUNCH_REQUIRE_HOROVOD=1 (CI builds it)."""
+    found = ["torch"]
+    if horovod_available():
+        found.append("horovod")
+    elif os.environ.get("DISTLAUNCH_REQUIRE_HOROVOD") == "1":
+        raise RuntimeError("DISTLAUNCH_REQUIRE_HOROVOD=1 but horovod.torch does not import: "
+                           "run 'distlaunch install-horovod'")
+    return found

@@ -42,6 +42,7 @@ if _real_horovod():
 
     _BACKEND = "horovod"
 else:
+    from .collectives import *  # noqa: F403
     from .compression import Compression  # noqa: F401
     from .optimizer import DistributedOptimizer  # noqa: F401
     from .torchdist import *  # noqa: F403

@@ -2,7 +2,7 @@
 
 Used by ``distlaunch.hvd`` when real Horovod is not installed (or
 ``DISTLAUNCH_HVD_BACKEND=torch``). Same names, arguments, defaults and results as
-horovod.torch 0.28: allreduce averages by default, integer averages floor-divide,
+horovod.torch 0.28: allreduce averages by default, integer averages round toward zero,
 allgather takes uneven first dimensions, async calls return integer handles.
 Backend: nccl when CUDA is available, gloo otherwise.
 """
@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable, Iterable, Sequence
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -48,6 +49,22 @@ def init(comm: Any = None, process_sets: Any = None) -> None:
         torch.cuda.set_device(0 if narrowed else topo.local_rank % torch.cuda.device_count())
     dist.init_process_group(backend, store=store, rank=topo.rank, world_size=topo.size)
     _topology = topo
+    if topo.size > 1:
+        _abort_on_uncaught_exception()
+
+
+def _abort_on_uncaught_exception() -> None:
+    """An uncaught exception ends this rank at once (exit 1), whatever launched it:
+    waiting in exit handlers (MPI finalize) would leave peers hanging in a collective."""
+    previous = sys.excepthook
+
+    def hook(kind: Any, value: Any, tb: Any) -> None:
+        previous(kind, value, tb)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+    sys.excepthook = hook
 
 
 def shutdown() -> None:
@@ -159,8 +176,8 @@ def _finish_average(tensor: torch.Tensor, op: int, postscale: float) -> torch.Te
     if op == Average:
         if tensor.dtype.is_floating_point or tensor.is_complex():
             tensor.div_(size())
-        else:
-            tensor.floor_divide_(size())
+        else:  # as Horovod: integer averages round toward zero
+            tensor.copy_(torch.div(tensor, size(), rounding_mode="trunc"))
     _scale(tensor, postscale)
     return tensor
 
@@ -258,75 +275,6 @@ def grouped_allreduce_(tensors: Sequence[torch.Tensor], average: bool | None = N
     return [synchronize(h) for h in handles]  # type: ignore[misc]
 
 
-# ---------------------------------------------------------------- allgather / broadcast
-def allgather(tensor: torch.Tensor, name: str | None = None, process_set: Any = None) -> torch.Tensor:
-    """Concatenate every rank's tensor along dim 0 (first dimensions may differ)."""
-    _topo()
-    tensor = tensor.detach().contiguous()
-    first = torch.tensor([tensor.shape[0] if tensor.dim() else 1], dtype=torch.int64, device=tensor.device)
-    firsts = [torch.empty_like(first) for _ in range(size())]
-    dist.all_gather(firsts, first)
-    counts = [int(c.item()) for c in firsts]
-    shaped = tensor if tensor.dim() else tensor.reshape(1)
-    padded = shaped.new_zeros((max(counts), *shaped.shape[1:]))
-    padded[: shaped.shape[0]] = shaped
-    parts = [torch.empty_like(padded) for _ in range(size())]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[:count] for part, count in zip(parts, counts)])
-
-
-def allgather_object(obj: Any, name: str | None = None, process_set: Any = None) -> list[Any]:
-    _topo()
-    gathered: list[Any] = [None] * size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
-def broadcast_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
-               process_set: Any = None) -> torch.Tensor:
-    _topo()
-    dist.broadcast(tensor.data, src=root_rank)
-    return tensor
-
-
-def broadcast(tensor: torch.Tensor, root_rank: int, name: str | None = None,
-              process_set: Any = None) -> torch.Tensor:
-    output = tensor.detach().clone()
-    return broadcast_(output, root_rank)
-
-
-def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None, process_set: Any = None) -> Any:
-    _topo()
-    box = [obj if rank() == root_rank else None]
-    dist.broadcast_object_list(box, src=root_rank)
-    return box[0]
-
-
-def barrier(process_set: Any = None) -> None:
-    _topo()
-    dist.barrier()
-
-
-def broadcast_parameters(params: Any, root_rank: int) -> None:
-    """Make every rank's parameters equal to ``root_rank``'s (state_dict or named list)."""
-    if isinstance(params, dict):
-        items: Iterable[tuple[str, Any]] = sorted(params.items())
-    elif isinstance(params, list):
-        items = params
-    else:
-        raise ValueError(f"invalid params of type: {type(params)}")
-    for _name, value in items:
-        if isinstance(value, torch.Tensor):
-            broadcast_(value, root_rank)
-
-
-def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int) -> None:
-    """Make every rank's optimizer state (moments, step counts, hyper-parameters) root's."""
-    state = broadcast_object(optimizer.state_dict() if rank() == root_rank else None, root_rank)
-    if rank() != root_rank:
-        optimizer.load_state_dict(state)
-
-
 def op_name(op: int) -> str:
     return _OP_NAMES[op]
 
@@ -337,7 +285,5 @@ __all__ = [
     "cross_rank", "cross_size", "is_homogeneous", "mpi_threads_supported", "mpi_enabled",
     "mpi_built", "gloo_enabled", "gloo_built", "nccl_built", "cuda_built", "rocm_built",
     "poll", "synchronize", "allreduce", "allreduce_", "allreduce_async", "allreduce_async_",
-    "grouped_allreduce", "grouped_allreduce_", "allgather", "allgather_object", "broadcast",
-    "broadcast_", "broadcast_object", "barrier", "broadcast_parameters",
-    "broadcast_optimizer_state",
+    "grouped_allreduce", "grouped_allreduce_",
 ]

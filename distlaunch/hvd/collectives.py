@@ -1,0 +1,281 @@
+"""Horovod's gather, broadcast, alltoall, reducescatter, join and object collectives on
+torch.distributed, with the same results, shapes and gradients as horovod.torch 0.28.
+
+Semantics kept from Horovod: allgather concatenates along dim 0 and allows different
+first dimensions; alltoall splits dim 0 (``splits`` must be int32) and returns
+``(output, received_splits)`` when splits were given; reducescatter gives lower ranks
+one extra row when dim 0 does not divide evenly; gradients flow as Horovod's do.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .compression import Compression
+from .torchdist import (
+    Average,
+    Sum,
+    _finish_average,
+    _register,
+    _scale,
+    _topo,
+    _torch_op,
+    allreduce,
+    rank,
+    size,
+    synchronize,
+)
+
+
+# ---------------------------------------------------------------- allgather
+def _allgather(tensor: torch.Tensor) -> torch.Tensor:
+    _topo()
+    tensor = tensor.detach().contiguous()
+    shaped = tensor if tensor.dim() else tensor.reshape(1)
+    first = torch.tensor([shaped.shape[0]], dtype=torch.int64, device=tensor.device)
+    firsts = [torch.empty_like(first) for _ in range(size())]
+    dist.all_gather(firsts, first)
+    counts = [int(c.item()) for c in firsts]
+    padded = shaped.new_zeros((max(counts), *shaped.shape[1:]))
+    padded[: shaped.shape[0]] = shaped
+    parts = [torch.empty_like(padded) for _ in range(size())]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:count] for part, count in zip(parts, counts)])
+
+
+class _AllgatherFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.dim = tensor.shape[0]
+        return _allgather(tensor)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        reduced = allreduce(grad, op=Average)
+        dims = _allgather(torch.tensor([ctx.dim], dtype=torch.int64))
+        offset = int(dims[: rank()].sum().item())
+        return reduced.narrow(0, offset, ctx.dim)
+
+
+def allgather(tensor: torch.Tensor, name: str | None = None, process_set: Any = None) -> torch.Tensor:
+    """Concatenate every rank's tensor along dim 0 (first dimensions may differ)."""
+    return _AllgatherFn.apply(tensor)
+
+
+def allgather_async(tensor: torch.Tensor, name: str | None = None, process_set: Any = None) -> int:
+    output = _allgather(tensor)
+    return _register(None, output, lambda: output)
+
+
+def grouped_allgather(tensors: Sequence[torch.Tensor], name: str | None = None,
+                      process_set: Any = None) -> list[torch.Tensor]:
+    return [allgather(t) for t in tensors]
+
+
+def allgather_object(obj: Any, name: str | None = None, process_set: Any = None) -> list[Any]:
+    _topo()
+    gathered: list[Any] = [None] * size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+# ---------------------------------------------------------------- broadcast
+def broadcast_async_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
+                     process_set: Any = None) -> int:
+    _topo()
+    work = dist.broadcast(tensor.data, src=root_rank, async_op=True)
+    return _register(work, tensor, lambda: tensor)
+
+
+def broadcast_async(tensor: torch.Tensor, root_rank: int, name: str | None = None,
+                    process_set: Any = None) -> int:
+    return broadcast_async_(tensor.detach().clone(), root_rank)
+
+
+def broadcast_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
+               process_set: Any = None) -> torch.Tensor:
+    synchronize(broadcast_async_(tensor, root_rank))
+    return tensor
+
+
+class _BroadcastFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, root_rank: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.root_rank = root_rank
+        return broadcast_(tensor.detach().clone(), root_rank)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        reduced = allreduce(grad, op=Sum)
+        if rank() != ctx.root_rank:
+            reduced = reduced * 0
+        return reduced, None
+
+
+def broadcast(tensor: torch.Tensor, root_rank: int, name: str | None = None,
+              process_set: Any = None) -> torch.Tensor:
+    """``root_rank``'s tensor on every rank; the input is not modified."""
+    return _BroadcastFn.apply(tensor, root_rank)
+
+
+def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None, process_set: Any = None) -> Any:
+    _topo()
+    box = [obj if rank() == root_rank else None]
+    dist.broadcast_object_list(box, src=root_rank)
+    return box[0]
+
+
+def broadcast_parameters(params: Any, root_rank: int) -> None:
+    """Make every rank's parameters equal to ``root_rank``'s (state_dict or named list)."""
+    if isinstance(params, dict):
+        items: Iterable[tuple[str, Any]] = sorted(params.items())
+    elif isinstance(params, list):
+        items = params
+    else:
+        raise ValueError(f"invalid params of type: {type(params)}")
+    handles = [broadcast_async_(value, root_rank) for _name, value in items if isinstance(value, torch.Tensor)]
+    for handle in handles:
+        synchronize(handle)
+
+
+def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int) -> None:
+    """Make every rank's optimizer state (moments, step counts, hyper-parameters) root's."""
+    state = broadcast_object(optimizer.state_dict() if rank() == root_rank else None, root_rank)
+    if rank() != root_rank:
+        optimizer.load_state_dict(state)
+
+
+# ---------------------------------------------------------------- alltoall
+def _alltoall(tensor: torch.Tensor, splits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    _topo()
+    n = size()
+    tensor = tensor.detach().contiguous()
+    if splits is None:
+        if tensor.shape[0] % n:
+            raise ValueError(f"alltoall: the first dimension ({tensor.shape[0]}) cannot be split evenly "
+                             f"over {n} ranks; pass splits")
+        send = [tensor.shape[0] // n] * n
+    else:
+        if splits.dtype != torch.int32:
+            raise ValueError("alltoall expects splits to contain 32-bit integer elements.")
+        send = [int(v) for v in splits.tolist()]
+        if len(send) != n or sum(send) != tensor.shape[0] or min(send) < 0:
+            raise ValueError(f"alltoall: splits {send} must have {n} non-negative entries summing to "
+                             f"the first dimension ({tensor.shape[0]})")
+    recv_t = torch.empty(n, dtype=torch.int64)
+    dist.all_to_all_single(recv_t, torch.tensor(send, dtype=torch.int64))
+    recv = [int(v) for v in recv_t.tolist()]
+    output = tensor.new_empty((sum(recv), *tensor.shape[1:]))
+    dist.all_to_all_single(output, tensor, recv, send)
+    return output, recv_t.to(torch.int32)
+
+
+class _AlltoallFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, splits: torch.Tensor | None) -> Any:  # type: ignore[override]
+        output, received = _alltoall(tensor, splits)
+        ctx.received = received
+        if splits is None:
+            return output
+        ctx.mark_non_differentiable(received)
+        return output, received
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor, *_ignored: Any) -> tuple[Any, ...]:  # type: ignore[override]
+        back, _ = _alltoall(grad, ctx.received)
+        return back, None
+
+
+def alltoall(tensor: torch.Tensor, splits: torch.Tensor | None = None, name: str | None = None,
+             process_set: Any = None) -> Any:
+    """Send slice i of dim 0 to rank i; returns the gathered slices (and received splits
+    when ``splits`` was given)."""
+    return _AlltoallFn.apply(tensor, splits)
+
+
+def alltoall_async(tensor: torch.Tensor, splits: torch.Tensor | None = None, name: str | None = None,
+                   process_set: Any = None) -> int:
+    output, received = _alltoall(tensor, splits)
+    return _register(None, output, lambda: (output, received))
+
+
+# ---------------------------------------------------------------- reducescatter
+def _rows(total: int, n: int) -> list[int]:
+    base, extra = divmod(total, n)
+    return [base + (1 if i < extra else 0) for i in range(n)]
+
+
+def _reducescatter(tensor: torch.Tensor, op: int, pre: float, post: float) -> torch.Tensor:
+    _topo()
+    if tensor.dim() == 0:
+        raise ValueError("reducescatter needs a tensor with at least one dimension")
+    work = tensor.detach().clone().contiguous()
+    _scale(work, pre)
+    dist.all_reduce(work, op=_torch_op(op))
+    rows = _rows(work.shape[0], size())
+    start = sum(rows[: rank()])
+    mine = work.narrow(0, start, rows[rank()]).clone()
+    return _finish_average(mine, op, post)
+
+
+class _ReducescatterFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, op: int, pre: float, post: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.op, ctx.pre, ctx.post = op, pre, post
+        return _reducescatter(tensor, op, pre, post)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        if ctx.op == Sum:
+            grad = grad * size()
+        grad = grad * ctx.pre * ctx.post
+        return allgather(grad), None, None, None
+
+
+def reducescatter(tensor: torch.Tensor, name: str | None = None, compression: Any = Compression.none,
+                  op: int = Average, process_set: Any = None, prescale_factor: float = 1.0,
+                  postscale_factor: float = 1.0) -> torch.Tensor:
+    """Reduce over all ranks, then give rank i its block of rows (lower ranks get the extra)."""
+    compressed, cctx = compression.compress(tensor)
+    reduced = _ReducescatterFn.apply(compressed, op, prescale_factor, postscale_factor)
+    return compression.decompress(reduced, cctx)
+
+
+def reducescatter_async(tensor: torch.Tensor, name: str | None = None, op: int = Average,
+                        process_set: Any = None, prescale_factor: float = 1.0,
+                        postscale_factor: float = 1.0) -> int:
+    output = _reducescatter(tensor, op, prescale_factor, postscale_factor)
+    return _register(None, output, lambda: output)
+
+
+# ---------------------------------------------------------------- barrier / join
+def barrier(process_set: Any = None) -> None:
+    _topo()
+    dist.barrier()
+
+
+def join(device: int = -1) -> int:
+    """Wait until every rank has joined; return the rank that joined last.
+
+    Unlike Horovod, ranks that joined early do not stand in (with zeros) for collectives
+    the others still issue: every rank must have issued the same collectives before
+    calling join() (true for equal-sized shards). For uneven data, use real Horovod.
+    """
+    import time
+
+    _topo()
+    stamp = torch.tensor([time.time()], dtype=torch.float64)
+    stamps = [torch.empty_like(stamp) for _ in range(size())]
+    dist.all_gather(stamps, stamp)
+    return int(torch.stack(stamps).argmax().item())
+
+
+__all__ = [
+    "allgather", "allgather_async", "grouped_allgather", "allgather_object", "broadcast", "broadcast_",
+    "broadcast_async", "broadcast_async_", "broadcast_object", "broadcast_parameters",
+    "broadcast_optimizer_state", "alltoall", "alltoall_async", "reducescatter", "reducescatter_async",
+    "barrier", "join",
+]

@@ -1,0 +1,255 @@
+"""The Horovod API, checked under real mpirun against numpy references.
+
+Run by tests/test_hvd.py as ``distlaunch run --ppn N python -m pytest --with-mpi
+tests/mpi`` once per available backend (DISTLAUNCH_HVD_BACKEND=torch|horovod), so the
+torch.distributed implementation and real Horovod pass the very same assertions.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import distlaunch.hvd as hvd  # noqa: E402
+
+pytestmark = pytest.mark.mpi(min_size=2)
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "int64": torch.int64, "float16": torch.float16}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def horovod():
+    hvd.init()
+    yield hvd
+
+
+def data(rank: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Deterministic per-rank input, so every rank can compute the reference."""
+    gen = torch.Generator().manual_seed(1000 + rank)
+    values = torch.randint(-20, 21, shape, generator=gen)
+    if dtype.is_floating_point:
+        values = values.to(torch.float64) / 4  # exact in float16 too
+    return values.to(dtype)
+
+
+def reference(shape, dtype, op) -> np.ndarray:
+    stack = np.stack([data(r, shape, dtype).double().numpy() for r in range(hvd.size())])
+    if op == hvd.Sum:
+        return stack.sum(0)
+    if op == hvd.Average:
+        total = stack.sum(0)
+        return np.trunc(total / hvd.size()) if not dtype.is_floating_point else total / hvd.size()
+    if op == hvd.Min:
+        return stack.min(0)
+    if op == hvd.Max:
+        return stack.max(0)
+    raise AssertionError(op)
+
+
+def test_backend_is_the_one_asked_for():
+    assert hvd.backend() == os.environ["DISTLAUNCH_HVD_BACKEND"]
+    assert hvd.is_initialized()
+    assert 0 <= hvd.rank() < hvd.size() and 0 <= hvd.local_rank() < hvd.local_size()
+    assert hvd.cross_size() * hvd.local_size() == hvd.size()
+    ranks = hvd.allgather_object(hvd.rank())
+    assert ranks == list(range(hvd.size()))
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("op", ["Sum", "Average", "Min", "Max"])
+@pytest.mark.parametrize("shape", [(1,), (17,), (3, 5, 7)])
+def test_allreduce(dtype, op, shape):
+    torch_dtype, hop = DTYPES[dtype], getattr(hvd, op)
+    mine = data(hvd.rank(), shape, torch_dtype)
+    before = mine.clone()
+    out = hvd.allreduce(mine, op=hop, name=f"ar.{dtype}.{op}.{len(shape)}")
+    assert out.dtype == torch_dtype and tuple(out.shape) == shape
+    assert torch.equal(mine, before), "allreduce must not modify its input"
+    np.testing.assert_allclose(out.double().numpy(), reference(shape, torch_dtype, hop), rtol=1e-3)
+    inplace = mine.clone()
+    result = hvd.allreduce_(inplace, op=hop, name=f"ari.{dtype}.{op}.{len(shape)}")
+    assert torch.equal(inplace, out) and torch.equal(result, out)
+
+
+def test_allreduce_defaults_to_average_and_async():
+    mine = data(hvd.rank(), (8,), torch.float64)
+    np.testing.assert_allclose(hvd.allreduce(mine).numpy(), reference((8,), torch.float64, hvd.Average))
+    handle = hvd.allreduce_async(mine, op=hvd.Sum, name="async.sum")
+    out = hvd.synchronize(handle)
+    np.testing.assert_allclose(out.numpy(), reference((8,), torch.float64, hvd.Sum))
+    assert hvd.poll(hvd.allreduce_async_(mine.clone(), name="poll")) in (True, False)
+
+
+def test_scaling_factors():
+    mine = data(hvd.rank(), (6,), torch.float64)
+    out = hvd.allreduce(mine, op=hvd.Sum, prescale_factor=0.5, postscale_factor=3.0)
+    np.testing.assert_allclose(out.numpy(), reference((6,), torch.float64, hvd.Sum) * 1.5)
+
+
+def test_grouped_allreduce():
+    tensors = [data(hvd.rank(), (n,), torch.float32) for n in (3, 4, 5)]
+    outs = hvd.grouped_allreduce(tensors, op=hvd.Sum)
+    for n, out in zip((3, 4, 5), outs):
+        np.testing.assert_allclose(out.numpy(), reference((n,), torch.float32, hvd.Sum))
+
+
+def test_fp16_compression():
+    mine = data(hvd.rank(), (10,), torch.float32)
+    out = hvd.allreduce(mine, op=hvd.Sum, compression=hvd.Compression.fp16)
+    assert out.dtype == torch.float32
+    np.testing.assert_allclose(out.numpy(), reference((10,), torch.float32, hvd.Sum), rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_allgather_uneven(dtype):
+    torch_dtype = DTYPES[dtype]
+    mine = data(hvd.rank(), (hvd.rank() + 1, 3), torch_dtype)
+    out = hvd.allgather(mine, name=f"ag.{dtype}")
+    expected = torch.cat([data(r, (r + 1, 3), torch_dtype) for r in range(hvd.size())])
+    assert torch.equal(out, expected)
+
+
+def test_allgather_gradient():
+    mine = data(hvd.rank(), (2, 2), torch.float64).requires_grad_()
+    hvd.allgather(mine).pow(2).sum().backward()  # the same gradient on every rank: 2 * gathered
+    assert torch.allclose(mine.grad, 2 * mine.detach())
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_broadcast(dtype):
+    torch_dtype, root = DTYPES[dtype], hvd.size() - 1
+    mine = data(hvd.rank(), (4, 2), torch_dtype)
+    out = hvd.broadcast(mine, root_rank=root, name=f"bc.{dtype}")
+    assert torch.equal(out, data(root, (4, 2), torch_dtype))
+    assert torch.equal(mine, data(hvd.rank(), (4, 2), torch_dtype))
+    hvd.broadcast_(mine, root_rank=root, name=f"bci.{dtype}")
+    assert torch.equal(mine, data(root, (4, 2), torch_dtype))
+
+
+def test_objects():
+    obj = {"rank": hvd.rank(), "text": "x" * hvd.rank()}
+    assert hvd.broadcast_object(obj, root_rank=1) == {"rank": 1, "text": "x"}
+    assert [o["rank"] for o in hvd.allgather_object(obj)] == list(range(hvd.size()))
+
+
+def test_alltoall_equal_and_with_splits():
+    n, r = hvd.size(), hvd.rank()
+    out = hvd.alltoall(torch.arange(n * 2) + 100 * r)
+    assert out.tolist() == [v for src in range(n) for v in (100 * src + 2 * r, 100 * src + 2 * r + 1)]
+    splits = torch.tensor([1] * (n - 1) + [2], dtype=torch.int32)
+    out, received = hvd.alltoall(torch.arange(n + 1) + 100 * r, splits=splits)
+    expect_count = 2 if r == n - 1 else 1
+    assert received.tolist() == [expect_count] * n and received.dtype == torch.int32
+    first = r if r < n - 1 else n - 1
+    assert out.tolist() == [100 * src + first + k for src in range(n) for k in range(expect_count)]
+    with pytest.raises(ValueError):
+        hvd.alltoall(torch.arange(n), splits=torch.tensor([1] * n, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("rows", [8, 7])
+def test_reducescatter(rows):
+    n, r = hvd.size(), hvd.rank()
+    mine = data(r, (rows, 2), torch.float64)
+    out = hvd.reducescatter(mine, op=hvd.Sum)
+    full = reference((rows, 2), torch.float64, hvd.Sum)
+    counts = [rows // n + (1 if i < rows % n else 0) for i in range(n)]
+    start = sum(counts[:r])
+    np.testing.assert_allclose(out.numpy(), full[start : start + counts[r]])
+    avg = hvd.reducescatter(mine)  # Average by default
+    np.testing.assert_allclose(avg.numpy(), full[start : start + counts[r]] / n)
+
+
+def test_barrier_and_join():
+    hvd.barrier()
+    last = hvd.join()
+    assert 0 <= last < hvd.size()
+
+
+def make_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed + hvd.rank())  # different on every rank until broadcast
+    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+
+def test_broadcast_parameters_makes_models_identical():
+    model = make_model()
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    gathered = hvd.allgather(flat.unsqueeze(0))
+    assert all(torch.equal(gathered[0], row) for row in gathered)
+
+
+def test_broadcast_optimizer_state():
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01 * (hvd.rank() + 1))
+    model(torch.ones(2, 5)).sum().backward()
+    opt.step()
+    hvd.broadcast_optimizer_state(opt, root_rank=0)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
+    steps = hvd.allgather_object(float(opt.state_dict()["state"][0]["step"]))
+    assert len(set(steps)) == 1
+
+
+def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(step * 100 + rank)
+    x = torch.randn(4, 5, generator=gen)
+    return x, x.sum(1, keepdim=True).sin()
+
+
+def train(threshold: str | None, steps: int = 5) -> torch.Tensor:
+    if threshold is not None:
+        os.environ["HOROVOD_FUSION_THRESHOLD"] = threshold
+    model = make_model()
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                   named_parameters=model.named_parameters())
+    for step in range(steps):
+        x, y = batch(hvd.rank(), step)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def test_distributed_optimizer_matches_single_process_training():
+    weights = train(None)
+    gathered = hvd.allgather(weights.unsqueeze(0))
+    assert all(torch.equal(gathered[0], row) for row in gathered), "ranks diverged"
+    # the same steps in one process, on the batches of all ranks concatenated
+    torch.manual_seed(0)
+    single = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = torch.optim.SGD(single.parameters(), lr=0.1)
+    for step in range(5):
+        xs, ys = zip(*(batch(r, step) for r in range(hvd.size())))
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(single(torch.cat(xs)), torch.cat(ys)).backward()
+        opt.step()
+    expected = torch.cat([p.detach().reshape(-1) for p in single.parameters()])
+    assert torch.allclose(weights, expected, atol=1e-6)
+    out_dir = os.environ.get("PARITY_OUT")
+    if out_dir and hvd.rank() == 0:
+        name = f"weights-{hvd.backend()}-{os.environ.get('HOROVOD_FUSION_THRESHOLD', 'default')}.pt"
+        torch.save(weights, os.path.join(out_dir, name))
+
+
+def test_backward_passes_per_step():
+    model = make_model()
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                   named_parameters=model.named_parameters(), backward_passes_per_step=2)
+    for step in range(2):
+        x, y = batch(hvd.rank(), step)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    weights = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    gathered = hvd.allgather(weights.unsqueeze(0))
+    assert all(torch.equal(gathered[0], row) for row in gathered)
+
+
+def test_adasum_or_clear_refusal():
+    mine = data(hvd.rank(), (4,), torch.float32)
+    if hvd.backend() == "torch":
+        with pytest.raises(NotImplementedError, match="Adasum"):
+            hvd.allreduce(mine, op=hvd.Adasum)
+    else:
+        assert hvd.allreduce(mine, op=hvd.Adasum).shape == (4,)

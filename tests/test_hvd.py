@@ -1,0 +1,85 @@
+"""distlaunch.hvd against numpy and against real Horovod: the parity suite in tests/mpi
+runs under real mpirun (via distlaunch run) once per backend and rank count."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, SCRIPTS, backends
+
+pytestmark = pytest.mark.slow
+BACKENDS = backends()
+
+
+def run_job(tmp: Path, backend: str, ranks: int, *argv: str, env: dict[str, str] | None = None,
+            launcher: str = "distlaunch", timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "DISTLAUNCH_HVD_BACKEND": backend, "OUT_DIR": str(tmp), **(env or {})}
+    if launcher == "distlaunch":
+        cmd = [sys.executable, "-m", "distlaunch", "run", "--ppn", str(ranks), "--run-dir", str(tmp / "runs"),
+               *argv]
+    else:  # plain mpirun, as a user without distlaunch's launcher would
+        from distlaunch.mpi import find_mpirun
+
+        cmd = [find_mpirun(), "-n", str(ranks), "--oversubscribe", "--bind-to", "none", "--mca", "btl", "^ofi",
+               *(["--allow-run-as-root"] if os.geteuid() == 0 else []),
+               *([sys.executable] if argv[0].endswith(".py") else []), *argv]
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, errors="replace",
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parity_suite(tmp_path, backend, ranks):
+    result = run_job(tmp_path, backend, ranks, sys.executable, "-m", "pytest", "--with-mpi", "-q",
+                     "-p", "no:cacheprovider", str(REPO / "tests" / "mpi"), env={"PARITY_OUT": str(tmp_path)})
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert re.search(r"^\[0\] \d+ passed", result.stdout, re.M), result.stdout[-3000:]
+    assert "skipped" not in result.stdout.splitlines()[-1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_and_unfused_training_are_bitwise_identical(tmp_path, backend):
+    import torch
+
+    for threshold in ("0", "134217728"):
+        result = run_job(tmp_path, backend, 2, sys.executable, "-m", "pytest", "--with-mpi", "-q",
+                         "-p", "no:cacheprovider", "-k", "matches_single_process", str(REPO / "tests" / "mpi"),
+                         env={"PARITY_OUT": str(tmp_path), "HOROVOD_FUSION_THRESHOLD": threshold})
+        assert result.returncode == 0, result.stdout[-4000:]
+    unfused = torch.load(tmp_path / f"weights-{backend}-0.pt")
+    fused = torch.load(tmp_path / f"weights-{backend}-134217728.pt")
+    assert torch.equal(unfused, fused)
+
+
+def losses(stdout: str) -> list[str]:
+    return re.findall(r"epoch \d+: loss (\d+\.\d+)", stdout)
+
+
+def test_example_trains_identically_on_every_backend(tmp_path):
+    seen = {}
+    for backend in BACKENDS:
+        result = run_job(tmp_path, backend, 2, str(REPO / "examples" / "train.py"), "--epochs", "2")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"with the {backend} backend" in result.stdout
+        seen[backend] = losses(result.stdout)
+        assert len(seen[backend]) == 3 and float(seen[backend][-1]) < float(seen[backend][0])
+    assert len({tuple(v) for v in seen.values()}) == 1, seen
+
+
+@pytest.mark.parametrize("launcher", ["distlaunch", "mpirun"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exception_mid_training_ends_the_job_fast(tmp_path, backend, launcher):
+    start = time.time()
+    result = run_job(tmp_path, backend, 2, str(SCRIPTS / "hvd_crash.py"), launcher=launcher, timeout=120)
+    ended = time.time()
+    assert result.returncode != 0
+    assert "not reached" not in result.stdout
+    assert "RuntimeError: crash in rank 1 at step 3" in result.stdout + result.stderr
+    crash = float((tmp_path / "crash-time").read_text())
+    assert ended - crash < 10, f"job took {ended - crash:.1f} s to end after the crash"
+    assert ended - start < 90
