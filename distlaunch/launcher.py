@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
 import platform
 import shutil
@@ -14,19 +16,25 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Any
 
 from . import __version__
+from .doctor import preflight
 from .envpolicy import redact
-from .errors import HostError, RunDirError
+from .errors import DistlaunchError, HostError, RunDirError
 from .hosts import RankSlot, is_local, placement
 from .mpi import MPIInstall, detect, find_mpirun
 from .mpirun import LaunchContext, LaunchPlan, plan
 from .placement import Placement, place
 from .records import RunPaths, Status, allocate, write_json
 from .spec import JobSpec
-from .supervise import Outcome, Supervisor
+from .ssh import agent_argv, run_on
+from .supervise import Outcome, Supervisor, dump_stacks
+from .treesync import RemoteLayout, collect, sync
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,8 +50,23 @@ class Prepared:
     def slots(self) -> tuple[RankSlot, ...]:
         return self.placed.slots
 
-    def plan(self, run_id: str, run_dir: str) -> LaunchPlan:
-        return plan(self.spec, self.placed, self.mpi, run_id, run_dir, self.context)
+    @property
+    def hosts(self) -> list[str]:
+        return [host for host, _ in placement(self.placed.slots)]
+
+    @property
+    def multi_node(self) -> bool:
+        return any(not is_local(host) for host in self.hosts)
+
+    def remote_layout(self, run_id: str) -> RemoteLayout | None:
+        """Where the code goes on the nodes; None when nothing is synced."""
+        if not (self.multi_node and self.spec.sync):
+            return None
+        return RemoteLayout.for_source(self.spec.remote_root, self.spec.source, run_id)
+
+    def plan(self, run_id: str, run_dir: str, host_cores: dict[str, int] | None = None) -> LaunchPlan:
+        context = dataclasses.replace(self.context, host_cores=host_cores) if host_cores else self.context
+        return plan(self.spec, self.placed, self.mpi, run_id, run_dir, context, self.remote_layout(run_id))
 
 
 def local_cores() -> int:
@@ -132,6 +155,23 @@ def outcome_fields(outcome: Outcome) -> dict[str, Any]:
     }
 
 
+def on_nodes(hosts: list[str], spec: JobSpec, *command: str) -> list[dict[str, Any]]:
+    """Run a remote_agent command on every host in parallel; the JSON answers that came back."""
+    if not hosts:
+        return []
+
+    def one(host: str) -> dict[str, Any]:
+        proc = run_on(host, agent_argv(spec.python, *command), spec.ssh, timeout=60)
+        try:
+            return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+        except (ValueError, IndexError):
+            log.warning("%s on %s failed: %s", command[0], host, proc.stderr.strip()[-200:])
+            return {}
+
+    with ThreadPoolExecutor(max_workers=min(32, len(hosts))) as pool:
+        return list(pool.map(one, hosts))
+
+
 @dataclass(frozen=True)
 class Watch:
     """How the launcher watches a running job."""
@@ -147,11 +187,17 @@ def launch(
     err: IO[bytes] | None = None,
     watch: Watch = Watch(),
     on_ready: Callable[[RunPaths], None] | None = None,
+    progress: Callable[[str], None] = log.info,
 ) -> tuple[RunPaths, Outcome]:
     """Run the job to its end; the run folder records every step. ``on_ready`` is called
     once the run folder exists, just before mpirun starts."""
-    paths = allocate(prepared.spec.runs_root)
-    the_plan = prepared.plan(paths.run_id, str(paths.root))
+    spec = prepared.spec
+    host_cores = None
+    if prepared.multi_node and not spec.skip_checks:
+        progress(f"checking {len(prepared.hosts)} node(s)")
+        host_cores = preflight(prepared.hosts, spec.ssh, spec.python, spec.remote_root, need_rsync=spec.sync)
+    paths = allocate(spec.runs_root)
+    the_plan = prepared.plan(paths.run_id, str(paths.root), host_cores)
     record = initial_record(prepared, the_plan, paths)
     try:
         write_json(paths.record, record)
@@ -160,13 +206,40 @@ def launch(
         raise
     if on_ready is not None:
         on_ready(paths)
+    remote = prepared.remote_layout(paths.run_id)
+    if remote is not None:
+        try:
+            synced = sync(prepared.hosts, spec.source, remote, spec.ssh, spec.python, progress)
+        except DistlaunchError as exc:
+            record.update(status=Status.FAILED.value, ended=time.time(), error=str(exc))
+            write_json(paths.record, record)
+            raise
+        record["sync"] = {"remote_dir": remote.workdir,
+                          "nodes": [dataclasses.asdict(result) for result in synced]}
+        write_json(paths.record, record)
+    after_exit = None
+    dump = None
+    if prepared.multi_node:
+        remote_hosts = [host for host in prepared.hosts if not is_local(host)]
+
+        def after_exit() -> None:
+            on_nodes(remote_hosts, spec, "cleanup", paths.run_id)
+            if remote is not None:
+                missing = collect(prepared.hosts, prepared.slots[0].host, remote, paths.root, spec.ssh,
+                                  spec.collect_all_ranks)
+                record["collect_missing"] = missing
+
+        def dump(run_id: str) -> int:
+            answers = on_nodes(remote_hosts, spec, "dump", run_id)
+            return dump_stacks(run_id) + sum(answer.get("dumped", 0) for answer in answers)
 
     def started(pid: int) -> None:
         record.update(status=Status.RUNNING.value, started=time.time(), mpirun_pid=pid)
         write_json(paths.record, record)
 
     supervisor = Supervisor(the_plan, paths, paths.run_id, out, err, watch.kill_grace, on_start=started,
-                            timeout=watch.timeout, hang_timeout=watch.hang_timeout)
+                            timeout=watch.timeout, hang_timeout=watch.hang_timeout, after_exit=after_exit,
+                            dump=dump)
     try:
         outcome = supervisor.run()
     except BaseException:

@@ -6,13 +6,16 @@ per-rank set-up (log, GPU, exit record) works with any MPI flavour.
 """
 from __future__ import annotations
 
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from .envpolicy import exported_names
 from .hosts import RankSlot, is_local, placement
 from .mpi import Flavour, MPIInstall
 from .placement import Placement
 from .spec import JobSpec
+from .treesync import RemoteLayout
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,7 @@ class LaunchContext:
     is_root: bool
     local_cores: int
     ambient_env: frozenset[str] = frozenset()  # variable names already set for mpirun
+    host_cores: Mapping[str, int] = field(default_factory=dict)  # other nodes' CPUs, when probed
 
 
 @dataclass(frozen=True)
@@ -61,26 +65,33 @@ def master_addr(slots: Sequence[RankSlot]) -> str:
     return "127.0.0.1" if is_local(first) and len(placement(slots)) == 1 else first
 
 
-def rank_env(spec: JobSpec, slots: Sequence[RankSlot], run_id: str, run_dir: str) -> dict[str, str]:
+def rank_env(spec: JobSpec, slots: Sequence[RankSlot], run_id: str, rank_dir: str, outputs: str) -> dict[str, str]:
     """Variables every rank gets (the user's --env last, so it wins)."""
     env = {
         "DISTLAUNCH_RUN_ID": run_id,
-        "DISTLAUNCH_RUN_DIR": run_dir,
+        "DISTLAUNCH_RUN_DIR": rank_dir,
         "DISTLAUNCH_MASTER_ADDR": master_addr(slots),
-        "DISTLAUNCH_OUTPUT_DIR": f"{run_dir}/outputs",
+        "DISTLAUNCH_OUTPUT_DIR": outputs,
         "PYTHONUNBUFFERED": "1",
     }
     env.update(spec.env)
     return env
 
 
-def worker_argv(spec: JobSpec, placed: Placement, run_dir: str) -> list[str]:
-    argv = [spec.python, "-m", "distlaunch.worker", "--run-dir", run_dir]
+def worker_argv(spec: JobSpec, placed: Placement, rank_dir: str, workdir: str | None) -> list[str]:
+    argv = [spec.python, "-m", "distlaunch.worker", "--run-dir", rank_dir]
     if placed.gpu_mode:
         argv += ["--gpus-per-rank", str(placed.gpus_per_rank)]
         if placed.restricted:
             argv += ["--gpus", ",".join(placed.restricted)]
-    return [*argv, "--", *spec.command()]
+    return [*argv, "--", *spec.command(workdir)]
+
+
+def _ssh_agent_args(spec: JobSpec, flavour: Flavour) -> list[str]:
+    """How mpirun reaches the other nodes: the same ssh options distlaunch uses."""
+    if flavour is Flavour.OPENMPI:
+        return ["--mca", "plm_rsh_agent", spec.ssh.command_string()]
+    return ["-launcher", "ssh"]  # its options travel in HYDRA_LAUNCHER_EXTRA_ARGS
 
 
 def plan(
@@ -90,13 +101,22 @@ def plan(
     run_id: str,
     run_dir: str,
     ctx: LaunchContext,
+    remote: RemoteLayout | None = None,
 ) -> LaunchPlan:
-    """Build the mpirun argv for the placement with the flags this MPI flavour needs."""
+    """Build the mpirun argv for the placement with the flags this MPI flavour needs.
+
+    With ``remote`` (a multi-node run) every rank works in the node's synced copy of the
+    source directory and keeps its log and exit record there until they are collected.
+    """
     slots = placed.slots
     oversubscribe = spec.target.oversubscribe
     hostfile_path = f"{run_dir}/hostfile"
-    env = rank_env(spec, slots, run_id, run_dir)
+    workdir = remote.workdir if remote else None
+    rank_dir = remote.agent_dir if remote else run_dir
+    env = rank_env(spec, slots, run_id, rank_dir, f"{workdir}/outputs" if workdir else f"{run_dir}/outputs")
+    exported = sorted(set(env) | set(exported_names({n: "" for n in ctx.ambient_env}, spec.env_pass)))
     hosts = placement(slots)
+    multi = any(not is_local(host) for host, _ in hosts)
     argv = [mpi.path, "-n", str(len(slots))]
     if mpi.flavour is Flavour.OPENMPI:
         argv += ["--hostfile", hostfile_path]
@@ -104,15 +124,25 @@ def plan(
             argv.append("--allow-run-as-root")
         if oversubscribe:
             argv.append("--oversubscribe")
-        crowded = any(is_local(host) and count > ctx.local_cores for host, count in hosts)
+        crowded = any(count > (ctx.local_cores if is_local(host) else ctx.host_cores.get(host, count))
+                      for host, count in hosts)
         if crowded or oversubscribe:
             argv += ["--bind-to", "none"]
         if len(hosts) == 1 and not _user_sets_btl(spec, ctx):
             argv += ["--mca", "btl", "^ofi"]
-        for name in sorted(env):
+        if multi:
+            argv += _ssh_agent_args(spec, mpi.flavour)
+        if workdir:
+            argv += ["--wdir", workdir]
+        for name in exported:
             argv += ["-x", name]
     else:  # Hydra passes mpirun's whole environment to the ranks by default
         argv += ["-f", hostfile_path]
+        if multi:
+            argv += _ssh_agent_args(spec, mpi.flavour)
+            env["HYDRA_LAUNCHER_EXTRA_ARGS"] = shlex.join(spec.ssh.argv()[1:])
+        if workdir:
+            argv += ["-wdir", workdir]
     argv += list(spec.mpi_args)
-    argv += worker_argv(spec, placed, run_dir)
+    argv += worker_argv(spec, placed, rank_dir, workdir)
     return LaunchPlan(tuple(argv), env, hostfile_text(slots, mpi.flavour), hostfile_path, tuple(slots))

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import SpecError
+from .ssh import SSHOptions
+
+DEFAULT_REMOTE_ROOT = "/tmp/distlaunch-scratch"
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -62,14 +65,30 @@ class JobSpec:
     script_args: tuple[str, ...] = ()
     target: TargetSpec = field(default_factory=TargetSpec)
     env: tuple[tuple[str, str], ...] = ()
+    env_pass: tuple[str, ...] = ()  # patterns of launcher variables to export to every rank
     mpi_args: tuple[str, ...] = ()
     mpirun: str | None = None
     runs_root: str = "runs"
     python: str = field(default_factory=lambda: sys.executable)
+    # multi-node: what is copied where, and how nodes are reached
+    source_dir: str | None = None  # default: the script's directory
+    remote_root: str = DEFAULT_REMOTE_ROOT
+    sync: bool = True
+    ssh: SSHOptions = field(default_factory=SSHOptions)
+    collect_all_ranks: bool = False
+    skip_checks: bool = False
 
     def __post_init__(self) -> None:
         if not self.script:
             raise SpecError("no script given: name the training script, e.g. distlaunch run train.py")
+        if self.source_dir is not None and not os.path.isdir(self.source_dir):
+            raise SpecError(f"--source-dir {self.source_dir!r} is not a directory: check the path")
+        if not self.remote_root.startswith("/"):
+            raise SpecError(f"--remote-dir {self.remote_root!r} must be an absolute path")
+        if self.ssh.config and not os.path.isfile(self.ssh.config):
+            raise SpecError(f"--ssh-config {self.ssh.config!r} does not exist: check the path")
+        if self.ssh.key and not os.path.isfile(self.ssh.key):
+            raise SpecError(f"--ssh-key {self.ssh.key!r} does not exist: check the path")
         for name, _ in self.env:
             if not _ENV_NAME.match(name):
                 raise SpecError(
@@ -82,12 +101,29 @@ class JobSpec:
     def is_python(self) -> bool:
         return self.script.endswith(".py")
 
-    def command(self) -> list[str]:
-        """The user program's argv, run on every rank (after the worker shim)."""
+    @property
+    def source(self) -> Path:
+        """The directory copied to the nodes (the script's own by default)."""
+        return Path(self.source_dir or os.path.dirname(os.path.abspath(self.script))).resolve()
+
+    def _moved(self, path: str, workdir: str | None) -> str:
+        """``path`` as seen from ``workdir`` when it lies inside the source directory."""
+        absolute = Path(path).resolve()
+        if workdir is None or not absolute.is_relative_to(self.source):
+            return str(absolute)
+        return f"{workdir}/{absolute.relative_to(self.source).as_posix()}"
+
+    def command(self, workdir: str | None = None) -> list[str]:
+        """The user program's argv, run on every rank (after the worker shim). With
+        ``workdir``, paths inside the source directory point into that copy of it."""
         if self.is_python:
             if not os.path.isfile(self.script):
                 raise SpecError(f"script {self.script!r} not found: check the path (relative to {os.getcwd()})")
-            return [self.python, "-u", "-m", "distlaunch.bootstrap", os.path.abspath(self.script), *self.script_args]
+            if workdir is not None and not Path(self.script).resolve().is_relative_to(self.source):
+                raise SpecError(f"script {self.script!r} is outside --source-dir {self.source}: "
+                                "put it inside, or choose a source dir that contains it")
+            script = self._moved(self.script, workdir)
+            return [self.python, "-u", "-m", "distlaunch.bootstrap", script, *self.script_args]
         if os.sep in self.script or os.path.exists(self.script):
             path = Path(self.script)
             if not path.is_file():
@@ -96,13 +132,10 @@ class JobSpec:
                 raise SpecError(
                     f"program {self.script!r} is not executable: chmod +x it, or pass a .py script"
                 )
-            return [str(path.resolve()), *self.script_args]
+            return [self._moved(str(path), workdir), *self.script_args]
         found = shutil.which(self.script)
         if found is None:
             raise SpecError(
                 f"program {self.script!r} is neither a file nor on PATH: give its path, or a .py script"
             )
         return [found, *self.script_args]
-
-    def env_dict(self) -> dict[str, str]:
-        return dict(self.env)

@@ -204,10 +204,14 @@ class Supervisor:
         on_start: Callable[[int], None] | None = None,
         timeout: float | None = None,
         hang_timeout: float | None = None,
+        after_exit: Callable[[], None] | None = None,
+        dump: Callable[[str], int] | None = None,
     ) -> None:
         self.plan, self.paths, self.run_id = plan, paths, run_id
         self.out, self.err, self.kill_grace, self.on_start = out, err, kill_grace, on_start
         self.timeout, self.hang_timeout = timeout, hang_timeout
+        self.after_exit = after_exit  # e.g. clean up and collect from other nodes
+        self.dump = dump or dump_stacks  # asks the ranks for their stacks; returns how many
         self.stop: tuple[Status, int, str] | None = None  # status, exit code, reason
         self.stop_deadline: float | None = None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -269,6 +273,8 @@ class Supervisor:
                 leftovers = kill_leftovers(self.proc.pid, self.run_id, grace=LEFTOVER_GRACE_S)
                 for pump in self.pumps:
                     pump.join(timeout=10)
+                if self.after_exit is not None:
+                    self.after_exit()
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
@@ -300,7 +306,7 @@ class Supervisor:
                     self._on_hang(quiet)
 
     def _on_hang(self, quiet: float) -> None:
-        dumped = dump_stacks(self.run_id)
+        dumped = self.dump(self.run_id)
         time.sleep(HANG_DUMP_WAIT_S)  # let the stacks reach the logs
         self.request_stop(signal.SIGTERM, Status.TIMEOUT, ExitCode.TIMEOUT,
                           f"no output from any rank for {quiet:.0f} s (--hang-timeout); "

@@ -17,6 +17,8 @@ from distlaunch.mpi import Flavour, MPIInstall
 from distlaunch.mpirun import LaunchContext, plan
 from distlaunch.placement import place
 from distlaunch.spec import JobSpec, TargetSpec
+from distlaunch.ssh import SSHOptions
+from distlaunch.treesync import RemoteLayout
 
 GOLDEN = Path(__file__).parent / "golden"
 MPIS = {
@@ -35,7 +37,10 @@ CASES = {
                        {"mpi_args": ("--mca", "btl", "tcp,self")}),
     "two-nodes-gpus": (TargetSpec(hosts="node1:4,node2:4", gpus_per_rank=2), FOUR_GPUS, {}),
     "gpus-restricted": (TargetSpec(gpus="1,3"), FOUR_GPUS, {}),
+    "synced-nodes": (TargetSpec(hosts="node1:2,node2:2"), NO_GPU,
+                     {"ssh": SSHOptions(config="/etc/ssh/ssh_config", port=2222), "env_pass": ("MY_*",)}),
 }
+AMBIENT = frozenset({"PATH", "HOME", "MY_SETTING", "SSH_AUTH_SOCK", "NCCL_DEBUG", "OMPI_MCA_foo", "API_TOKEN"})
 
 
 def render(mpi_name: str, case: str, root: bool) -> str:
@@ -43,8 +48,9 @@ def render(mpi_name: str, case: str, root: bool) -> str:
     spec = JobSpec(str(REPO / "examples" / "train.py"), ("--epochs", "1"), target=target,
                    python="/usr/bin/python3", **extra)
     placed = place(target, env={}, inv=inv)
-    ctx = LaunchContext(is_root=root, local_cores=4)
-    the_plan = plan(spec, placed, MPIS[mpi_name], "RUNID", "/runs/RUNID", ctx)
+    ctx = LaunchContext(is_root=root, local_cores=4, ambient_env=AMBIENT if case == "synced-nodes" else frozenset())
+    remote = RemoteLayout("/scratch/examples-12345678", "RUNID") if case == "synced-nodes" else None
+    the_plan = plan(spec, placed, MPIS[mpi_name], "RUNID", "/runs/RUNID", ctx, remote)
     argv = [a.replace(str(REPO), "<repo>") for a in the_plan.argv]
     env = [f"{k}={v}" for k, v in sorted(the_plan.env.items())]
     gpus = [f"rank {s.rank} {s.host} local {s.local_rank} gpus {','.join(s.gpus) or '-'}" for s in placed.slots]

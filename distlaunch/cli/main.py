@@ -8,6 +8,7 @@ import click
 
 from .. import __version__
 from ..errors import DistlaunchError, ExitCode
+from .doctor import doctor_command
 from .hosts import hosts_command
 from .install_horovod import install_horovod_command
 from .run import run_command
@@ -35,6 +36,7 @@ def cli(verbose: int) -> None:
 cli.add_command(run_command)
 cli.add_command(hosts_command)
 cli.add_command(install_horovod_command)
+cli.add_command(doctor_command)
 
 
 def main() -> None:

@@ -6,7 +6,8 @@ from typing import Any
 
 import click
 
-from ..spec import TargetSpec
+from ..spec import DEFAULT_REMOTE_ROOT, TargetSpec
+from ..ssh import SSHOptions
 
 _TARGET_OPTIONS = [
     click.option("--nodes", type=click.IntRange(min=1), help="Number of hosts to use (default: all found)."),
@@ -22,6 +23,14 @@ _TARGET_OPTIONS = [
     click.option("--gpus", metavar="0,1,3", help="Use only these GPUs (indices or UUIDs)."),
 ]
 
+_SSH_OPTIONS = [
+    click.option("--ssh-config", metavar="FILE", help="ssh config file for reaching the nodes."),
+    click.option("--ssh-port", type=click.IntRange(1, 65535), help="ssh port of the nodes."),
+    click.option("--ssh-key", metavar="FILE", help="ssh private key for the nodes."),
+    click.option("--remote-dir", "remote_root", default=DEFAULT_REMOTE_ROOT, show_default=True, metavar="DIR",
+                 help="Node-local directory the code is synced under."),
+]
+
 TARGET_KEYS = ("nodes", "ppn", "hosts", "hostfile", "oversubscribe", "use_gpu", "gpus_per_rank", "gpus")
 
 
@@ -30,6 +39,17 @@ def target_options(func: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(_TARGET_OPTIONS):
         func = option(func)
     return func
+
+
+def ssh_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the options that say how to reach the nodes."""
+    for option in reversed(_SSH_OPTIONS):
+        func = option(func)
+    return func
+
+
+def pop_ssh(kwargs: dict[str, Any]) -> SSHOptions:
+    return SSHOptions(kwargs.pop("ssh_config"), kwargs.pop("ssh_port"), kwargs.pop("ssh_key"))
 
 
 def pop_target(kwargs: dict[str, Any]) -> TargetSpec:

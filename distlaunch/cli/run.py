@@ -14,7 +14,7 @@ from ..spec import JobSpec, parse_env_items
 from ..supervise import Outcome
 from ..units import parse_duration
 from .hosts import placement_table
-from .options import pop_target, target_options
+from .options import pop_ssh, pop_target, ssh_options, target_options
 
 RUN_HELP = """Run SCRIPT on every rank, with MPI, and keep a run folder.
 
@@ -28,11 +28,17 @@ Examples:
   distlaunch run --hostfile hostfiles/two-nodes-4-gpus.txt --nodes 2 train.py
   distlaunch run --ppn 4 --env OMP_NUM_THREADS=1 --mpi-arg "--mca btl tcp,self" train.py
   distlaunch run --dry-run --ppn 8 --oversubscribe train.py
+  distlaunch run --hosts 10.0.0.2:4,10.0.0.3:4 --ssh-key ~/.ssh/cluster train.py
 
 \b
 Hosts come from --hosts, else --hostfile, else the Slurm/PBS/LSF allocation, else
 localhost. The run folder (default ./runs/<run-id>/) holds run.json, the hostfile,
 logs/rank-<N>.log and outputs/.
+
+\b
+With other nodes, the source directory is rsynced to each of them (only changed files
+travel), the ranks run in that copy, and afterwards every rank's log and rank 0's
+./outputs and ./logs come back into the run folder, also when the job fails.
 
 \b
 Exit code: the job's (the first failing rank's code, 128+N for signal N); 2 for bad
@@ -54,8 +60,16 @@ def split_mpi_args(values: tuple[str, ...]) -> tuple[str, ...]:
 
 @click.command("run", help=RUN_HELP, context_settings={"allow_interspersed_args": False})
 @target_options
+@ssh_options
+@click.option("--source-dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Directory copied to the nodes (default: the script's directory).")
+@click.option("--no-sync", is_flag=True, help="Do not copy the code: the nodes share a filesystem.")
+@click.option("--collect-all-ranks", is_flag=True, help="Bring every node's ./outputs back, under outputs/<host>/.")
+@click.option("--skip-checks", is_flag=True, help="Do not check the nodes before a multi-node launch.")
 @click.option("--env", "env_items", multiple=True, metavar="NAME=VALUE",
               help="Set a variable on every rank (repeatable).")
+@click.option("--env-pass", multiple=True, metavar="PATTERN",
+              help="Also export launcher variables matching this pattern, e.g. 'MYAPP_*' (repeatable).")
 @click.option("--mpi-arg", "mpi_args", multiple=True, metavar="ARGS",
               help="Extra mpirun arguments, e.g. \"--mca btl tcp,self\" (repeatable).")
 @click.option("--mpirun", metavar="PATH", help="The mpirun to use (default: beside this Python, then PATH).")
@@ -86,6 +100,13 @@ def run_command(**kwargs: Any) -> None:
         mpi_args=split_mpi_args(kwargs["mpi_args"]),
         mpirun=kwargs["mpirun"],
         runs_root=kwargs["runs_root"],
+        env_pass=tuple(kwargs["env_pass"]),
+        source_dir=kwargs["source_dir"],
+        remote_root=kwargs["remote_root"],
+        sync=not kwargs["no_sync"],
+        ssh=pop_ssh(kwargs),
+        collect_all_ranks=kwargs["collect_all_ranks"],
+        skip_checks=kwargs["skip_checks"],
     )
     prepared = prepare(spec)
     if prepared.placed.note:
@@ -102,7 +123,11 @@ def run_command(**kwargs: Any) -> None:
             err=True,
         )
 
-    paths, outcome = launch(prepared, sys.stdout.buffer, sys.stderr.buffer, watch, on_ready=banner)
+    def progress(message: str) -> None:
+        click.echo(f"distlaunch: {message}", err=True)
+
+    paths, outcome = launch(prepared, sys.stdout.buffer, sys.stderr.buffer, watch, on_ready=banner,
+                            progress=progress)
     summarize(paths.run_id, str(paths.root), outcome, len(placed.slots), placed.nhosts)
     sys.exit(outcome.exit_code)
 

@@ -1,0 +1,60 @@
+"""``distlaunch doctor``: check every node before a multi-node run."""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from ..doctor import run_doctor
+from ..hosts import placement
+from ..placement import place
+from .options import pop_ssh, pop_target, ssh_options, target_options
+
+HELP = """Check that every node can run a job, and say what to fix.
+
+Probes all hosts in parallel over ssh and compares each with this machine: ssh
+login, unique hostname, Python path and version, distlaunch/torch/mpi4py/horovod
+versions, MPI, rsync, GPUs and driver, free disk under --remote-dir. Exits 1 when
+something would break a run, with one line per problem saying what to do.
+
+\\b
+Examples:
+  distlaunch doctor --hosts node1,node2
+  distlaunch doctor --hostfile hostfiles/two-nodes-4-gpus.txt --ssh-key ~/.ssh/cluster
+"""
+
+
+def _row(host: str, facts: dict[str, Any] | None) -> list[str]:
+    if facts is None:
+        return [host, "unreachable", "-", "-", "-", "-", "-", "-"]
+    pkgs = facts["packages"]
+    versions = "/".join(str(pkgs.get(p) or "-") for p in ("distlaunch", "torch", "mpi4py", "horovod"))
+    free = facts.get("free_bytes")
+    return [host, facts["hostname"], f"{facts['python']} {facts['python_version']}", versions,
+            str(facts.get("mpi") or "-"), "yes" if facts.get("rsync") else "NO",
+            f"{facts.get('gpus', 0)} {facts.get('gpu_driver') or ''}".strip(),
+            f"{free / (1 << 30):.1f} GiB" if free is not None else "-"]
+
+
+@click.command("doctor", help=HELP)
+@target_options
+@ssh_options
+def doctor_command(**kwargs: Any) -> None:
+    ssh = pop_ssh(kwargs)
+    remote_root = kwargs.pop("remote_root")
+    placed = place(pop_target(kwargs))
+    hosts = [host for host, _ in placement(placed.slots)]
+    local, reports = run_doctor(hosts, ssh, sys.executable, remote_root)
+    header = ["host", "hostname", "python", "distlaunch/torch/mpi4py/horovod", "mpi", "rsync", "gpus", "free"]
+    rows = [header, _row("(this host)", local)] + [_row(r.host, r.facts) for r in reports]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    problems = [line for report in reports for line in report.problems]
+    if problems:
+        click.echo(f"\n{len(problems)} problem(s):", err=True)
+        for line in problems:
+            click.echo(f"  {line}", err=True)
+        sys.exit(1)
+    click.echo(f"\nall {len(reports)} node(s) OK")

