@@ -1,16 +1,32 @@
 """distlaunch: launch distributed training with MPI, and run Horovod-style scripts anywhere.
 
-``import distlaunch`` stays light: torch, mpi4py and pynvml are imported only by the
-parts that need them. The Python API (``Job``) is loaded on first use.
+``import distlaunch`` stays light: the names below are loaded on first use, and torch,
+mpi4py and pynvml only by the parts that need them.
+
+- ``Job``, ``Run``: the Python API (``Job(...).submit()`` returns a ``Run``)
+- ``log_metric``, ``log_metrics``: metric tracking from a training script
+- ``export_onnx``: export a trained model to ONNX from rank 0, checked
 """
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+_LAZY = {
+    "Job": "distlaunch.api",
+    "Run": "distlaunch.api",
+    "log_metric": "distlaunch.metrics",
+    "log_metrics": "distlaunch.metrics",
+    "export_onnx": "distlaunch.onnx_export",
+}
+
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
-    raise AttributeError(f"module 'distlaunch' has no attribute {name!r}")
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'distlaunch' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -6,6 +6,8 @@ Layout of ``<runs_root>/<run-id>/``::
     hostfile            the hostfile given to mpirun
     logs/rank-<N>.log   everything rank N printed (stdout and stderr)
     logs/mpirun.log     what mpirun itself printed (not the ranks' lines)
+    logs/output.log     all output, rank-prefixed, in arrival order
+    metrics/rank-<N>.jsonl  metrics logged with distlaunch.log_metric
     ranks/rank-<N>.json how rank N ended (written by the worker shim)
     outputs/            files the job keeps
 
@@ -78,6 +80,19 @@ class RunPaths:
     @property
     def mpirun_log(self) -> Path:
         return self.logs / "mpirun.log"
+
+    @property
+    def output_log(self) -> Path:
+        """Every line the job printed, rank-prefixed, in arrival order (the terminal's view)."""
+        return self.logs / "output.log"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics"
+
+    @property
+    def cancel_marker(self) -> Path:
+        return self.root / "cancel-requested"
 
     def rank_log(self, rank: int) -> Path:
         return self.logs / f"rank-{rank}.log"

@@ -2,7 +2,8 @@
 
 probe                          JSON facts for ``doctor`` and the pre-launch checks
 tree-hash DIR                  content hash of the files listed on stdin (one per line)
-latest BASE RUN_DIR            point BASE/latest at RUN_DIR and prune old run folders
+finish BASE RUN_DIR HASH       tree-hash RUN_DIR; if it equals HASH, point BASE/latest at
+                               RUN_DIR and prune old run folders
 cleanup RUN_ID                 SIGKILL this node's processes tagged with RUN_ID
 dump RUN_ID                    ask this node's Python ranks of RUN_ID for their stacks
 
@@ -120,8 +121,11 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "tree-hash":
         names = [line for line in sys.stdin.read().splitlines() if line]
         result = {"hash": tree_hash(Path(rest[0]), names), "files": len(names)}
-    elif command == "latest":
-        result = point_latest(Path(rest[0]), Path(rest[1]))
+    elif command == "finish":
+        names = [line for line in sys.stdin.read().splitlines() if line]
+        result = {"hash": tree_hash(Path(rest[1]), names), "files": len(names)}
+        if result["hash"] == rest[2]:
+            result.update(point_latest(Path(rest[0]), Path(rest[1])))
     elif command == "cleanup":
         procs = tagged(rest[0])
         for proc in procs:

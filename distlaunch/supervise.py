@@ -73,9 +73,11 @@ class Outcome:
 class OutputPump(threading.Thread):
     """Copy one of mpirun's streams to a sink; keep mpirun's own lines in mpirun.log."""
 
-    def __init__(self, stream: IO[bytes], sink: IO[bytes] | None, own_log: IO[bytes], lock: threading.Lock):
+    def __init__(self, stream: IO[bytes], sink: IO[bytes] | None, own_log: IO[bytes], lock: threading.Lock,
+                 everything: IO[bytes] | None = None):
         super().__init__(daemon=True)
         self.stream, self.sink, self.own_log, self.lock = stream, sink, own_log, lock
+        self.everything = everything
         self.last_data = time.monotonic()
 
     def run(self) -> None:
@@ -85,7 +87,15 @@ class OutputPump(threading.Thread):
             self._to_sink(data)
             *lines, pending = (pending + data).split(b"\n")
             self._keep_own(lines)
+            self._keep_all(lines)
         self._keep_own([pending])
+        self._keep_all([pending] if pending else [])
+
+    def _keep_all(self, lines: list[bytes]) -> None:
+        if self.everything is not None and lines:
+            with self.lock:
+                self.everything.write(b"".join(line + b"\n" for line in lines))
+                self.everything.flush()
 
     def _to_sink(self, data: bytes) -> None:
         if self.sink is None:
@@ -247,6 +257,7 @@ class Supervisor:
         try:
             self.paths.hostfile.write_text(self.plan.hostfile_text, encoding="utf-8")
             own_log = open(self.paths.mpirun_log, "ab")
+            everything = open(self.paths.output_log, "ab")
         except OSError as exc:
             raise RunDirError(f"cannot write in run folder {self.paths.root}: {exc.strerror or exc}: "
                               "free space or pick another --run-dir") from None
@@ -255,7 +266,7 @@ class Supervisor:
         previous = self._install_handlers()
         lock = threading.Lock()
         try:
-            with own_log:
+            with own_log, everything:
                 self.proc = subprocess.Popen(
                     list(self.plan.argv), env=env, stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
@@ -264,8 +275,8 @@ class Supervisor:
                     self.on_start(self.proc.pid)
                 assert self.proc.stdout is not None and self.proc.stderr is not None
                 self.pumps = [
-                    OutputPump(self.proc.stdout, self.out, own_log, lock),
-                    OutputPump(self.proc.stderr, self.err, own_log, lock),
+                    OutputPump(self.proc.stdout, self.out, own_log, lock, everything),
+                    OutputPump(self.proc.stderr, self.err, own_log, lock, everything),
                 ]
                 for pump in self.pumps:
                     pump.start()
@@ -297,7 +308,10 @@ class Supervisor:
                     log.warning("run %s did not stop within the grace period: killing it", self.run_id)
                     kill_leftovers(self.proc.pid, self.run_id)
                 continue
-            if self.timeout is not None and now - start >= self.timeout:
+            if self.paths.cancel_marker.exists():
+                self.request_stop(signal.SIGTERM, Status.CANCELLED, 128 + signal.SIGTERM,
+                                  "cancelled on request (distlaunch cancel / Run.cancel)")
+            elif self.timeout is not None and now - start >= self.timeout:
                 self.request_stop(signal.SIGTERM, Status.TIMEOUT, ExitCode.TIMEOUT,
                                   f"the job ran longer than --timeout {self.timeout:g} s")
             elif self.hang_timeout is not None:

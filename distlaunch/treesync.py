@@ -135,7 +135,7 @@ def push(host: str, source: Path, files: Sequence[str], expected: str, layout: R
         raise SyncError(f"cannot copy {source} to {host}: rsync exit {proc.returncode}: {last}: "
                         "check ssh access and that rsync is installed there (distlaunch doctor)")
     sent, sent_bytes = _stats(proc.stdout)
-    check = run_on(host, agent_argv(python, "tree-hash", layout.workdir), ssh, stdin=listing)
+    check = run_on(host, agent_argv(python, "finish", layout.base, layout.workdir, expected), ssh, stdin=listing)
     try:
         got = json.loads(check.stdout.strip().splitlines()[-1])["hash"]
     except (ValueError, IndexError, KeyError):
@@ -144,7 +144,6 @@ def push(host: str, source: Path, files: Sequence[str], expected: str, layout: R
     if got != expected:
         raise SyncError(f"the code on {host} differs from {source} after syncing (hash {got[:12]} != "
                         f"{expected[:12]}): check the disk on {host}, then run again")
-    run_on(host, agent_argv(python, "latest", layout.base, layout.workdir), ssh)
     return SyncResult(host, len(files), sent, sent_bytes, time.monotonic() - start)
 
 
@@ -181,7 +180,8 @@ def collect(hosts: Sequence[str], rank0_host: str, layout: RemoteLayout, run_roo
     jobs: list[tuple[str, str, Path]] = []
     for host in hosts:
         jobs += [(host, f"{layout.agent_dir}/logs", run_root / "logs"),
-                 (host, f"{layout.agent_dir}/ranks", run_root / "ranks")]
+                 (host, f"{layout.agent_dir}/ranks", run_root / "ranks"),
+                 (host, f"{layout.agent_dir}/metrics", run_root / "metrics")]
         if all_ranks:
             jobs.append((host, f"{layout.workdir}/outputs", run_root / "outputs" / host))
     jobs += [(rank0_host, f"{layout.workdir}/outputs", run_root / "outputs"),

@@ -14,6 +14,7 @@ import time
 import torch
 from torch import nn
 
+import distlaunch
 import distlaunch.hvd as hvd
 
 
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default=os.environ.get("DISTLAUNCH_OUTPUT_DIR", "outputs"))
+    parser.add_argument("--export-onnx", action="store_true", help="also write model.onnx (checked)")
     args = parser.parse_args()
 
     hvd.init()
@@ -71,12 +73,17 @@ def main() -> None:
         mean_loss = hvd.allreduce(total / len(x), name="epoch_loss").item()
         if hvd.rank() == 0:
             print(f"epoch {epoch}: loss {mean_loss:.4f} ({time.time() - start:.1f} s)", flush=True)
+        distlaunch.log_metric("loss", mean_loss, step=epoch)
 
     if hvd.rank() == 0:
         os.makedirs(args.output_dir, exist_ok=True)
         path = os.path.join(args.output_dir, "model.pt")
         torch.save(model.state_dict(), path)
         print(f"saved {path}", flush=True)
+    if args.export_onnx:
+        onnx_path = distlaunch.export_onnx(model, x[:4], os.path.join(args.output_dir, "model.onnx"))
+        if onnx_path is not None:
+            print(f"exported {onnx_path}", flush=True)
     hvd.shutdown()
 
 

@@ -178,3 +178,56 @@ def test_unreachable_node_is_named_before_launch(cluster, project, tmp_path):
         assert run_dir is None  # nothing was created
     finally:
         cluster.start_node(node)
+
+
+REMOTE_CELLS = [  # fault, fault rank, extra args, exit code, status
+    ("exception", 3, [], 1, "failed"),
+    ("exit7", 3, [], 7, "failed"),
+    ("sigkill", 3, [], 137, "failed"),
+    ("hang", 0, ["--hang-timeout", "4"], 124, "timeout"),
+    ("sleep", -1, ["--timeout", "6"], 124, "timeout"),
+    ("SIGINT", -1, [], 130, "cancelled"),
+    ("SIGTERM", -1, [], 143, "cancelled"),
+]
+
+
+@pytest.mark.parametrize("cell", REMOTE_CELLS, ids=[c[0] for c in REMOTE_CELLS])
+def test_failure_matrix_on_two_nodes(cluster, project, tmp_path, cell):
+    import signal
+    import time
+
+    from test_failures import report, survivors, wait_for
+
+    fault, fault_rank, extra, code, status = cell
+    script = project / "faults.py"
+    shutil.copy(SCRIPTS / "faults.py", script)
+    payload = "sleep" if fault in ("SIGINT", "SIGTERM") else fault
+    argv = [sys.executable, "-m", "distlaunch", "run", "--hosts", ",".join(f"{h}:2" for h in cluster.hosts),
+            "--ssh-config", str(cluster.ssh_config), *UNBIND, "--kill-grace", "3", *extra,
+            "--env", f"OUT_DIR={tmp_path}", "--env", f"FAULT={payload}", "--env", f"FAULT_RANK={fault_rank}",
+            str(script)]
+    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(list(tmp_path.glob("ready-*"))) == 4 or proc.poll() is not None, 120, "ranks to start")
+    assert proc.poll() is None, proc.communicate()
+    fault_at = time.time()
+    if fault == "sigkill":
+        os.kill(int((tmp_path / "ready-3").read_text()), signal.SIGKILL)
+    elif fault in ("SIGINT", "SIGTERM"):
+        proc.send_signal(getattr(signal, fault))
+    _out, err = proc.communicate(timeout=120)
+    ended = time.time()
+    if (tmp_path / "fault-time").exists():
+        fault_at = float((tmp_path / "fault-time").read_text())
+    run_dir = next((tmp_path / "runs").iterdir())
+    record = json.loads((run_dir / "run.json").read_text())
+    assert proc.returncode == code, err[-3000:]
+    assert record["status"] == status
+    if status == "failed":
+        assert record["first_failure"]["rank"] == fault_rank and record["first_failure"]["host"] == "node3"
+    assert survivors(record["id"]) == [], "processes of the run survived on a node"
+    for rank in range(4):
+        assert (run_dir / "logs" / f"rank-{rank}.log").exists()
+    if fault == "hang":
+        assert "most recent call first" in (run_dir / "logs" / "rank-0.log").read_text()
+    waited = {"hang": 4, "sleep": 6}.get(fault, 0)
+    report(f"{fault} (2 nodes)", 4, ended - fault_at - waited, status, code)

@@ -12,6 +12,7 @@ from .doctor import doctor_command
 from .hosts import hosts_command
 from .install_horovod import install_horovod_command
 from .run import run_command
+from .runs import cancel_command, download_command, logs_command, runs_group
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -37,6 +38,8 @@ cli.add_command(run_command)
 cli.add_command(hosts_command)
 cli.add_command(install_horovod_command)
 cli.add_command(doctor_command)
+for _command in (runs_group, logs_command, download_command, cancel_command):
+    cli.add_command(_command)
 
 
 def main() -> None:

@@ -1,0 +1,81 @@
+"""Sync and launch costs on simulated nodes (the cluster in a box of tests/cluster).
+
+Needs root, sshd, rsync and unshare. Brings up 2 nodes, then measures:
+- sync of a 1,000-file tree to both nodes: first time, and again with nothing changed;
+- wall time of ``distlaunch run`` for a trivial 2-rank job on 1 node (2 ranks) against
+  2 nodes (1 rank each), interleaved, medians of --repeats.
+
+    python benchmarks/multinode.py --repeats 5
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from distlaunch.ssh import SSHOptions  # noqa: E402
+from distlaunch.treesync import RemoteLayout, sync  # noqa: E402
+from tests.cluster.cluster import make, missing_tools  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    if missing_tools():
+        raise SystemExit(f"needs {', '.join(missing_tools())}")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        box = make(root / "cluster", 2)
+        (root / "cluster").mkdir()
+        box.up()
+        try:
+            src = root / "src"
+            for i in range(args.files):
+                sub = src / f"pkg{i % 20}"
+                sub.mkdir(parents=True, exist_ok=True)
+                (sub / f"mod{i}.py").write_text(f"VALUE = {i}\n" + "# padding\n" * 50)
+            ssh = SSHOptions(config=str(box.ssh_config))
+            times = []
+            for run_id in ("r1", "r2"):
+                start = time.perf_counter()
+                results = sync(box.hosts, src, RemoteLayout.for_source("/tmp/distlaunch-scratch", src, run_id),
+                               ssh, sys.executable, lambda _m: None)
+                times.append((time.perf_counter() - start, sum(r.sent for r in results)))
+            print(f"sync {args.files} files to 2 nodes: first {times[0][0]:.2f} s ({times[0][1]} files sent), "
+                  f"no-change re-sync {times[1][0]:.2f} s ({times[1][1]} files sent)")
+            script = src / "noop.py"
+            script.write_text("pass\n")
+            variants = {
+                "1 node x 2 ranks": ["--hosts", f"{box.hosts[0]}:2"],
+                "2 nodes x 1 rank": ["--hosts", f"{box.hosts[0]}:1,{box.hosts[1]}:1"],
+            }
+            walls: dict[str, list[float]] = {name: [] for name in variants}
+            for _ in range(args.repeats):
+                for name, hosts in variants.items():
+                    start = time.perf_counter()
+                    proc = subprocess.run([sys.executable, "-m", "distlaunch", "run", *hosts, "--ssh-config",
+                                           str(box.ssh_config), "--run-dir", str(root / "runs"), str(script)],
+                                          capture_output=True, text=True)
+                    walls[name].append(time.perf_counter() - start)
+                    if proc.returncode:
+                        raise SystemExit(proc.stderr[-2000:])
+            med = {name: statistics.median(values) for name, values in walls.items()}
+            for name, value in med.items():
+                print(f"distlaunch run, {name}: {value:.2f} s (median of {args.repeats})")
+            one, two = med["1 node x 2 ranks"], med["2 nodes x 1 rank"]
+            print(f"2-node / 1-node = {two / one:.2f} (+{two - one:.2f} s)")
+        finally:
+            box.down()
+
+
+if __name__ == "__main__":
+    main()

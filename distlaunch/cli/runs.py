@@ -1,0 +1,165 @@
+"""Run history commands: ``runs list|show|rm``, ``logs``, ``download``, ``cancel``."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from ..history import load, merge, remove, request_cancel, resolve, run_folders, summary
+from ..metrics import read_metrics
+
+RUN_DIR_OPTION = click.option("--run-dir", "runs_root", default="runs", show_default=True, metavar="DIR",
+                              help="Where the run folders are.")
+
+
+@click.group("runs")
+def runs_group() -> None:
+    """List, inspect and remove past runs (ids may be shortened to any unique prefix).
+
+    \b
+    Examples:
+      distlaunch runs list
+      distlaunch runs show 20261122-2153
+      distlaunch runs rm 20261122-215342-a298e0
+    """
+
+
+@runs_group.command("list")
+@RUN_DIR_OPTION
+def list_command(runs_root: str) -> None:
+    """One line per run, oldest first."""
+    rows = [summary(load_record(p)) for p in run_folders(runs_root)]
+    if not rows:
+        click.echo(f"no runs under {runs_root}")
+        return
+    header = {"id": "id", "script": "script", "status": "status", "shape": "nodes x ppn", "started": "started",
+              "duration": "duration", "exit": "exit"}
+    table = [header, *rows]
+    widths = {key: max(len(str(row[key])) for row in table) for key in header}
+    for row in table:
+        click.echo("  ".join(str(row[key]).ljust(widths[key]) for key in header).rstrip())
+
+
+def load_record(folder: Path) -> dict:
+    from ..records import RunPaths
+
+    return load(RunPaths(folder))
+
+
+@runs_group.command("show")
+@click.argument("run_id")
+@RUN_DIR_OPTION
+def show_command(run_id: str, runs_root: str) -> None:
+    """Details of one run: placement, status, metrics summary, root cause if it failed."""
+    paths = resolve(runs_root, run_id)
+    record = load(paths)
+    row = summary(record)
+    click.echo(f"run       {record['id']}")
+    click.echo(f"script    {record.get('script')} {' '.join(record.get('spec', {}).get('script_args', []))}")
+    click.echo(f"status    {record['status']} (exit {record.get('exit_code', '-')}), {row['duration']}")
+    click.echo(f"started   {row['started']}")
+    click.echo(f"ranks     {record.get('ranks')} on {record.get('nodes')} host(s) ({record.get('host_source')})")
+    click.echo(f"mpi       {record.get('versions', {}).get('mpi')}")
+    click.echo(f"folder    {paths.root}")
+    if record.get("reason"):
+        click.echo(f"reason    {record['reason']}")
+    failure = record.get("first_failure")
+    if failure:
+        who = f"rank {failure['rank']} on {failure['host']}" if failure.get("rank") is not None else "mpirun"
+        how = failure.get("exception") or (f"killed by {failure['signal']}" if failure.get("signal")
+                                           else f"exit code {failure['exit_code']}")
+        click.echo(f"failure   {who}: {how}")
+        for line in failure.get("last_lines", []):
+            click.echo(f"          | {line}")
+    metrics = read_metrics(paths.root)
+    if metrics:
+        click.echo("metrics   name: last (min .. max, count)")
+        for name, items in sorted(metrics.items()):
+            values = [i["value"] for i in items if isinstance(i["value"], (int, float))]
+            if values:
+                span = f"{min(values):.6g} .. {max(values):.6g}"
+                click.echo(f"          {name}: {values[-1]:.6g} ({span}, {len(values)})")
+
+
+@runs_group.command("rm")
+@click.argument("run_ids", nargs=-1, required=True)
+@RUN_DIR_OPTION
+def rm_command(run_ids: tuple[str, ...], runs_root: str) -> None:
+    """Delete finished runs' folders."""
+    for run_id in run_ids:
+        paths = resolve(runs_root, run_id)
+        remove(paths)
+        click.echo(f"removed {paths.run_id}")
+
+
+@click.command("logs")
+@click.argument("run_id")
+@click.option("--rank", type=int, default=None, help="Show only this rank's log.")
+@click.option("--all", "raw", is_flag=True, help="Every line as printed, without folding.")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until the run ends.")
+@RUN_DIR_OPTION
+def logs_command(run_id: str, rank: int | None, raw: bool, follow: bool, runs_root: str) -> None:
+    """Show a run's output: merged (the same line from several ranks folded into one,
+    like '[0-3] epoch 1 loss 0.5'), one rank's (--rank N), or everything (--all).
+
+    \b
+    Examples:
+      distlaunch logs 20261122-2153
+      distlaunch logs 20261122-2153 --rank 1
+      distlaunch logs 20261122-2153 --all --follow
+    """
+    paths = resolve(runs_root, run_id)
+    source = paths.rank_log(rank) if rank is not None else paths.output_log
+    if not source.exists() and not follow:
+        what = f"log for rank {rank}" if rank is not None else "output"
+        raise click.ClickException(f"run {paths.run_id} has no {what}")
+    if not follow:
+        lines = source.read_text(encoding="utf-8", errors="replace").splitlines()
+        for line in (lines if raw or rank is not None else merge(lines)):
+            click.echo(line)
+        return
+    offset = 0
+    from ..records import Status
+
+    while True:
+        finished = Status(load(paths)["status"]).finished
+        if source.exists():
+            with open(source, "rb") as handle:
+                handle.seek(offset)
+                data = handle.read()
+            offset += len(data)
+            sys.stdout.write(data.decode("utf-8", "replace"))
+            sys.stdout.flush()
+        if finished:
+            return
+        time.sleep(0.2)
+
+
+@click.command("download")
+@click.argument("run_id")
+@click.argument("name")
+@click.option("-o", "--output", "dest", default=None, help="Where to put it (file or folder; default: here).")
+@RUN_DIR_OPTION
+def download_command(run_id: str, name: str, dest: str | None, runs_root: str) -> None:
+    """Copy a file of a run (e.g. outputs/model.onnx) out of its folder.
+
+    \b
+    Example:
+      distlaunch download 20261122-2153 outputs/model.onnx -o model.onnx
+    """
+    from ..api import Run
+
+    target = Run(resolve(runs_root, run_id)).download_file(name, dest)
+    click.echo(str(target))
+
+
+@click.command("cancel")
+@click.argument("run_id")
+@RUN_DIR_OPTION
+def cancel_command(run_id: str, runs_root: str) -> None:
+    """Stop a running run (as Ctrl-C in its terminal would) and wait until it has ended."""
+    paths = resolve(runs_root, run_id)
+    status = request_cancel(paths)
+    click.echo(f"run {paths.run_id}: {status}")

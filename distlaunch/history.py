@@ -1,0 +1,125 @@
+"""Past and running runs: find them by id prefix, list them, read and merge their logs,
+ask them to stop.
+
+A run is cancelled by creating ``cancel-requested`` in its folder: the supervisor of
+that run (in a ``distlaunch run`` process or a ``Job.submit()`` thread) sees it within
+a fraction of a second and stops the job as on Ctrl-C. No process is signalled from
+outside, so no pid can be mistaken for another.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import RunNotFound
+from .records import RunPaths, Status, read_json
+
+RANK_LINE = re.compile(r"^\[ *(\d+)\] ?(.*)$")
+
+
+def run_folders(runs_root: str | Path) -> list[Path]:
+    root = Path(runs_root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if (p / "run.json").is_file())
+
+
+def resolve(runs_root: str | Path, key: str) -> RunPaths:
+    """The run whose id is ``key`` or starts with it; RunNotFound says what exists."""
+    folders = run_folders(runs_root)
+    exact = [p for p in folders if p.name == key]
+    matches = exact or [p for p in folders if p.name.startswith(key)]
+    if len(matches) == 1:
+        return RunPaths(matches[0].absolute())
+    if not matches:
+        latest = f"; the latest is {folders[-1].name}" if folders else ""
+        raise RunNotFound(f"no run {key!r} under {runs_root}{latest}: see 'distlaunch runs list'")
+    names = ", ".join(p.name for p in matches[:5])
+    raise RunNotFound(f"{key!r} matches {len(matches)} runs ({names}...): give more of the id")
+
+
+def load(paths: RunPaths) -> dict[str, Any]:
+    data: dict[str, Any] = read_json(paths.record)
+    return data
+
+
+def summary(record: dict[str, Any]) -> dict[str, Any]:
+    """One row of ``runs list``."""
+    spec = record.get("spec", {})
+    target = spec.get("target", {})
+    hosts = record.get("nodes", 1)
+    ranks = record.get("ranks", 0)
+    ppn = target.get("ppn") or (ranks // hosts if hosts else ranks)
+    return {
+        "id": record["id"],
+        "script": Path(record.get("script", "?")).name,
+        "status": record.get("status", "?"),
+        "shape": f"{hosts}x{ppn}",
+        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.get("started") or record["created"])),
+        "duration": f"{record['duration_s']:.1f} s" if record.get("duration_s") is not None else "-",
+        "exit": record.get("exit_code", "-"),
+    }
+
+
+def request_cancel(paths: RunPaths, wait: float = 30.0) -> str:
+    """Ask a running run to stop; wait until it has; return its final status."""
+    status = load(paths)["status"]
+    if Status(status).finished:
+        return str(status)
+    paths.cancel_marker.touch()
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        status = load(paths)["status"]
+        if Status(status).finished:
+            return str(status)
+        time.sleep(0.1)
+    return str(status)
+
+
+def remove(paths: RunPaths) -> None:
+    status = load(paths)["status"]
+    if not Status(status).finished:
+        raise RunNotFound(f"run {paths.run_id} is {status}: cancel it first (distlaunch cancel {paths.run_id})")
+    shutil.rmtree(paths.root)
+
+
+def merge(lines: Iterable[str]) -> Iterator[str]:
+    """Fold the same line printed by several ranks into one: ``[0-3] epoch 1 loss 0.5``.
+
+    Lines come as ``[rank] text`` in arrival order; a text joins the open group of that
+    text unless its rank is already in it (then it is a new occurrence)."""
+    groups: list[tuple[str, set[int]]] = []
+    open_group: dict[str, int] = {}
+    for raw in lines:
+        match = RANK_LINE.match(raw)
+        if not match:
+            groups.append((raw, set()))
+            continue
+        rank, text = int(match.group(1)), match.group(2)
+        index = open_group.get(text)
+        if index is not None and rank not in groups[index][1]:
+            groups[index][1].add(rank)
+        else:
+            open_group[text] = len(groups)
+            groups.append((text, {rank}))
+    for text, ranks in groups:
+        yield f"[{rank_set(ranks)}] {text}" if ranks else text
+
+
+def rank_set(ranks: set[int]) -> str:
+    """{0,1,2,3,5} → '0-3,5'."""
+    spans: list[str] = []
+    ordered = sorted(ranks)
+    start = prev = ordered[0]
+    for value in ordered[1:] + [None]:  # type: ignore[list-item]
+        if value is not None and value == prev + 1:
+            prev = value
+            continue
+        spans.append(str(start) if start == prev else f"{start}-{prev}")
+        if value is not None:
+            start = prev = value
+    return ",".join(spans)
