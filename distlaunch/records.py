@@ -42,9 +42,10 @@ class Status(str, enum.Enum):
 
 
 def new_run_id(now: float | None = None) -> str:
-    """Unique and sortable by start time: ``20261122-213502-3f9a1c``."""
+    """Unique and sortable by start time, to the millisecond: ``20261122-213502-123-3f9a``."""
+    now = time.time() if now is None else now
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
-    return f"{stamp}-{secrets.token_hex(3)}"
+    return f"{stamp}-{int(now * 1000) % 1000:03d}-{secrets.token_hex(2)}"
 
 
 @dataclass(frozen=True)

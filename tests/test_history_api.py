@@ -83,7 +83,7 @@ def test_history_commands(tmp_path):
 
     listing = cli("runs", "list", cwd=tmp_path)
     assert first in listing.stdout and "completed" in listing.stdout and "failed" in listing.stdout
-    merged = cli("logs", first[:17], cwd=tmp_path).stdout.splitlines()
+    merged = cli("logs", first[:-2], cwd=tmp_path).stdout.splitlines()
     assert "[0-1] epoch 1 loss 0.5" in merged
     assert any(line in ("[0] rank 0", "[1] rank 1") for line in merged)
     assert cli("logs", first, "--rank", "1", cwd=tmp_path).stdout.strip().endswith("rank 1")
@@ -91,7 +91,7 @@ def test_history_commands(tmp_path):
     assert "failed" in shown and "KeyError" in shown
     assert cli("download", first, "logs/rank-0.log", "-o", str(tmp_path / "r0.log"), cwd=tmp_path).returncode == 0
     assert "epoch 1 loss 0.5" in (tmp_path / "r0.log").read_text()
-    ambiguous = cli("runs", "show", "2", cwd=tmp_path)
+    ambiguous = cli("runs", "show", first[:8], cwd=tmp_path)
     assert ambiguous.returncode == 2 and "give more of the id" in ambiguous.stderr
     assert cli("runs", "rm", first, cwd=tmp_path).returncode == 0
     with pytest.raises(RunNotFound):

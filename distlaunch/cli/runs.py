@@ -22,7 +22,7 @@ def runs_group() -> None:
     Examples:
       distlaunch runs list
       distlaunch runs show 20261122-2153
-      distlaunch runs rm 20261122-215342-a298e0
+      distlaunch runs rm 20261122-215342-417-a298
     """
 
 
