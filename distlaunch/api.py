@@ -52,7 +52,8 @@ class Job:
                  hostfile: str | None = None, use_gpu: bool | None = None, gpus_per_rank: int = 1,
                  env: Mapping[str, str] | None = None, mpi_args: Sequence[str] = (), runs_root: str = "runs",
                  timeout: float | None = None, hang_timeout: float | None = None, oversubscribe: bool = False,
-                 remote_dir: str = DEFAULT_REMOTE_ROOT, ssh: SSHOptions | None = None, sync: bool = True) -> None:
+                 remote_dir: str = DEFAULT_REMOTE_ROOT, ssh: SSHOptions | None = None, sync: bool = True,
+                 pip_packages: Sequence[str] = (), requirements: str | None = None) -> None:
         script = entry_script if os.path.isabs(entry_script) else os.path.join(source_dir, entry_script)
         self.spec = JobSpec(
             script=script,
@@ -66,6 +67,8 @@ class Job:
             remote_root=remote_dir,
             ssh=ssh or SSHOptions(),
             sync=sync,
+            pip_packages=tuple(pip_packages),
+            requirements=requirements,
         )
         self.watch = Watch(timeout=timeout, hang_timeout=hang_timeout)
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any
 
 from . import __version__
@@ -25,8 +26,10 @@ from .doctor import preflight
 from .envpolicy import redact
 from .errors import DistlaunchError, HostError, RunDirError
 from .hosts import RankSlot, is_local, placement
+from .metrics import write_tensorboard
 from .mpi import MPIInstall, detect, find_mpirun
 from .mpirun import LaunchContext, LaunchPlan, plan
+from .pipinstall import ensure_packages
 from .placement import Placement, place
 from .records import RunPaths, Status, allocate, write_json
 from .spec import JobSpec
@@ -217,6 +220,15 @@ def launch(
         record["sync"] = {"remote_dir": remote.workdir,
                           "nodes": [dataclasses.asdict(result) for result in synced]}
         write_json(paths.record, record)
+    if spec.pip_packages or spec.requirements:
+        requirements = Path(spec.requirements).read_text(encoding="utf-8") if spec.requirements else ""
+        try:
+            ensure_packages(prepared.hosts, spec.pip_packages, requirements, spec.python, spec.ssh,
+                            paths.logs / "pip.log", progress)
+        except DistlaunchError as exc:
+            record.update(status=Status.FAILED.value, ended=time.time(), error=str(exc))
+            write_json(paths.record, record)
+            raise
     after_exit = None
     dump = None
     if prepared.multi_node:
@@ -247,5 +259,12 @@ def launch(
         write_json(paths.record, record)
         raise
     record.update(outcome_fields(outcome))
+    try:
+        events = write_tensorboard(paths.root)
+    except Exception as exc:  # noqa: BLE001 - metrics stay in JSON lines; the run is done
+        log.warning("could not write TensorBoard events: %s", exc)
+        events = None
+    if events is not None:
+        record["tensorboard"] = str(events)
     write_json(paths.record, record)
     return paths, outcome

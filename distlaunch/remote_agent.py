@@ -4,6 +4,8 @@ probe                          JSON facts for ``doctor`` and the pre-launch chec
 tree-hash DIR                  content hash of the files listed on stdin (one per line)
 finish BASE RUN_DIR HASH       tree-hash RUN_DIR; if it equals HASH, point BASE/latest at
                                RUN_DIR and prune old run folders
+pip KEY [PIP ARGS...]          pip install PIP ARGS (requirements text on stdin, if any)
+                               unless KEY was installed before on this node
 cleanup RUN_ID                 SIGKILL this node's processes tagged with RUN_ID
 dump RUN_ID                    ask this node's Python ranks of RUN_ID for their stacks
 
@@ -94,6 +96,28 @@ def point_latest(base: Path, run_dir: Path) -> dict[str, Any]:
     return {"latest": str(run_dir), "pruned": pruned}
 
 
+def pip_install(key: str, args: list[str], requirements: str) -> dict[str, Any]:
+    """pip install into this interpreter, once per KEY per node (a marker file remembers)."""
+    import subprocess
+    import tempfile
+
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    marker = Path(base) / "distlaunch" / "pip" / f"{key}.done"
+    if marker.exists():
+        return {"cached": True, "returncode": 0, "output": ""}
+    argv = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", *args]
+    with tempfile.TemporaryDirectory() as tmp:
+        if requirements:
+            path = Path(tmp) / "requirements.txt"
+            path.write_text(requirements, encoding="utf-8")
+            argv += ["-r", str(path)]
+        proc = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if proc.returncode == 0:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(" ".join(args) + "\n" + requirements, encoding="utf-8")
+    return {"cached": False, "returncode": proc.returncode, "output": (proc.stdout + proc.stderr)[-20000:]}
+
+
 def tagged(run_id: str, python_ranks_only: bool = False) -> list[Any]:
     import psutil
 
@@ -126,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
         result = {"hash": tree_hash(Path(rest[1]), names), "files": len(names)}
         if result["hash"] == rest[2]:
             result.update(point_latest(Path(rest[0]), Path(rest[1])))
+    elif command == "pip":
+        result = pip_install(rest[0], rest[1:], sys.stdin.read())
     elif command == "cleanup":
         procs = tagged(rest[0])
         for proc in procs:

@@ -77,6 +77,8 @@ class JobSpec:
     ssh: SSHOptions = field(default_factory=SSHOptions)
     collect_all_ranks: bool = False
     skip_checks: bool = False
+    pip_packages: tuple[str, ...] = ()  # installed into the ranks' Python on every node first
+    requirements: str | None = None  # a requirements file, likewise
 
     def __post_init__(self) -> None:
         if not self.script:
@@ -85,6 +87,8 @@ class JobSpec:
             raise SpecError(f"--source-dir {self.source_dir!r} is not a directory: check the path")
         if not self.remote_root.startswith("/"):
             raise SpecError(f"--remote-dir {self.remote_root!r} must be an absolute path")
+        if self.requirements and not os.path.isfile(self.requirements):
+            raise SpecError(f"--requirements {self.requirements!r} does not exist: check the path")
         if self.ssh.config and not os.path.isfile(self.ssh.config):
             raise SpecError(f"--ssh-config {self.ssh.config!r} does not exist: check the path")
         if self.ssh.key and not os.path.isfile(self.ssh.key):

@@ -120,3 +120,59 @@ def test_cancel_a_running_job(tmp_path, monkeypatch):
         except psutil.Error:
             pass
     assert left == []
+
+
+def test_metrics_become_tensorboard_events_and_a_plot(tmp_path):
+    script = tmp_path / "learn.py"
+    script.write_text("import distlaunch\nfor step in range(5):\n"
+                      "    distlaunch.log_metric('loss', 1.0 / (step + 1), step=step)\n"
+                      "    distlaunch.log_metric('acc', step / 5, step=step)\n")
+    assert cli("run", "--ppn", "2", str(script), cwd=tmp_path).returncode == 0
+    run_dir = next((tmp_path / "runs").iterdir())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "logs" / "tensorboard" / "rank-0"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["acc", "loss"]
+    assert [round(e.value, 4) for e in events.Scalars("loss")] == [1.0, 0.5, 0.3333, 0.25, 0.2]
+    assert [e.step for e in events.Scalars("loss")] == [0, 1, 2, 3, 4]
+    png = tmp_path / "metrics.png"
+    shown = cli("runs", "show", run_dir.name, "--plot", str(png), cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_pip_packages_installed_once_per_node(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    pkg = tmp_path / "pkgsrc"
+    (pkg / "dltestpkg").mkdir(parents=True)
+    (pkg / "dltestpkg" / "__init__.py").write_text("VALUE = 'installed by distlaunch'\n")
+    (pkg / "pyproject.toml").write_text('[build-system]\nrequires = ["setuptools"]\nbuild-backend = '
+                                        '"setuptools.build_meta"\n[project]\nname = "dltestpkg"\nversion = "1.0"\n')
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
+                            str(tmp_path / "wheels"), str(pkg)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    wheel = str(next((tmp_path / "wheels").glob("dltestpkg-*.whl")))
+    script = tmp_path / "use.py"
+    script.write_text("import dltestpkg\nprint(dltestpkg.VALUE)\n")
+    from distlaunch import Job
+
+    try:
+        first = Job(entry_script=str(script), source_dir=str(tmp_path), ppn=2, pip_packages=[wheel]).submit()
+        assert first.wait() == "completed"
+        assert "installed by distlaunch" in first.logs(rank=1)
+        assert "pip exit 0" in (first.paths.logs / "pip.log").read_text()
+        second = Job(entry_script=str(script), source_dir=str(tmp_path), ppn=2, pip_packages=[wheel]).submit()
+        assert second.wait() == "completed"
+        assert "already installed" in (second.paths.logs / "pip.log").read_text()
+    finally:
+        subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", "dltestpkg"], capture_output=True)
+
+
+def test_pip_failure_is_one_clear_line(tmp_path):
+    script = tmp_path / "x.py"
+    script.write_text("print('never')\n")
+    proc = cli("run", "--pip", str(tmp_path / "no-such-package-1.0-py3-none-any.whl"), str(script), cwd=tmp_path)
+    assert proc.returncode == 70
+    assert proc.stderr.strip().splitlines()[-1].startswith("distlaunch: error: pip install failed on localhost")

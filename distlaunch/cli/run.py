@@ -68,6 +68,10 @@ def split_mpi_args(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--skip-checks", is_flag=True, help="Do not check the nodes before a multi-node launch.")
 @click.option("--env", "env_items", multiple=True, metavar="NAME=VALUE",
               help="Set a variable on every rank (repeatable).")
+@click.option("--pip", "pip_packages", multiple=True, metavar="PKG",
+              help="Install this package on every node first (repeatable; cached per node).")
+@click.option("--requirements", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Install this requirements file on every node first (cached per node).")
 @click.option("--env-pass", multiple=True, metavar="PATTERN",
               help="Also export launcher variables matching this pattern, e.g. 'MYAPP_*' (repeatable).")
 @click.option("--mpi-arg", "mpi_args", multiple=True, metavar="ARGS",
@@ -107,6 +111,8 @@ def run_command(**kwargs: Any) -> None:
         ssh=pop_ssh(kwargs),
         collect_all_ranks=kwargs["collect_all_ranks"],
         skip_checks=kwargs["skip_checks"],
+        pip_packages=tuple(kwargs["pip_packages"]),
+        requirements=kwargs["requirements"],
     )
     prepared = prepare(spec)
     if prepared.placed.note:

@@ -50,10 +50,15 @@ def load_record(folder: Path) -> dict:
 
 @runs_group.command("show")
 @click.argument("run_id")
+@click.option("--plot", "plot_to", type=click.Path(dir_okay=False), help="Also draw its metrics into this PNG.")
 @RUN_DIR_OPTION
-def show_command(run_id: str, runs_root: str) -> None:
+def show_command(run_id: str, runs_root: str, plot_to: str | None) -> None:
     """Details of one run: placement, status, metrics summary, root cause if it failed."""
     paths = resolve(runs_root, run_id)
+    if plot_to:
+        from ..metrics import plot
+
+        click.echo(f"plot      {plot(paths.root, Path(plot_to))}")
     record = load(paths)
     row = summary(record)
     click.echo(f"run       {record['id']}")
