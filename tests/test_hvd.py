@@ -14,6 +14,7 @@ from conftest import REPO, SCRIPTS, backends
 
 pytestmark = pytest.mark.slow
 BACKENDS = backends()
+PARITY = REPO / "tests" / "mpi" / "test_hvd_parity.py"
 
 
 def run_job(tmp: Path, backend: str, ranks: int, *argv: str, env: dict[str, str] | None = None,
@@ -36,7 +37,7 @@ def run_job(tmp: Path, backend: str, ranks: int, *argv: str, env: dict[str, str]
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_parity_suite(tmp_path, backend, ranks):
     result = run_job(tmp_path, backend, ranks, sys.executable, "-m", "pytest", "--with-mpi", "-q",
-                     "-p", "no:cacheprovider", str(REPO / "tests" / "mpi"), env={"PARITY_OUT": str(tmp_path)})
+                     "-p", "no:cacheprovider", str(PARITY), env={"PARITY_OUT": str(tmp_path)})
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert re.search(r"^\[0\] \d+ passed", result.stdout, re.M), result.stdout[-3000:]
     assert "skipped" not in result.stdout.splitlines()[-1]
@@ -48,7 +49,7 @@ def test_fused_and_unfused_training_are_bitwise_identical(tmp_path, backend):
 
     for threshold in ("0", "134217728"):
         result = run_job(tmp_path, backend, 2, sys.executable, "-m", "pytest", "--with-mpi", "-q",
-                         "-p", "no:cacheprovider", "-k", "matches_single_process", str(REPO / "tests" / "mpi"),
+                         "-p", "no:cacheprovider", "-k", "matches_single_process", str(PARITY),
                          env={"PARITY_OUT": str(tmp_path), "HOROVOD_FUSION_THRESHOLD": threshold})
         assert result.returncode == 0, result.stdout[-4000:]
     unfused = torch.load(tmp_path / f"weights-{backend}-0.pt")

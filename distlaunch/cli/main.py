@@ -8,6 +8,7 @@ import click
 
 from .. import __version__
 from ..errors import DistlaunchError, ExitCode
+from .bench import bench_group
 from .doctor import doctor_command
 from .hosts import hosts_command
 from .install_horovod import install_horovod_command
@@ -38,7 +39,7 @@ cli.add_command(run_command)
 cli.add_command(hosts_command)
 cli.add_command(install_horovod_command)
 cli.add_command(doctor_command)
-for _command in (runs_group, logs_command, download_command, cancel_command):
+for _command in (runs_group, logs_command, download_command, cancel_command, bench_group):
     cli.add_command(_command)
 
 

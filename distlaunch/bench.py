@@ -1,0 +1,244 @@
+"""Allreduce benchmark, run on every rank: ``python -m distlaunch.bench allreduce ...``.
+
+``distlaunch bench allreduce`` launches this through the normal run path. For each size
+the send and receive buffers are allocated once and every backend uses the SAME
+buffers. Each timed iteration starts after a barrier and counts as the slowest rank's
+time; warm-up iterations are not timed. After timing, the result is checked element
+by element (``#wrong``, as in nccl-tests). Figures are nccl-tests' algbw = bytes/time
+and busbw = algbw · 2(n−1)/n. The same run measures memcpy on one core and on all
+ranks at once, the ceiling busbw is compared with. Rank 0 writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .units import format_size, parse_size
+
+BACKENDS = ("mpi4py", "shm", "torch", "horovod")
+OPS = {"sum": "SUM", "min": "MIN", "max": "MAX", "prod": "PROD"}
+
+
+def sizes_from(text: str, factor: int) -> list[int]:
+    """``8B:256MiB`` → 8, 16, ..., 256 MiB (multiplying by factor); ``1MiB`` → [1 MiB]."""
+    low, _, high = text.partition(":")
+    start, stop = parse_size(low, "--sizes"), parse_size(high or low, "--sizes")
+    sizes = []
+    while start <= stop:
+        sizes.append(start)
+        start *= factor
+    return sizes
+
+
+def pattern(count: int, rank: int, dtype: np.dtype) -> np.ndarray:
+    return ((np.arange(count) % 7) + rank).astype(dtype)
+
+
+def expected(count: int, size: int, op: str, dtype: np.dtype) -> np.ndarray:
+    base = (np.arange(count) % 7).astype(np.float64)
+    if op == "sum":
+        return (size * base + size * (size - 1) / 2).astype(dtype)
+    if op == "min":
+        return base.astype(dtype)
+    if op == "max":
+        return (base + size - 1).astype(dtype)
+    return np.prod(np.stack([base + r for r in range(size)]), axis=0).astype(dtype)
+
+
+class Backends:
+    """Each backend as ``fn(send, recv)`` on numpy buffers, set up on first use (so that
+    Horovod's background thread, say, does not run while another backend is timed)."""
+
+    def __init__(self, comm: Any, names: list[str], op: str) -> None:
+        for name in names:
+            if name not in BACKENDS:
+                raise SystemExit(f"unknown backend {name!r}: choose from {', '.join(BACKENDS)}")
+        self.comm, self.op, self.names = comm, op, names
+        self._fns: dict[str, Callable[[np.ndarray, np.ndarray], None]] = {}
+        self.closers: list[Callable[[], None]] = []
+
+    def fn(self, name: str) -> Callable[[np.ndarray, np.ndarray], None]:
+        if name not in self._fns:
+            self._fns[name] = getattr(self, f"_{name}")()
+        return self._fns[name]
+
+    def _mpi4py(self) -> Callable[[np.ndarray, np.ndarray], None]:
+        from mpi4py import MPI
+
+        mpi_op, comm = getattr(MPI, OPS[self.op]), self.comm
+        return lambda s, r: comm.Allreduce(s, r, op=mpi_op)
+
+    def _shm(self) -> Callable[[np.ndarray, np.ndarray], None]:
+        from .shm_allreduce import ShmAllreduce
+
+        shm, op = ShmAllreduce(self.comm), self.op
+        self.closers.append(shm.close)
+        return lambda s, r: shm.allreduce(s, r, op)
+
+    def _torch(self) -> Callable[[np.ndarray, np.ndarray], None]:
+        import torch
+        import torch.distributed as dist
+
+        from .hvd.rendezvous import create_store
+        from .rankinfo import from_environ
+
+        if not dist.is_initialized():
+            store, topo = create_store(from_environ())
+            dist.init_process_group("gloo", store=store, rank=topo.rank, world_size=topo.size)
+        red = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX,
+               "prod": dist.ReduceOp.PRODUCT}[self.op]
+
+        def run(send: np.ndarray, recv: np.ndarray) -> None:
+            out = torch.from_numpy(recv)
+            out.copy_(torch.from_numpy(send))
+            dist.all_reduce(out, op=red)
+
+        return run
+
+    def _horovod(self) -> Callable[[np.ndarray, np.ndarray], None]:
+        import horovod.torch as real
+        import torch
+
+        real.init()
+        red = {"sum": real.Sum, "min": real.Min, "max": real.Max, "prod": real.Product}[self.op]
+
+        def run(send: np.ndarray, recv: np.ndarray) -> None:
+            out = torch.from_numpy(recv)
+            out.copy_(torch.from_numpy(send))
+            real.allreduce_(out, op=red)
+
+        return run
+
+    def close(self) -> None:
+        for close in self.closers:
+            close()
+
+
+def memcpy_rate(comm: Any, nbytes: int = 64 << 20, repeats: int = 5) -> tuple[float, float]:
+    """(one core alone, per core with every rank copying at once), bytes per second."""
+    src, dst = np.ones(nbytes, np.uint8), np.empty(nbytes, np.uint8)
+    np.copyto(dst, src)
+
+    def best() -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            np.copyto(dst, src)
+            times.append(time.perf_counter() - start)
+        return nbytes / min(times)
+
+    alone = 0.0
+    for rank in range(comm.size):  # one at a time
+        comm.Barrier()
+        if comm.rank == rank:
+            alone = best()
+    comm.Barrier()
+    together = best()
+    return comm.allreduce(alone, op=_max()), comm.allreduce(together, op=_min())
+
+
+def _max() -> Any:
+    from mpi4py import MPI
+
+    return MPI.MAX
+
+
+def _min() -> Any:
+    from mpi4py import MPI
+
+    return MPI.MIN
+
+
+def time_backend(comm: Any, fn: Callable[[np.ndarray, np.ndarray], None], send: np.ndarray, recv: np.ndarray,
+                 iters: int, warmup: int) -> list[float]:
+    times = []
+    for i in range(warmup + iters):
+        comm.Barrier()
+        start = time.perf_counter()
+        fn(send, recv)
+        elapsed = time.perf_counter() - start
+        slowest = comm.allreduce(elapsed, op=_max())
+        if i >= warmup:
+            times.append(slowest)
+    return times
+
+
+def run_allreduce(args: argparse.Namespace) -> dict[str, Any]:
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    dtype = np.dtype(args.dtype)
+    names = [b for b in args.backends.split(",") if b]
+    backends = Backends(comm, names, args.op)
+    one_core, all_cores = memcpy_rate(comm)
+    n = comm.size
+    counts = [max(1, nbytes // dtype.itemsize) for nbytes in sizes_from(args.sizes, args.factor)]
+    # buffers once per size, shared by every backend
+    buffers = {count: (pattern(count, comm.rank, dtype), np.empty(count, dtype)) for count in counts}
+    rows = []
+    for name in names:  # backend by backend: a backend's threads never disturb another's timing
+        fn = backends.fn(name)
+        for count in counts:
+            send, recv = buffers[count]
+            check = expected(count, n, args.op, dtype) if (args.op != "prod" or count * n <= 1 << 24) else None
+            iters = args.iters if count * dtype.itemsize < (64 << 20) else max(3, args.iters // 4)
+            recv.fill(0)
+            times = time_backend(comm, fn, send, recv, iters, args.warmup)
+            wrong = comm.allreduce(int(np.count_nonzero(recv != check)) if check is not None else 0)
+            mean = sum(times) / len(times)
+            algbw = count * dtype.itemsize / mean
+            rows.append({"backend": name, "size": count * dtype.itemsize, "count": count, "type": dtype.name,
+                         "redop": args.op, "time_us": mean * 1e6, "min_us": min(times) * 1e6,
+                         "max_us": max(times) * 1e6, "algbw_GBps": algbw / 1e9,
+                         "busbw_GBps": algbw * 2 * (n - 1) / n / 1e9, "wrong": wrong})
+            if comm.rank == 0:
+                print(f"{name:>8} {format_size(count * dtype.itemsize):>8}: {mean * 1e6:10.1f} us, "
+                      f"busbw {rows[-1]['busbw_GBps']:.2f} GB/s", flush=True)
+    backends.close()
+    hosts = comm.gather(platform.node())
+    return {"ranks": n, "hosts": sorted(set(hosts)) if hosts else [], "dtype": dtype.name, "op": args.op,
+            "iters": args.iters, "warmup": args.warmup, "memcpy_one_core_GBps": one_core / 1e9,
+            "memcpy_per_core_all_ranks_GBps": all_cores / 1e9, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        import torch
+
+        torch.set_num_threads(1)  # one core per rank, like the other backends
+    except ImportError:
+        pass
+    parser = argparse.ArgumentParser(prog="python -m distlaunch.bench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("allreduce")
+    p.add_argument("--backends", default="mpi4py,shm,torch")
+    p.add_argument("--sizes", default="8B:64MiB")
+    p.add_argument("--factor", type=int, default=2)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--op", default="sum", choices=sorted(OPS))
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--out", default=None, help="JSON file (rank 0); default $DISTLAUNCH_OUTPUT_DIR/allreduce.json")
+    args = parser.parse_args(argv)
+    result = run_allreduce(args)
+    from mpi4py import MPI
+
+    if MPI.COMM_WORLD.rank == 0:
+        out = args.out or os.path.join(os.environ.get("DISTLAUNCH_OUTPUT_DIR", "."), "allreduce.json")
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w", encoding="utf-8") as handle:
+            json.dump(result, handle, indent=1)
+        print(f"wrote {out}", flush=True)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""``distlaunch bench allreduce``: allreduce throughput in nccl-tests' terms."""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import LaunchFailed
+from ..hosts import is_local
+from ..launcher import Watch, launch, prepare
+from ..placement import place
+from ..spec import JobSpec
+from ..units import format_size
+from .options import pop_ssh, pop_target, ssh_options, target_options
+
+HELP = """Measure allreduce on the given hosts, per backend, like nccl-tests.
+
+Launches 'python -m distlaunch.bench allreduce' through the normal run path. Every
+backend works on the same preallocated buffers; each time is the slowest rank's;
+every result is checked (#wrong). busbw = algbw x 2(n-1)/n; the memcpy rate of one
+core, measured in the same run, is the ceiling to compare it with.
+
+\b
+Backends: mpi4py (MPI Allreduce), shm (distlaunch's shared-memory allreduce, one node),
+torch (torch.distributed gloo), horovod (real Horovod, if installed), all.
+
+\b
+Examples:
+  distlaunch bench allreduce --ppn 2
+  distlaunch bench allreduce --ppn 2 --backend all --sizes 8B:256MiB --json ar.json --plot ar.png
+  distlaunch bench allreduce --hosts node1:4,node2:4 --backend mpi4py --sizes 1MiB:1GiB
+"""
+
+
+def backends_for(choice: str, multi_node: bool) -> str:
+    if choice != "all":
+        return choice
+    import importlib.util
+
+    names = ["mpi4py", "torch"]
+    if not multi_node:
+        names.insert(1, "shm")
+    if importlib.util.find_spec("horovod") is not None:
+        names.append("horovod")
+    return ",".join(names)
+
+
+def table(result: dict[str, Any]) -> str:
+    head = (f"{'size':>10} {'count':>12} {'type':>8} {'redop':>6} {'backend':>8} {'time(us)':>10} "
+            f"{'min(us)':>9} {'max(us)':>9} {'algbw':>7} {'busbw':>7} {'%memcpy':>8} {'#wrong':>6}")
+    ceiling = result["memcpy_one_core_GBps"]
+    lines = [f"# {result['ranks']} ranks on {len(result['hosts'])} host(s); memcpy one core "
+             f"{ceiling:.2f} GB/s, per core with all ranks copying {result['memcpy_per_core_all_ranks_GBps']:.2f} GB/s",
+             head]
+    for row in result["rows"]:
+        lines.append(f"{format_size(row['size']):>10} {row['count']:>12} {row['type']:>8} {row['redop']:>6} "
+                     f"{row['backend']:>8} {row['time_us']:>10.1f} {row['min_us']:>9.1f} {row['max_us']:>9.1f} "
+                     f"{row['algbw_GBps']:>7.2f} {row['busbw_GBps']:>7.2f} "
+                     f"{100 * row['busbw_GBps'] / ceiling:>7.0f}% {row['wrong']:>6}")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], target: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise click.ClickException("--plot needs matplotlib: pip install matplotlib") from None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for backend in dict.fromkeys(r["backend"] for r in result["rows"]):
+        rows = [r for r in result["rows"] if r["backend"] == backend]
+        ax.plot([r["size"] for r in rows], [r["busbw_GBps"] for r in rows], marker="o", label=backend)
+    ax.axhline(result["memcpy_one_core_GBps"], color="grey", linestyle="--", label="memcpy, one core")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("message size (bytes)")
+    ax.set_ylabel("busbw (GB/s)")
+    ax.set_title(f"allreduce, {result['ranks']} ranks, {result['dtype']} {result['op']}")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(target, dpi=80)
+    plt.close(fig)
+
+
+@click.group("bench")
+def bench_group() -> None:
+    """Benchmarks run through distlaunch (see 'distlaunch bench allreduce --help')."""
+
+
+@bench_group.command("allreduce", help=HELP)
+@target_options
+@ssh_options
+@click.option("--backend", default="all", show_default=True,
+              type=click.Choice(["all", "mpi4py", "shm", "torch", "horovod", "hvd"]))
+@click.option("--sizes", default="8B:64MiB", show_default=True, help="FROM:TO (or one size), e.g. 8B:256MiB.")
+@click.option("--factor", type=click.IntRange(min=2), default=2, show_default=True)
+@click.option("--dtype", default="float32", show_default=True,
+              type=click.Choice(["float16", "float32", "float64", "int32", "int64"]))
+@click.option("--op", default="sum", show_default=True, type=click.Choice(["sum", "min", "max", "prod"]))
+@click.option("--iters", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results here.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="And as CSV.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Draw busbw vs size into a PNG.")
+@click.option("--run-dir", "runs_root", default="runs", show_default=True)
+def allreduce_command(**kwargs: Any) -> None:
+    from ..units import parse_size
+
+    for part in kwargs["sizes"].split(":"):
+        parse_size(part, "--sizes")
+    target = pop_target(kwargs)
+    ssh = pop_ssh(kwargs)
+    backend = "torch" if kwargs["backend"] == "hvd" else kwargs["backend"]
+    placed = place(target)
+    names = backends_for(backend, any(not is_local(slot.host) for slot in placed.slots))
+    args = ["-m", "distlaunch.bench", "allreduce", "--backends", names, "--sizes", kwargs["sizes"],
+            "--factor", str(kwargs["factor"]), "--dtype", kwargs["dtype"], "--op", kwargs["op"],
+            "--iters", str(kwargs["iters"]), "--warmup", str(kwargs["warmup"])]
+    spec = JobSpec(script=sys.executable, script_args=tuple(args), target=target, ssh=ssh,
+                   runs_root=kwargs["runs_root"], remote_root=kwargs["remote_root"], sync=False)
+    prepared = prepare(spec)
+    click.echo(f"distlaunch: allreduce with {names} on {len(prepared.slots)} rank(s)", err=True)
+    paths, outcome = launch(prepared, sys.stdout.buffer, sys.stderr.buffer, Watch(),
+                            progress=lambda m: click.echo(f"distlaunch: {m}", err=True))
+    result_file = paths.outputs / "allreduce.json"
+    if outcome.exit_code != 0 or not result_file.is_file():
+        raise LaunchFailed(f"the benchmark run {paths.run_id} {outcome.status.value} (exit {outcome.exit_code}): "
+                           f"see {paths.root}/logs")
+    result = json.loads(result_file.read_text())
+    click.echo(table(result))
+    if kwargs["json_path"]:
+        Path(kwargs["json_path"]).write_text(json.dumps(result, indent=1))
+    if kwargs["csv_path"]:
+        with open(kwargs["csv_path"], "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(result["rows"][0]))
+            writer.writeheader()
+            writer.writerows(result["rows"])
+    if kwargs["plot_path"]:
+        plot(result, Path(kwargs["plot_path"]))
+    wrong = sum(row["wrong"] for row in result["rows"])
+    if wrong:
+        raise LaunchFailed(f"{wrong} wrong element(s) in the results: a backend computed a wrong allreduce")

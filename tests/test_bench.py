@@ -1,0 +1,59 @@
+"""Allreduce backends under real mpirun, and the bench CLI end to end (tiny sweep)."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import jsonschema
+import pytest
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+ROW = {
+    "type": "object",
+    "required": ["backend", "size", "count", "type", "redop", "time_us", "min_us", "max_us", "algbw_GBps",
+                 "busbw_GBps", "wrong"],
+    "properties": {
+        "backend": {"enum": ["mpi4py", "shm", "torch", "horovod"]},
+        "size": {"type": "integer", "minimum": 1}, "count": {"type": "integer", "minimum": 1},
+        "time_us": {"type": "number", "exclusiveMinimum": 0}, "busbw_GBps": {"type": "number", "minimum": 0},
+        "wrong": {"const": 0},
+    },
+}
+SCHEMA = {
+    "type": "object",
+    "required": ["ranks", "hosts", "dtype", "op", "memcpy_one_core_GBps", "memcpy_per_core_all_ranks_GBps", "rows"],
+    "properties": {"ranks": {"type": "integer", "minimum": 2}, "rows": {"type": "array", "minItems": 1, "items": ROW},
+                   "memcpy_one_core_GBps": {"type": "number", "exclusiveMinimum": 0}},
+}
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_backends_are_correct_under_mpirun(tmp_path, ranks):
+    proc = subprocess.run([sys.executable, "-m", "distlaunch", "run", "--ppn", str(ranks), "--run-dir",
+                           str(tmp_path / "runs"), sys.executable, "-m", "pytest", "--with-mpi", "-q", "-p",
+                           "no:cacheprovider", str(REPO / "tests" / "mpi" / "test_allreduce_backends.py")],
+                          cwd=REPO, capture_output=True, text=True, errors="replace", timeout=900,
+                          env={**__import__("os").environ, "OMPI_MCA_osc": "^ucx"})
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
+    assert re.search(r"^\[0\] \d+ passed", proc.stdout, re.M)
+
+
+def test_bench_cli_tiny_sweep(tmp_path):
+    out = tmp_path / "ar.json"
+    proc = subprocess.run([sys.executable, "-m", "distlaunch", "bench", "allreduce", "--ppn", "2", "--sizes",
+                           "8B:64KiB", "--factor", "8", "--iters", "3", "--warmup", "1", "--json", str(out), "--csv",
+                           str(tmp_path / "ar.csv"), "--plot", str(tmp_path / "ar.png")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "OMPI_MCA_osc": "^ucx"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    jsonschema.validate(result, SCHEMA)
+    assert {r["backend"] for r in result["rows"]} >= {"mpi4py", "shm", "torch"}
+    assert sorted({r["size"] for r in result["rows"]}) == [8, 64, 512, 4096, 32768]
+    assert "busbw" in proc.stdout and "#wrong" in proc.stdout
+    assert (tmp_path / "ar.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "ar.csv").read_text().startswith("backend,size,count")
