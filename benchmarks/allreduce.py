@@ -73,24 +73,11 @@ def main() -> None:
     (args.out / f"{name}.json").write_text(json.dumps({"ranks": args.ranks, "repeats": args.repeats,
                                                        "memcpy_one_core_GBps": ceiling, "summary": summary,
                                                        "runs": results}, indent=1))
-    import matplotlib
+    from distlaunch.bench import plot_busbw
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for backend in backends:
-        rows = [s for s in summary if s["backend"] == backend]
-        ax.plot([s["size"] for s in rows], [s["busbw_GBps"] for s in rows], marker="o", label=backend)
-    ax.axhline(ceiling, color="grey", linestyle="--", label="memcpy, one core")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("message size (bytes)")
-    ax.set_ylabel("busbw (GB/s), median of repeats")
-    ax.set_title(f"allreduce float32 sum, {args.ranks} ranks, one node")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.out / f"{name}.png", dpi=70)
+    rows = [{"backend": s["backend"], "size": s["size"], "busbw_GBps": s["busbw_GBps"]} for s in summary]
+    plot_busbw(rows, ceiling, f"allreduce float32 sum, {args.ranks} ranks, one node (median busbw)",
+               str(args.out / f"{name}.png"))
     print(f"wrote {args.out / name}.json and .png")
 
 

@@ -209,6 +209,29 @@ def run_allreduce(args: argparse.Namespace) -> dict[str, Any]:
             "memcpy_per_core_all_ranks_GBps": all_cores / 1e9, "rows": rows}
 
 
+def plot_busbw(rows: list[dict[str, Any]], ceiling: float, title: str, target: str) -> None:
+    """busbw vs size per backend (log x axis), with the one-core memcpy rate as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for backend in dict.fromkeys(r["backend"] for r in rows):
+        mine = [r for r in rows if r["backend"] == backend]
+        ax.plot([r["size"] for r in mine], [r["busbw_GBps"] for r in mine], marker="o", label=backend)
+    ax.axhline(ceiling, color="grey", linestyle="--", label="memcpy, one core")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("message size (bytes)")
+    ax.set_ylabel("busbw (GB/s)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(target, dpi=70)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         import torch

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shlex
 import subprocess
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -62,7 +61,3 @@ def run_on(host: str, argv: Sequence[str], ssh: SSHOptions, timeout: float = 120
     except OSError as exc:
         return subprocess.CompletedProcess(list(argv), 255, "", str(exc))
 
-
-def python_for(host: str) -> str:
-    """The interpreter ranks use on ``host``: this one's path (the same on every node)."""
-    return sys.executable

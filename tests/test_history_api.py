@@ -6,7 +6,6 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 from conftest import REPO
 
@@ -112,14 +111,9 @@ def test_cancel_a_running_job(tmp_path, monkeypatch):
     proc = cli("cancel", run.id, cwd=tmp_path)
     assert proc.returncode == 0 and "cancelled" in proc.stdout
     assert run.wait(timeout=30) == "cancelled"
-    left = []
-    for p in psutil.process_iter():
-        try:
-            if p.environ().get("DISTLAUNCH_RUN_ID") == run.id:
-                left.append(p)
-        except psutil.Error:
-            pass
-    assert left == []
+    from test_failures import survivors
+
+    assert survivors(run.id) == []
 
 
 def test_metrics_become_tensorboard_events_and_a_plot(tmp_path):

@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from conftest import REPO
 
@@ -122,14 +121,9 @@ def test_ctrl_c_cancels_and_leaves_no_process(rank_script, tmp_path):
     assert proc.returncode == 130, err
     record = json.loads((tmp_path / "runs" / run_id / "run.json").read_text())
     assert record["status"] == "cancelled"
-    survivors = []
-    for p in psutil.process_iter():
-        try:
-            if p.environ().get("DISTLAUNCH_RUN_ID") == run_id:
-                survivors.append(p)
-        except psutil.Error:
-            pass
-    assert survivors == []
+    from test_failures import survivors
+
+    assert survivors(run_id) == []
 
 
 def test_run_record_is_never_half_written(distlaunch, rank_script):

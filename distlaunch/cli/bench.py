@@ -64,30 +64,6 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict[str, Any], target: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise click.ClickException("--plot needs matplotlib: pip install matplotlib") from None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for backend in dict.fromkeys(r["backend"] for r in result["rows"]):
-        rows = [r for r in result["rows"] if r["backend"] == backend]
-        ax.plot([r["size"] for r in rows], [r["busbw_GBps"] for r in rows], marker="o", label=backend)
-    ax.axhline(result["memcpy_one_core_GBps"], color="grey", linestyle="--", label="memcpy, one core")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("message size (bytes)")
-    ax.set_ylabel("busbw (GB/s)")
-    ax.set_title(f"allreduce, {result['ranks']} ranks, {result['dtype']} {result['op']}")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(target, dpi=80)
-    plt.close(fig)
-
-
 @click.group("bench")
 def bench_group() -> None:
     """Benchmarks run through distlaunch (see 'distlaunch bench allreduce --help')."""
@@ -142,7 +118,12 @@ def allreduce_command(**kwargs: Any) -> None:
             writer.writeheader()
             writer.writerows(result["rows"])
     if kwargs["plot_path"]:
-        plot(result, Path(kwargs["plot_path"]))
+        try:
+            from ..bench import plot_busbw
+        except ImportError:
+            raise click.ClickException("--plot needs numpy and matplotlib: pip install matplotlib") from None
+        plot_busbw(result["rows"], result["memcpy_one_core_GBps"],
+                   f"allreduce, {result['ranks']} ranks, {result['dtype']} {result['op']}", kwargs["plot_path"])
     wrong = sum(row["wrong"] for row in result["rows"])
     if wrong:
         raise LaunchFailed(f"{wrong} wrong element(s) in the results: a backend computed a wrong allreduce")
