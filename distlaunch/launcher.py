@@ -24,7 +24,7 @@ from typing import IO, Any
 from . import __version__
 from .doctor import preflight
 from .envpolicy import redact
-from .errors import DistlaunchError, HostError, RunDirError
+from .errors import DistlaunchError, HostError, RunDirError, SpecError
 from .hosts import RankSlot, is_local, placement
 from .metrics import write_tensorboard
 from .mpi import MPIInstall, detect, find_mpirun
@@ -175,6 +175,27 @@ def on_nodes(hosts: list[str], spec: JobSpec, *command: str) -> list[dict[str, A
         return list(pool.map(one, hosts))
 
 
+def shared_source_check(prepared: Prepared, progress: Callable[[str], None]) -> Prepared:
+    """When --remote-dir holds the source dir itself, copying makes no sense: if every node
+    sees the source (a shared filesystem), say so and skip the sync; else refuse."""
+    spec = prepared.spec
+    root = Path(spec.remote_root).resolve()
+    if not (prepared.multi_node and spec.sync and spec.source.is_relative_to(root)):
+        return prepared
+    marker = spec.source / f".distlaunch-shared-check-{os.getpid()}"
+    marker.write_text("distlaunch checks whether the nodes share this directory\n", encoding="utf-8")
+    try:
+        remote_hosts = [host for host in prepared.hosts if not is_local(host)]
+        answers = on_nodes(remote_hosts, spec, "sees", str(marker))
+    finally:
+        marker.unlink(missing_ok=True)
+    if len(answers) == len(remote_hosts) and all(answer.get("exists") for answer in answers):
+        progress(f"{spec.source} is on a filesystem the nodes share: running there, not syncing")
+        return dataclasses.replace(prepared, spec=dataclasses.replace(spec, sync=False))
+    raise SpecError(f"--remote-dir {spec.remote_root} contains the source dir {spec.source}, but not every node "
+                    "sees it: choose a node-local --remote-dir, or pass --no-sync on a shared filesystem")
+
+
 @dataclass(frozen=True)
 class Watch:
     """How the launcher watches a running job."""
@@ -194,6 +215,7 @@ def launch(
 ) -> tuple[RunPaths, Outcome]:
     """Run the job to its end; the run folder records every step. ``on_ready`` is called
     once the run folder exists, just before mpirun starts."""
+    prepared = shared_source_check(prepared, progress)
     spec = prepared.spec
     host_cores = None
     if prepared.multi_node and not spec.skip_checks:

@@ -6,6 +6,7 @@ finish BASE RUN_DIR HASH       tree-hash RUN_DIR; if it equals HASH, point BASE/
                                RUN_DIR and prune old run folders
 pip KEY [PIP ARGS...]          pip install PIP ARGS (requirements text on stdin, if any)
                                unless KEY was installed before on this node
+sees PATH                      whether PATH exists on this node (shared filesystem check)
 cleanup RUN_ID                 SIGKILL this node's processes tagged with RUN_ID
 dump RUN_ID                    ask this node's Python ranks of RUN_ID for their stacks
 
@@ -152,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
             result.update(point_latest(Path(rest[0]), Path(rest[1])))
     elif command == "pip":
         result = pip_install(rest[0], rest[1:], sys.stdin.read())
+    elif command == "sees":
+        result = {"exists": os.path.exists(rest[0])}
     elif command == "cleanup":
         procs = tagged(rest[0])
         for proc in procs:

@@ -231,3 +231,14 @@ def test_failure_matrix_on_two_nodes(cluster, project, tmp_path, cell):
         assert "most recent call first" in (run_dir / "logs" / "rank-0.log").read_text()
     waited = {"hang": 4, "sleep": 6}.get(fault, 0)
     report(f"{fault} (2 nodes)", 4, ended - fault_at - waited, status, code)
+
+
+def test_shared_source_is_detected_and_not_synced(cluster, project, tmp_path):
+    # the simulated nodes share this machine's /tmp (all but their scratch directory)
+    proc, run_dir, record = launch(cluster, tmp_path, "--remote-dir", str(project.parent),
+                                   str(project / "rank_file.py"), "shared")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "is on a filesystem the nodes share: running there, not syncing" in proc.stderr
+    assert "sync" not in record
+    assert {r["host"] for r in record["rank_exits"].values()} == {"node2", "node3"}
+    assert not list(project.glob(".distlaunch-shared-check-*"))
