@@ -8,7 +8,6 @@ runs automatically (``--skip-checks`` turns that off).
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from typing import Any
 
 from .errors import HostError
 from .remote_agent import probe
-from .ssh import SSHOptions, agent_argv, run_on
+from .ssh import SSHOptions, agent_call
 
 MIN_FREE_BYTES = 1 << 30
 
@@ -30,12 +29,9 @@ class NodeReport:
 
 
 def probe_node(host: str, ssh: SSHOptions, python: str, remote_root: str) -> NodeReport:
-    proc = run_on(host, agent_argv(python, "probe", remote_root), ssh, timeout=60)
-    if proc.returncode == 0:
-        try:
-            return NodeReport(host, json.loads(proc.stdout.strip().splitlines()[-1]))
-        except (ValueError, IndexError):
-            pass
+    answer, proc = agent_call(host, ssh, python, "probe", remote_root, timeout=60)
+    if proc.returncode == 0 and answer is not None:
+        return NodeReport(host, answer)
     err = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
     report = NodeReport(host, None)
     if proc.returncode == 255:

@@ -41,11 +41,11 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
-def exported_names(environ: Mapping[str, str], passes: Iterable[str] = ()) -> list[str]:
-    """Names from the launcher's environment to export to every rank, sorted."""
+def exported_names(names: Iterable[str], passes: Iterable[str] = ()) -> list[str]:
+    """Which of the launcher's variable names to export to every rank, sorted."""
     passes = tuple(passes)
     chosen = []
-    for name in environ:
+    for name in names:
         if _matches(name, passes):
             chosen.append(name)  # an explicit --env-pass beats the deny list
         elif _matches(name, ALLOW) and not _matches(name, DENY):

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import platform
@@ -33,7 +32,7 @@ from .pipinstall import ensure_packages
 from .placement import Placement, place
 from .records import RunPaths, Status, allocate, write_json
 from .spec import JobSpec
-from .ssh import agent_argv, run_on
+from .ssh import agent_call
 from .supervise import Outcome, Supervisor, dump_stacks
 from .treesync import RemoteLayout, collect, sync
 
@@ -164,12 +163,10 @@ def on_nodes(hosts: list[str], spec: JobSpec, *command: str) -> list[dict[str, A
         return []
 
     def one(host: str) -> dict[str, Any]:
-        proc = run_on(host, agent_argv(spec.python, *command), spec.ssh, timeout=60)
-        try:
-            return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
-        except (ValueError, IndexError):
+        answer, proc = agent_call(host, spec.ssh, spec.python, *command, timeout=60)
+        if answer is None:
             log.warning("%s on %s failed: %s", command[0], host, proc.stderr.strip()[-200:])
-            return {}
+        return answer or {}
 
     with ThreadPoolExecutor(max_workers=min(32, len(hosts))) as pool:
         return list(pool.map(one, hosts))

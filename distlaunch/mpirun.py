@@ -114,7 +114,7 @@ def plan(
     workdir = remote.workdir if remote else None
     rank_dir = remote.agent_dir if remote else run_dir
     env = rank_env(spec, slots, run_id, rank_dir, f"{workdir}/outputs" if workdir else f"{run_dir}/outputs")
-    exported = sorted(set(env) | set(exported_names({n: "" for n in ctx.ambient_env}, spec.env_pass)))
+    exported = sorted(set(env) | set(exported_names(ctx.ambient_env, spec.env_pass)))
     hosts = placement(slots)
     multi = any(not is_local(host) for host, _ in hosts)
     argv = [mpi.path, "-n", str(len(slots))]

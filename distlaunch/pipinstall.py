@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LaunchFailed
-from .ssh import SSHOptions, agent_argv, run_on
+from .ssh import SSHOptions, agent_call
 
 
 def install_key(python: str, packages: Sequence[str], requirements: str) -> str:
@@ -31,11 +31,8 @@ def ensure_packages(hosts: Sequence[str], packages: Sequence[str], requirements:
              f"on {len(hosts)} node(s)")
 
     def one(host: str) -> dict[str, Any]:
-        proc = run_on(host, agent_argv(python, "pip", key, *packages), ssh, timeout=1800, stdin=requirements)
-        try:
-            return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
-        except (ValueError, IndexError):
-            return {"cached": False, "returncode": proc.returncode or 1, "output": proc.stdout + proc.stderr}
+        answer, proc = agent_call(host, ssh, python, "pip", key, *packages, stdin=requirements, timeout=1800)
+        return answer or {"cached": False, "returncode": proc.returncode or 1, "output": proc.stdout + proc.stderr}
 
     with ThreadPoolExecutor(max_workers=min(16, len(hosts))) as pool:
         answers = list(pool.map(one, hosts))

@@ -136,6 +136,19 @@ def tagged(run_id: str, python_ranks_only: bool = False) -> list[Any]:
     return found
 
 
+def dump_tagged(run_id: str) -> int:
+    """Ask this node's Python ranks of ``run_id`` to print their stacks; return how many."""
+    from .bootstrap import dump_signal
+
+    procs = tagged(run_id, python_ranks_only=True)
+    for proc in procs:
+        try:
+            proc.send_signal(dump_signal())
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+    return len(procs)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if not args:
@@ -164,15 +177,7 @@ def main(argv: list[str] | None = None) -> None:
                 pass
         result = {"killed": len(procs)}
     elif command == "dump":
-        from .bootstrap import dump_signal
-
-        procs = tagged(rest[0], python_ranks_only=True)
-        for proc in procs:
-            try:
-                proc.send_signal(dump_signal())
-            except Exception:  # noqa: BLE001
-                pass
-        result = {"dumped": len(procs)}
+        result = {"dumped": dump_tagged(rest[0])}
     else:
         raise SystemExit(f"unknown command {command!r}\n{__doc__}")
     print(json.dumps(result))

@@ -7,10 +7,12 @@ argv list; ssh hands the remote shell one string, so it is built with ``shlex.jo
 """
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .hosts import is_local
 
@@ -48,6 +50,18 @@ def on_host(host: str, argv: Sequence[str], ssh: SSHOptions) -> list[str]:
 
 def agent_argv(python: str, *args: str) -> list[str]:
     return [python, "-m", "distlaunch.remote_agent", *args]
+
+
+def agent_call(host: str, ssh: SSHOptions, python: str, *args: str, stdin: str | None = None,
+               timeout: float = 120) -> tuple[dict[str, Any] | None, subprocess.CompletedProcess[str]]:
+    """Run ``python -m distlaunch.remote_agent ARGS`` on ``host``: its JSON answer (None if it
+    gave none) and the finished process, for the error message."""
+    proc = run_on(host, agent_argv(python, *args), ssh, timeout=timeout, stdin=stdin)
+    try:
+        answer = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None, proc
+    return (answer if isinstance(answer, dict) else None), proc
 
 
 def run_on(host: str, argv: Sequence[str], ssh: SSHOptions, timeout: float = 120,

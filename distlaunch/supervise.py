@@ -168,21 +168,9 @@ def kill_leftovers(session: int, run_id: str, grace: float = 0.0) -> int:
 
 def dump_stacks(run_id: str) -> int:
     """Ask every Python rank of the run on this machine to print its threads' stacks."""
-    import psutil
+    from .remote_agent import dump_tagged
 
-    from .bootstrap import dump_signal
-
-    count = 0
-    for proc in psutil.process_iter():
-        try:
-            env = proc.environ()
-            if env.get("DISTLAUNCH_RUN_ID") == run_id and "DISTLAUNCH_RANK" in env \
-                    and "distlaunch.bootstrap" in proc.cmdline():
-                proc.send_signal(dump_signal())
-                count += 1
-        except psutil.Error:
-            continue
-    return count
+    return dump_tagged(run_id)
 
 
 def root_cause(records: dict[int, dict[str, Any]], paths: RunPaths) -> Failure | None:

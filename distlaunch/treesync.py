@@ -14,7 +14,6 @@ with a content hash on every node. Nodes are handled in parallel.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import subprocess
@@ -27,7 +26,7 @@ from pathlib import Path, PurePosixPath
 from .errors import DistlaunchError
 from .hosts import is_local
 from .remote_agent import tree_hash
-from .ssh import SSHOptions, agent_argv, run_on
+from .ssh import SSHOptions, agent_call
 
 ALWAYS_SKIPPED = {".git", "__pycache__", ".distlaunch-run"}
 TOP_SKIPPED = {"runs"}
@@ -135,10 +134,9 @@ def push(host: str, source: Path, files: Sequence[str], expected: str, layout: R
         raise SyncError(f"cannot copy {source} to {host}: rsync exit {proc.returncode}: {last}: "
                         "check ssh access and that rsync is installed there (distlaunch doctor)")
     sent, sent_bytes = _stats(proc.stdout)
-    check = run_on(host, agent_argv(python, "finish", layout.base, layout.workdir, expected), ssh, stdin=listing)
-    try:
-        got = json.loads(check.stdout.strip().splitlines()[-1])["hash"]
-    except (ValueError, IndexError, KeyError):
+    answer, check = agent_call(host, ssh, python, "finish", layout.base, layout.workdir, expected, stdin=listing)
+    got = (answer or {}).get("hash")
+    if got is None:
         raise SyncError(f"cannot check the copy on {host}: {check.stderr.strip()[-300:]}: "
                         "is distlaunch installed there with the same Python (distlaunch doctor)?") from None
     if got != expected:
