@@ -3,13 +3,22 @@
 Needs root, sshd, rsync and unshare. Brings up 2 nodes, then measures:
 - sync of a 1,000-file tree to both nodes: first time, and again with nothing changed;
 - wall time of ``distlaunch run`` for a trivial 2-rank job on 1 node (2 ranks) against
-  2 nodes (1 rank each), interleaved, medians of --repeats.
+  2 nodes (1 rank each), interleaved, medians of --repeats;
+- with --allreduce: ``distlaunch bench allreduce`` on 2 nodes x 2 ranks, every backend
+  (shm being hierarchical there), each backend's time as a ratio to mpi4py's.
 
-    python benchmarks/multinode.py --repeats 5
+The nodes share this machine's cores, so the allreduce figures say how the backends
+compare under the same conditions, not what a real network would give. Open MPI is told
+to yield when idle (mpi_yield_when_idle): four busy-polling ranks on two cores would
+otherwise measure the scheduler (4 KiB took 20 ms that way).
+
+    python benchmarks/multinode.py --repeats 5 [--allreduce]
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import subprocess
 import sys
@@ -22,6 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from distlaunch.ssh import SSHOptions  # noqa: E402
 from distlaunch.treesync import RemoteLayout, sync  # noqa: E402
+from distlaunch.units import format_size  # noqa: E402
 from tests.cluster.cluster import make, missing_tools  # noqa: E402
 
 
@@ -29,6 +39,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--allreduce", action="store_true", help="also allreduce on 2 nodes x 2 ranks")
+    parser.add_argument("--sizes", default="4KiB:16MiB", help="allreduce sizes (with --allreduce)")
     args = parser.parse_args()
     if missing_tools():
         raise SystemExit(f"needs {', '.join(missing_tools())}")
@@ -73,8 +85,31 @@ def main() -> None:
                 print(f"distlaunch run, {name}: {value:.2f} s (median of {args.repeats})")
             one, two = med["1 node x 2 ranks"], med["2 nodes x 1 rank"]
             print(f"2-node / 1-node = {two / one:.2f} (+{two - one:.2f} s)")
+            if args.allreduce:
+                allreduce_across(box, root, args.sizes)
         finally:
             box.down()
+
+
+def allreduce_across(box, root: Path, sizes: str) -> None:
+    out = root / "allreduce.json"
+    mpi_args = "--bind-to none --mca mpi_yield_when_idle 1"  # the simulated nodes share the cores
+    hosts = ",".join(f"{host}:2" for host in box.hosts)
+    proc = subprocess.run([sys.executable, "-m", "distlaunch", "bench", "allreduce", "--hosts", hosts,
+                           "--ssh-config", str(box.ssh_config), "--mpi-arg", mpi_args, "--backend", "all",
+                           "--sizes", sizes, "--factor", "4", "--iters", "10", "--warmup", "3",
+                           "--json", str(out), "--run-dir", str(root / "runs")],
+                          capture_output=True, text=True, env={**os.environ, "OMPI_MCA_osc": "^ucx"})
+    if proc.returncode:
+        raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
+    rows = json.loads(out.read_text())["rows"]
+    backends = list(dict.fromkeys(row["backend"] for row in rows))
+    times = {(row["backend"], row["size"]): row["time_us"] for row in rows}
+    print(f"allreduce float32 sum, 2 nodes x 2 ranks (median us, ratio to mpi4py): {', '.join(backends)}")
+    for size in sorted({row["size"] for row in rows}):
+        base = times[("mpi4py", size)]
+        print(f"{format_size(size):>8} " + "  ".join(f"{b} {times[(b, size)]:9.1f} ({times[(b, size)] / base:.2f})"
+                                                  for b in backends))
 
 
 if __name__ == "__main__":

@@ -1,16 +1,35 @@
 """Allreduce through one shared-memory segment, for ranks on the same node.
 
-The ranks of a node map one MPI shared window (``Win.Allocate_shared``) holding one
-staging slot per rank. The data goes through in chunks of at most ``CHUNK`` bytes per
-rank so that it stays in cache: every rank copies its chunk into its slot; after a
-barrier each rank reduces its 1/n share of the chunk over all slots with numpy,
-writing the result into slot 0; after a second barrier every rank copies the whole
-reduced chunk out. Two slot sets alternate, so the barrier that ends one chunk's
-copy-out is also the one that lets the next chunk's copy-in begin (the alternation
-carries on across calls, so a call needs no closing barrier).
+The ranks of a node map one MPI shared window (``Win.Allocate_shared``). The data goes
+through in steps of at most ``CHUNK`` bytes so that it stays in cache; a step's elements
+are cut into n slices, slice r being rank r's to reduce. A step has three stages:
+
+1. copy-in: rank j copies its inputs for the other ranks' slices into its slot j (its
+   own slice it never copies: it reads that straight from its send buffer);
+2. reduce: rank r combines slice r over all ranks, in rank order (so every rank gets
+   bitwise the same result), into slot r at slice r, and copies it to its recv buffer;
+3. copy-out: every rank copies the other ranks' reduced slices into its recv buffer.
+
+Steps are pipelined with ONE barrier each: between two barriers a rank copies out step
+k-2, reduces step k-1 and copies in step k. Three slot sets rotate, so the three stages
+in flight never touch the same memory, and a set is written again only after every rank
+has passed the barrier that follows its last reads. The rotation carries on across
+calls, so a call needs no opening or closing barrier of its own. Small buffers (all
+ranks' inputs together at most ``SMALL`` bytes) take a one-barrier path instead: every
+rank copies all of its input in, then reduces the whole buffer itself.
+
+Per byte of the buffer a rank copies (n-1)/n in, reads 1 and writes 2/n to reduce, and
+copies (n-1)/n out, where staging everything would copy it all in and all out.
+
+Across nodes it is hierarchical: the node-local reduction of slice r is allreduced by
+MPI among the ranks that hold slice r on every node (one communicator per local rank,
+so all of a node's ranks talk to the other nodes at once, each for 1/n of the data),
+then copied out inside the node as above. That needs the same rank count on every node.
+Small buffers there are reduced in the node by every rank and then allreduced across by
+every rank too (latency over bandwidth), so the small path stops at ``SMALL_ACROSS``.
 
 Works for numpy arrays of any numeric dtype numpy can add (and torch CPU tensors via
-``numpy()``); ops: sum, min, max, prod. Ranks must all be on one node.
+``numpy()``); ops: sum, min, max, prod.
 """
 from __future__ import annotations
 
@@ -18,37 +37,68 @@ from typing import Any
 
 import numpy as np
 
-CHUNK = 1 << 20  # bytes per rank per step
+CHUNK = 1 << 20  # bytes of the user's buffer per pipelined step
+SEGMENT = 64 << 20  # at most this much shared memory per communicator
+SMALL = 1 << 20  # buffers up to this many bytes, all ranks together, take the one-barrier path
+SMALL_ACROSS = 64 << 10  # the same, with several nodes
+SETS = 3  # slot sets in rotation: copy-in, reduce and copy-out of three steps at once
 UFUNCS = {"sum": np.add, "min": np.minimum, "max": np.maximum, "prod": np.multiply}
+MPI_OPS = {"sum": "SUM", "min": "MIN", "max": "MAX", "prod": "PROD"}
 
 
 class ShmAllreduce:
-    """A reusable shared segment for one node-local communicator."""
+    """A reusable shared segment for the ranks of ``comm`` on this node (collective over
+    ``comm``); with ranks on several nodes, also one cross-node communicator per local rank."""
 
     def __init__(self, comm: Any, chunk: int = CHUNK) -> None:
         from mpi4py import MPI
 
+        self._mpi = MPI
         self.comm = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
+        self.cross = None
         if self.comm.size != comm.size:
-            self.comm.Free()
-            raise ValueError("shared-memory allreduce needs every rank on one node")
-        self.rank, self.size, self.chunk = self.comm.rank, self.comm.size, chunk
-        nbytes = 2 * self.size * chunk if self.rank == 0 else 0  # two slot sets
+            per_node = comm.allgather(self.comm.size)
+            if len(set(per_node)) != 1:
+                self.comm.Free()
+                raise ValueError(f"shared-memory allreduce across nodes needs the same number of ranks on every "
+                                 f"node; these nodes have {sorted(set(per_node))}")
+            self.cross = comm.Split(color=self.comm.rank, key=comm.rank)
+        self.rank, self.size = self.comm.rank, self.comm.size
+        chunk = min(chunk, SEGMENT // (SETS * self.size))  # many ranks per node: smaller steps
+        self.chunk = max(chunk, 4096) // 8 * 8  # whole elements of every dtype
+        small = SMALL if self.cross is None else SMALL_ACROSS
+        self.small = min(small // self.size, self.chunk)  # the one-barrier path reads n times the buffer
+        self._views: dict[tuple[int, np.dtype], list[np.ndarray]] = {}
+        # one slot per rank and set; a slot holds a whole step (the small path needs that)
+        nbytes = SETS * self.size * self.chunk if self.rank == 0 else 0
         self.win = MPI.Win.Allocate_shared(nbytes, 1, comm=self.comm)
         buf, _itemsize = self.win.Shared_query(0)
         self.memory = np.frombuffer(buf, dtype=np.uint8)
-        self.steps = 0  # chunks done so far, over all calls: picks the slot set
+        self.steps = 0  # steps done so far, over all calls: picks the slot set
         self.comm.Barrier()
 
     def close(self) -> None:
         self.comm.Barrier()
         self.win.Free()
         self.comm.Free()
+        if self.cross is not None:
+            self.cross.Free()
 
-    def _slots(self, parity: int, dtype: np.dtype, count: int) -> list[np.ndarray]:
-        base = parity * self.size * self.chunk
-        return [self.memory[base + i * self.chunk: base + i * self.chunk + count * dtype.itemsize].view(dtype)
-                for i in range(self.size)]
+    def _across(self, buf: np.ndarray, op: str) -> None:
+        """Allreduce buf in place with the same local rank on the other nodes (if any)."""
+        if self.cross is not None and buf.size:
+            self.cross.Allreduce(self._mpi.IN_PLACE, buf, op=getattr(self._mpi, MPI_OPS[op]))
+
+    def _slots(self, dtype: np.dtype, count: int) -> list[np.ndarray]:
+        """The next step's slots (one per rank) as ``count`` elements of ``dtype``."""
+        key = (self.steps % SETS, dtype)
+        self.steps += 1
+        whole = self._views.get(key)
+        if whole is None:
+            base = key[0] * self.size * self.chunk
+            whole = self._views[key] = [self.memory[base + i * self.chunk: base + (i + 1) * self.chunk].view(dtype)
+                                        for i in range(self.size)]
+        return [slot[:count] for slot in whole]
 
     def allreduce(self, send: np.ndarray, recv: np.ndarray, op: str = "sum") -> np.ndarray:
         """recv = op over all ranks of send (same shape and dtype everywhere); recv may be send."""
@@ -56,20 +106,52 @@ class ShmAllreduce:
         if not (send.flags.c_contiguous and recv.flags.c_contiguous) or send.shape != recv.shape:
             raise ValueError("shared-memory allreduce needs contiguous send and recv of the same shape")
         flat_in, flat_out = send.reshape(-1), recv.reshape(-1)
-        dtype = flat_in.dtype
-        per_step = max(1, self.chunk // dtype.itemsize)
-        total = flat_in.size
-        for start in range(0, total, per_step):
-            count = min(per_step, total - start)
-            slots = self._slots(self.steps % 2, dtype, count)
-            self.steps += 1
-            slots[self.rank][:] = flat_in[start:start + count]
-            self.comm.Barrier()
-            lo, hi = count * self.rank // self.size, count * (self.rank + 1) // self.size
-            if hi > lo:
-                mine = slots[0][lo:hi]
-                for other in slots[1:]:
-                    ufunc(mine, other[lo:hi], out=mine)
-            self.comm.Barrier()
-            flat_out[start:start + count] = slots[0]
+        if self.size == 1:
+            flat_out[:] = flat_in
+            self._across(flat_out, op)
+        elif flat_in.nbytes <= self.small:
+            self._small(flat_in, flat_out, ufunc, op)
+        else:
+            self._pipelined(flat_in, flat_out, ufunc, op)
         return recv
+
+    def _small(self, flat_in: np.ndarray, flat_out: np.ndarray, ufunc: Any, op: str) -> None:
+        slots = self._slots(flat_in.dtype, flat_in.size)
+        slots[self.rank][:] = flat_in
+        self.comm.Barrier()
+        ufunc(slots[0], slots[1], out=flat_out)
+        for other in slots[2:]:
+            ufunc(flat_out, other, out=flat_out)
+        self._across(flat_out, op)  # every local rank redundantly: a small buffer costs latency only
+
+    def _pipelined(self, flat_in: np.ndarray, flat_out: np.ndarray, ufunc: Any, op: str) -> None:
+        n, me, total = self.size, self.rank, flat_in.size
+        per_step = max(1, self.chunk // flat_in.dtype.itemsize)
+        steps = [(start, min(per_step, total - start)) for start in range(0, total, per_step)]
+        cuts = {count: [(count * r // n, count * (r + 1) // n) for r in range(n)] for _, count in steps}
+        slots: list[list[np.ndarray]] = []
+        for k in range(len(steps) + 2):
+            if k >= 2:  # copy out step k-2: the other ranks' slices
+                start, count = steps[k - 2]
+                for r, (lo, hi) in enumerate(cuts[count]):
+                    if r != me:
+                        flat_out[start + lo:start + hi] = slots[k - 2][r][lo:hi]
+            if 1 <= k <= len(steps):  # reduce step k-1, my slice, in rank order
+                start, count = steps[k - 1]
+                lo, hi = cuts[count][me]
+                if hi > lo:
+                    parts = [flat_in[start + lo:start + hi] if r == me else slots[k - 1][r][lo:hi] for r in range(n)]
+                    acc = slots[k - 1][me][lo:hi]  # never aliases flat_in, even when recv is send
+                    ufunc(parts[0], parts[1], out=acc)
+                    for part in parts[2:]:
+                        ufunc(acc, part, out=acc)
+                    self._across(acc, op)
+                    flat_out[start + lo:start + hi] = acc
+            if k < len(steps):  # copy in step k: my inputs for the other ranks' slices
+                start, count = steps[k]
+                slots.append(self._slots(flat_in.dtype, count))
+                for r, (lo, hi) in enumerate(cuts[count]):
+                    if r != me:
+                        slots[k][me][lo:hi] = flat_in[start + lo:start + hi]
+            if k <= len(steps):
+                self.comm.Barrier()

@@ -45,7 +45,8 @@ def test_backends_are_correct_under_mpirun(tmp_path, ranks):
 def test_bench_cli_tiny_sweep(tmp_path):
     out = tmp_path / "ar.json"
     proc = subprocess.run([sys.executable, "-m", "distlaunch", "bench", "allreduce", "--ppn", "2", "--sizes",
-                           "8B:64KiB", "--factor", "8", "--iters", "3", "--warmup", "1", "--json", str(out), "--csv",
+                           "8B:64KiB", "--factor", "8", "--iters", "3", "--warmup", "1", "--mpi-arg", "--bind-to none",
+                           "--json", str(out), "--csv",
                            str(tmp_path / "ar.csv"), "--plot", str(tmp_path / "ar.png")],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env={**__import__("os").environ, "OMPI_MCA_osc": "^ucx"})
@@ -57,3 +58,5 @@ def test_bench_cli_tiny_sweep(tmp_path):
     assert "busbw" in proc.stdout and "#wrong" in proc.stdout
     assert (tmp_path / "ar.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "ar.csv").read_text().startswith("backend,size,count")
+    record = json.loads(next((tmp_path / "runs").glob("*/run.json")).read_text())
+    assert "--bind-to" in record["argv"] and "none" in record["argv"]  # --mpi-arg reached mpirun

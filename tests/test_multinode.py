@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -242,3 +243,18 @@ def test_shared_source_is_detected_and_not_synced(cluster, project, tmp_path):
     assert "sync" not in record
     assert {r["host"] for r in record["rank_exits"].values()} == {"node2", "node3"}
     assert not list(project.glob(".distlaunch-shared-check-*"))
+
+
+def test_shm_allreduce_is_hierarchical_across_nodes(cluster, tmp_path):
+    """The shared-memory allreduce on 2 nodes x 2 ranks: shared memory inside each node,
+    MPI between them; the same correctness suite as on one node."""
+    src = tmp_path / "suite"
+    src.mkdir()
+    shutil.copy(REPO / "tests" / "mpi" / "test_allreduce_backends.py", src)
+    proc, _run_dir, record = launch(cluster, tmp_path, "--source-dir", str(src), sys.executable, "-m", "pytest",
+                                    "--with-mpi", "-q", "-p", "no:cacheprovider", "test_allreduce_backends.py",
+                                    "-k", "shm", env={"OMPI_MCA_osc": "^ucx"}, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
+    assert record["nodes"] == 2
+    passed = re.findall(r"^\[(\d)\] (\d+) passed", proc.stdout, re.M)
+    assert sorted(rank for rank, _ in passed) == ["0", "1", "2", "3"] and int(passed[0][1]) > 100

@@ -4,18 +4,18 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import click
 
 from ..errors import LaunchFailed
-from ..hosts import is_local
 from ..launcher import Watch, launch, prepare
 from ..placement import place
 from ..spec import JobSpec
 from ..units import format_size
-from .options import pop_ssh, pop_target, ssh_options, target_options
+from .options import mpi_options, pop_mpi, pop_ssh, pop_target, ssh_options, target_options
 
 HELP = """Measure allreduce on the given hosts, per backend, like nccl-tests.
 
@@ -25,7 +25,8 @@ every result is checked (#wrong). busbw = algbw x 2(n-1)/n; the memcpy rate of o
 core, measured in the same run, is the ceiling to compare it with.
 
 \b
-Backends: mpi4py (MPI Allreduce), shm (distlaunch's shared-memory allreduce, one node),
+Backends: mpi4py (MPI Allreduce), shm (distlaunch's shared-memory allreduce: inside
+a node through shared memory, across nodes hierarchically, needs equal ranks per node),
 torch (torch.distributed gloo), horovod (real Horovod, if installed), all.
 
 \b
@@ -36,13 +37,14 @@ Examples:
 """
 
 
-def backends_for(choice: str, multi_node: bool) -> str:
+def backends_for(choice: str, ranks_per_host: list[int]) -> str:
+    """``all`` → every backend that can run here: shm needs the same rank count on every host."""
     if choice != "all":
         return choice
     import importlib.util
 
     names = ["mpi4py", "torch"]
-    if not multi_node:
+    if len(set(ranks_per_host)) == 1:
         names.insert(1, "shm")
     if importlib.util.find_spec("horovod") is not None:
         names.append("horovod")
@@ -85,6 +87,7 @@ def bench_group() -> None:
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="And as CSV.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Draw busbw vs size into a PNG.")
 @click.option("--run-dir", "runs_root", default="runs", show_default=True)
+@mpi_options
 def allreduce_command(**kwargs: Any) -> None:
     from ..units import parse_size
 
@@ -92,13 +95,14 @@ def allreduce_command(**kwargs: Any) -> None:
         parse_size(part, "--sizes")
     target = pop_target(kwargs)
     ssh = pop_ssh(kwargs)
+    mpi = pop_mpi(kwargs)
     backend = "torch" if kwargs["backend"] == "hvd" else kwargs["backend"]
     placed = place(target)
-    names = backends_for(backend, any(not is_local(slot.host) for slot in placed.slots))
+    names = backends_for(backend, list(Counter(slot.host for slot in placed.slots).values()))
     args = ["-m", "distlaunch.bench", "allreduce", "--backends", names, "--sizes", kwargs["sizes"],
             "--factor", str(kwargs["factor"]), "--dtype", kwargs["dtype"], "--op", kwargs["op"],
             "--iters", str(kwargs["iters"]), "--warmup", str(kwargs["warmup"])]
-    spec = JobSpec(script=sys.executable, script_args=tuple(args), target=target, ssh=ssh,
+    spec = JobSpec(script=sys.executable, script_args=tuple(args), target=target, ssh=ssh, **mpi,
                    runs_root=kwargs["runs_root"], remote_root=kwargs["remote_root"], sync=False)
     prepared = prepare(spec)
     click.echo(f"distlaunch: allreduce with {names} on {len(prepared.slots)} rank(s)", err=True)

@@ -1,11 +1,13 @@
 """Options shared by several commands: where a job runs (hosts, nodes, ranks, GPUs)."""
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
 from typing import Any
 
 import click
 
+from ..errors import SpecError
 from ..spec import DEFAULT_REMOTE_ROOT, TargetSpec
 from ..ssh import SSHOptions
 
@@ -55,3 +57,33 @@ def pop_ssh(kwargs: dict[str, Any]) -> SSHOptions:
 def pop_target(kwargs: dict[str, Any]) -> TargetSpec:
     """Take the placement options out of a command's kwargs and build the TargetSpec."""
     return TargetSpec(**{key: kwargs.pop(key) for key in TARGET_KEYS})
+
+
+_MPI_OPTIONS = [
+    click.option("--mpi-arg", "mpi_args", multiple=True, metavar="ARGS",
+                 help="Extra mpirun arguments, e.g. \"--mca btl tcp,self\" (repeatable)."),
+    click.option("--mpirun", metavar="PATH", help="The mpirun to use (default: beside this Python, then PATH)."),
+]
+
+
+def mpi_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the options that pass through to mpirun."""
+    for option in reversed(_MPI_OPTIONS):
+        func = option(func)
+    return func
+
+
+def pop_mpi(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``mpi_args`` (each --mpi-arg split into words) and ``mpirun``, as JobSpec fields."""
+    return {"mpi_args": split_mpi_args(kwargs.pop("mpi_args")), "mpirun": kwargs.pop("mpirun")}
+
+
+def split_mpi_args(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Each --mpi-arg may carry several words: '--mca btl tcp,self'."""
+    words: list[str] = []
+    for value in values:
+        try:
+            words += shlex.split(value)
+        except ValueError as exc:
+            raise SpecError(f"--mpi-arg {value!r}: {exc}: balance the quotes") from None
+    return tuple(words)

@@ -7,14 +7,13 @@ from typing import Any
 
 import click
 
-from ..errors import SpecError
 from ..launcher import Prepared, Watch, launch, prepare
 from ..records import RunPaths, new_run_id
 from ..spec import JobSpec, parse_env_items
 from ..supervise import Outcome
 from ..units import parse_duration
 from .hosts import placement_table
-from .options import pop_ssh, pop_target, ssh_options, target_options
+from .options import mpi_options, pop_mpi, pop_ssh, pop_target, ssh_options, target_options
 
 RUN_HELP = """Run SCRIPT on every rank, with MPI, and keep a run folder.
 
@@ -47,17 +46,6 @@ input, 69 when no MPI is found, 73 when the run folder cannot be written, 124 af
 """
 
 
-def split_mpi_args(values: tuple[str, ...]) -> tuple[str, ...]:
-    """Each --mpi-arg may carry several words: '--mca btl tcp,self'."""
-    words: list[str] = []
-    for value in values:
-        try:
-            words += shlex.split(value)
-        except ValueError as exc:
-            raise SpecError(f"--mpi-arg {value!r}: {exc}: balance the quotes") from None
-    return tuple(words)
-
-
 @click.command("run", help=RUN_HELP, context_settings={"allow_interspersed_args": False})
 @target_options
 @ssh_options
@@ -74,9 +62,7 @@ def split_mpi_args(values: tuple[str, ...]) -> tuple[str, ...]:
               help="Install this requirements file on every node first (cached per node).")
 @click.option("--env-pass", multiple=True, metavar="PATTERN",
               help="Also export launcher variables matching this pattern, e.g. 'MYAPP_*' (repeatable).")
-@click.option("--mpi-arg", "mpi_args", multiple=True, metavar="ARGS",
-              help="Extra mpirun arguments, e.g. \"--mca btl tcp,self\" (repeatable).")
-@click.option("--mpirun", metavar="PATH", help="The mpirun to use (default: beside this Python, then PATH).")
+@mpi_options
 @click.option("--run-dir", "runs_root", default="runs", show_default=True, metavar="DIR",
               help="Where run folders are created.")
 @click.option("--kill-grace", type=click.FloatRange(min=0), default=5.0, show_default=True,
@@ -101,8 +87,7 @@ def run_command(**kwargs: Any) -> None:
         script_args=kwargs["args"],
         target=target,
         env=parse_env_items(kwargs["env_items"]),
-        mpi_args=split_mpi_args(kwargs["mpi_args"]),
-        mpirun=kwargs["mpirun"],
+        **pop_mpi(kwargs),
         runs_root=kwargs["runs_root"],
         env_pass=tuple(kwargs["env_pass"]),
         source_dir=kwargs["source_dir"],

@@ -4,9 +4,10 @@ Used by ``distlaunch.hvd`` when real Horovod is not installed (or
 ``DISTLAUNCH_HVD_BACKEND=torch``). Same names, arguments, defaults and results as
 horovod.torch 0.28: allreduce averages by default, integer averages round toward zero,
 allgather takes uneven first dimensions, async calls return integer handles.
-Backend: nccl when CUDA is available, gloo otherwise; on one node, CPU allreduces go
-through distlaunch's shared-memory allreduce instead of gloo
-(``DISTLAUNCH_HVD_ALLREDUCE=gloo|shm|auto``).
+Backend: nccl when CUDA is available, gloo otherwise; CPU allreduces go through
+distlaunch's shared-memory allreduce instead of gloo (``DISTLAUNCH_HVD_ALLREDUCE=
+gloo|shm|auto``): inside a node through shared memory, across nodes hierarchically
+(MPI between nodes), when every node has the same number of ranks.
 """
 from __future__ import annotations
 
@@ -72,9 +73,9 @@ def _abort_on_uncaught_exception() -> None:
 
 def shutdown() -> None:
     global _topology, _shm
-    if _shm is not None:
+    if _shm:
         _shm.close()
-        _shm = None
+    _shm = None
     if _topology is not None and dist.is_initialized():
         dist.destroy_process_group()
     _topology = None
@@ -218,31 +219,43 @@ _shm: Any = None
 
 def _use_shm(tensor: torch.Tensor, op: int) -> bool:
     """Shared-memory allreduce (DISTLAUNCH_HVD_ALLREDUCE=shm, or auto from
-    DISTLAUNCH_HVD_SHM_MIN_BYTES up): CPU tensors numpy can add, every rank on one node.
-    The inputs of the choice are the same on every rank, so all ranks choose alike."""
+    DISTLAUNCH_HVD_SHM_MIN_BYTES up): CPU tensors numpy can add. The inputs of the choice
+    are the same on every rank, so all ranks choose alike; the node layout is checked
+    collectively when the segment is made (see ``_shm_segment``)."""
     mode = os.environ.get("DISTLAUNCH_HVD_ALLREDUCE", "auto")
-    topo = _topo()
-    if mode == "gloo" or topo.size == 1 or topo.local_size != topo.size or op not in _SHM_OPS:
+    if mode == "gloo" or _shm is False or _topo().size == 1 or op not in _SHM_OPS:
         return False
     if tensor.device.type != "cpu" or tensor.dtype in (torch.bfloat16, torch.bool) or tensor.is_complex():
         return False
-    if mode == "shm":
-        return True
-    threshold = int(os.environ.get("DISTLAUNCH_HVD_SHM_MIN_BYTES", SHM_MIN_BYTES))
-    return tensor.numel() * tensor.element_size() >= threshold
+    if mode != "shm":
+        threshold = int(os.environ.get("DISTLAUNCH_HVD_SHM_MIN_BYTES", SHM_MIN_BYTES))
+        if tensor.numel() * tensor.element_size() < threshold:
+            return False
+    return _shm_segment() is not None
 
 
-def _shm_allreduce(output: torch.Tensor, op: int) -> None:
+def _shm_segment() -> Any:
+    """The shared segment, made on first use by every rank at once; None (and gloo from
+    then on) when the nodes hold different numbers of ranks, which every rank learns alike."""
     global _shm
     if _shm is None:
         from mpi4py import MPI
 
         from ..shm_allreduce import ShmAllreduce
 
-        _shm = ShmAllreduce(MPI.COMM_WORLD)
+        try:
+            _shm = ShmAllreduce(MPI.COMM_WORLD)
+        except ValueError as exc:
+            if os.environ.get("DISTLAUNCH_HVD_ALLREDUCE") == "shm" and _topo().rank == 0:
+                print(f"distlaunch.hvd: {exc}; allreduce goes through gloo", file=sys.stderr)
+            _shm = False
+    return _shm or None
+
+
+def _shm_allreduce(output: torch.Tensor, op: int) -> None:
     flat = output if output.is_contiguous() else output.contiguous()
     array = flat.numpy()
-    _shm.allreduce(array, array, _SHM_OPS[op])
+    _shm_segment().allreduce(array, array, _SHM_OPS[op])
     if flat is not output:
         output.copy_(flat)
 

@@ -59,3 +59,53 @@ def test_other_backends_match_numpy(backends, name, count):
     recv = np.zeros_like(send)
     backends["sum"].fn(name)(send, recv)
     np.testing.assert_array_equal(recv, expected(count, COMM.size, "sum", dt))
+
+
+def one_node() -> bool:
+    local = COMM.Split_type(MPI.COMM_TYPE_SHARED)
+    alone = local.size == COMM.size
+    local.Free()
+    return alone
+
+
+@pytest.fixture(scope="module")
+def tiny_steps():
+    """The pipelined path with the smallest steps: many steps, an odd tail, three slot sets
+    rotating within one call and across calls."""
+    from distlaunch.shm_allreduce import ShmAllreduce
+
+    shm = ShmAllreduce(COMM, chunk=4096)
+    yield shm
+    shm.close()
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("op", ["sum", "max"])
+@pytest.mark.parametrize("dtype", ["float16", "float64", "int32"])
+@pytest.mark.parametrize("count", [2049, 10_007, 100_003])
+def test_shm_many_steps_match_numpy(tiny_steps, in_place, op, dtype, count):
+    dt = np.dtype(dtype)
+    send = pattern(count, COMM.rank, dt)
+    recv = send if in_place else np.full_like(send, 99)
+    tiny_steps.allreduce(send, recv, op)
+    np.testing.assert_array_equal(recv, expected(count, COMM.size, op, dt))
+    if not in_place:
+        assert np.array_equal(send, pattern(count, COMM.rank, dt)), "send must not change"
+
+
+@pytest.mark.parametrize("count", [5, 3_000, 300_001, 1_000_003])
+def test_shm_float_sums_are_bitwise_alike_on_every_rank(backends, count):
+    """Random floats: every rank gets the very same bits; on one node they are the sum in
+    rank order (what fused and unfused gradients rely on to match bitwise)."""
+    inputs = [np.random.default_rng(seed).standard_normal(count).astype(np.float32) for seed in range(COMM.size)]
+    recv = np.empty(count, np.float32)
+    backends["sum"].fn("shm")(inputs[COMM.rank].copy(), recv)
+    everyone = COMM.allgather(recv.tobytes())
+    assert len(set(everyone)) == 1, "ranks got different bits"
+    if one_node():
+        in_order = inputs[0].copy()
+        for part in inputs[1:]:
+            in_order += part
+        assert recv.tobytes() == in_order.tobytes()
+    else:
+        np.testing.assert_allclose(recv, np.sum(np.stack(inputs).astype(np.float64), axis=0), rtol=1e-5, atol=1e-5)
