@@ -63,7 +63,7 @@ def main() -> None:
                             "busbw_GBps": busbw, "busbw_fraction_of_memcpy": busbw / ceiling})
     print(f"{args.ranks} ranks, {args.repeats} repeats; memcpy one core (median) {ceiling:.2f} GB/s")
     print(f"{'size':>10} " + " ".join(f"{b + ' us':>12} {'x mpi':>6}" for b in backends))
-    from distlaunch.units import format_size
+    from distlaunch.plan.units import format_size
 
     for size in sizes:
         cells = [next(s for s in summary if s["size"] == size and s["backend"] == b) for b in backends]
@@ -73,7 +73,7 @@ def main() -> None:
     (args.out / f"{name}.json").write_text(json.dumps({"ranks": args.ranks, "repeats": args.repeats,
                                                        "memcpy_one_core_GBps": ceiling, "summary": summary,
                                                        "runs": results}, indent=1))
-    from distlaunch.bench import plot_busbw
+    from distlaunch.cli.bench import plot_busbw
 
     rows = [{"backend": s["backend"], "size": s["size"], "busbw_GBps": s["busbw_GBps"]} for s in summary]
     plot_busbw(rows, ceiling, f"allreduce float32 sum, {args.ranks} ranks, one node (median busbw)",

@@ -33,7 +33,7 @@ PAYLOADS = {
 
 def bare_mpirun_argv(ranks: int, payload: list[str]) -> list[str]:
     """The flags distlaunch would add, minus its worker shim, hostfile and exports."""
-    from distlaunch.mpi import find_mpirun
+    from distlaunch.plan.mpi import find_mpirun
 
     argv = [find_mpirun(), "-n", str(ranks)]
     if os.geteuid() == 0:

@@ -29,9 +29,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from distlaunch.ssh import SSHOptions  # noqa: E402
-from distlaunch.treesync import RemoteLayout, sync  # noqa: E402
-from distlaunch.units import format_size  # noqa: E402
+from distlaunch.nodes.transport import Nodes, SSHTransport  # noqa: E402
+from distlaunch.nodes.treesync import list_files, sync  # noqa: E402
+from distlaunch.plan.hosts import this_host_names  # noqa: E402
+from distlaunch.plan.layout import RemoteLayout  # noqa: E402
+from distlaunch.plan.spec import default_remote_root  # noqa: E402
+from distlaunch.plan.ssh import SSHOptions  # noqa: E402
+from distlaunch.plan.units import format_size  # noqa: E402
 from tests.cluster.cluster import make, missing_tools  # noqa: E402
 
 
@@ -46,8 +50,8 @@ def main() -> None:
         raise SystemExit(f"needs {', '.join(missing_tools())}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        box = make(root / "cluster", 2)
         (root / "cluster").mkdir()
+        box = make(root / "cluster", 2, shared=[str(root)])
         box.up()
         try:
             src = root / "src"
@@ -55,12 +59,12 @@ def main() -> None:
                 sub = src / f"pkg{i % 20}"
                 sub.mkdir(parents=True, exist_ok=True)
                 (sub / f"mod{i}.py").write_text(f"VALUE = {i}\n" + "# padding\n" * 50)
-            ssh = SSHOptions(config=str(box.ssh_config))
+            nodes = Nodes(SSHTransport(SSHOptions(config=str(box.ssh_config)), this_host_names()), sys.executable)
             times = []
             for run_id in ("r1", "r2"):
                 start = time.perf_counter()
-                results = sync(box.hosts, src, RemoteLayout.for_source("/tmp/distlaunch-scratch", src, run_id),
-                               ssh, sys.executable, lambda _m: None)
+                layout = RemoteLayout.for_source(default_remote_root(), str(src), run_id)
+                results = sync(nodes, box.hosts, list_files(src), layout, lambda _m: None)
                 times.append((time.perf_counter() - start, sum(r.sent for r in results)))
             print(f"sync {args.files} files to 2 nodes: first {times[0][0]:.2f} s ({times[0][1]} files sent), "
                   f"no-change re-sync {times[1][0]:.2f} s ({times[1][1]} files sent)")

@@ -15,11 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-from distlaunch.gpus import Inventory
-from distlaunch.mpi import Flavour, MPIInstall
-from distlaunch.mpirun import LaunchContext, plan
-from distlaunch.placement import place
-from distlaunch.spec import JobSpec, TargetSpec
+from distlaunch.plan.gpus import Inventory
+from distlaunch.plan.mpi import Flavour, MPIInstall
+from distlaunch.plan.mpirun import LaunchContext, plan
+from distlaunch.plan.placement import place
+from distlaunch.plan.spec import JobSpec, TargetSpec
 
 REPO = Path(__file__).resolve().parent.parent
 

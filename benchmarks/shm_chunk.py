@@ -13,7 +13,7 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from distlaunch.shm_allreduce import ShmAllreduce
+from distlaunch.hvd.shm_allreduce import ShmAllreduce
 
 CHUNKS = (256 << 10, 512 << 10, 1 << 20, 4 << 20)
 SIZES = (1 << 20, 4 << 20, 16 << 20, 64 << 20)

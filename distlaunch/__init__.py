@@ -15,11 +15,11 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Job": "distlaunch.api",
-    "Run": "distlaunch.api",
-    "log_metric": "distlaunch.metrics",
-    "log_metrics": "distlaunch.metrics",
-    "export_onnx": "distlaunch.onnx_export",
+    "Job": "distlaunch.launch.api",
+    "Run": "distlaunch.launch.api",
+    "log_metric": "distlaunch.rank.metrics",
+    "log_metrics": "distlaunch.rank.metrics",
+    "export_onnx": "distlaunch.rank.onnx_export",
 }
 
 __all__ = ["__version__", *_LAZY]

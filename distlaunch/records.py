@@ -1,31 +1,38 @@
-"""Run folders: where every file of a run lives, and the atomic ``run.json`` record.
+"""Run folders and the typed run record: the only code that reads or writes ``run.json``.
 
-Layout of ``<runs_root>/<run-id>/``::
+Layout of ``<runs_root>/<run-id>/`` (``RunPaths`` holds every path rule)::
 
-    run.json            spec, argv, hosts, status, exit code, times, versions
+    run.json            the RunRecord: spec, argv, hosts, status, exit code, times, versions
     hostfile            the hostfile given to mpirun
     logs/rank-<N>.log   everything rank N printed (stdout and stderr)
     logs/mpirun.log     what mpirun itself printed (not the ranks' lines)
     logs/output.log     all output, rank-prefixed, in arrival order
     metrics/rank-<N>.jsonl  metrics logged with distlaunch.log_metric
-    ranks/rank-<N>.json how rank N ended (written by the worker shim)
+    ranks/rank-<N>.json how rank N ended (a RankExit, written by the worker shim)
     outputs/            files the job keeps
 
-All path rules live in ``RunPaths``; ``write_json`` never leaves a half-written file.
+``RunRecord`` carries the state machine of a run (queued → running → completed,
+failed, cancelled or timeout) and is versioned on disk. ``write_json`` never leaves a
+half-written file. Light on purpose: every rank's worker shim imports this module.
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import os
 import secrets
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import RunDirError
+
+RECORD_VERSION = 2  # 1: the untyped run.json of distlaunch 0.1 (read, never written)
+PRIVATE_DIR = 0o700
+PRIVATE_FILE = 0o600
 
 
 class Status(str, enum.Enum):
@@ -58,42 +65,15 @@ class RunPaths:
     def run_id(self) -> str:
         return self.root.name
 
-    @property
-    def record(self) -> Path:
-        return self.root / "run.json"
-
-    @property
-    def hostfile(self) -> Path:
-        return self.root / "hostfile"
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
-
-    @property
-    def ranks(self) -> Path:
-        return self.root / "ranks"
-
-    @property
-    def outputs(self) -> Path:
-        return self.root / "outputs"
-
-    @property
-    def mpirun_log(self) -> Path:
-        return self.logs / "mpirun.log"
-
-    @property
-    def output_log(self) -> Path:
-        """Every line the job printed, rank-prefixed, in arrival order (the terminal's view)."""
-        return self.logs / "output.log"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics"
-
-    @property
-    def cancel_marker(self) -> Path:
-        return self.root / "cancel-requested"
+    record = property(lambda self: self.root / "run.json")
+    hostfile = property(lambda self: self.root / "hostfile")
+    logs = property(lambda self: self.root / "logs")
+    ranks = property(lambda self: self.root / "ranks")
+    outputs = property(lambda self: self.root / "outputs")
+    metrics = property(lambda self: self.root / "metrics")
+    mpirun_log = property(lambda self: self.logs / "mpirun.log")
+    output_log = property(lambda self: self.logs / "output.log", doc="every line the job printed, rank-prefixed")
+    cancel_marker = property(lambda self: self.root / "cancel-requested")
 
     def rank_log(self, rank: int) -> Path:
         return self.logs / f"rank-{rank}.log"
@@ -104,13 +84,16 @@ class RunPaths:
     def rank_exception(self, rank: int) -> Path:
         return self.ranks / f"rank-{rank}.exception.json"
 
+    def rank_metrics(self, rank: int) -> Path:
+        return self.metrics / f"rank-{rank}.jsonl"
+
     def create(self) -> None:
-        """Make the folder and its sub-folders; RunDirError if that is impossible."""
+        """Make the folder (private to its owner) and its sub-folders; RunDirError if impossible."""
         try:
             self.root.parent.mkdir(parents=True, exist_ok=True)
-            self.root.mkdir()
+            self.root.mkdir(mode=PRIVATE_DIR)
             for sub in (self.logs, self.ranks, self.outputs):
-                sub.mkdir()
+                sub.mkdir(mode=PRIVATE_DIR)
         except OSError as exc:
             raise RunDirError(
                 f"cannot create run folder {self.root}: {exc.strerror or exc}: "
@@ -128,24 +111,42 @@ def allocate(runs_root: str | os.PathLike[str]) -> RunPaths:
     raise RunDirError(f"cannot find a free run id under {runs_root}: clean it up or pick another --run-dir")
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON atomically: a reader sees the old or the new file, never half.
+def write_json(path: Path, data: Any, reserve: int = 0) -> None:
+    """Write ``data`` as JSON atomically (a reader sees the old or the new file, never half),
+    readable by its owner only. ``reserve`` bytes of trailing spaces keep room for later
+    versions: when the disk is full, a new version that fits is written over the old one
+    in place (no new blocks needed), so a run can still record how it ended.
 
     No fsync: it can take longer than mpirun's 250 ms between SIGTERM and SIGKILL, and
     the rename alone already protects against a crash of the writing process.
     """
-    text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
+    text = (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n" + " " * reserve).encode()
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 0600
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            with os.fdopen(fd, "wb") as handle:
                 handle.write(text)
             os.replace(tmp, path)
         except BaseException:
             os.unlink(tmp)
             raise
     except OSError as exc:
-        raise RunDirError(f"cannot write {path}: {exc.strerror or exc}: free space or pick another --run-dir") from None
+        if not _overwrite_in_place(path, text):
+            raise RunDirError(f"cannot write {path}: {exc.strerror or exc}: "
+                              "free space or pick another --run-dir") from None
+
+
+def _overwrite_in_place(path: Path, text: bytes) -> bool:
+    """The disk-full fallback of ``write_json``: reuse the old file's blocks if it fits."""
+    try:
+        size = path.stat().st_size
+        if len(text.rstrip()) + 1 > size:
+            return False
+        with open(path, "r+b") as handle:
+            handle.write(text.rstrip() + b"\n" + b" " * (size - len(text.rstrip()) - 1))
+        return True
+    except OSError:
+        return False
 
 
 def read_json(path: Path) -> Any:
@@ -153,20 +154,184 @@ def read_json(path: Path) -> Any:
         return json.load(handle)
 
 
-def read_rank_records(paths: RunPaths) -> dict[int, dict[str, Any]]:
-    """The exit records the workers wrote, by rank (ranks that never wrote one are absent)."""
-    records: dict[int, dict[str, Any]] = {}
+def _fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """The keys of ``data`` that ``cls`` has (records written by newer versions may have more)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {key: value for key, value in data.items() if key in names}
+
+
+@dataclass
+class RankExit:
+    """How one rank ended, as its worker shim saw it (``ranks/rank-<N>.json``).
+
+    Written once when the rank starts (``exit_code`` None) and again when it ends."""
+
+    rank: int
+    local_rank: int = 0
+    size: int = 1
+    host: str = ""
+    worker_pid: int = 0
+    started: float = 0.0
+    gpus: list[str] = field(default_factory=list)
+    pid: int | None = None
+    ended: float | None = None
+    exit_code: int | None = None
+    signal: str | None = None
+    exception: dict[str, Any] | None = None  # type, message, traceback (from the bootstrap)
+    error: str | None = None  # the program could not be started
+
+    @property
+    def failed(self) -> bool:
+        return self.exit_code not in (None, 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RankExit:
+        return cls(**_fields(cls, data))
+
+    def save(self, paths: RunPaths) -> None:
+        write_json(paths.rank_record(self.rank), self.to_dict())
+
+
+def read_rank_exits(paths: RunPaths) -> dict[int, RankExit]:
+    """The exit records the workers wrote, by rank (ranks that never started are absent)."""
+    found: dict[int, RankExit] = {}
     if not paths.ranks.is_dir():
-        return records
+        return found
     for file in paths.ranks.glob("rank-[0-9]*.json"):
         if file.name.endswith(".exception.json"):
             continue
         try:
-            data = read_json(file)
-            records[int(data["rank"])] = data
-        except (OSError, ValueError, KeyError, TypeError):
+            item = RankExit.from_dict(read_json(file))
+        except (OSError, ValueError, TypeError):
             continue
-    return records
+        found[item.rank] = item
+    return found
+
+
+@dataclass(frozen=True)
+class Failure:
+    """The root cause: the first rank that failed, or mpirun itself (rank None)."""
+
+    rank: int | None
+    host: str | None
+    exit_code: int
+    signal: str | None
+    last_lines: tuple[str, ...] = ()
+    exception: str | None = None  # "ValueError: bad input" when Python raised
+
+    def describe(self) -> str:
+        who = f"rank {self.rank} on {self.host}" if self.rank is not None else "mpirun"
+        if self.exception:
+            how = f"raised {self.exception}"
+        elif self.signal:
+            how = f"was killed by {self.signal}"
+        else:
+            how = f"exited with code {self.exit_code}"
+        return f"{who} {how}"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Failure:
+        values = _fields(cls, data)
+        values["last_lines"] = tuple(values.get("last_lines", ()))
+        return cls(**values)
+
+
+@dataclass
+class RunRecord:
+    """Everything known about one run, saved as ``run.json`` at every change of state.
+
+    The launcher creates it ``queued``, then calls ``running``, and ends it with
+    ``finished`` (the job ran to an outcome) or ``failed`` (distlaunch itself could not go
+    on). Readers get it back with ``RunRecord.load``.
+    """
+
+    id: str
+    script: str = ""
+    spec: dict[str, Any] = field(default_factory=dict)
+    status: Status = Status.QUEUED
+    created: float = field(default_factory=time.time)
+    nodes: int = 1
+    ranks: int = 0
+    host_source: str = ""
+    gpu_mode: bool = False
+    slots: list[dict[str, Any]] = field(default_factory=list)
+    argv: list[str] = field(default_factory=list)
+    env_added: dict[str, str] = field(default_factory=dict)
+    hostfile: str = ""
+    launcher: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    sync: dict[str, Any] | None = None
+    started: float | None = None
+    ended: float | None = None
+    mpirun_pid: int | None = None
+    exit_code: int | None = None
+    mpirun_exit_code: int | None = None
+    duration_s: float | None = None
+    first_failure: Failure | None = None
+    rank_exits: dict[int, RankExit] = field(default_factory=dict)
+    leftovers_killed: int = 0
+    reason: str = ""  # why the launcher ended the job (cancel, timeout), else ""
+    error: str | None = None  # what stopped distlaunch itself (sync, pip, a crash)
+    tensorboard: str | None = None
+    collect_missing: list[str] = field(default_factory=list)
+    version: int = RECORD_VERSION
+
+    # -- transitions
+    def running(self, pid: int, started: float | None = None) -> None:
+        self.status, self.mpirun_pid = Status.RUNNING, pid
+        self.started = time.time() if started is None else started
+
+    def finished(self, status: Status, exit_code: int, mpirun_exit_code: int | None, started: float,
+                 ended: float, failure: Failure | None, rank_exits: dict[int, RankExit], leftovers: int,
+                 reason: str) -> None:
+        self.status, self.exit_code, self.mpirun_exit_code = status, exit_code, mpirun_exit_code
+        self.started, self.ended, self.duration_s = started, ended, round(ended - started, 3)
+        self.first_failure, self.rank_exits = failure, dict(sorted(rank_exits.items()))
+        self.leftovers_killed, self.reason = leftovers, reason
+
+    def failed(self, error: str, exit_code: int | None = None) -> None:
+        """distlaunch could not carry the run out (not the job's own failure)."""
+        self.status, self.error, self.ended = Status.FAILED, error, time.time()
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+    # -- on disk
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["status"] = self.status.value
+        data["rank_exits"] = {str(rank): item.to_dict() for rank, item in self.rank_exits.items()}
+        return data
+
+    def save(self, paths: RunPaths) -> None:
+        # room for the final version (exit records, failure lines) even on a full disk
+        reserve = min(1 << 20, 16384 + 1024 * max(self.ranks, len(self.rank_exits)))
+        write_json(paths.record, self.to_dict(), reserve=reserve)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunRecord:
+        values = _fields(cls, data)
+        values["status"] = Status(values.get("status", Status.QUEUED))
+        if values.get("first_failure"):
+            values["first_failure"] = Failure.from_dict(values["first_failure"])
+        values["rank_exits"] = {int(rank): RankExit.from_dict(item)
+                                for rank, item in (values.get("rank_exits") or {}).items()}
+        values["collect_missing"] = list(values.get("collect_missing") or [])
+        values["version"] = int(data.get("version", 1))
+        return cls(**values)
+
+    @classmethod
+    def load(cls, paths: RunPaths) -> RunRecord:
+        try:
+            data = read_json(paths.record)
+        except (OSError, ValueError) as exc:
+            raise RunDirError(f"cannot read {paths.record}: {exc}: is it a run folder?") from None
+        if int(data.get("version", 1)) > RECORD_VERSION:
+            raise RunDirError(f"{paths.record} was written by a newer distlaunch (record version "
+                              f"{data['version']}): upgrade distlaunch to read it")
+        return cls.from_dict(data)
 
 
 def tail_lines(path: Path, count: int = 10, max_bytes: int = 16384) -> list[str]:

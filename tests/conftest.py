@@ -51,6 +51,11 @@ def rank_script() -> str:
     return str(SCRIPTS / "rank_file.py")
 
 
+def oversubscribe(ranks: int) -> list[str]:
+    """``--oversubscribe`` when ``ranks`` is more than this machine's usable cores (2 in CI)."""
+    return ["--oversubscribe"] if ranks > len(os.sched_getaffinity(0)) else []
+
+
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
     """tests/mpi runs only inside MPI jobs (``--with-mpi``), which tests/test_hvd.py starts."""
     if collection_path.name == "mpi" and not config.getoption("--with-mpi", default=False):

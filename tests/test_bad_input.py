@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distlaunch.errors import DistlaunchError, SpecError
-from distlaunch.hosts import parse_hostfile_text
-from distlaunch.units import parse_duration, parse_size
+from distlaunch.plan.hosts import parse_hostfile_text
+from distlaunch.plan.units import parse_duration, parse_size
 
 OK_SCRIPT = str(SCRIPTS / "rank_file.py")
 
@@ -26,6 +26,7 @@ def files(tmp: Path) -> dict[str, str]:
     made = {
         "dup": "a slots=1\na slots=2\n", "abc": "a slots=abc\n", "zero": "a slots=0\n",
         "key": "a gpus=2\n", "empty": "# nothing\n", "small": "localhost slots=2\n",
+        "maxslots": "localhost slots=1 max_slots=2\n",
     }
     out = {}
     for name, text in made.items():
@@ -77,7 +78,17 @@ CASES = [
     ("hosts-backtick", ["run", "--hosts", "`id`", S], {}, 2, "not a valid host name"),
     ("hosts-zero", ["run", "--hosts", "a:0", S], {}, 2, "at least 1"),
     ("unknown-host", ["run", "--hosts", "no-such-host.invalid:1", S], {}, 2, "cannot resolve host"),
-    ("env-syntax", ["run", "--env", "NOEQUALS", S], {}, 2, "NAME=VALUE"),
+    ("env-syntax", ["run", "--env", "NO SUCH", S], {}, 2, "NAME=VALUE or NAME"),
+    ("env-unset", ["run", "--env", "DISTLAUNCH_TEST_UNSET_XYZ", S], {}, 2, "is not set here"),
+    ("env-file-missing", ["run", "--env-file", "/nonexistent/secrets.env", S], {}, 2, "--env-file"),
+    ("np-mpirun-spelling", ["run", "-np", "4", S], {}, 2, "-np is mpirun's spelling"),
+    ("torchrun-option", ["run", "--nproc-per-node", "2", S], {}, 2, "here it is --ppn"),
+    ("ppn-over-cores", ["run", "--ppn", "999", S], {}, 2, "add --oversubscribe"),
+    ("np-over-cores", ["run", "-n", "999", S], {}, 2, "add --oversubscribe"),
+    ("max-slots-hold", ["run", "--hostfile", "{maxslots}", "--ppn", "3", "--oversubscribe", S], {}, 2,
+     "--oversubscribe does not lift"),
+    ("output-ranks-bad", ["run", "--output-ranks", "x", S], {}, 2, "--output-ranks"),
+    ("iface-bad", ["run", "--iface", "eth0;reboot", S], {}, 2, "not an interface name"),
     ("env-name", ["run", "--env", "1BAD=x", S], {}, 2, "not a valid variable name"),
     ("mpi-arg-quote", ["run", "--mpi-arg", "'unbalanced", S], {}, 2, "balance the quotes"),
     ("timeout-bad", ["run", "--timeout", "soon", S], {}, 2, "not a duration"),

@@ -8,7 +8,7 @@ import sys
 
 import jsonschema
 import pytest
-from conftest import REPO
+from conftest import REPO, oversubscribe
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,8 @@ SCHEMA = {
 
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_backends_are_correct_under_mpirun(tmp_path, ranks):
-    proc = subprocess.run([sys.executable, "-m", "distlaunch", "run", "--ppn", str(ranks), "--run-dir",
+    proc = subprocess.run([sys.executable, "-m", "distlaunch", "run", "--ppn", str(ranks), *oversubscribe(ranks),
+                           "--run-dir",
                            str(tmp_path / "runs"), sys.executable, "-m", "pytest", "--with-mpi", "-q", "-p",
                            "no:cacheprovider", str(REPO / "tests" / "mpi" / "test_allreduce_backends.py")],
                           cwd=REPO, capture_output=True, text=True, errors="replace", timeout=900,

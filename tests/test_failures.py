@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import SCRIPTS
+from conftest import SCRIPTS, oversubscribe
 
 pytestmark = pytest.mark.slow
 FAULTS = SCRIPTS / "faults.py"
@@ -53,7 +53,8 @@ class Job:
     def __init__(self, tmp: Path, ranks: int, fault: str, fault_rank: int, *extra: str) -> None:
         self.tmp, self.ranks = tmp, ranks
         env = {**os.environ, "OUT_DIR": str(tmp), "FAULT": fault, "FAULT_RANK": str(fault_rank)}
-        argv = [sys.executable, "-m", "distlaunch", "run", "--ppn", str(ranks), "--kill-grace", "3", *extra,
+        argv = [sys.executable, "-m", "distlaunch", "run", "--ppn", str(ranks), *oversubscribe(ranks),
+                "--kill-grace", "3", *extra,
                 str(FAULTS)]
         self.proc = subprocess.Popen(argv, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True)

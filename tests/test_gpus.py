@@ -10,9 +10,9 @@ import re
 import pytest
 
 from distlaunch.errors import SpecError
-from distlaunch.gpus import GPU, Inventory, allowed_devices, devices_for, inventory
-from distlaunch.placement import place
-from distlaunch.spec import TargetSpec
+from distlaunch.plan.gpus import GPU, Inventory, allowed_devices, devices_for, inventory
+from distlaunch.plan.placement import place
+from distlaunch.plan.spec import TargetSpec
 
 FOUR = Inventory(tuple(GPU(i, f"GPU-{i:04d}") for i in range(4)), "test")
 NONE = Inventory((), "none", problem="NVML unavailable: NVML Shared Library Not Found")

@@ -10,8 +10,9 @@ import pytest
 from conftest import REPO
 
 from distlaunch.errors import RunNotFound
-from distlaunch.history import merge, rank_set, resolve
-from distlaunch.metrics import log_metric, read_metrics
+from distlaunch.launch.history import merge, rank_set, resolve
+from distlaunch.launch.metrics import read_metrics
+from distlaunch.rank.metrics import log_metric
 
 pytestmark = pytest.mark.slow
 

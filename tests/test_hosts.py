@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distlaunch.errors import HostError
-from distlaunch.hosts import (
+from distlaunch.plan.hosts import (
     Host,
     HostSource,
     assign_slots,
@@ -177,16 +177,42 @@ def test_nodes_and_ppn():
         (0, "a", 0), (1, "a", 1), (2, "b", 0), (3, "b", 1)]
     with pytest.raises(HostError, match="--nodes 4 asks for more hosts than the 3 found"):
         assign_slots(source, nodes=4)
-    with pytest.raises(HostError, match="--ppn 5 is more than the 4 slots of host a"):
+    with pytest.raises(HostError, match="5 ranks on host a is more than its 4 slots .* add --oversubscribe"):
         assign_slots(source, ppn=5)
     assert len(assign_slots(source, ppn=5, oversubscribe=True)) == 15
 
 
-def test_max_slots_caps_oversubscription():
+def test_max_slots_holds_even_with_oversubscribe():
     source = HostSource((Host("a", 2, 3),), "test")
-    assert len(assign_slots(source, ppn=3)) == 3
-    with pytest.raises(HostError, match="more than the 3 slots"):
-        assign_slots(source, ppn=4)
+    with pytest.raises(HostError, match="more than its 2 slots"):
+        assign_slots(source, ppn=3)
+    assert len(assign_slots(source, ppn=3, oversubscribe=True)) == 3
+    with pytest.raises(HostError, match="max_slots=3 .* --oversubscribe does not lift"):
+        assign_slots(source, ppn=4, oversubscribe=True)
+
+
+def test_localhost_slots_are_its_usable_cores():
+    source = resolve(env={}, local_cores=2)
+    assert len(assign_slots(source)) == 1  # one rank unless asked for more
+    assert len(assign_slots(source, ppn=2)) == 2
+    with pytest.raises(HostError, match="3 ranks on host localhost is more than its 2 usable cores"):
+        assign_slots(source, ppn=3)
+    assert len(assign_slots(source, ppn=3, oversubscribe=True)) == 3
+
+
+def test_np_fills_hosts_by_slots_in_order():
+    source = HostSource((Host("a", 4), Host("b", 2), Host("c", 4)), "test")
+    slots = assign_slots(source, np=5)
+    assert [(s.host, s.local_rank, s.local_size) for s in slots] == [
+        ("a", 0, 4), ("a", 1, 4), ("a", 2, 4), ("a", 3, 4), ("b", 0, 1)]
+    assert [s.host for s in assign_slots(source, np=6, ppn=2)] == ["a", "a", "b", "b", "c", "c"]
+    assert [s.host for s in assign_slots(source, np=5, ppn=2)] == ["a", "a", "b", "b", "c"]
+    with pytest.raises(HostError, match="-n 11 asks for more ranks than the 10 slots of 3 host"):
+        assign_slots(source, np=11)
+    spread = assign_slots(source, np=13, oversubscribe=True)
+    assert [sum(1 for s in spread if s.host == h) for h in "abc"] == [5, 3, 5]
+    with pytest.raises(HostError, match="needs 4 hosts but 3 are available"):
+        assign_slots(source, np=7, ppn=2)
 
 
 def test_hostfile_placement_from_cli(distlaunch, tmp_path):

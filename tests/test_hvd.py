@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SCRIPTS, backends
+from conftest import REPO, SCRIPTS, backends, oversubscribe
 
 pytestmark = pytest.mark.slow
 BACKENDS = backends()
@@ -21,10 +21,11 @@ def run_job(tmp: Path, backend: str, ranks: int, *argv: str, env: dict[str, str]
             launcher: str = "distlaunch", timeout: float = 300) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, "DISTLAUNCH_HVD_BACKEND": backend, "OUT_DIR": str(tmp), **(env or {})}
     if launcher == "distlaunch":
-        cmd = [sys.executable, "-m", "distlaunch", "run", "--ppn", str(ranks), "--run-dir", str(tmp / "runs"),
+        cmd = [sys.executable, "-m", "distlaunch", "run", "--ppn", str(ranks), *oversubscribe(ranks),
+               "--run-dir", str(tmp / "runs"),
                *argv]
     else:  # plain mpirun, as a user without distlaunch's launcher would
-        from distlaunch.mpi import find_mpirun
+        from distlaunch.plan.mpi import find_mpirun
 
         cmd = [find_mpirun(), "-n", str(ranks), "--oversubscribe", "--bind-to", "none", "--mca", "btl", "^ofi",
                *(["--allow-run-as-root"] if os.geteuid() == 0 else []),

@@ -7,8 +7,8 @@ import sys
 import pytest
 from conftest import horovod_available
 
-from distlaunch import horovod_build
-from distlaunch.horovod_build import BuildError, cache_key, check_toolchain, patch_cxx_standard
+from distlaunch.launch import horovod_build
+from distlaunch.launch.horovod_build import BuildError, cache_key, check_toolchain, patch_cxx_standard
 
 
 def test_patch_raises_the_cxx_standard(tmp_path):

@@ -19,7 +19,7 @@ print("light")
 
 @pytest.mark.parametrize("body", [
     "import distlaunch",
-    "import distlaunch.worker",
+    "import distlaunch.rank.worker",
     "from distlaunch.cli.main import cli\n"
     "try:\n    cli(['--help'], prog_name='distlaunch')\nexcept SystemExit:\n    pass",
     "from distlaunch.cli.main import cli\n"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from distlaunch.errors import MPINotFound
-from distlaunch.mpi import Flavour, detect, find_mpirun, parse_version
+from distlaunch.plan.mpi import Flavour, detect, find_mpirun, parse_version
 
 VERSIONS = {
     "mpirun (Open MPI) 5.0.11\n\nReport bugs to https://www.open-mpi.org/community/help/\n":

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, SCRIPTS, horovod_available
 
-from tests.cluster.cluster import SCRATCH, make, missing_tools
+from tests.cluster.cluster import Cluster, make, missing_tools
 
 pytestmark = pytest.mark.slow
 # The simulated nodes share this machine's cores: unbind ranks, or Horovod's busy
@@ -23,10 +23,16 @@ UNBIND = ["--mpi-arg", "--bind-to none"]
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+    """Two simulated nodes: started here (root), or the ones DISTLAUNCH_TEST_CLUSTER names
+    (started by root for an unprivileged user's run, see .ci/run)."""
+    given = os.environ.get("DISTLAUNCH_TEST_CLUSTER")
+    if given:
+        yield Cluster.load(Path(given))
+        return
     missing = missing_tools()
     if missing:
         pytest.skip(f"cluster in a box needs {', '.join(missing)}")
-    box = make(tmp_path_factory.mktemp("cluster"), 2)
+    box = make(tmp_path_factory.mktemp("cluster"), 2, shared=[str(tmp_path_factory.getbasetemp())])
     box.up()
     yield box
     box.down()
@@ -59,8 +65,7 @@ def launch(cluster, cwd: Path, *args: str, env: dict[str, str] | None = None, ti
 
 def node_copy(cluster, node_index: int, record: dict) -> Path:
     """The run's working directory as node ``node_index`` sees it, from this machine."""
-    workdir = record["sync"]["remote_dir"]
-    return cluster.nodes[node_index].scratch / Path(workdir).relative_to(SCRATCH)
+    return cluster.nodes[node_index].path(record["sync"]["remote_dir"])
 
 
 @pytest.mark.parametrize("backend", ["torch"] + (["horovod"] if horovod_available() else []))
@@ -211,8 +216,9 @@ def test_failure_matrix_on_two_nodes(cluster, project, tmp_path, cell):
     wait_for(lambda: len(list(tmp_path.glob("ready-*"))) == 4 or proc.poll() is not None, 120, "ranks to start")
     assert proc.poll() is None, proc.communicate()
     fault_at = time.time()
-    if fault == "sigkill":
-        os.kill(int((tmp_path / "ready-3").read_text()), signal.SIGKILL)
+    if fault == "sigkill":  # the pid is node3's own (its PID namespace): kill it there
+        pid = (tmp_path / "ready-3").read_text()
+        subprocess.run(cluster.ssh_argv(cluster.nodes[1], "kill", "-KILL", pid), check=True, timeout=30)
     elif fault in ("SIGINT", "SIGTERM"):
         proc.send_signal(getattr(signal, fault))
     _out, err = proc.communicate(timeout=120)
@@ -240,7 +246,7 @@ def test_shared_source_is_detected_and_not_synced(cluster, project, tmp_path):
                                    str(project / "rank_file.py"), "shared")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "is on a filesystem the nodes share: running there, not syncing" in proc.stderr
-    assert "sync" not in record
+    assert record["sync"] is None  # nothing was synced
     assert {r["host"] for r in record["rank_exits"].values()} == {"node2", "node3"}
     assert not list(project.glob(".distlaunch-shared-check-*"))
 

@@ -12,18 +12,18 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from distlaunch.gpus import GPU, Inventory
-from distlaunch.mpi import Flavour, MPIInstall
-from distlaunch.mpirun import LaunchContext, plan
-from distlaunch.placement import place
-from distlaunch.spec import JobSpec, TargetSpec
-from distlaunch.ssh import SSHOptions
-from distlaunch.treesync import RemoteLayout
+from distlaunch.plan.gpus import GPU, Inventory
+from distlaunch.plan.layout import RemoteLayout
+from distlaunch.plan.mpi import Flavour, MPIInstall
+from distlaunch.plan.mpirun import LaunchContext, plan
+from distlaunch.plan.placement import place
+from distlaunch.plan.spec import JobSpec, TargetSpec, resolve_program
+from distlaunch.plan.ssh import SSHOptions
 
 GOLDEN = Path(__file__).parent / "golden"
 MPIS = {
     "ompi4": MPIInstall("/opt/ompi4/bin/mpirun", Flavour.OPENMPI, "4.1.4"),
-    "ompi5": MPIInstall("/opt/ompi5/bin/mpirun", Flavour.OPENMPI, "5.0.11"),
+    "ompi5": MPIInstall("/opt/ompi5/bin/mpirun", Flavour.OPENMPI, "5.0.11", bundled=True),
     "mpich": MPIInstall("/opt/mpich/bin/mpirun", Flavour.MPICH, "4.2.0"),
 }
 NO_GPU = Inventory((), "none", problem="no NVML")
@@ -49,12 +49,14 @@ def render(mpi_name: str, case: str, root: bool) -> str:
                    python="/usr/bin/python3", **extra)
     placed = place(target, env={}, inv=inv)
     ctx = LaunchContext(is_root=root, local_cores=4, ambient_env=AMBIENT if case == "synced-nodes" else frozenset())
-    remote = RemoteLayout("/scratch/examples-12345678", "RUNID") if case == "synced-nodes" else None
-    the_plan = plan(spec, placed, MPIS[mpi_name], "RUNID", "/runs/RUNID", ctx, remote)
+    remote = RemoteLayout("/scratch", "/scratch/examples-12345678", "RUNID") if case == "synced-nodes" else None
+    the_plan = plan(spec, placed, MPIS[mpi_name], "RUNID", "/runs/RUNID", ctx, resolve_program(spec), remote)
     argv = [a.replace(str(REPO), "<repo>") for a in the_plan.argv]
     env = [f"{k}={v}" for k, v in sorted(the_plan.env.items())]
     gpus = [f"rank {s.rank} {s.host} local {s.local_rank} gpus {','.join(s.gpus) or '-'}" for s in placed.slots]
-    sections = ["# hostfile", the_plan.hostfile_text.rstrip(), "# argv", *argv, "# env", *env, "# placement", *gpus]
+    added = [f"{flags}  # {why}" for flags, why in the_plan.added]
+    sections = ["# hostfile", the_plan.hostfile_text.rstrip(), "# argv", *argv, "# env", *env, "# placement", *gpus,
+                "# added by distlaunch", *added]
     return "\n".join(sections) + "\n"
 
 
@@ -64,7 +66,7 @@ def render(mpi_name: str, case: str, root: bool) -> str:
 def test_plan_matches_golden(mpi_name, case, root):
     text = render(mpi_name, case, root)
     path = GOLDEN / f"{mpi_name}-{case}-{'root' if root else 'user'}.txt"
-    if os.environ.get("DISTLAUNCH_UPDATE_GOLDEN"):
+    if os.environ.get("DISTLAUNCH_UPDATE_GOLDEN") == "1":
         path.write_text(text)
     assert path.exists(), f"missing {path}: run with DISTLAUNCH_UPDATE_GOLDEN=1 to create it"
     assert text == path.read_text(), (
@@ -76,8 +78,12 @@ def test_plan_matches_golden(mpi_name, case, root):
 def test_user_btl_choice_wins():
     spec = JobSpec(str(REPO / "examples" / "train.py"), mpi_args=("--mca", "btl", "tcp,self"))
     placed = place(TargetSpec(ppn=2), env={}, inv=NO_GPU)
-    argv = plan(spec, placed, MPIS["ompi5"], "R", "/r", LaunchContext(False, 4)).argv
-    assert "^ofi" not in argv
-    argv = plan(spec, placed, MPIS["ompi5"], "R", "/r",
-                LaunchContext(False, 4, frozenset({"OMPI_MCA_btl"}))).argv
-    assert "^ofi" not in argv
+    program = resolve_program(spec)
+    argv = plan(spec, placed, MPIS["ompi5"], "R", "/r", LaunchContext(False, 4), program).argv
+    assert argv.count("btl") == 1 and "self,sm" not in argv  # the user's choice only
+    ours = JobSpec(str(REPO / "examples" / "train.py"))
+    argv = plan(ours, placed, MPIS["ompi5"], "R", "/r", LaunchContext(False, 4), program).argv
+    assert "self,sm" in argv  # distlaunch's default on one host
+    argv = plan(ours, placed, MPIS["ompi5"], "R", "/r",
+                LaunchContext(False, 4, frozenset({"OMPI_MCA_btl"})), program).argv
+    assert "self,sm" not in argv

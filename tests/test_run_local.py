@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, oversubscribe
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ def rank_files(folder: Path) -> dict[int, dict]:
 
 @pytest.mark.parametrize("ppn", [2, 4])
 def test_every_rank_runs_and_leaves_its_file(distlaunch, rank_script, tmp_path, ppn):
-    result = distlaunch("run", "--ppn", str(ppn), rank_script)
+    result = distlaunch("run", "--ppn", str(ppn), *oversubscribe(ppn), rank_script)
     assert result.returncode == 0, result.stderr
     files = rank_files(tmp_path)
     assert sorted(files) == list(range(ppn))
@@ -43,8 +43,8 @@ def test_every_rank_runs_and_leaves_its_file(distlaunch, rank_script, tmp_path, 
 
 
 def test_oversubscribed_run_unbinds_ranks(distlaunch, rank_script):
-    ranks = os.cpu_count() + 1
-    result = distlaunch("run", "--ppn", str(ranks), rank_script)
+    ranks = len(os.sched_getaffinity(0)) + 1
+    result = distlaunch("run", "--ppn", str(ranks), "--oversubscribe", rank_script)
     assert result.returncode == 0, result.stderr
     argv = result.record()["argv"]
     assert argv[argv.index("--bind-to") + 1] == "none"
@@ -60,7 +60,7 @@ def test_script_arguments_pass_through_untouched(distlaunch, rank_script, tmp_pa
 
 
 def test_failing_rank_fails_the_run_with_its_code(distlaunch, rank_script):
-    result = distlaunch("run", "--ppn", "3", rank_script, env={"FAIL_RANK": "1", "FAIL_CODE": "3"})
+    result = distlaunch("run", "--ppn", "3", *oversubscribe(3), rank_script, env={"FAIL_RANK": "1", "FAIL_CODE": "3"})
     assert result.returncode == 3
     record = result.record()
     assert record["status"] == "failed" and record["exit_code"] == 3
@@ -92,7 +92,7 @@ def test_dry_run_launches_nothing(distlaunch, rank_script, tmp_path):
     result = distlaunch("run", "--dry-run", "--ppn", "2", "--env", "FOO=bar", rank_script, "--x")
     assert result.returncode == 0, result.stderr
     assert "localhost slots=2" in result.stdout
-    assert "distlaunch.worker" in result.stdout and "mpirun" in result.stdout
+    assert "distlaunch.rank.worker" in result.stdout and "mpirun" in result.stdout
     assert "FOO=bar" in result.stdout
     assert rank_files(tmp_path) == {}
     assert result.run_dirs() == []

@@ -10,16 +10,18 @@ from typing import Any
 
 import click
 
-from ..errors import LaunchFailed
-from ..launcher import Watch, launch, prepare
-from ..placement import place
-from ..spec import JobSpec
-from ..units import format_size
-from .options import mpi_options, pop_mpi, pop_ssh, pop_target, ssh_options, target_options
+from ..errors import DistlaunchError
+from ..launch.launcher import launch, local_cores, prepare
+from ..launch.supervise import Console
+from ..plan.placement import place
+from ..plan.spec import JobSpec
+from ..plan.units import format_size
+from .options import mpi_options, pop_mpi, pop_remote_root, pop_ssh, pop_target, ssh_options, target_options
+from .run import progress, summarize
 
 HELP = """Measure allreduce on the given hosts, per backend, like nccl-tests.
 
-Launches 'python -m distlaunch.bench allreduce' through the normal run path. Every
+Launches 'python -m distlaunch.hvd.bench allreduce' through the normal run path. Every
 backend works on the same preallocated buffers; each time is the slowest rank's;
 every result is checked (#wrong). busbw = algbw x 2(n-1)/n; the memcpy rate of one
 core, measured in the same run, is the ceiling to compare it with.
@@ -51,7 +53,7 @@ def backends_for(choice: str, ranks_per_host: list[int]) -> str:
     return ",".join(names)
 
 
-def table(result: dict[str, Any]) -> str:
+def table(result: dict[str, Any]) -> str:  # nccl-tests' layout, wider than format_table's
     head = (f"{'size':>10} {'count':>12} {'type':>8} {'redop':>6} {'backend':>8} {'time(us)':>10} "
             f"{'min(us)':>9} {'max(us)':>9} {'algbw':>7} {'busbw':>7} {'%memcpy':>8} {'#wrong':>6}")
     ceiling = result["memcpy_one_core_GBps"]
@@ -89,7 +91,7 @@ def bench_group() -> None:
 @click.option("--run-dir", "runs_root", default="runs", show_default=True)
 @mpi_options
 def allreduce_command(**kwargs: Any) -> None:
-    from ..units import parse_size
+    from ..plan.units import parse_size
 
     for part in kwargs["sizes"].split(":"):
         parse_size(part, "--sizes")
@@ -97,21 +99,22 @@ def allreduce_command(**kwargs: Any) -> None:
     ssh = pop_ssh(kwargs)
     mpi = pop_mpi(kwargs)
     backend = "torch" if kwargs["backend"] == "hvd" else kwargs["backend"]
-    placed = place(target)
+    placed = place(target, local_cores=local_cores())
     names = backends_for(backend, list(Counter(slot.host for slot in placed.slots).values()))
-    args = ["-m", "distlaunch.bench", "allreduce", "--backends", names, "--sizes", kwargs["sizes"],
+    args = ["-m", "distlaunch.hvd.bench", "allreduce", "--backends", names, "--sizes", kwargs["sizes"],
             "--factor", str(kwargs["factor"]), "--dtype", kwargs["dtype"], "--op", kwargs["op"],
             "--iters", str(kwargs["iters"]), "--warmup", str(kwargs["warmup"])]
     spec = JobSpec(script=sys.executable, script_args=tuple(args), target=target, ssh=ssh, **mpi,
-                   runs_root=kwargs["runs_root"], remote_root=kwargs["remote_root"], sync=False)
+                   runs_root=kwargs["runs_root"], **pop_remote_root(kwargs), sync=False)
     prepared = prepare(spec)
     click.echo(f"distlaunch: allreduce with {names} on {len(prepared.slots)} rank(s)", err=True)
-    paths, outcome = launch(prepared, sys.stdout.buffer, sys.stderr.buffer, Watch(),
-                            progress=lambda m: click.echo(f"distlaunch: {m}", err=True))
+    paths, outcome = launch(prepared, Console(sys.stdout.buffer, sys.stderr.buffer), progress=progress)
     result_file = paths.outputs / "allreduce.json"
-    if outcome.exit_code != 0 or not result_file.is_file():
-        raise LaunchFailed(f"the benchmark run {paths.run_id} {outcome.status.value} (exit {outcome.exit_code}): "
-                           f"see {paths.root}/logs")
+    if outcome.exit_code != 0:  # the job's own exit code, as 'distlaunch run' gives it
+        summarize(paths.run_id, str(paths.root), outcome, len(prepared.slots), prepared.placed.nhosts)
+        sys.exit(outcome.exit_code)
+    if not result_file.is_file():
+        raise BenchError(f"the benchmark run {paths.run_id} wrote no {result_file.name}: see {paths.root}/logs")
     result = json.loads(result_file.read_text())
     click.echo(table(result))
     if kwargs["json_path"]:
@@ -122,12 +125,40 @@ def allreduce_command(**kwargs: Any) -> None:
             writer.writeheader()
             writer.writerows(result["rows"])
     if kwargs["plot_path"]:
-        try:
-            from ..bench import plot_busbw
-        except ImportError:
-            raise click.ClickException("--plot needs numpy and matplotlib: pip install matplotlib") from None
         plot_busbw(result["rows"], result["memcpy_one_core_GBps"],
                    f"allreduce, {result['ranks']} ranks, {result['dtype']} {result['op']}", kwargs["plot_path"])
     wrong = sum(row["wrong"] for row in result["rows"])
     if wrong:
-        raise LaunchFailed(f"{wrong} wrong element(s) in the results: a backend computed a wrong allreduce")
+        raise BenchError(f"{wrong} wrong element(s) in the results: a backend computed a wrong allreduce")
+
+
+class BenchError(DistlaunchError):
+    """The benchmark ran but its results are missing or wrong."""
+
+    exit_code = 1
+
+
+def plot_busbw(rows: list[dict[str, Any]], ceiling: float, title: str, target: str) -> None:
+    """busbw vs size per backend (log x axis), with the one-core memcpy rate as a line."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise click.ClickException("--plot needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for backend in dict.fromkeys(r["backend"] for r in rows):
+        mine = [r for r in rows if r["backend"] == backend]
+        ax.plot([r["size"] for r in mine], [r["busbw_GBps"] for r in mine], marker="o", label=backend)
+    ax.axhline(ceiling, color="grey", linestyle="--", label="memcpy, one core")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("message size (bytes)")
+    ax.set_ylabel("busbw (GB/s)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(target, dpi=70)
+    plt.close(fig)
+

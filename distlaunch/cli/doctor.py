@@ -6,10 +6,14 @@ from typing import Any
 
 import click
 
-from ..doctor import run_doctor
-from ..hosts import placement
-from ..placement import place
+from ..launch.launcher import choose_transport, local_cores
+from ..nodes.doctor import run_doctor
+from ..nodes.transport import Nodes
+from ..plan.hosts import placement
+from ..plan.placement import place
+from ..plan.spec import default_remote_root
 from .options import pop_ssh, pop_target, ssh_options, target_options
+from .table import format_table
 
 HELP = """Check that every node can run a job, and say what to fix.
 
@@ -42,15 +46,15 @@ def _row(host: str, facts: dict[str, Any] | None) -> list[str]:
 @ssh_options
 def doctor_command(**kwargs: Any) -> None:
     ssh = pop_ssh(kwargs)
-    remote_root = kwargs.pop("remote_root")
-    placed = place(pop_target(kwargs))
+    remote_root = kwargs.pop("remote_root") or default_remote_root()
+    placed = place(pop_target(kwargs), local_cores=local_cores())
     hosts = [host for host, _ in placement(placed.slots)]
-    local, reports = run_doctor(hosts, ssh, sys.executable, remote_root)
+    ssh.validate()
+    nodes = Nodes(choose_transport(ssh), sys.executable)
+    local, reports = run_doctor(nodes, hosts, remote_root)
     header = ["host", "hostname", "python", "distlaunch/torch/mpi4py/horovod", "mpi", "rsync", "gpus", "free"]
     rows = [header, _row("(this host)", local)] + [_row(r.host, r.facts) for r in reports]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    for row in rows:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    click.echo(format_table(rows), nl=False)
     problems = [line for report in reports for line in report.problems]
     if problems:
         click.echo(f"\n{len(problems)} problem(s):", err=True)

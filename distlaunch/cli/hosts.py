@@ -5,8 +5,10 @@ from typing import Any
 
 import click
 
-from ..placement import Placement, place
+from ..launch.launcher import local_cores
+from ..plan.placement import Placement, place
 from .options import pop_target, target_options
+from .table import format_table
 
 HOSTS_HELP = """Print the placement: every rank's host, local rank and GPU(s).
 
@@ -24,16 +26,14 @@ Examples:
 def placement_table(placed: Placement) -> str:
     """Rank → host, local rank, GPUs as aligned text."""
     rows = [("rank", "host", "local", "gpus")]
-    for slot in placed.slots:
-        rows.append((str(slot.rank), slot.host, str(slot.local_rank), ",".join(slot.gpus) or "-"))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    return "".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() + "\n" for row in rows)
+    rows += [(str(slot.rank), slot.host, str(slot.local_rank), ",".join(slot.gpus) or "-") for slot in placed.slots]
+    return format_table(rows)
 
 
 @click.command("hosts", help=HOSTS_HELP)
 @target_options
 def hosts_command(**kwargs: Any) -> None:
-    placed = place(pop_target(kwargs))
+    placed = place(pop_target(kwargs), local_cores=local_cores())
     if placed.note:
         click.echo(f"distlaunch: {placed.note}", err=True)
     mode = f"GPU, {placed.gpus_per_rank} per rank" if placed.gpu_mode else "CPU"

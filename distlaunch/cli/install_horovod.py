@@ -26,7 +26,7 @@ Examples:
 @click.option("--log", "log_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Build log file [default: build.log in the cache dir].")
 def install_horovod_command(cache_dir: Path | None, rebuild: bool, log_path: Path | None) -> None:
-    from ..horovod_build import HOROVOD_VERSION, check_build, install
+    from ..launch.horovod_build import HOROVOD_VERSION, check_build, install
 
     def progress(message: str) -> None:
         click.echo(f"distlaunch: {message}", err=True)

@@ -43,6 +43,27 @@ for _command in (runs_group, logs_command, download_command, cancel_command, ben
     cli.add_command(_command)
 
 
+# what users of other launchers type, and what it is called here
+FOREIGN_OPTIONS = {
+    "--nproc-per-node": "--ppn (ranks per host)", "--nproc_per_node": "--ppn (ranks per host)",
+    "--nnodes": "--nodes", "-np": "-n N or --np N (ranks in all)", "--num-proc": "-n N",
+    "--hostfile-path": "--hostfile", "--host": "-H/--hosts", "--npernode": "--ppn", "-npernode": "--ppn",
+    "--num_gpus": "--ppn with --use-gpu", "--num_nodes": "--nodes",
+}
+
+
+def usage_message(exc: click.UsageError) -> str:
+    """One line for a usage error, with a hint when the user typed another launcher's flag."""
+    command = exc.ctx.command_path if exc.ctx is not None else "distlaunch"
+    if isinstance(exc, click.NoSuchOption) and exc.option_name in FOREIGN_OPTIONS:
+        return (f"{exc.option_name} is not a distlaunch option: here it is {FOREIGN_OPTIONS[exc.option_name]} "
+                f"(see '{command} --help')")
+    if isinstance(exc, click.BadParameter) and exc.param is not None and exc.param.name == "np" \
+            and "'p'" in exc.format_message():
+        return f"-np is mpirun's spelling: here it is {FOREIGN_OPTIONS['-np']} (see '{command} --help')"
+    return f"{exc.format_message()} (see '{command} --help')"
+
+
 def main() -> None:
     """Run the CLI; every error is one line on stderr and a documented exit code."""
     try:
@@ -51,8 +72,7 @@ def main() -> None:
         click.echo(f"distlaunch: error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except click.UsageError as exc:
-        command = exc.ctx.command_path if exc.ctx is not None else "distlaunch"
-        click.echo(f"distlaunch: error: {exc.format_message()} (see '{command} --help')", err=True)
+        click.echo(f"distlaunch: error: {usage_message(exc)}", err=True)
         sys.exit(ExitCode.USAGE)
     except click.ClickException as exc:
         click.echo(f"distlaunch: error: {exc.format_message()}", err=True)

@@ -8,14 +8,16 @@ from typing import Any
 import click
 
 from ..errors import SpecError
-from ..spec import DEFAULT_REMOTE_ROOT, TargetSpec
-from ..ssh import SSHOptions
+from ..plan.spec import TargetSpec
+from ..plan.ssh import SSHOptions
 
 _TARGET_OPTIONS = [
     click.option("--nodes", type=click.IntRange(min=1), help="Number of hosts to use (default: all found)."),
     click.option("--ppn", type=click.IntRange(min=1),
                  help="Ranks per host (default: GPUs per host with GPUs, else the host's slots, else 1)."),
-    click.option("--hosts", metavar="H1:N,H2:N", help="Hosts and their slots, e.g. node1:4,node2:4."),
+    click.option("-n", "--np", "np", type=click.IntRange(min=1), metavar="N",
+                 help="Ranks in all, as mpirun's -n: filling each host's slots in turn (or --ppn per host)."),
+    click.option("-H", "--hosts", metavar="H1:N,H2:N", help="Hosts and their slots, e.g. node1:4,node2:4."),
     click.option("--hostfile", metavar="FILE", help="Open MPI (host slots=N) or MPICH (host:N) hostfile."),
     click.option("--oversubscribe", is_flag=True, help="Allow more ranks than slots (or cores)."),
     click.option("--use-gpu/--cpu-only", "use_gpu", default=None,
@@ -29,11 +31,12 @@ _SSH_OPTIONS = [
     click.option("--ssh-config", metavar="FILE", help="ssh config file for reaching the nodes."),
     click.option("--ssh-port", type=click.IntRange(1, 65535), help="ssh port of the nodes."),
     click.option("--ssh-key", metavar="FILE", help="ssh private key for the nodes."),
-    click.option("--remote-dir", "remote_root", default=DEFAULT_REMOTE_ROOT, show_default=True, metavar="DIR",
-                 help="Node-local directory the code is synced under."),
+    click.option("--remote-dir", "remote_root", default=None, metavar="DIR",
+                 help="Node-local directory the code is synced under, private to you "
+                      "[default: /tmp/distlaunch-$USER]."),
 ]
 
-TARGET_KEYS = ("nodes", "ppn", "hosts", "hostfile", "oversubscribe", "use_gpu", "gpus_per_rank", "gpus")
+TARGET_KEYS = ("nodes", "ppn", "np", "hosts", "hostfile", "oversubscribe", "use_gpu", "gpus_per_rank", "gpus")
 
 
 def target_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -52,6 +55,12 @@ def ssh_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def pop_ssh(kwargs: dict[str, Any]) -> SSHOptions:
     return SSHOptions(kwargs.pop("ssh_config"), kwargs.pop("ssh_port"), kwargs.pop("ssh_key"))
+
+
+def pop_remote_root(kwargs: dict[str, Any]) -> dict[str, str]:
+    """``remote_root`` as a JobSpec field, only when given (else the per-user default)."""
+    root = kwargs.pop("remote_root")
+    return {"remote_root": root} if root else {}
 
 
 def pop_target(kwargs: dict[str, Any]) -> TargetSpec:

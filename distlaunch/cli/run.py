@@ -7,13 +7,25 @@ from typing import Any
 
 import click
 
-from ..launcher import Prepared, Watch, launch, prepare
+from ..errors import SpecError
+from ..launch.launcher import Prepared, launch, prepare
+from ..launch.supervise import Console, Outcome, Watch
+from ..plan.envpolicy import is_secret, redact
+from ..plan.mpirun import LaunchPlan
+from ..plan.spec import JobSpec, parse_env_file, parse_env_items
+from ..plan.units import parse_duration
 from ..records import RunPaths, new_run_id
-from ..spec import JobSpec, parse_env_items
-from ..supervise import Outcome
-from ..units import parse_duration
 from .hosts import placement_table
-from .options import mpi_options, pop_mpi, pop_ssh, pop_target, ssh_options, target_options
+from .options import (
+    mpi_options,
+    pop_mpi,
+    pop_remote_root,
+    pop_ssh,
+    pop_target,
+    ssh_options,
+    target_options,
+)
+from .table import format_table
 
 RUN_HELP = """Run SCRIPT on every rank, with MPI, and keep a run folder.
 
@@ -23,11 +35,13 @@ the script untouched, even ones that look like distlaunch options.
 \b
 Examples:
   distlaunch run --ppn 2 examples/train.py --epochs 2
-  distlaunch run --hosts node1:4,node2:4 train.py --lr 0.1
+  distlaunch run -n 8 -H node1:4,node2:4 train.py --lr 0.1
+  distlaunch run -v --ppn 2 --output-ranks 0 train.py      # show the plan; only rank 0 on screen
   distlaunch run --hostfile hostfiles/two-nodes-4-gpus.txt --nodes 2 train.py
   distlaunch run --ppn 4 --env OMP_NUM_THREADS=1 --mpi-arg "--mca btl tcp,self" train.py
   distlaunch run --dry-run --ppn 8 --oversubscribe train.py
   distlaunch run --hosts 10.0.0.2:4,10.0.0.3:4 --ssh-key ~/.ssh/cluster train.py
+  distlaunch run --env WANDB_API_KEY --env-file secrets.env train.py   # values from here, not argv
 
 \b
 Hosts come from --hosts, else --hostfile, else the Slurm/PBS/LSF allocation, else
@@ -54,8 +68,10 @@ input, 69 when no MPI is found, 73 when the run folder cannot be written, 124 af
 @click.option("--no-sync", is_flag=True, help="Do not copy the code: the nodes share a filesystem.")
 @click.option("--collect-all-ranks", is_flag=True, help="Bring every node's ./outputs back, under outputs/<host>/.")
 @click.option("--skip-checks", is_flag=True, help="Do not check the nodes before a multi-node launch.")
-@click.option("--env", "env_items", multiple=True, metavar="NAME=VALUE",
-              help="Set a variable on every rank (repeatable).")
+@click.option("--env", "env_items", multiple=True, metavar="NAME[=VALUE]",
+              help="Set a variable on every rank (repeatable); NAME alone takes its value from here.")
+@click.option("--env-file", "env_files", multiple=True, type=click.Path(dir_okay=False), metavar="FILE",
+              help="Set the NAME=VALUE lines of FILE on every rank (repeatable; keeps secrets off argv).")
 @click.option("--pip", "pip_packages", multiple=True, metavar="PKG",
               help="Install this package on every node first (repeatable; cached per node).")
 @click.option("--requirements", type=click.Path(dir_okay=False), metavar="FILE",
@@ -72,6 +88,9 @@ input, 69 when no MPI is found, 73 when the run folder cannot be written, 124 af
 @click.option("--hang-timeout", metavar="DURATION",
               help="End the job when no rank printed anything for this long, after dumping every "
                    "rank's Python stack into its log; status 'timeout', exit 124.")
+@click.option("--iface", metavar="NAME", help="Network interface for MPI and gloo between nodes, e.g. eth0.")
+@click.option("--output-ranks", metavar="0,1", help="Show only these ranks' output here (the logs keep all).")
+@click.option("-v", "--verbose", is_flag=True, help="Show the plan: mpirun argv and what distlaunch added, and why.")
 @click.option("--dry-run", is_flag=True, help="Print hostfile, mpirun argv and environment; launch nothing.")
 @click.argument("script")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
@@ -82,23 +101,28 @@ def run_command(**kwargs: Any) -> None:
         timeout=parse_duration(kwargs["timeout"], "--timeout") if kwargs["timeout"] else None,
         hang_timeout=parse_duration(kwargs["hang_timeout"], "--hang-timeout") if kwargs["hang_timeout"] else None,
     )
+    env = [pair for path in kwargs["env_files"] for pair in parse_env_file(path)]
+    env += parse_env_items(kwargs["env_items"])
+    warn_secret_values(kwargs["env_items"])
     spec = JobSpec(
         script=kwargs["script"],
         script_args=kwargs["args"],
         target=target,
-        env=parse_env_items(kwargs["env_items"]),
+        env=tuple(env),
         **pop_mpi(kwargs),
         runs_root=kwargs["runs_root"],
         env_pass=tuple(kwargs["env_pass"]),
         source_dir=kwargs["source_dir"],
-        remote_root=kwargs["remote_root"],
+        **pop_remote_root(kwargs),
         sync=not kwargs["no_sync"],
         ssh=pop_ssh(kwargs),
         collect_all_ranks=kwargs["collect_all_ranks"],
         skip_checks=kwargs["skip_checks"],
         pip_packages=tuple(kwargs["pip_packages"]),
         requirements=kwargs["requirements"],
+        iface=kwargs["iface"],
     )
+    console = Console(sys.stdout.buffer, sys.stderr.buffer, parse_ranks(kwargs["output_ranks"]))
     prepared = prepare(spec)
     if prepared.placed.note:
         click.echo(f"distlaunch: {prepared.placed.note}", err=True)
@@ -107,20 +131,55 @@ def run_command(**kwargs: Any) -> None:
         return
     placed = prepared.placed
 
-    def banner(paths: RunPaths) -> None:
+    def ready(paths: RunPaths) -> None:
         click.echo(
             f"distlaunch: run {paths.run_id}: {len(placed.slots)} rank(s) on {placed.nhosts} host(s) "
             f"({placed.source.origin}), {'GPU' if placed.gpu_mode else 'CPU'}, {prepared.mpi.label}",
             err=True,
         )
+        if kwargs["verbose"]:
+            the_plan = prepared.plan(paths.run_id, str(paths.root))
+            click.echo(explain(the_plan), err=True, nl=False)
 
-    def progress(message: str) -> None:
-        click.echo(f"distlaunch: {message}", err=True)
-
-    paths, outcome = launch(prepared, sys.stdout.buffer, sys.stderr.buffer, watch, on_ready=banner,
-                            progress=progress)
+    paths, outcome = launch(prepared, console, watch, on_ready=ready, progress=progress)
     summarize(paths.run_id, str(paths.root), outcome, len(placed.slots), placed.nhosts)
     sys.exit(outcome.exit_code)
+
+
+def progress(message: str) -> None:
+    click.echo(f"distlaunch: {message}", err=True)
+
+
+def parse_ranks(text: str | None) -> frozenset[int] | None:
+    """``--output-ranks 0,2-3`` → {0, 2, 3}."""
+    if not text:
+        return None
+    ranks: set[int] = set()
+    for part in text.split(","):
+        low, dash, high = part.strip().partition("-")
+        try:
+            ranks.update(range(int(low), int(high) + 1) if dash else [int(low)])
+        except ValueError:
+            raise SpecError(f"--output-ranks {text!r}: write ranks like 0,1 or 0-3") from None
+    return frozenset(ranks)
+
+
+def warn_secret_values(items: tuple[str, ...]) -> None:
+    for item in items:
+        name, eq, _value = item.partition("=")
+        if eq and is_secret(name):
+            click.echo(f"distlaunch: warning: --env {name}=... puts a secret on the command line, where "
+                       f"'ps' shows it: write --env {name} (value from your environment) or use --env-file",
+                       err=True)
+
+
+def explain(the_plan: LaunchPlan) -> str:
+    """What ``-v`` shows: the mpirun argv and the flags distlaunch added, with reasons."""
+    lines = [f"distlaunch: mpirun argv: {shlex.join(the_plan.argv)}\n"]
+    if the_plan.added:
+        lines.append("distlaunch: added on its own:\n")
+        lines += [f"distlaunch:   {row}" for row in format_table(the_plan.added).splitlines(keepends=True)]
+    return "".join(lines)
 
 
 def show_dry_run(prepared: Prepared) -> None:
@@ -132,8 +191,11 @@ def show_dry_run(prepared: Prepared) -> None:
     click.echo("# command")
     click.echo(shlex.join(the_plan.argv))
     click.echo("# environment added")
-    for name, value in sorted(the_plan.env.items()):
+    for name, value in sorted(redact(the_plan.env).items()):
         click.echo(f"{name}={value}")
+    if the_plan.added:
+        click.echo("# added by distlaunch")
+        click.echo(format_table(the_plan.added), nl=False)
     click.echo("# placement")
     click.echo(placement_table(prepared.placed), nl=False)
 

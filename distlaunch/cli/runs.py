@@ -7,8 +7,10 @@ from pathlib import Path
 
 import click
 
-from ..history import load, merge, remove, request_cancel, resolve, run_folders, summary
-from ..metrics import read_metrics
+from ..launch.history import merge, remove, request_cancel, resolve, run_folders, summary
+from ..launch.metrics import read_metrics
+from ..records import RunPaths, RunRecord
+from .table import format_table
 
 RUN_DIR_OPTION = click.option("--run-dir", "runs_root", default="runs", show_default=True, metavar="DIR",
                               help="Where the run folders are.")
@@ -30,22 +32,13 @@ def runs_group() -> None:
 @RUN_DIR_OPTION
 def list_command(runs_root: str) -> None:
     """One line per run, oldest first."""
-    rows = [summary(load_record(p)) for p in run_folders(runs_root)]
+    rows = [summary(RunRecord.load(RunPaths(p))) for p in run_folders(runs_root)]
     if not rows:
         click.echo(f"no runs under {runs_root}")
         return
     header = {"id": "id", "script": "script", "status": "status", "shape": "nodes x ppn", "started": "started",
               "duration": "duration", "exit": "exit"}
-    table = [header, *rows]
-    widths = {key: max(len(str(row[key])) for row in table) for key in header}
-    for row in table:
-        click.echo("  ".join(str(row[key]).ljust(widths[key]) for key in header).rstrip())
-
-
-def load_record(folder: Path) -> dict:
-    from ..records import RunPaths
-
-    return load(RunPaths(folder))
+    click.echo(format_table([list(header.values()), *([row[key] for key in header] for row in rows)]), nl=False)
 
 
 @runs_group.command("show")
@@ -56,27 +49,29 @@ def show_command(run_id: str, runs_root: str, plot_to: str | None) -> None:
     """Details of one run: placement, status, metrics summary, root cause if it failed."""
     paths = resolve(runs_root, run_id)
     if plot_to:
-        from ..metrics import plot
+        from ..launch.metrics import plot
 
         click.echo(f"plot      {plot(paths.root, Path(plot_to))}")
-    record = load(paths)
+    record = RunRecord.load(paths)
     row = summary(record)
-    click.echo(f"run       {record['id']}")
-    click.echo(f"script    {record.get('script')} {' '.join(record.get('spec', {}).get('script_args', []))}")
-    click.echo(f"status    {record['status']} (exit {record.get('exit_code', '-')}), {row['duration']}")
+    click.echo(f"run       {record.id}")
+    click.echo(f"script    {record.script} {' '.join(record.spec.get('script_args', []))}")
+    click.echo(f"status    {record.status.value} (exit {row['exit']}), {row['duration']}")
     click.echo(f"started   {row['started']}")
-    click.echo(f"ranks     {record.get('ranks')} on {record.get('nodes')} host(s) ({record.get('host_source')})")
-    click.echo(f"mpi       {record.get('versions', {}).get('mpi')}")
+    click.echo(f"ranks     {record.ranks} on {record.nodes} host(s) ({record.host_source})")
+    click.echo(f"mpi       {record.versions.get('mpi')}")
     click.echo(f"folder    {paths.root}")
-    if record.get("reason"):
-        click.echo(f"reason    {record['reason']}")
-    failure = record.get("first_failure")
+    if record.reason:
+        click.echo(f"reason    {record.reason}")
+    if record.error:
+        click.echo(f"error     {record.error}")
+    failure = record.first_failure
     if failure:
-        who = f"rank {failure['rank']} on {failure['host']}" if failure.get("rank") is not None else "mpirun"
-        how = failure.get("exception") or (f"killed by {failure['signal']}" if failure.get("signal")
-                                           else f"exit code {failure['exit_code']}")
+        who = f"rank {failure.rank} on {failure.host}" if failure.rank is not None else "mpirun"
+        how = failure.exception or (f"killed by {failure.signal}" if failure.signal
+                                    else f"exit code {failure.exit_code}")
         click.echo(f"failure   {who}: {how}")
-        for line in failure.get("last_lines", []):
+        for line in failure.last_lines:
             click.echo(f"          | {line}")
     metrics = read_metrics(paths.root)
     if metrics:
@@ -126,10 +121,8 @@ def logs_command(run_id: str, rank: int | None, raw: bool, follow: bool, runs_ro
             click.echo(line)
         return
     offset = 0
-    from ..records import Status
-
     while True:
-        finished = Status(load(paths)["status"]).finished
+        finished = RunRecord.load(paths).status.finished
         if source.exists():
             with open(source, "rb") as handle:
                 handle.seek(offset)
@@ -154,7 +147,7 @@ def download_command(run_id: str, name: str, dest: str | None, runs_root: str) -
     Example:
       distlaunch download 20261122-2153 outputs/model.onnx -o model.onnx
     """
-    from ..api import Run
+    from ..launch.api import Run
 
     target = Run(resolve(runs_root, run_id)).download_file(name, dest)
     click.echo(str(target))

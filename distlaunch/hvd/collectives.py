@@ -15,24 +15,13 @@ import torch
 import torch.distributed as dist
 
 from .compression import Compression
-from .torchdist import (
-    Average,
-    Sum,
-    _finish_average,
-    _register,
-    _scale,
-    _topo,
-    _torch_op,
-    allreduce,
-    rank,
-    size,
-    synchronize,
-)
+from .core import Average, Sum, finish_average, register, scale, topo, torch_op
+from .torchdist import allreduce, rank, size, synchronize
 
 
 # ---------------------------------------------------------------- allgather
 def _allgather(tensor: torch.Tensor) -> torch.Tensor:
-    _topo()
+    topo()
     tensor = tensor.detach().contiguous()
     shaped = tensor if tensor.dim() else tensor.reshape(1)
     first = torch.tensor([shaped.shape[0]], dtype=torch.int64, device=tensor.device)
@@ -67,7 +56,7 @@ def allgather(tensor: torch.Tensor, name: str | None = None, process_set: Any = 
 
 def allgather_async(tensor: torch.Tensor, name: str | None = None, process_set: Any = None) -> int:
     output = _allgather(tensor)
-    return _register(None, output, lambda: output)
+    return register(None, output, lambda: output)
 
 
 def grouped_allgather(tensors: Sequence[torch.Tensor], name: str | None = None,
@@ -76,7 +65,7 @@ def grouped_allgather(tensors: Sequence[torch.Tensor], name: str | None = None,
 
 
 def allgather_object(obj: Any, name: str | None = None, process_set: Any = None) -> list[Any]:
-    _topo()
+    topo()
     gathered: list[Any] = [None] * size()
     dist.all_gather_object(gathered, obj)
     return gathered
@@ -85,9 +74,9 @@ def allgather_object(obj: Any, name: str | None = None, process_set: Any = None)
 # ---------------------------------------------------------------- broadcast
 def broadcast_async_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
                      process_set: Any = None) -> int:
-    _topo()
+    topo()
     work = dist.broadcast(tensor.data, src=root_rank, async_op=True)
-    return _register(work, tensor, lambda: tensor)
+    return register(work, tensor, lambda: tensor)
 
 
 def broadcast_async(tensor: torch.Tensor, root_rank: int, name: str | None = None,
@@ -122,7 +111,7 @@ def broadcast(tensor: torch.Tensor, root_rank: int, name: str | None = None,
 
 
 def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None, process_set: Any = None) -> Any:
-    _topo()
+    topo()
     box = [obj if rank() == root_rank else None]
     dist.broadcast_object_list(box, src=root_rank)
     return box[0]
@@ -150,7 +139,7 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int) 
 
 # ---------------------------------------------------------------- alltoall
 def _alltoall(tensor: torch.Tensor, splits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    _topo()
+    topo()
     n = size()
     tensor = tensor.detach().contiguous()
     if splits is None:
@@ -199,7 +188,7 @@ def alltoall(tensor: torch.Tensor, splits: torch.Tensor | None = None, name: str
 def alltoall_async(tensor: torch.Tensor, splits: torch.Tensor | None = None, name: str | None = None,
                    process_set: Any = None) -> int:
     output, received = _alltoall(tensor, splits)
-    return _register(None, output, lambda: (output, received))
+    return register(None, output, lambda: (output, received))
 
 
 # ---------------------------------------------------------------- reducescatter
@@ -209,16 +198,16 @@ def _rows(total: int, n: int) -> list[int]:
 
 
 def _reducescatter(tensor: torch.Tensor, op: int, pre: float, post: float) -> torch.Tensor:
-    _topo()
+    topo()
     if tensor.dim() == 0:
         raise ValueError("reducescatter needs a tensor with at least one dimension")
     work = tensor.detach().clone().contiguous()
-    _scale(work, pre)
-    dist.all_reduce(work, op=_torch_op(op))
+    scale(work, pre)
+    dist.all_reduce(work, op=torch_op(op))
     rows = _rows(work.shape[0], size())
     start = sum(rows[: rank()])
     mine = work.narrow(0, start, rows[rank()]).clone()
-    return _finish_average(mine, op, post)
+    return finish_average(mine, op, post)
 
 
 class _ReducescatterFn(torch.autograd.Function):
@@ -248,12 +237,12 @@ def reducescatter_async(tensor: torch.Tensor, name: str | None = None, op: int =
                         process_set: Any = None, prescale_factor: float = 1.0,
                         postscale_factor: float = 1.0) -> int:
     output = _reducescatter(tensor, op, prescale_factor, postscale_factor)
-    return _register(None, output, lambda: output)
+    return register(None, output, lambda: output)
 
 
 # ---------------------------------------------------------------- barrier / join
 def barrier(process_set: Any = None) -> None:
-    _topo()
+    topo()
     dist.barrier()
 
 
@@ -266,7 +255,7 @@ def join(device: int = -1) -> int:
     """
     import time
 
-    _topo()
+    topo()
     stamp = torch.tensor([time.time()], dtype=torch.float64)
     stamps = [torch.empty_like(stamp) for _ in range(size())]
     dist.all_gather(stamps, stamp)

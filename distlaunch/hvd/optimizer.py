@@ -172,7 +172,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any
                          process_set: Any = None) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` so that ``step()`` applies gradients averaged over all ranks."""
     if op == ops.Adasum:
-        ops._torch_op(op)  # raises the explanatory NotImplementedError
+        ops.torch_op(op)  # raises the explanatory NotImplementedError
     cls = type(optimizer.__class__.__name__, (_DistributedMixin, optimizer.__class__), {})
     return cls(optimizer.param_groups, named_parameters, compression,  # type: ignore[call-arg,no-any-return]
                backward_passes_per_step, op, gradient_predivide_factor)

@@ -1,18 +1,29 @@
-"""Bring the ranks of an MPI-launched job together in torch.distributed.
+"""Bring the ranks of an MPI-launched job together in torch.distributed, privately.
 
-Rank 0 opens a ``TCPStore`` on a free port (chosen by the OS, so no race) at an address
-the other ranks can reach, and sends ``(address, port)`` to everyone over MPI. The
-address is, in order: ``DISTLAUNCH_MASTER_ADDR`` (set by ``distlaunch run`` from the host
-list), 127.0.0.1 when every rank is on this node, else this node's first non-loopback
-IPv4 address. Never ``gethostbyname(gethostname())``: it is 127.0.0.1 on many machines.
+Rank 0 opens a ``TCPStore`` on a socket it binds itself to ONE address (never all
+interfaces), on a port the OS picks, and sends ``(address, port, key)`` to every rank
+over MPI. ``key`` is a fresh random token: every key the job uses lives under it
+(``PrefixStore``), so a process outside the job that finds the port can neither read
+nor plant the job's keys. The address is, in order: 127.0.0.1 when every rank is on
+this node; the address of ``GLOO_SOCKET_IFNAME`` when set; ``DISTLAUNCH_MASTER_ADDR``
+(rank 0's host from the host list) resolved here, unless it only names this machine's
+loopback; else this node's first non-loopback IPv4 address. Never
+``gethostbyname(gethostname())``: it is 127.0.x.1 on many machines.
+
+Each rank also tells gloo which interface to use (``GLOO_SOCKET_IFNAME``, the one that
+reaches rank 0) unless the user chose one, so gloo does not fall back to guessing.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
+import secrets
+import socket
 from dataclasses import dataclass
 from typing import Any
 
-from ..rankinfo import RankInfo
+from ..protocol import MASTER_ADDR
+from ..rank.rankinfo import RankInfo
 
 TIMEOUT_S = float(os.environ.get("DISTLAUNCH_RENDEZVOUS_TIMEOUT", "300"))
 
@@ -29,14 +40,16 @@ class Topology:
     cross_size: int
 
 
-def reachable_address(all_local: bool) -> str:
-    explicit = os.environ.get("DISTLAUNCH_MASTER_ADDR")
-    if explicit:
-        return explicit
-    if all_local:
-        return "127.0.0.1"
-    import socket
+def _interface_ipv4(name: str) -> str | None:
+    import psutil
 
+    for addr in psutil.net_if_addrs().get(name, []):
+        if addr.family == socket.AF_INET:
+            return str(addr.address)
+    return None
+
+
+def _first_ipv4() -> str:
     import psutil
 
     for _name, addrs in sorted(psutil.net_if_addrs().items()):
@@ -44,6 +57,44 @@ def reachable_address(all_local: bool) -> str:
             if addr.family == socket.AF_INET and not addr.address.startswith("127."):
                 return str(addr.address)
     return "127.0.0.1"
+
+
+def master_address(all_local: bool) -> str:
+    """The IP address rank 0's store listens on (see the module's docstring)."""
+    if all_local:
+        return "127.0.0.1"
+    iface = os.environ.get("GLOO_SOCKET_IFNAME")
+    if iface and _interface_ipv4(iface.split(",")[0]):
+        return str(_interface_ipv4(iface.split(",")[0]))
+    name = os.environ.get(MASTER_ADDR)
+    if name:
+        try:
+            address = socket.getaddrinfo(name, None, socket.AF_INET)[0][4][0]
+        except (OSError, IndexError):
+            address = None
+        own_name = name in (socket.gethostname(), socket.gethostname().split(".")[0])
+        if address and not (ipaddress.ip_address(address).is_loopback and own_name):
+            return str(address)
+    return _first_ipv4()
+
+
+def interface_towards(address: str) -> str | None:
+    """The name of the local interface whose address is used to reach ``address``."""
+    import psutil
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((address, 9))  # UDP: no packet is sent
+            local = probe.getsockname()[0]
+    except OSError:
+        return None
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(addr.family == socket.AF_INET and addr.address == local for addr in addrs):
+            return name
+    if ipaddress.ip_address(local).is_loopback:
+        return next((name for name, addrs in psutil.net_if_addrs().items()
+                     if any(a.family == socket.AF_INET and a.address.startswith("127.") for a in addrs)), None)
+    return None
 
 
 def mpi_topology() -> tuple[Any, Topology]:
@@ -63,8 +114,17 @@ def single_topology() -> Topology:
     return Topology(0, 1, 0, 1, 0, 1)
 
 
+def _listen(address: str) -> int:
+    """A listening socket on ``address`` only, port chosen by the OS; its file descriptor."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((address, 0))
+    sock.listen(1024)
+    return sock.detach()  # the store owns it from here
+
+
 def create_store(info: RankInfo) -> tuple[Any, Topology]:
-    """A torch.distributed store shared by all ranks, and the job's topology."""
+    """A torch.distributed store private to this job, and the job's topology."""
     from datetime import timedelta
 
     import torch.distributed as dist
@@ -74,13 +134,18 @@ def create_store(info: RankInfo) -> tuple[Any, Topology]:
     world, topo = mpi_topology()
     timeout = timedelta(seconds=TIMEOUT_S)
     store = None
+    offer = None
     if topo.rank == 0:
-        addr = reachable_address(topo.local_size == topo.size)
-        store = dist.TCPStore(addr, 0, topo.size, is_master=True, timeout=timeout, wait_for_workers=False)
-        addr_port = (addr, store.port)
-    else:
-        addr_port = None
-    addr, port = world.bcast(addr_port, root=0)
+        address = master_address(topo.local_size == topo.size)
+        fd = _listen(address)
+        store = dist.TCPStore(address, 0, topo.size, is_master=True, timeout=timeout, wait_for_workers=False,
+                              master_listen_fd=fd)
+        offer = (address, store.port, secrets.token_hex(16))
+    address, port, key = world.bcast(offer, root=0)
     if store is None:
-        store = dist.TCPStore(addr, port, topo.size, is_master=False, timeout=timeout)
-    return store, topo
+        store = dist.TCPStore(address, port, topo.size, is_master=False, timeout=timeout)
+    if "GLOO_SOCKET_IFNAME" not in os.environ:
+        iface = interface_towards(address)
+        if iface:
+            os.environ["GLOO_SOCKET_IFNAME"] = iface
+    return dist.PrefixStore(f"distlaunch/{key}/", store), topo

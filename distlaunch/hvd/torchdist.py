@@ -11,40 +11,45 @@ gloo|shm|auto``): inside a node through shared memory, across nodes hierarchical
 """
 from __future__ import annotations
 
-import itertools
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from ..rankinfo import from_environ
+from ..rank.rankinfo import from_environ
 from .compression import Compression
-from .rendezvous import Topology, create_store
+from .core import (
+    OP_NAMES,
+    SHM_OPS,
+    Adasum,
+    Average,
+    HorovodInternalError,
+    Max,
+    Min,
+    Product,
+    Sum,
+    finish_average,
+    register,
+    resolve_op,
+    scale,
+    state,
+    topo,
+    torch_op,
+)
+from .rendezvous import create_store
 
-Average, Sum, Adasum, Min, Max, Product = 0, 1, 2, 3, 4, 5
-_OP_NAMES = {Average: "Average", Sum: "Sum", Adasum: "Adasum", Min: "Min", Max: "Max", Product: "Product"}
-
-_topology: Topology | None = None
 SHM_MIN_BYTES = 0  # auto mode: shared memory from this size up (it beat gloo at every size measured)
-_handles: dict[int, tuple[Any, torch.Tensor, Callable[[], torch.Tensor]]] = {}
-_next_handle = itertools.count()
-
-
-class HorovodInternalError(RuntimeError):
-    """Same name as Horovod's: a collective failed."""
 
 
 # ---------------------------------------------------------------- set-up and topology
 def init(comm: Any = None, process_sets: Any = None) -> None:
     """Join the job (idempotent). Pins this rank's GPU when CUDA is available."""
-    global _topology
-    if _topology is not None:
+    if state.topology is not None:
         return
-    info = from_environ()
-    store, topo = create_store(info)
+    store, topo = create_store(from_environ())
     backend = "gloo"
     if torch.cuda.is_available():
         backend = "nccl"
@@ -52,7 +57,7 @@ def init(comm: Any = None, process_sets: Any = None) -> None:
         narrowed = visible != "" and "," not in visible
         torch.cuda.set_device(0 if narrowed else topo.local_rank % torch.cuda.device_count())
     dist.init_process_group(backend, store=store, rank=topo.rank, world_size=topo.size)
-    _topology = topo
+    state.topology = topo
     if topo.size > 1:
         _abort_on_uncaught_exception()
 
@@ -72,48 +77,38 @@ def _abort_on_uncaught_exception() -> None:
 
 
 def shutdown() -> None:
-    global _topology, _shm
-    if _shm:
-        _shm.close()
-    _shm = None
-    if _topology is not None and dist.is_initialized():
+    initialized = state.topology is not None
+    state.reset()
+    if initialized and dist.is_initialized():
         dist.destroy_process_group()
-    _topology = None
-    _handles.clear()
 
 
 def is_initialized() -> bool:
-    return _topology is not None
-
-
-def _topo() -> Topology:
-    if _topology is None:
-        raise ValueError("Horovod has not been initialized; use hvd.init().")
-    return _topology
+    return state.topology is not None
 
 
 def rank() -> int:
-    return _topo().rank
+    return topo().rank
 
 
 def size() -> int:
-    return _topo().size
+    return topo().size
 
 
 def local_rank() -> int:
-    return _topo().local_rank
+    return topo().local_rank
 
 
 def local_size() -> int:
-    return _topo().local_size
+    return topo().local_size
 
 
 def cross_rank() -> int:
-    return _topo().cross_rank
+    return topo().cross_rank
 
 
 def cross_size() -> int:
-    return _topo().cross_size
+    return topo().cross_size
 
 
 def is_homogeneous() -> bool:
@@ -152,58 +147,16 @@ def rocm_built() -> bool:
     return False
 
 
-# ---------------------------------------------------------------- helpers
-def _resolve_op(op: int | None, average: bool | None) -> int:
-    if op is not None and average is not None:
-        raise ValueError("The op parameter supersedes average. Please provide only one of them.")
-    if average is not None:
-        return Average if average else Sum
-    return Average if op is None else op
-
-
-def _torch_op(op: int) -> Any:
-    if op == Adasum:
-        raise NotImplementedError(
-            "Adasum is not available in distlaunch's torch.distributed backend: "
-            "use op=hvd.Average or hvd.Sum, or install Horovod (distlaunch install-horovod)"
-        )
-    return {Average: dist.ReduceOp.SUM, Sum: dist.ReduceOp.SUM, Min: dist.ReduceOp.MIN,
-            Max: dist.ReduceOp.MAX, Product: dist.ReduceOp.PRODUCT}[op]
-
-
-def _scale(tensor: torch.Tensor, factor: float) -> None:
-    if factor != 1.0:
-        if tensor.dtype.is_floating_point or tensor.is_complex():
-            tensor.mul_(factor)
-        else:
-            tensor.copy_((tensor.double() * factor).to(tensor.dtype))
-
-
-def _finish_average(tensor: torch.Tensor, op: int, postscale: float) -> torch.Tensor:
-    if op == Average:
-        if tensor.dtype.is_floating_point or tensor.is_complex():
-            tensor.div_(size())
-        else:  # as Horovod: integer averages round toward zero
-            tensor.copy_(torch.div(tensor, size(), rounding_mode="trunc"))
-    _scale(tensor, postscale)
-    return tensor
-
-
-def _register(work: Any, output: torch.Tensor, finish: Callable[[], torch.Tensor]) -> int:
-    handle = next(_next_handle)
-    _handles[handle] = (work, output, finish)
-    return handle
-
-
+# ---------------------------------------------------------------- handles
 def poll(handle: int) -> bool:
-    work = _handles[handle][0]
+    work = state.handles[handle][0]
     return work is None or bool(work.is_completed())
 
 
 def synchronize(handle: int) -> torch.Tensor | None:
-    if handle not in _handles:
+    if handle not in state.handles:
         return None
-    work, _output, finish = _handles.pop(handle)
+    work, _output, finish = state.handles.pop(handle)
     try:
         if work is not None:
             work.wait()
@@ -213,17 +166,13 @@ def synchronize(handle: int) -> torch.Tensor | None:
 
 
 # ---------------------------------------------------------------- allreduce
-_SHM_OPS = {Average: "sum", Sum: "sum", Min: "min", Max: "max", Product: "prod"}
-_shm: Any = None
-
-
 def _use_shm(tensor: torch.Tensor, op: int) -> bool:
     """Shared-memory allreduce (DISTLAUNCH_HVD_ALLREDUCE=shm, or auto from
     DISTLAUNCH_HVD_SHM_MIN_BYTES up): CPU tensors numpy can add. The inputs of the choice
     are the same on every rank, so all ranks choose alike; the node layout is checked
     collectively when the segment is made (see ``_shm_segment``)."""
     mode = os.environ.get("DISTLAUNCH_HVD_ALLREDUCE", "auto")
-    if mode == "gloo" or _shm is False or _topo().size == 1 or op not in _SHM_OPS:
+    if mode == "gloo" or state.shm_unavailable or topo().size == 1 or op not in SHM_OPS:
         return False
     if tensor.device.type != "cpu" or tensor.dtype in (torch.bfloat16, torch.bool) or tensor.is_complex():
         return False
@@ -237,54 +186,53 @@ def _use_shm(tensor: torch.Tensor, op: int) -> bool:
 def _shm_segment() -> Any:
     """The shared segment, made on first use by every rank at once; None (and gloo from
     then on) when the nodes hold different numbers of ranks, which every rank learns alike."""
-    global _shm
-    if _shm is None:
+    if state.shm is None and not state.shm_unavailable:
         from mpi4py import MPI
 
-        from ..shm_allreduce import ShmAllreduce
+        from .shm_allreduce import ShmAllreduce
 
         try:
-            _shm = ShmAllreduce(MPI.COMM_WORLD)
+            state.shm = ShmAllreduce(MPI.COMM_WORLD)
         except ValueError as exc:
-            if os.environ.get("DISTLAUNCH_HVD_ALLREDUCE") == "shm" and _topo().rank == 0:
+            if os.environ.get("DISTLAUNCH_HVD_ALLREDUCE") == "shm" and topo().rank == 0:
                 print(f"distlaunch.hvd: {exc}; allreduce goes through gloo", file=sys.stderr)
-            _shm = False
-    return _shm or None
+            state.shm_unavailable = True
+    return state.shm
 
 
 def _shm_allreduce(output: torch.Tensor, op: int) -> None:
     flat = output if output.is_contiguous() else output.contiguous()
     array = flat.numpy()
-    _shm_segment().allreduce(array, array, _SHM_OPS[op])
+    _shm_segment().allreduce(array, array, SHM_OPS[op])
     if flat is not output:
         output.copy_(flat)
 
 
 def _allreduce_async(tensor: torch.Tensor, output: torch.Tensor, op: int,
                      prescale_factor: float, postscale_factor: float) -> int:
-    _topo()
+    topo()
     if output is not tensor:
         output.copy_(tensor)
-    _scale(output, prescale_factor)
+    scale(output, prescale_factor)
     if _use_shm(output, op):
         _shm_allreduce(output, op)
         work = None
     else:
-        work = dist.all_reduce(output, op=_torch_op(op), async_op=True)
-    return _register(work, output, lambda: _finish_average(output, op, postscale_factor))
+        work = dist.all_reduce(output, op=torch_op(op), async_op=True)
+    return register(work, output, lambda: finish_average(output, op, postscale_factor))
 
 
 def allreduce_async(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
                     op: int | None = None, prescale_factor: float = 1.0,
                     postscale_factor: float = 1.0, process_set: Any = None) -> int:
     output = torch.empty_like(tensor.detach(), memory_format=torch.contiguous_format)
-    return _allreduce_async(tensor.detach(), output, _resolve_op(op, average), prescale_factor, postscale_factor)
+    return _allreduce_async(tensor.detach(), output, resolve_op(op, average), prescale_factor, postscale_factor)
 
 
 def allreduce_async_(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
                      op: int | None = None, prescale_factor: float = 1.0,
                      postscale_factor: float = 1.0, process_set: Any = None) -> int:
-    return _allreduce_async(tensor, tensor, _resolve_op(op, average), prescale_factor, postscale_factor)
+    return _allreduce_async(tensor, tensor, resolve_op(op, average), prescale_factor, postscale_factor)
 
 
 class _AllreduceFn(torch.autograd.Function):
@@ -305,7 +253,7 @@ def allreduce(tensor: torch.Tensor, average: bool | None = None, name: str | Non
               prescale_factor: float = 1.0, postscale_factor: float = 1.0,
               process_set: Any = None) -> torch.Tensor:
     """Reduce ``tensor`` over all ranks (Average by default); the input is not modified."""
-    op = _resolve_op(op, average)
+    op = resolve_op(op, average)
     compressed, cctx = compression.compress(tensor)
     reduced = _AllreduceFn.apply(compressed, op, prescale_factor, postscale_factor)
     return compression.decompress(reduced, cctx)
@@ -334,7 +282,7 @@ def grouped_allreduce_(tensors: Sequence[torch.Tensor], average: bool | None = N
 
 
 def op_name(op: int) -> str:
-    return _OP_NAMES[op]
+    return OP_NAMES[op]
 
 
 __all__ = [

@@ -8,7 +8,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from distlaunch.bench import Backends, expected, pattern
+from distlaunch.hvd.bench import Backends, expected, pattern
 
 pytestmark = pytest.mark.mpi(min_size=2)
 MPI = pytest.importorskip("mpi4py.MPI")
@@ -72,7 +72,7 @@ def one_node() -> bool:
 def tiny_steps():
     """The pipelined path with the smallest steps: many steps, an odd tail, three slot sets
     rotating within one call and across calls."""
-    from distlaunch.shm_allreduce import ShmAllreduce
+    from distlaunch.hvd.shm_allreduce import ShmAllreduce
 
     shm = ShmAllreduce(COMM, chunk=4096)
     yield shm

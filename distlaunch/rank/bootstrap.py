@@ -9,6 +9,8 @@
   hang it while the other ranks wait in a collective, so mpirun ends the job promptly;
 - ``faulthandler`` dumps every thread's stack to stderr on ``DISTLAUNCH_DUMP_SIGNAL``
   (SIGRTMIN+4 unless set), which the launcher sends when ``--hang-timeout`` expires;
+- it is started with ``python -P`` (the current directory is not searched for its own
+  imports) and puts the script's directory first on ``sys.path``, as plain python does;
 - ``sys.exit(N)`` with N != 0 also leaves at once, for the same reason; exit 0 is normal;
 - nothing else: ``sys.argv``, ``sys.path[0]`` and ``__main__`` look as they would.
 """
@@ -18,18 +20,15 @@ import faulthandler
 import json
 import os
 import runpy
-import signal
 import sys
 import time
 import traceback
 
-
-def dump_signal() -> int:
-    return int(os.environ.get("DISTLAUNCH_DUMP_SIGNAL", signal.SIGRTMIN + 4))
+from ..protocol import EXCEPTION_FILE, dump_signal
 
 
 def _record_exception(exc: BaseException) -> None:
-    path = os.environ.get("DISTLAUNCH_EXCEPTION_FILE")
+    path = os.environ.get(EXCEPTION_FILE)
     if not path:
         return
     data = {
@@ -68,7 +67,11 @@ def main() -> None:
         sys.exit(2)
     script = sys.argv[1]
     sys.argv = sys.argv[1:]
-    sys.path[0] = os.path.dirname(os.path.abspath(script))
+    here = os.path.dirname(os.path.abspath(script))
+    if getattr(sys.flags, "safe_path", False):
+        sys.path.insert(0, here)  # -P: nothing of ours to replace
+    else:
+        sys.path[0] = here  # the cwd that ``-m`` put there
     faulthandler.register(dump_signal(), file=sys.stderr, all_threads=True, chain=False)
     try:
         runpy.run_path(script, run_name="__main__")

@@ -1,4 +1,4 @@
-"""Allreduce benchmark, run on every rank: ``python -m distlaunch.bench allreduce ...``.
+"""Allreduce benchmark, run on every rank: ``python -m distlaunch.hvd.bench allreduce ...``.
 
 ``distlaunch bench allreduce`` launches this through the normal run path. For each size
 the send and receive buffers are allocated once and every backend uses the SAME
@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from .units import format_size, parse_size
+from ..plan.units import format_size, parse_size
+from ..protocol import OUTPUT_DIR
+from .shm_allreduce import MPI_OPS
 
 BACKENDS = ("mpi4py", "shm", "torch", "horovod")
-OPS = {"sum": "SUM", "min": "MIN", "max": "MAX", "prod": "PROD"}
 
 
 def sizes_from(text: str, factor: int) -> list[int]:
@@ -73,7 +74,7 @@ class Backends:
     def _mpi4py(self) -> Callable[[np.ndarray, np.ndarray], None]:
         from mpi4py import MPI
 
-        mpi_op, comm = getattr(MPI, OPS[self.op]), self.comm
+        mpi_op, comm = getattr(MPI, MPI_OPS[self.op]), self.comm
         return lambda s, r: comm.Allreduce(s, r, op=mpi_op)
 
     def _shm(self) -> Callable[[np.ndarray, np.ndarray], None]:
@@ -87,8 +88,8 @@ class Backends:
         import torch
         import torch.distributed as dist
 
-        from .hvd.rendezvous import create_store
-        from .rankinfo import from_environ
+        from ..rank.rankinfo import from_environ
+        from .rendezvous import create_store
 
         if not dist.is_initialized():
             store, topo = create_store(from_environ())
@@ -209,29 +210,6 @@ def run_allreduce(args: argparse.Namespace) -> dict[str, Any]:
             "memcpy_per_core_all_ranks_GBps": all_cores / 1e9, "rows": rows}
 
 
-def plot_busbw(rows: list[dict[str, Any]], ceiling: float, title: str, target: str) -> None:
-    """busbw vs size per backend (log x axis), with the one-core memcpy rate as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for backend in dict.fromkeys(r["backend"] for r in rows):
-        mine = [r for r in rows if r["backend"] == backend]
-        ax.plot([r["size"] for r in mine], [r["busbw_GBps"] for r in mine], marker="o", label=backend)
-    ax.axhline(ceiling, color="grey", linestyle="--", label="memcpy, one core")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("message size (bytes)")
-    ax.set_ylabel("busbw (GB/s)")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(target, dpi=70)
-    plt.close(fig)
-
-
 def main(argv: list[str] | None = None) -> None:
     try:
         import torch
@@ -239,14 +217,14 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(1)  # one core per rank, like the other backends
     except ImportError:
         pass
-    parser = argparse.ArgumentParser(prog="python -m distlaunch.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m distlaunch.hvd.bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("allreduce")
     p.add_argument("--backends", default="mpi4py,shm,torch")
     p.add_argument("--sizes", default="8B:64MiB")
     p.add_argument("--factor", type=int, default=2)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--op", default="sum", choices=sorted(OPS))
+    p.add_argument("--op", default="sum", choices=sorted(MPI_OPS))
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--out", default=None, help="JSON file (rank 0); default $DISTLAUNCH_OUTPUT_DIR/allreduce.json")
@@ -255,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     from mpi4py import MPI
 
     if MPI.COMM_WORLD.rank == 0:
-        out = args.out or os.path.join(os.environ.get("DISTLAUNCH_OUTPUT_DIR", "."), "allreduce.json")
+        out = args.out or os.path.join(os.environ.get(OUTPUT_DIR, "."), "allreduce.json")
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w", encoding="utf-8") as handle:
             json.dump(result, handle, indent=1)

@@ -21,13 +21,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import DistlaunchError, RunNotFound
-from .history import load, request_cancel, resolve
-from .launcher import Watch, launch, prepare
+from ..errors import DistlaunchError, RunNotFound
+from ..plan.spec import JobSpec, TargetSpec, default_remote_root
+from ..plan.ssh import SSHOptions
+from ..records import RunPaths, RunRecord
+from .history import request_cancel, resolve
+from .launcher import launch, prepare
 from .metrics import read_metrics
-from .records import RunPaths, Status
-from .spec import DEFAULT_REMOTE_ROOT, JobSpec, TargetSpec
-from .ssh import SSHOptions
+from .supervise import Watch
 
 
 def params_to_args(params: Mapping[str, Any] | Sequence[str] | None) -> tuple[str, ...]:
@@ -52,7 +53,7 @@ class Job:
                  hostfile: str | None = None, use_gpu: bool | None = None, gpus_per_rank: int = 1,
                  env: Mapping[str, str] | None = None, mpi_args: Sequence[str] = (), runs_root: str = "runs",
                  timeout: float | None = None, hang_timeout: float | None = None, oversubscribe: bool = False,
-                 remote_dir: str = DEFAULT_REMOTE_ROOT, ssh: SSHOptions | None = None, sync: bool = True,
+                 remote_dir: str | None = None, ssh: SSHOptions | None = None, sync: bool = True,
                  pip_packages: Sequence[str] = (), requirements: str | None = None) -> None:
         script = entry_script if os.path.isabs(entry_script) else os.path.join(source_dir, entry_script)
         self.spec = JobSpec(
@@ -64,7 +65,7 @@ class Job:
             mpi_args=tuple(mpi_args),
             runs_root=runs_root,
             source_dir=source_dir,
-            remote_root=remote_dir,
+            remote_root=remote_dir or default_remote_root(),
             ssh=ssh or SSHOptions(),
             sync=sync,
             pip_packages=tuple(pip_packages),
@@ -84,7 +85,7 @@ class Job:
 
         def body() -> None:
             try:
-                launch(prepared, None, None, self.watch, on_ready=on_ready)
+                launch(prepared, watch=self.watch, on_ready=on_ready)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 box["error"] = exc
             finally:
@@ -117,7 +118,7 @@ class Run:
 
     @property
     def status(self) -> str:
-        return str(load(self.paths)["status"])
+        return RunRecord.load(self.paths).status.value
 
     def __repr__(self) -> str:
         return f"Run(id={self.id!r}, status={self.status!r})"
@@ -130,7 +131,8 @@ class Run:
             while True:
                 if show_output:
                     offset = self._print_new_output(offset)
-                done = Status(self.status).finished and (self._thread is None or not self._thread.is_alive())
+                done = RunRecord.load(self.paths).status.finished and (self._thread is None
+                                                                      or not self._thread.is_alive())
                 if done:
                     if show_output:
                         self._print_new_output(offset)
@@ -162,7 +164,12 @@ class Run:
         return request_cancel(self.paths)
 
     def get_details(self) -> dict[str, Any]:
-        return load(self.paths)
+        """The run record as a dict (``run.json``)."""
+        return RunRecord.load(self.paths).to_dict()
+
+    @property
+    def record(self) -> RunRecord:
+        return RunRecord.load(self.paths)
 
     def get_metrics(self, rank: int | None = 0) -> dict[str, list[float]]:
         """Metric values by name, in logged order (rank 0's unless told)."""

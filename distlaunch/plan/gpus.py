@@ -18,10 +18,11 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .errors import SpecError
+from ..errors import SpecError
+from ..protocol import GPU_INVENTORY
 
 log = logging.getLogger(__name__)
-INVENTORY_ENV = "DISTLAUNCH_GPU_INVENTORY"
+INVENTORY_ENV = GPU_INVENTORY
 
 
 @dataclass(frozen=True)

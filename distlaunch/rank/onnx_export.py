@@ -14,11 +14,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ..protocol import OUTPUT_DIR
 from .metrics import log_metric
 
 
 def _resolve(path: str) -> Path:
-    out = os.environ.get("DISTLAUNCH_OUTPUT_DIR")
+    out = os.environ.get(OUTPUT_DIR)
     parts = Path(path).parts
     if out and not os.path.isabs(path) and parts[:1] == ("outputs",):
         return Path(out).joinpath(*parts[1:])

@@ -37,6 +37,21 @@ def redact(env: Mapping[str, str]) -> dict[str, str]:
     return {name: (REDACTED if is_secret(name) else value) for name, value in env.items()}
 
 
+def redact_pairs(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``redact`` for ``(name, value)`` pairs (``JobSpec.env``)."""
+    return [(name, REDACTED if is_secret(name) else value) for name, value in pairs]
+
+
+def redact_argv(argv: Iterable[str]) -> list[str]:
+    """A command line with the value of every ``SECRET_NAME=value`` word hidden."""
+    out = []
+    for word in argv:
+        name, eq, _value = word.partition("=")
+        out.append(f"{name}={REDACTED}" if eq and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)
+                   and is_secret(name) else word)
+    return out
+
+
 def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import HostError
+from ..errors import HostError
 
 _HOSTNAME = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,252})$")
 LOCALHOST = "localhost"
@@ -22,11 +22,21 @@ LOCALHOST = "localhost"
 
 @dataclass(frozen=True)
 class Host:
-    """One machine: its name as mpirun will reach it, and its slot count if known."""
+    """One machine: its name as mpirun will reach it, and what is known of its size.
+
+    ``slots`` is the default rank count and the limit ``--oversubscribe`` lifts; where it
+    is unknown, ``cores`` (this machine's usable cores) is that limit. ``max_slots`` is
+    a hard limit that holds even with ``--oversubscribe``.
+    """
 
     name: str
     slots: int | None = None
     max_slots: int | None = None
+    cores: int | None = None
+
+    @property
+    def soft_limit(self) -> int | None:
+        return self.slots or self.cores
 
 
 @dataclass(frozen=True)
@@ -214,8 +224,10 @@ def resolve(
     hosts: str | None = None,
     hostfile: str | None = None,
     env: Mapping[str, str] | None = None,
+    local_cores: int | None = None,
 ) -> HostSource:
-    """Find the hosts to run on, first source that applies wins."""
+    """Find the hosts to run on, first source that applies wins. ``local_cores`` (the
+    usable cores of this machine) is the slot limit of the localhost default."""
     env = os.environ if env is None else env
     if hosts:
         return HostSource(parse_hosts_arg(hosts), "--hosts")
@@ -227,7 +239,7 @@ def resolve(
         return HostSource(from_pbs(env), "pbs")
     if env.get("LSB_DJOB_HOSTFILE") or env.get("LSB_MCPU_HOSTS"):
         return HostSource(from_lsf(env), "lsf")
-    return HostSource((Host(LOCALHOST),), "localhost")
+    return HostSource((Host(LOCALHOST, cores=local_cores),), "localhost")
 
 
 def assign_slots(
@@ -235,27 +247,73 @@ def assign_slots(
     nodes: int | None = None,
     ppn: int | None = None,
     oversubscribe: bool = False,
+    np: int | None = None,
 ) -> list[RankSlot]:
-    """Place ranks: the first ``nodes`` hosts, ``ppn`` ranks each (or each host's slots)."""
+    """Place ranks on the first ``nodes`` hosts: ``ppn`` on each (default: the host's
+    slots, else 1), or ``np`` in all, filling each host up to its slots in turn."""
     available = source.hosts
-    nodes = len(available) if nodes is None else nodes
-    if nodes > len(available):
+    if nodes is not None and nodes > len(available):
         raise HostError(
             f"--nodes {nodes} asks for more hosts than the {len(available)} found "
             f"({source.origin}): give more hosts or lower --nodes"
         )
+    chosen = available[: len(available) if nodes is None else nodes]
+    if np is None:
+        counts = [ppn or host.slots or 1 for host in chosen]
+    elif ppn is not None:
+        counts = _even_counts(np, ppn, chosen, source.origin)
+    else:
+        counts = _filled_counts(np, chosen, oversubscribe, source.origin)
     slots: list[RankSlot] = []
-    for host in available[:nodes]:
-        count = ppn or host.slots or 1
-        limit = host.max_slots or host.slots
-        if limit is not None and count > limit and not oversubscribe:
-            raise HostError(
-                f"--ppn {count} is more than the {limit} slots of host {host.name} "
-                f"({source.origin}): lower --ppn, or add --oversubscribe"
-            )
+    for host, count in zip(chosen, counts):
+        _check_limits(host, count, oversubscribe, source.origin)
         for local in range(count):
             slots.append(RankSlot(len(slots), host.name, local, count))
     return slots
+
+
+def _check_limits(host: Host, count: int, oversubscribe: bool, origin: str) -> None:
+    if host.max_slots is not None and count > host.max_slots:
+        raise HostError(
+            f"{count} ranks on host {host.name} is more than its max_slots={host.max_slots} ({origin}), "
+            "which --oversubscribe does not lift: lower --ppn/-n or raise max_slots"
+        )
+    limit = host.soft_limit
+    if limit is not None and count > limit and not oversubscribe:
+        what = f"{limit} slots" if host.slots else f"{limit} usable cores"
+        raise HostError(
+            f"{count} ranks on host {host.name} is more than its {what} ({origin}): "
+            "lower --ppn/-n, or add --oversubscribe"
+        )
+
+
+def _even_counts(np: int, ppn: int, hosts: Sequence[Host], origin: str) -> list[int]:
+    """``-n np --ppn ppn``: ppn ranks on each host in turn, the last one takes the rest."""
+    needed = -(-np // ppn)
+    if needed > len(hosts):
+        raise HostError(f"-n {np} with --ppn {ppn} needs {needed} hosts but {len(hosts)} are available "
+                        f"({origin}): lower -n, raise --ppn or give more hosts")
+    return [min(ppn, np - i * ppn) for i in range(needed)]
+
+
+def _filled_counts(np: int, hosts: Sequence[Host], oversubscribe: bool, origin: str) -> list[int]:
+    """``-n np`` alone: fill each host up to its slots (1 when unknown), as mpirun maps by
+    slot; with --oversubscribe spread what is left evenly over the hosts."""
+    counts = []
+    left = np
+    for host in hosts:
+        take = min(left, host.soft_limit or 1)
+        counts.append(take)
+        left -= take
+    if left and not oversubscribe:
+        total = np - left
+        raise HostError(f"-n {np} asks for more ranks than the {total} slots of {len(hosts)} host(s) "
+                        f"({origin}): lower -n, give more hosts, or add --oversubscribe")
+    for i in range(left):
+        counts[i % len(counts)] += 1
+    while counts and counts[-1] == 0:
+        counts.pop()
+    return counts
 
 
 def placement(slots: Sequence[RankSlot]) -> list[tuple[str, int]]:
@@ -266,9 +324,16 @@ def placement(slots: Sequence[RankSlot]) -> list[tuple[str, int]]:
     return list(counts.items())
 
 
-def is_local(name: str) -> bool:
-    """True when ``name`` is this machine (so no ssh or sync is needed)."""
-    if name in (LOCALHOST, "127.0.0.1", "::1"):
-        return True
+LOCAL_ALIASES = frozenset({LOCALHOST, "127.0.0.1", "::1"})
+
+
+def this_host_names() -> frozenset[str]:
+    """The names that mean this machine: the loopback aliases and its hostname."""
     here = socket.gethostname()
-    return name in (here, here.split(".")[0])
+    return LOCAL_ALIASES | {here, here.split(".")[0]}
+
+
+def is_local(name: str, local_names: frozenset[str] | None = None) -> bool:
+    """True when ``name`` is this machine (so no ssh or sync is needed). Pure when the
+    names are given (the plan passes its context's)."""
+    return name in (this_host_names() if local_names is None else local_names)

@@ -33,11 +33,17 @@ class Placement:
         return len(placement(self.slots))
 
 
-def place(target: TargetSpec, env: Mapping[str, str] | None = None, inv: Inventory | None = None) -> Placement:
+def place(target: TargetSpec, env: Mapping[str, str] | None = None, inv: Inventory | None = None,
+          local_cores: int | None = None) -> Placement:
+    """Resolve the hosts and place every rank; ``local_cores`` limits localhost's slots."""
     env = os.environ if env is None else env
-    source = resolve(target.hosts, target.hostfile, env)
+    source = resolve(target.hosts, target.hostfile, env, local_cores)
+
+    def slots_for(ppn: int | None) -> tuple[RankSlot, ...]:
+        return tuple(assign_slots(source, target.nodes, ppn, target.oversubscribe, target.np))
+
     if target.use_gpu is False:
-        return Placement(source, tuple(assign_slots(source, target.nodes, target.ppn, target.oversubscribe)))
+        return Placement(source, slots_for(target.ppn))
     inv = inventory(env) if inv is None else inv
     visible = env.get("CUDA_VISIBLE_DEVICES") or None
     allowed = allowed_devices(inv, target.gpus, visible)
@@ -46,11 +52,10 @@ def place(target: TargetSpec, env: Mapping[str, str] | None = None, inv: Invento
         if target.use_gpu or target.gpus:
             note = f"no GPU found ({inv.problem or 'none listed'}): running on CPU"
             log.info(note)
-        slots = assign_slots(source, target.nodes, target.ppn, target.oversubscribe)
-        return Placement(source, tuple(slots), note=note)
+        return Placement(source, slots_for(target.ppn), note=note)
     per_rank = target.gpus_per_rank
     ppn = target.ppn or max(1, len(allowed) // per_rank)
-    slots = assign_slots(source, target.nodes, ppn, target.oversubscribe)
+    slots = slots_for(ppn)
     for host, count in placement(slots):
         check_capacity(count, per_rank, allowed, host)
     mapped = tuple(dataclasses.replace(s, gpus=devices_for(s.local_rank, per_rank, allowed)) for s in slots)

@@ -10,12 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .errors import LaunchFailed
-from .ssh import SSHOptions, agent_call
+from ..errors import LaunchFailed
+from .transport import Nodes, for_each
 
 
 def install_key(python: str, packages: Sequence[str], requirements: str) -> str:
@@ -23,19 +22,18 @@ def install_key(python: str, packages: Sequence[str], requirements: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def ensure_packages(hosts: Sequence[str], packages: Sequence[str], requirements: str, python: str,
-                    ssh: SSHOptions, log_path: Path, progress: Callable[[str], None]) -> None:
+def ensure_packages(nodes: Nodes, hosts: Sequence[str], packages: Sequence[str], requirements: str,
+                    log_path: Path, progress: Callable[[str], None]) -> None:
     """Install on every host in parallel; LaunchFailed names the first host that failed."""
-    key = install_key(python, packages, requirements)
+    key = install_key(nodes.python, packages, requirements)
     progress(f"installing {len(packages)} package(s){' and requirements' if requirements else ''} "
              f"on {len(hosts)} node(s)")
 
     def one(host: str) -> dict[str, Any]:
-        answer, proc = agent_call(host, ssh, python, "pip", key, *packages, stdin=requirements, timeout=1800)
+        answer, proc = nodes.call(host, "pip", key, *packages, stdin=requirements, timeout=1800)
         return answer or {"cached": False, "returncode": proc.returncode or 1, "output": proc.stdout + proc.stderr}
 
-    with ThreadPoolExecutor(max_workers=min(16, len(hosts))) as pool:
-        answers = list(pool.map(one, hosts))
+    answers = for_each(hosts, one, max_parallel=16)
     with open(log_path, "a", encoding="utf-8") as log:
         for host, answer in zip(hosts, answers):
             state = "already installed" if answer["cached"] else f"pip exit {answer['returncode']}"

@@ -1,6 +1,6 @@
 """Check that every node can run the job: one probe per node over ssh, in parallel.
 
-Each node reports (``remote_agent probe``) its hostname, Python, package versions,
+Each node reports (``agent probe``) its hostname, Python, package versions,
 MPI, rsync, GPUs and free disk; the launch host is probed the same way, and every
 difference that would break a run becomes a problem with the fix in one line.
 ``distlaunch doctor`` shows all of it; before a multi-node launch the critical subset
@@ -9,13 +9,12 @@ runs automatically (``--skip-checks`` turns that off).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import HostError
-from .remote_agent import probe
-from .ssh import SSHOptions, agent_call
+from ..errors import HostError
+from .agent import probe
+from .transport import Nodes, last_error
 
 MIN_FREE_BYTES = 1 << 30
 
@@ -28,15 +27,18 @@ class NodeReport:
     critical: list[str] = field(default_factory=list)
 
 
-def probe_node(host: str, ssh: SSHOptions, python: str, remote_root: str) -> NodeReport:
-    answer, proc = agent_call(host, ssh, python, "probe", remote_root, timeout=60)
+def probe_node(nodes: Nodes, host: str, remote_root: str) -> NodeReport:
+    answer, proc = nodes.call(host, "probe", remote_root, timeout=60)
     if proc.returncode == 0 and answer is not None:
         return NodeReport(host, answer)
-    err = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+    err = last_error(proc)
     report = NodeReport(host, None)
-    if proc.returncode == 255:
+    python = nodes.python
+    if proc.returncode == 255 and nodes.transport.name == "ssh":
         problem = (f"{host}: ssh failed ({err}): check that it is up and that 'ssh {host} true' works "
                    "without a password (--ssh-config/--ssh-key/--ssh-port)")
+    elif nodes.transport.name == "srun" and proc.returncode not in (0, 1, 127):
+        problem = f"{host}: srun could not reach it ({err}): check the allocation (squeue, sinfo)"
     elif "No such file" in err or proc.returncode == 127:
         problem = f"{host}: {python} is missing there: install the same Python at the same path on every node"
     elif "No module named" in err:
@@ -85,20 +87,20 @@ def compare(local: dict[str, Any], reports: Sequence[NodeReport], need_rsync: bo
             problem(f"only {free // (1 << 20)} MiB free under the remote dir: free space or use --remote-dir")
 
 
-def run_doctor(hosts: Sequence[str], ssh: SSHOptions, python: str, remote_root: str,
+def run_doctor(nodes: Nodes, hosts: Sequence[str], remote_root: str,
                need_rsync: bool = True) -> tuple[dict[str, Any], list[NodeReport]]:
+    from .transport import for_each
+
     local = probe(remote_root)
-    with ThreadPoolExecutor(max_workers=min(32, max(1, len(hosts)))) as pool:
-        reports = list(pool.map(lambda h: probe_node(h, ssh, python, remote_root), hosts))
+    reports = for_each(hosts, lambda host: probe_node(nodes, host, remote_root))
     compare(local, reports, need_rsync)
     return local, reports
 
 
-def preflight(hosts: Sequence[str], ssh: SSHOptions, python: str, remote_root: str,
-              need_rsync: bool) -> dict[str, int]:
+def preflight(nodes: Nodes, hosts: Sequence[str], remote_root: str, need_rsync: bool) -> dict[str, int]:
     """The checks that must pass before a multi-node launch; HostError lists what to fix.
     Returns each node's usable CPU count (for the binding decision)."""
-    _local, reports = run_doctor(hosts, ssh, python, remote_root, need_rsync)
+    _local, reports = run_doctor(nodes, hosts, remote_root, need_rsync)
     critical = [line for report in reports for line in report.critical]
     if critical:
         more = f" (and {len(critical) - 1} more; run 'distlaunch doctor')" if len(critical) > 1 else ""

@@ -11,6 +11,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ..protocol import rank_prefix
+
 _SOURCES = (
     ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
      "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
@@ -31,8 +33,7 @@ class RankInfo:
     @property
     def prefix(self) -> bytes:
         """Output prefix such as ``[3] `` (padded so that columns line up)."""
-        width = len(str(max(self.size - 1, 0)))
-        return f"[{self.rank:>{width}}] ".encode()
+        return rank_prefix(self.rank, self.size)
 
 
 def from_environ(env: Mapping[str, str] | None = None) -> RankInfo:

@@ -1,0 +1,275 @@
+"""The launch pipeline end to end: JobSpec → hosts → slots → plan → supervise → run record.
+
+``prepare`` resolves the job against this machine (hosts, placement, mpirun, the
+user's program, how nodes are reached) without creating files or processes: it is what
+``--dry-run`` and ``distlaunch hosts`` show. ``launch`` carries the job out: node
+checks, run folder, code sync, packages, mpirun under a ``Supervisor``, cleanup and
+collection on the nodes, and the ``RunRecord`` saved at every change of state. The CLI
+and the Python API both come through here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import platform
+import shutil
+import socket
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import __version__
+from ..errors import DistlaunchError, HostError, RunDirError, SpecError
+from ..nodes.doctor import preflight
+from ..nodes.pipinstall import ensure_packages
+from ..nodes.transport import Nodes, SSHTransport, Transport, for_each
+from ..nodes.treesync import collect, list_files, sync
+from ..plan.envpolicy import redact, redact_argv, redact_pairs
+from ..plan.hosts import RankSlot, is_local, placement, this_host_names
+from ..plan.layout import RemoteLayout
+from ..plan.mpi import MPIInstall, detect, find_mpirun
+from ..plan.mpirun import LaunchContext, LaunchPlan, plan
+from ..plan.placement import Placement, place
+from ..plan.spec import JobSpec, inside, resolve_program
+from ..plan.ssh import SSHOptions
+from ..records import RunPaths, RunRecord, allocate
+from .metrics import write_tensorboard
+from .supervise import Console, Outcome, Supervisor, Watch
+
+log = logging.getLogger(__name__)
+RESOLVE_LIMIT = 1024
+NO_CONSOLE = Console()
+DEFAULT_WATCH = Watch()  # more hosts than this are not looked up before launch
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A job resolved against this machine: hosts, placement, the MPI and program to run,
+    and the transport that reaches the other nodes."""
+
+    spec: JobSpec
+    placed: Placement
+    mpi: MPIInstall
+    context: LaunchContext
+    program: tuple[str, ...]
+    transport: Transport
+
+    @property
+    def slots(self) -> tuple[RankSlot, ...]:
+        return self.placed.slots
+
+    @property
+    def hosts(self) -> list[str]:
+        return [host for host, _ in placement(self.placed.slots)]
+
+    @property
+    def remote_hosts(self) -> list[str]:
+        return [host for host in self.hosts if not is_local(host, self.context.local_names)]
+
+    @property
+    def multi_node(self) -> bool:
+        return bool(self.remote_hosts)
+
+    @property
+    def nodes(self) -> Nodes:
+        return Nodes(self.transport, self.spec.python)
+
+    def remote_layout(self, run_id: str) -> RemoteLayout | None:
+        """Where the code goes on the nodes; None when nothing is synced."""
+        if not (self.multi_node and self.spec.sync):
+            return None
+        return RemoteLayout.for_source(self.spec.remote_root, self.spec.source, run_id)
+
+    def plan(self, run_id: str, run_dir: str, host_cores: Mapping[str, int] | None = None) -> LaunchPlan:
+        context = dataclasses.replace(self.context, host_cores=dict(host_cores)) if host_cores else self.context
+        return plan(self.spec, self.placed, self.mpi, run_id, run_dir, context, self.program,
+                    self.remote_layout(run_id))
+
+
+def local_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def check_resolvable(names: list[str]) -> None:
+    """HostError naming the first host that does not resolve (looked up in parallel)."""
+    if not names or len(names) > RESOLVE_LIMIT:
+        return
+
+    def resolves(name: str) -> bool:
+        try:
+            socket.getaddrinfo(name, None)
+            return True
+        except (OSError, UnicodeError):
+            return False
+
+    for name, ok in zip(names, for_each(names, resolves)):
+        if not ok:
+            raise HostError(f"cannot resolve host {name!r}: check its name, DNS or /etc/hosts")
+
+
+def choose_transport(ssh: SSHOptions, local_names: frozenset[str] | None = None) -> Transport:
+    """How to reach the other nodes: ssh with the user's options."""
+    return SSHTransport(ssh, this_host_names() if local_names is None else local_names)
+
+
+def prepare(spec: JobSpec) -> Prepared:
+    names = this_host_names()
+    cores = local_cores()
+    placed = place(spec.target, local_cores=cores)
+    check_resolvable([host for host, _ in placement(placed.slots) if not is_local(host, names)])
+    mpi = detect(find_mpirun(spec.mpirun))
+    context = LaunchContext(is_root=os.geteuid() == 0, local_cores=cores, ambient_env=frozenset(os.environ),
+                            local_names=names)
+    prepared = Prepared(spec, placed, mpi, context, resolve_program(spec), choose_transport(spec.ssh, names))
+    if prepared.remote_layout("check") is not None:
+        prepared.plan("check", "check")  # a script outside --source-dir is an error now, not on the nodes
+    return prepared
+
+
+def versions(mpi: MPIInstall) -> dict[str, str]:
+    return {
+        "distlaunch": __version__,
+        "python": platform.python_version(),
+        "mpi": mpi.label,
+        "platform": platform.platform(),
+    }
+
+
+def new_record(prepared: Prepared, the_plan: LaunchPlan, paths: RunPaths) -> RunRecord:
+    spec = prepared.spec
+    spec_dict = dataclasses.asdict(spec)
+    spec_dict["env"] = redact_pairs(spec.env)  # values of secret-looking names never reach the record
+    return RunRecord(
+        id=paths.run_id,
+        script=spec.script,
+        spec=spec_dict,
+        nodes=len({slot.host for slot in prepared.slots}),
+        ranks=len(prepared.slots),
+        host_source=prepared.placed.source.origin,
+        gpu_mode=prepared.placed.gpu_mode,
+        slots=[dataclasses.asdict(slot) for slot in prepared.slots],
+        argv=list(the_plan.argv),
+        env_added=redact(the_plan.env),
+        hostfile=the_plan.hostfile_text,
+        launcher={"host": socket.gethostname(), "pid": os.getpid(), "cwd": os.getcwd(),
+                  "argv": redact_argv(sys.argv), "transport": prepared.transport.name},
+        versions=versions(prepared.mpi),
+    )
+
+
+def shared_source_check(prepared: Prepared, progress: Callable[[str], None]) -> Prepared:
+    """When --remote-dir holds the source dir itself, copying makes no sense: if every node
+    sees the source (a shared filesystem), say so and skip the sync; else refuse."""
+    spec = prepared.spec
+    if not (prepared.multi_node and spec.sync and inside(spec.source, os.path.abspath(spec.remote_root))):
+        return prepared
+    marker = Path(spec.source) / f".distlaunch-shared-check-{os.getpid()}"
+    marker.write_text("distlaunch checks whether the nodes share this directory\n", encoding="utf-8")
+    try:
+        answers = prepared.nodes.call_all(prepared.remote_hosts, "sees", str(marker), timeout=60)
+    finally:
+        marker.unlink(missing_ok=True)
+    if all(answer is not None and answer.get("exists") for answer, _proc in answers):
+        progress(f"{spec.source} is on a filesystem the nodes share: running there, not syncing")
+        return dataclasses.replace(prepared, spec=dataclasses.replace(spec, sync=False))
+    raise SpecError(f"--remote-dir {spec.remote_root} contains the source dir {spec.source}, but not every node "
+                    "sees it: choose a node-local --remote-dir, or pass --no-sync on a shared filesystem")
+
+
+@dataclass
+class NodeSide:
+    """The other nodes of a running job, as the supervisor needs them (``RemoteSide``)."""
+
+    prepared: Prepared
+    paths: RunPaths
+    layout: RemoteLayout | None
+    missing: list[str] = field(default_factory=list)
+
+    def dump(self, run_id: str) -> int:
+        answers = self.prepared.nodes.call_all(self.prepared.remote_hosts, "dump", run_id, timeout=60)
+        return sum((answer or {}).get("dumped", 0) for answer, _proc in answers)
+
+    def after_exit(self) -> None:
+        nodes, hosts = self.prepared.nodes, self.prepared.remote_hosts
+        for host, (answer, proc) in zip(hosts, nodes.call_all(hosts, "cleanup", self.paths.run_id, timeout=60)):
+            if answer is None:
+                log.warning("cleanup on %s failed: %s", host, proc.stderr.strip()[-200:])
+        if self.layout is not None:
+            self.missing = collect(nodes, self.prepared.hosts, self.prepared.slots[0].host, self.layout,
+                                   self.paths.root, self.prepared.spec.collect_all_ranks)
+            nodes.call_all(hosts, "release", self.layout.workdir, timeout=60)
+
+
+def _before_launch(prepared: Prepared, paths: RunPaths, record: RunRecord, progress: Callable[[str], None]) -> None:
+    """Code to the nodes and packages into their Python; the record says how it went."""
+    spec = prepared.spec
+    layout = prepared.remote_layout(paths.run_id)
+    if layout is not None:
+        synced = sync(prepared.nodes, prepared.hosts, list_files(spec.source), layout, progress)
+        record.sync = {"remote_dir": layout.workdir, "nodes": [dataclasses.asdict(result) for result in synced]}
+        record.save(paths)
+    if spec.pip_packages or spec.requirements:
+        requirements = Path(spec.requirements).read_text(encoding="utf-8") if spec.requirements else ""
+        ensure_packages(prepared.nodes, prepared.hosts, spec.pip_packages, requirements, paths.logs / "pip.log",
+                        progress)
+
+
+def launch(
+    prepared: Prepared,
+    console: Console = NO_CONSOLE,
+    watch: Watch = DEFAULT_WATCH,
+    on_ready: Callable[[RunPaths], None] | None = None,
+    progress: Callable[[str], None] = log.info,
+) -> tuple[RunPaths, Outcome]:
+    """Run the job to its end; the run folder records every step. ``on_ready`` is called
+    once the run folder exists, before the code is synced and mpirun starts."""
+    prepared = shared_source_check(prepared, progress)
+    spec = prepared.spec
+    host_cores = None
+    if prepared.multi_node and not spec.skip_checks:
+        progress(f"checking {len(prepared.hosts)} node(s)")
+        host_cores = preflight(prepared.nodes, prepared.hosts, spec.remote_root, need_rsync=spec.sync)
+    paths = allocate(spec.runs_root)
+    the_plan = prepared.plan(paths.run_id, str(paths.root), host_cores)
+    record = new_record(prepared, the_plan, paths)
+    try:
+        record.save(paths)
+    except RunDirError:
+        shutil.rmtree(paths.root, ignore_errors=True)  # nothing worth keeping yet
+        raise
+    if on_ready is not None:
+        on_ready(paths)
+    try:
+        _before_launch(prepared, paths, record, progress)
+    except DistlaunchError as exc:
+        record.failed(str(exc), exc.exit_code)
+        record.save(paths)
+        raise
+    node_side = NodeSide(prepared, paths, prepared.remote_layout(paths.run_id)) if prepared.multi_node else None
+    supervisor = Supervisor(the_plan, paths, watch, console, node_side)
+    try:
+        pid = supervisor.start()
+        record.running(pid, supervisor.started)
+        record.save(paths)
+        outcome = supervisor.wait()
+    except BaseException as exc:
+        record.failed(f"the launcher stopped: {type(exc).__name__}: {exc}")
+        record.save(paths)
+        raise
+    record.finished(outcome.status, outcome.exit_code, outcome.mpirun_exit_code, outcome.started, outcome.ended,
+                    outcome.failure, outcome.ranks, outcome.leftovers_killed, outcome.reason)
+    if node_side is not None:
+        record.collect_missing = node_side.missing
+    try:
+        events = write_tensorboard(paths.root)
+    except Exception as exc:  # noqa: BLE001 - metrics stay in JSON lines; the run is done
+        log.warning("could not write TensorBoard events: %s", exc)
+        events = None
+    record.tensorboard = str(events) if events is not None else None
+    record.save(paths)
+    return paths, outcome

@@ -1,0 +1,359 @@
+"""Run a ``LaunchPlan``: start mpirun, relay its output, forward signals, leave nothing behind.
+
+``Supervisor`` has a lifecycle: ``start()`` spawns mpirun in a session of its own,
+``poll()`` watches it once (cancel requests, ``--timeout``, ``--hang-timeout``, the
+grace period after a stop), ``stop()`` forwards a signal, ``wait()`` polls until the end
+and ``finish()`` ends it:
+whatever is left of the run on this machine is killed (found by mpirun's session and
+the run's ``DISTLAUNCH_RUN_ID`` tag, never by name) BEFORE mpirun is reaped, so its
+pid cannot be reused meanwhile; then the other nodes are cleaned up and the
+``Outcome`` is read from the ranks' exit records. ``run()`` does all of it.
+
+When the run folder fills up, output keeps flowing to the terminal (the job is never
+stalled on a full disk) and the run ends as failed with exit code 73, saying so.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import IO, Any, Protocol
+
+from ..errors import ExitCode, RunDirError
+from ..nodes.procs import dump_stacks, kill_run
+from ..plan.mpirun import LaunchPlan
+from ..protocol import line_rank
+from ..records import Failure, RankExit, RunPaths, Status, read_rank_exits, tail_lines
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+PASS_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+LEFTOVER_GRACE_S = 2.0  # after mpirun exits, ranks still finishing get this long
+HANG_DUMP_WAIT_S = 1.0  # after asking ranks for their stacks, before stopping them
+POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class Watch:
+    """How the launcher watches a running job."""
+
+    kill_grace: float = 5.0
+    timeout: float | None = None
+    hang_timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class Console:
+    """Where the job's output goes besides the run folder; ``ranks`` filters it."""
+
+    out: IO[bytes] | None = None
+    err: IO[bytes] | None = None
+    ranks: frozenset[int] | None = None  # show only these ranks' lines (and mpirun's own)
+
+
+class RemoteSide(Protocol):
+    """What the supervisor asks of the other nodes of a multi-node run."""
+
+    def dump(self, run_id: str) -> int:
+        """Ask their Python ranks for stacks; how many were asked."""
+        ...
+
+    def after_exit(self) -> None:
+        """Kill what is left there, bring logs and outputs back."""
+        ...
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: Status
+    exit_code: int
+    mpirun_exit_code: int | None
+    started: float
+    ended: float
+    failure: Failure | None = None
+    ranks: dict[int, RankExit] = field(default_factory=dict)
+    leftovers_killed: int = 0
+    reason: str = ""  # why the launcher ended the job (cancel, timeout), else ""
+
+    @property
+    def duration(self) -> float:
+        return self.ended - self.started
+
+
+class OutputPump(threading.Thread):
+    """Copy one of mpirun's streams to the console; keep every line in output.log and
+    mpirun's own lines in mpirun.log. A full disk stops the logs, never the draining."""
+
+    def __init__(self, stream: IO[bytes], sink: IO[bytes] | None, ranks: frozenset[int] | None,
+                 logs: LogFiles) -> None:
+        super().__init__(daemon=True)
+        self.stream, self.sink, self.ranks, self.logs = stream, sink, ranks, logs
+        self.last_data = time.monotonic()
+
+    def run(self) -> None:
+        pending = b""
+        while data := self.stream.read1(65536):  # type: ignore[attr-defined]
+            self.last_data = time.monotonic()
+            *lines, pending = (pending + data).split(b"\n")
+            if self.ranks is None:
+                self._to_sink(data)
+            else:
+                self._to_sink(b"".join(line + b"\n" for line in lines if self._shown(line)))
+            self.logs.keep(lines)
+        if pending:
+            if self.ranks is not None and self._shown(pending):
+                self._to_sink(pending + b"\n")
+            self.logs.keep([pending])
+
+    def _shown(self, line: bytes) -> bool:
+        rank = line_rank(line)
+        return rank is None or self.ranks is None or rank in self.ranks
+
+    def _to_sink(self, data: bytes) -> None:
+        if self.sink is None or not data:
+            return
+        try:
+            self.sink.write(data)
+            self.sink.flush()
+        except (OSError, ValueError):
+            self.sink = None  # the terminal went away; keep draining mpirun
+
+
+class LogFiles:
+    """output.log and mpirun.log, shared by both pumps; remembers a full disk."""
+
+    def __init__(self, paths: RunPaths) -> None:
+        self.lock = threading.Lock()
+        self.problem: str | None = None
+        try:
+            self.everything: IO[bytes] | None = open(_private(paths.output_log), "ab")
+            self.own: IO[bytes] | None = open(_private(paths.mpirun_log), "ab")
+        except OSError as exc:
+            raise RunDirError(f"cannot write in run folder {paths.root}: {exc.strerror or exc}: "
+                              "free space or pick another --run-dir") from None
+
+    def keep(self, lines: list[bytes]) -> None:
+        if not lines:
+            return
+        own = [line for line in lines if line and line_rank(line) is None]
+        with self.lock:
+            try:
+                if self.everything is not None:
+                    self.everything.write(b"".join(line + b"\n" for line in lines))
+                    self.everything.flush()
+                if own and self.own is not None:
+                    self.own.write(b"".join(line + b"\n" for line in own))
+                    self.own.flush()
+            except OSError as exc:
+                self.problem = exc.strerror or str(exc)
+                self.close()
+
+    def close(self) -> None:
+        for handle in (self.everything, self.own):
+            try:
+                if handle is not None:
+                    handle.close()
+            except OSError:
+                pass
+        self.everything = self.own = None
+
+
+def _private(path: Any) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+
+def root_cause(records: dict[int, RankExit], paths: RunPaths) -> Failure | None:
+    """The rank that failed first (by the time it ended), with its last log lines."""
+    failed = [r for r in records.values() if r.failed]
+    if not failed:
+        return None
+    first = min(failed, key=lambda r: r.ended if r.ended is not None else float("inf"))
+    exc = first.exception or {}
+    exception = f"{exc['type']}: {exc.get('message', '')}"[:300] if exc.get("type") else None
+    return Failure(first.rank, first.host, int(first.exit_code or 0), first.signal,
+                   tuple(tail_lines(paths.rank_log(first.rank))), exception)
+
+
+def _exited(pid: int) -> int | None:
+    """mpirun's return code once it has exited, WITHOUT reaping it (its pid stays ours)."""
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return None
+    if info is None:
+        return None
+    return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+
+class Supervisor:
+    """Starts mpirun for a plan and watches it to the end."""
+
+    def __init__(self, plan: LaunchPlan, paths: RunPaths, watch: Watch | None = None, console: Console | None = None,
+                 remote: RemoteSide | None = None) -> None:
+        self.plan, self.paths, self.remote = plan, paths, remote
+        self.watch, self.console = watch or Watch(), console or Console()
+        self.run_id = paths.run_id
+        self.stopping: tuple[Status, int, str] | None = None  # status, exit code, reason
+        self.stop_deadline: float | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pumps: list[OutputPump] = []
+        self.logs: LogFiles | None = None
+        self.started = 0.0
+        self.code: int | None = None
+        self._handlers: dict[int, Any] = {}
+
+    # -- lifecycle
+    def start(self) -> int:
+        """Write the hostfile, start mpirun and the output pumps; mpirun's pid."""
+        try:
+            self.paths.hostfile.write_text(self.plan.hostfile_text, encoding="utf-8")
+        except OSError as exc:
+            raise RunDirError(f"cannot write in run folder {self.paths.root}: {exc.strerror or exc}: "
+                              "free space or pick another --run-dir") from None
+        self.logs = LogFiles(self.paths)
+        self.started = time.time()
+        self._install_handlers()
+        self.proc = subprocess.Popen(
+            list(self.plan.argv), env={**os.environ, **self.plan.env}, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        )
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self.pumps = [OutputPump(self.proc.stdout, self.console.out, self.console.ranks, self.logs),
+                      OutputPump(self.proc.stderr, self.console.err, self.console.ranks, self.logs)]
+        for pump in self.pumps:
+            pump.start()
+        return self.proc.pid
+
+    def poll(self) -> int | None:
+        """Watch once; mpirun's return code when it has ended (not yet reaped), else None."""
+        assert self.proc is not None
+        self.code = _exited(self.proc.pid)
+        if self.code is not None:
+            return self.code
+        now = time.monotonic()
+        if self.stop_deadline is not None:
+            if now >= self.stop_deadline:
+                log.warning("run %s did not stop within the grace period: killing it", self.run_id)
+                kill_run(self.run_id, self.proc.pid)
+            return None
+        if self.paths.cancel_marker.exists():
+            self.stop(signal.SIGTERM, Status.CANCELLED, 128 + signal.SIGTERM,
+                      "cancelled on request (distlaunch cancel / Run.cancel)")
+        elif self.watch.timeout is not None and time.time() - self.started >= self.watch.timeout:
+            self.stop(signal.SIGTERM, Status.TIMEOUT, ExitCode.TIMEOUT,
+                      f"the job ran longer than --timeout {self.watch.timeout:g} s")
+        elif self.watch.hang_timeout is not None:
+            quiet = time.monotonic() - max(pump.last_data for pump in self.pumps)
+            if quiet >= self.watch.hang_timeout:
+                self._on_hang(quiet)
+        return None
+
+    def stop(self, signum: int = signal.SIGTERM, status: Status = Status.CANCELLED,
+             exit_code: int | None = None, reason: str | None = None) -> None:
+        """End the job: forward ``signum`` to mpirun, SIGKILL what is left after the grace
+        period; a second request skips what is left of the grace."""
+        if self.proc is None or _exited(self.proc.pid) is not None:
+            return
+        if self.stopping is not None:
+            self.stop_deadline = time.monotonic()
+            return
+        name = signal.Signals(signum).name
+        self.stopping = (status, 128 + signum if exit_code is None else exit_code, reason or f"cancelled by {name}")
+        self.stop_deadline = time.monotonic() + self.watch.kill_grace
+        log.info("stopping run %s: %s", self.run_id, self.stopping[2])
+        self.proc.send_signal(signum)
+
+    def finish(self) -> Outcome:
+        """After mpirun ended: kill leftovers, reap mpirun, drain output, clean up the
+        other nodes, and say how the job ended."""
+        assert self.proc is not None and self.logs is not None
+        try:
+            leftovers = kill_run(self.run_id, self.proc.pid, grace=LEFTOVER_GRACE_S)
+            code = self.proc.wait()  # reaped only now: its pid was ours during the scan
+            for pump in self.pumps:
+                pump.join(timeout=10)
+            if self.remote is not None:
+                self.remote.after_exit()
+        finally:
+            self._restore_handlers()
+            self.logs.close()
+        return self._outcome(code, leftovers)
+
+    def wait(self) -> Outcome:
+        """Poll until mpirun ends, then ``finish``; an exception here (Ctrl-C twice, a bug)
+        still takes the whole job down with it."""
+        try:
+            while self.poll() is None:
+                time.sleep(POLL_S)
+        except BaseException:
+            self._restore_handlers()
+            self._kill_now()
+            raise
+        return self.finish()
+
+    def run(self) -> Outcome:
+        self.start()
+        return self.wait()
+
+    # -- internals
+    def _kill_now(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            kill_run(self.run_id, self.proc.pid)
+            self.proc.kill()
+            self.proc.wait()
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if signum in PASS_SIGNALS:
+            if self.proc is not None and _exited(self.proc.pid) is None:
+                self.proc.send_signal(signum)
+        else:
+            self.stop(signum)
+
+    def _install_handlers(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._handlers = {s: signal.signal(s, self._on_signal) for s in (*STOP_SIGNALS, *PASS_SIGNALS)}
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._handlers.items():
+            signal.signal(signum, handler)
+        self._handlers = {}
+
+    def _on_hang(self, quiet: float) -> None:
+        assert self.proc is not None
+        dumped = dump_stacks(self.run_id) + (self.remote.dump(self.run_id) if self.remote else 0)
+        time.sleep(HANG_DUMP_WAIT_S)  # let the stacks reach the logs
+        self.stop(signal.SIGTERM, Status.TIMEOUT, ExitCode.TIMEOUT,
+                  f"no output from any rank for {quiet:.0f} s (--hang-timeout); "
+                  f"{dumped} rank stack(s) dumped into the rank logs")
+
+    def _outcome(self, code: int, leftovers: int) -> Outcome:
+        records = read_rank_exits(self.paths)
+        failure = root_cause(records, self.paths)
+        reason = ""
+        ended = [r for r in records.values() if r.exit_code is not None]
+        assert self.logs is not None
+        if self.stopping is not None:
+            status, exit_code, reason = self.stopping
+            failure = None  # the ranks died because we stopped them
+        elif self.logs.problem is not None:
+            status, exit_code = Status.FAILED, ExitCode.RUN_DIR
+            reason = (f"cannot write to the run folder {self.paths.root} ({self.logs.problem}): its logs and "
+                      "records are incomplete; free space or pick another --run-dir")
+        elif failure is not None:
+            status, exit_code = Status.FAILED, failure.exit_code
+        elif code != 0 and not records:
+            status, exit_code = Status.FAILED, ExitCode.LAUNCH
+            reason = "mpirun could not start the job (no rank started): see its message above or in logs/mpirun.log"
+            failure = Failure(None, None, code if code > 0 else 128 - code, None,
+                              tuple(tail_lines(self.paths.mpirun_log)))
+        elif code != 0 or len(ended) < self.plan.nranks:
+            status, exit_code = Status.FAILED, code if code > 0 else 1
+            failure = Failure(None, None, exit_code, None, tuple(tail_lines(self.paths.mpirun_log)))
+        else:
+            status, exit_code = Status.COMPLETED, 0
+        return Outcome(status, exit_code, code, self.started, time.time(), failure, records, leftovers, reason)

@@ -1,0 +1,297 @@
+"""What distlaunch runs on a node: ``python -P -m distlaunch.nodes.agent COMMAND ...``.
+
+probe [ROOT]                   JSON facts for ``doctor`` and the pre-launch checks
+prepare ROOT BASE              make (or check) the user's private scratch ROOT and the
+                               project folder BASE/runs in it, refusing any path another
+                               user could have planted or can write
+tree-hash DIR                  content hash of the files listed on stdin (NUL-separated)
+tree-digests DIR               one digest per listed file (to name the first that differs)
+finish BASE RUN_DIR HASH       tree-hash RUN_DIR; if it equals HASH, point BASE/latest at
+                               RUN_DIR and prune old run folders that are safe to delete
+pip KEY [PIP ARGS...]          pip install PIP ARGS (requirements text on stdin, if any)
+                               unless KEY was installed before on this node
+sees PATH                      whether PATH exists on this node (shared filesystem check)
+cleanup RUN_ID                 SIGKILL this node's processes of RUN_ID
+release RUN_DIR                mark RUN_DIR collected, so that a later prune may delete it
+dump RUN_ID                    ask this node's Python ranks of RUN_ID for their stacks
+
+It prints one JSON object on stdout. Kept light: no torch, no mpi4py imports.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import stat
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from ..protocol import AGENT_DIR
+
+KEEP_RUNS = 5  # run folders kept per project on each node
+ABANDONED_S = 7 * 86400  # a run folder never marked done may be pruned after this long
+DONE_MARKER = ".distlaunch-done"
+PACKAGES = ("distlaunch", "torch", "mpi4py", "horovod")
+
+
+class Unsafe(Exception):
+    """A scratch path another user could control."""
+
+
+def _entry_digest(path: Path) -> bytes:
+    """A symlink by its link text, a file by its content, anything else by what it is."""
+    digest = hashlib.sha256()
+    try:
+        if path.is_symlink():
+            digest.update(b"l" + os.readlink(path).encode("utf-8", "surrogateescape"))
+        else:
+            digest.update(b"f")
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    except OSError:
+        digest.update(b"<missing>")
+    return digest.digest()
+
+
+def tree_digests(root: Path, names: list[str]) -> dict[str, str]:
+    return {name: _entry_digest(root / name).hex() for name in names}
+
+
+def tree_hash(root: Path, names: list[str]) -> str:
+    """sha256 over (path, entry digest) of the listed entries, in sorted order."""
+    digest = hashlib.sha256()
+    for name in sorted(names):
+        digest.update(name.encode("utf-8", "surrogateescape") + b"\0" + _entry_digest(root / name))
+    return digest.hexdigest()
+
+
+def _stdin() -> str:
+    return sys.stdin.buffer.read().decode("utf-8", "surrogateescape")
+
+
+def _names(stdin: str) -> list[str]:
+    return [name for name in stdin.split("\0") if name]
+
+
+def probe(remote_root: str | None) -> dict[str, Any]:
+    from ..plan.gpus import inventory
+
+    facts: dict[str, Any] = {
+        "hostname": socket.gethostname(),
+        "python": sys.executable,
+        "python_version": ".".join(map(str, sys.version_info[:3])),
+        "user": _user(),
+        "packages": {},
+        "rsync": shutil.which("rsync"),
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+    }
+    for name in PACKAGES:
+        try:
+            facts["packages"][name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            facts["packages"][name] = None
+    try:
+        from ..plan.mpi import detect, find_mpirun
+
+        facts["mpi"] = detect(find_mpirun()).label
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        facts["mpi"] = None
+        facts["mpi_problem"] = str(exc)
+    try:
+        inv = inventory()
+        facts["gpus"] = len(inv.gpus)
+        facts["gpu_driver"] = inv.driver
+    except Exception as exc:  # noqa: BLE001
+        facts["gpus"], facts["gpu_driver"] = 0, f"error: {exc}"
+    if remote_root:
+        existing = Path(remote_root)
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        facts["free_bytes"] = shutil.disk_usage(existing).free
+    return facts
+
+
+def _user() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (KeyError, ImportError):
+        return str(os.getuid())
+
+
+def _owner(uid: int) -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(uid).pw_name
+    except (KeyError, ImportError):
+        return f"uid {uid}"
+
+
+def check_ancestors(path: Path) -> None:
+    """Every folder above ``path`` must be owned by root or us, and writable by others
+    only with the sticky bit (like /tmp)."""
+    me = os.getuid()
+    for folder in reversed(path.parents):
+        info = os.stat(folder)
+        if info.st_uid not in (0, me):
+            raise Unsafe(f"{folder} belongs to {_owner(info.st_uid)}")
+        if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+            raise Unsafe(f"{folder} can be written by other users and has no sticky bit")
+
+
+def private_dir(path: Path) -> None:
+    """Make ``path`` (mode 0700) or accept it only if it is a real folder of ours that no
+    one else can write. Unsafe says what is wrong."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode):
+        raise Unsafe(f"{path} is a symbolic link (to {os.readlink(path)})")
+    if not stat.S_ISDIR(info.st_mode):
+        raise Unsafe(f"{path} is not a directory")
+    if info.st_uid != os.getuid():
+        raise Unsafe(f"{path} belongs to {_owner(info.st_uid)}, not {_user()}")
+    if info.st_mode & 0o022:
+        raise Unsafe(f"{path} can be written by other users (mode {stat.S_IMODE(info.st_mode):o})")
+
+
+def prepare(root: str, base: str) -> dict[str, Any]:
+    """The scratch root and the project folder, safe to sync into; or why not."""
+    root_path, base_path = Path(root), Path(base)
+    if root_path not in base_path.parents:
+        return {"ok": False, "error": f"{base} is not inside {root}"}
+    try:
+        check_ancestors(root_path)
+        private_dir(root_path)
+        for folder in (base_path, base_path / "runs"):
+            private_dir(folder)
+    except Unsafe as exc:
+        return {"ok": False, "error": f"{exc}: remove it, or choose another --remote-dir"}
+    except OSError as exc:
+        return {"ok": False, "error": f"{exc.strerror or exc} ({exc.filename}): choose another --remote-dir"}
+    return {"ok": True}
+
+
+def point_latest(base: Path, run_dir: Path) -> None:
+    latest = base / "latest"
+    tmp = base / f".latest.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(run_dir)
+    os.replace(tmp, latest)
+
+
+def prunable(folder: Path, now: float) -> bool:
+    """A run folder of ours whose run is over: marked done (collected) or long abandoned,
+    and with no process of that run alive here."""
+    from .procs import run_processes
+
+    try:
+        info = os.lstat(folder)
+    except OSError:
+        return False
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        return False
+    done = (folder / AGENT_DIR / DONE_MARKER).exists()
+    if not done and now - info.st_mtime < ABANDONED_S:
+        return False
+    return not run_processes(folder.name)
+
+
+def prune(base: Path, keep: Path) -> list[str]:
+    """Delete old run folders beyond the newest KEEP_RUNS that are safe to delete."""
+    runs = base / "runs"
+    if runs.is_symlink():
+        return []
+    folders = sorted((p for p in runs.iterdir() if p.name != keep.name), key=lambda p: p.name)
+    now = time.time()
+    pruned = []
+    for old in folders[: max(0, len(folders) - (KEEP_RUNS - 1))]:
+        if prunable(old, now):
+            shutil.rmtree(old, ignore_errors=True)
+            pruned.append(old.name)
+    return pruned
+
+
+def pip_install(key: str, args: list[str], requirements: str) -> dict[str, Any]:
+    """pip install into this interpreter, once per KEY per node (a marker file remembers)."""
+    import subprocess
+    import tempfile
+
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    marker = Path(base) / "distlaunch" / "pip" / f"{key}.done"
+    if marker.exists():
+        return {"cached": True, "returncode": 0, "output": ""}
+    argv = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", *args]
+    with tempfile.TemporaryDirectory() as tmp:
+        if requirements:
+            path = Path(tmp) / "requirements.txt"
+            path.write_text(requirements, encoding="utf-8")
+            argv += ["-r", str(path)]
+        proc = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if proc.returncode == 0:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(" ".join(args) + "\n" + requirements, encoding="utf-8")
+    return {"cached": False, "returncode": proc.returncode, "output": (proc.stdout + proc.stderr)[-20000:]}
+
+
+def release(run_dir: str) -> dict[str, Any]:
+    """Mark a run folder collected (the launcher has everything it needs from it)."""
+    records = Path(run_dir) / AGENT_DIR
+    if records.is_dir() and not records.is_symlink() and records.stat().st_uid == os.getuid():
+        (records / DONE_MARKER).touch()
+        return {"released": True}
+    return {"released": False}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        raise SystemExit(__doc__)
+    command, rest = args[0], args[1:]
+    if command == "probe":
+        result: dict[str, Any] = probe(rest[0] if rest else None)
+    elif command == "prepare":
+        result = prepare(rest[0], rest[1])
+    elif command == "tree-hash":
+        names = _names(_stdin())
+        result = {"hash": tree_hash(Path(rest[0]), names), "files": len(names)}
+    elif command == "tree-digests":
+        result = {"digests": tree_digests(Path(rest[0]), _names(_stdin()))}
+    elif command == "finish":
+        base, run_dir, expected = Path(rest[0]), Path(rest[1]), rest[2]
+        names = _names(_stdin())
+        result = {"hash": tree_hash(run_dir, names), "files": len(names)}
+        if result["hash"] == expected:
+            point_latest(base, run_dir)
+            result["pruned"] = prune(base, run_dir)
+    elif command == "pip":
+        result = pip_install(rest[0], rest[1:], _stdin())
+    elif command == "sees":
+        result = {"exists": os.path.exists(rest[0])}
+    elif command == "cleanup":
+        from .procs import kill_run
+
+        result = {"killed": kill_run(rest[0])}
+    elif command == "release":
+        result = release(rest[0])
+    elif command == "dump":
+        from .procs import dump_stacks
+
+        result = {"dumped": dump_stacks(rest[0])}
+    else:
+        raise SystemExit(f"unknown command {command!r}\n{__doc__}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Find and end the processes of a run on this machine: the one leftover scan.
+
+A run's processes are found by what distlaunch gave them, never by name: they carry
+``DISTLAUNCH_RUN_ID`` in their environment, and on the launching machine they also
+live in mpirun's session. Only processes in this machine's own PID namespace count
+(a container or a simulated node beside us is another machine), and only those this
+user may signal. Used by the launcher after mpirun ends and by the node agent.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+from ..protocol import RANK, RUN_ID
+
+
+def _pid_namespace(pid: int | str) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+
+
+def run_processes(run_id: str, session: int | None = None, python_ranks_only: bool = False) -> list[Any]:
+    """Live processes of run ``run_id`` here: tagged with its id in their environment, or
+    in mpirun's ``session``. Zombies are dead and left out, and so is this process."""
+    import psutil
+
+    mine = _pid_namespace("self")
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
+            continue
+        try:
+            if mine is not None and _pid_namespace(proc.pid) not in (mine, None):
+                continue
+            in_session = session is not None and os.getsid(proc.pid) == session
+            env = proc.environ() if not in_session or python_ranks_only else {}
+            if not (in_session or env.get(RUN_ID) == run_id):
+                continue
+            if python_ranks_only and not (RANK in env and "distlaunch.rank.bootstrap" in proc.cmdline()):
+                continue
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def wait_gone(procs: list[Any], timeout: float) -> list[Any]:
+    """Poll until every process has exited (or is a zombie); return those still alive."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for proc in procs:
+            try:
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(proc)
+            except psutil.Error:
+                continue
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.05)
+
+
+def signal_all(procs: list[Any], signum: int) -> int:
+    """Send ``signum`` to each process; how many it reached."""
+    import psutil
+
+    sent = 0
+    for proc in procs:
+        try:
+            proc.send_signal(signum)
+            sent += 1
+        except psutil.Error:
+            pass
+    return sent
+
+
+def kill_run(run_id: str, session: int | None = None, grace: float = 0.0) -> int:
+    """End what is left of the run here: ``grace`` seconds to finish (a rank writing its
+    exit record), then SIGKILL. Returns how many had to be killed."""
+    alive = wait_gone(run_processes(run_id, session), grace)
+    signal_all(alive, signal.SIGKILL)
+    wait_gone(alive, 5.0)
+    return len(alive)
+
+
+def dump_stacks(run_id: str) -> int:
+    """Ask this machine's Python ranks of the run to print their threads' stacks."""
+    from ..protocol import dump_signal
+
+    return signal_all(run_processes(run_id, python_ranks_only=True), dump_signal())

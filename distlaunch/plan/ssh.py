@@ -1,0 +1,50 @@
+"""ssh options in one place: the argv every ssh distlaunch starts is built here.
+
+distlaunch's own ssh, rsync's and Open MPI's all use these options, with BatchMode
+(never a password prompt) and a connect timeout. Open MPI and rsync take the ssh
+command as one string that they split on spaces, so option values containing
+whitespace cannot travel safely: they are refused with a clear message instead.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+from dataclasses import dataclass
+
+from ..errors import SpecError
+
+CONNECT_TIMEOUT_S = 10
+
+
+@dataclass(frozen=True)
+class SSHOptions:
+    config: str | None = None
+    port: int | None = None
+    key: str | None = None
+
+    def validate(self) -> None:
+        """SpecError for a missing file or a path Open MPI would split apart."""
+        for flag, path in (("--ssh-config", self.config), ("--ssh-key", self.key)):
+            if path is None:
+                continue
+            if not os.path.isfile(path):
+                raise SpecError(f"{flag} {path!r} does not exist: check the path")
+            if any(ch.isspace() for ch in path) or any(ch in path for ch in "'\"\\"):
+                raise SpecError(f"{flag} {path!r} contains whitespace or quotes, which Open MPI and rsync "
+                                "split apart: link or copy it to a path without them")
+
+    def argv(self) -> list[str]:
+        """``ssh`` plus options, without the host."""
+        argv = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={CONNECT_TIMEOUT_S}"]
+        if self.config:
+            argv += ["-F", self.config]
+        if self.port:
+            argv += ["-p", str(self.port)]
+        if self.key:
+            argv += ["-i", self.key]
+        return argv
+
+    def command_string(self) -> str:
+        """The same, as one string for rsync's -e and Open MPI's rsh agent (which split it;
+        ``validate`` has made sure no value contains a space)."""
+        return shlex.join(self.argv())

@@ -1,0 +1,59 @@
+"""The names and formats that the launcher, the node agent and the ranks share.
+
+Three kinds of process speak to each other only through environment variables, files
+in the run folder and prefixed output lines. Everything they must agree on is here,
+so a change in one place cannot leave the others behind:
+
+- the ``DISTLAUNCH_*`` variables each rank (and the node agent) reads;
+- the signal that asks a Python rank for its stacks (``--hang-timeout``);
+- the ``[rank] `` prefix the worker puts before every line, and its parser.
+
+Kept free of imports beyond the standard library: every rank loads it.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+
+# -- variables set for every rank by the launcher (plan) or the worker shim
+RUN_ID = "DISTLAUNCH_RUN_ID"  # tags every process of a run: the leftover scan finds them by it
+RUN_DIR = "DISTLAUNCH_RUN_DIR"  # where the rank keeps its log, exit record and metrics
+OUTPUT_DIR = "DISTLAUNCH_OUTPUT_DIR"  # the run's outputs folder as this rank sees it
+MASTER_ADDR = "DISTLAUNCH_MASTER_ADDR"  # rank 0's host, as the other ranks reach it
+RANK = "DISTLAUNCH_RANK"  # set by the worker on the user's program only: marks a rank process
+EXCEPTION_FILE = "DISTLAUNCH_EXCEPTION_FILE"  # where the bootstrap records an uncaught exception
+DUMP_SIGNAL = "DISTLAUNCH_DUMP_SIGNAL"  # overrides the stack-dump signal
+GPU_INVENTORY = "DISTLAUNCH_GPU_INVENTORY"  # a JSON device list instead of NVML
+RENDEZVOUS_KEY = "DISTLAUNCH_RENDEZVOUS_KEY"  # never exported: sent over MPI (see hvd.rendezvous)
+
+# -- where ranks on other nodes keep their logs and records until they are collected
+AGENT_DIR = ".distlaunch-run"
+
+_RANK_LINE = re.compile(r"^\[ *(\d+)\] ?(.*)$", re.DOTALL)
+_RANK_LINE_BYTES = re.compile(rb"^\[ *(\d+)\] ")
+
+
+def dump_signal() -> int:
+    """The signal a Python rank answers by printing every thread's stack."""
+    return int(os.environ.get(DUMP_SIGNAL, signal.SIGRTMIN + 4))
+
+
+def rank_prefix(rank: int, size: int) -> bytes:
+    """``[3] `` before each line of rank 3, padded so that the columns line up."""
+    width = len(str(max(size - 1, 0)))
+    return f"[{rank:>{width}}] ".encode()
+
+
+def line_rank(line: bytes) -> int | None:
+    """The rank a relayed output line came from; None for mpirun's own lines."""
+    match = _RANK_LINE_BYTES.match(line)
+    return int(match.group(1)) if match else None
+
+
+def split_rank_line(line: str) -> tuple[int | None, str]:
+    """``'[2] text'`` → ``(2, 'text')``; a line without a prefix → ``(None, line)``."""
+    match = _RANK_LINE.match(line)
+    if match is None:
+        return None, line
+    return int(match.group(1)), match.group(2)
