@@ -50,11 +50,11 @@ def report(cell: str, ranks: int, seconds: float, status: str, code: int) -> Non
 
 
 class Job:
-    def __init__(self, tmp: Path, ranks: int, fault: str, fault_rank: int, *extra: str) -> None:
+    def __init__(self, tmp: Path, ranks: int, fault: str, fault_rank: int, *extra: str, grace: float = 3) -> None:
         self.tmp, self.ranks = tmp, ranks
         env = {**os.environ, "OUT_DIR": str(tmp), "FAULT": fault, "FAULT_RANK": str(fault_rank)}
         argv = [sys.executable, "-m", "distlaunch", "run", "--ppn", str(ranks), *oversubscribe(ranks),
-                "--kill-grace", "3", *extra,
+                "--kill-grace", str(grace), *extra,
                 str(FAULTS)]
         self.proc = subprocess.Popen(argv, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True)
@@ -125,10 +125,21 @@ def test_hang_in_collective(tmp_path, ranks):
     ended, record = job.finish(60)
     assert job.proc.returncode == 124, job.err
     assert record["status"] == "timeout" and "--hang-timeout" in record["reason"]
+    assert ended - ready >= 3, "ended before the hang timeout"
     run_dir = tmp_path / "runs" / record["id"]
-    log0 = (run_dir / "logs" / "rank-0.log").read_text()
-    assert "most recent call first" in log0 and "faults.py" in log0  # the stack dump
+    for rank in range(ranks):  # every rank's stack, the hanging one and those waiting for it
+        log = (run_dir / "logs" / f"rank-{rank}.log").read_text()
+        assert "most recent call first" in log and "faults.py" in log, f"no stack dump from rank {rank}"
     report("hang", ranks, ended - ready - 3, record["status"], 124)
+
+
+def test_hang_timeout_spares_a_job_that_keeps_printing(tmp_path):
+    job = Job(tmp_path, 2, "chatty", -1, "--hang-timeout", "2")
+    os.environ.pop("CHATTY_S", None)
+    job.wait_ready()
+    _ended, record = job.finish(60)
+    assert job.proc.returncode == 0, job.err
+    assert record["status"] == "completed" and record["duration_s"] >= 6  # ran 3 x the hang timeout
 
 
 @pytest.mark.parametrize("ranks", [2, 4])
@@ -139,6 +150,7 @@ def test_job_timeout(tmp_path, ranks):
     ended, record = job.finish(60)
     assert job.proc.returncode == 124, job.err
     assert record["status"] == "timeout" and "--timeout" in record["reason"]
+    assert ended - started >= 4 and record["duration_s"] >= 4, "ended before --timeout"
     report("timeout", ranks, ended - started - 4, record["status"], 124)
 
 
@@ -154,3 +166,16 @@ def test_signal_to_distlaunch(tmp_path, ranks, signum):
     assert record["status"] == "cancelled" and record["exit_code"] == 128 + signum
     assert signal.Signals(signum).name in record["reason"]
     report(signal.Signals(signum).name, ranks, ended - sent, record["status"], job.proc.returncode)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGUSR2])
+def test_usr_signals_reach_every_rank(tmp_path, signum):
+    job = Job(tmp_path, 2, "usr", -1)
+    job.wait_ready()
+    job.proc.send_signal(signum)
+    name = signal.Signals(signum).name
+    wait_for(lambda: all((tmp_path / f"{name}-{rank}").exists() for rank in range(2)), 20, f"{name} on every rank")
+    assert job.proc.poll() is None, "the job must go on after a USR signal"
+    job.proc.send_signal(signal.SIGTERM)
+    _ended, record = job.finish(60)
+    assert record["status"] == "cancelled"

@@ -12,6 +12,8 @@ VERSIONS = {
     "mpirun (Open MPI) 4.1.4\n\nReport bugs to http://www.open-mpi.org/community/help/\n":
         (Flavour.OPENMPI, "4.1.4"),
     "prterun (Open MPI) 5.0.3\n": (Flavour.OPENMPI, "5.0.3"),
+    "mpirun.openmpi (OpenRTE) 4.1.4\n\nReport bugs to http://www.open-mpi.org/community/help/\n":
+        (Flavour.OPENMPI, "4.1.4"),  # Debian 12's Open MPI
     "HYDRA build details:\n    Version:                                 4.2.0\n    Release Date: x\n":
         (Flavour.MPICH, "4.2.0"),
     "Intel(R) MPI Library for Linux* OS, Version 2021.10 Build 20230619\n": (Flavour.MPICH, "2021.10"),

@@ -29,6 +29,7 @@ class State:
     """Everything the backend remembers between calls (one per process)."""
 
     topology: Topology | None = None
+    owns_group: bool = True  # hvd.init made the default process group (shutdown destroys it)
     shm: Any = None  # the ShmAllreduce segment, once made
     shm_unavailable: bool = False  # the nodes hold different rank counts: gloo it is
     handles: dict[int, tuple[Any, torch.Tensor, Callable[[], Any]]] = field(default_factory=dict)
@@ -37,7 +38,7 @@ class State:
     def reset(self) -> None:
         if self.shm is not None:
             self.shm.close()
-        self.topology, self.shm, self.shm_unavailable = None, None, False
+        self.topology, self.shm, self.shm_unavailable, self.owns_group = None, None, False, True
         self.handles.clear()
 
 

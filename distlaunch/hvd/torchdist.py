@@ -39,25 +39,32 @@ from .core import (
     topo,
     torch_op,
 )
-from .rendezvous import create_store
+from .rendezvous import create_store, single_topology
 
 SHM_MIN_BYTES = 0  # auto mode: shared memory from this size up (it beat gloo at every size measured)
 
 
 # ---------------------------------------------------------------- set-up and topology
 def init(comm: Any = None, process_sets: Any = None) -> None:
-    """Join the job (idempotent). Pins this rank's GPU when CUDA is available."""
+    """Join the job (idempotent). Pins this rank's GPU when CUDA is available. A default
+    process group the script (or a library) made already is used as it is."""
     if state.topology is not None:
         return
-    store, topo = create_store(from_environ())
-    backend = "gloo"
-    if torch.cuda.is_available():
-        backend = "nccl"
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-        narrowed = visible != "" and "," not in visible
-        torch.cuda.set_device(0 if narrowed else topo.local_rank % torch.cuda.device_count())
-    dist.init_process_group(backend, store=store, rank=topo.rank, world_size=topo.size)
-    state.topology = topo
+    if dist.is_initialized():
+        from .rendezvous import mpi_topology
+
+        topo = mpi_topology()[1] if dist.get_world_size() > 1 else single_topology()
+        state.topology, state.owns_group = topo, False
+    else:
+        store, topo = create_store(from_environ())
+        backend = "gloo"
+        if torch.cuda.is_available():
+            backend = "nccl"
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+            narrowed = visible != "" and "," not in visible
+            torch.cuda.set_device(0 if narrowed else topo.local_rank % torch.cuda.device_count())
+        dist.init_process_group(backend, store=store, rank=topo.rank, world_size=topo.size)
+        state.topology, state.owns_group = topo, True
     if topo.size > 1:
         _abort_on_uncaught_exception()
 
@@ -77,9 +84,9 @@ def _abort_on_uncaught_exception() -> None:
 
 
 def shutdown() -> None:
-    initialized = state.topology is not None
+    owned = state.topology is not None and state.owns_group
     state.reset()
-    if initialized and dist.is_initialized():
+    if owned and dist.is_initialized():
         dist.destroy_process_group()
 
 

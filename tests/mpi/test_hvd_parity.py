@@ -78,7 +78,25 @@ def test_allreduce_defaults_to_average_and_async():
     handle = hvd.allreduce_async(mine, op=hvd.Sum, name="async.sum")
     out = hvd.synchronize(handle)
     np.testing.assert_allclose(out.numpy(), reference((8,), torch.float64, hvd.Sum))
-    assert hvd.poll(hvd.allreduce_async_(mine.clone(), name="poll")) in (True, False)
+
+
+def test_poll_says_when_a_handle_is_done():
+    """poll is True once the result is there, and (with real Horovod, whose handles are
+    truly asynchronous) False while a peer has not even started the collective."""
+    import time
+
+    mine = data(hvd.rank(), (8,), torch.float64)
+    if hvd.rank() == hvd.size() - 1:
+        time.sleep(0.5)  # the others issue first and poll at once
+    handle = hvd.allreduce_async_(mine.clone(), op=hvd.Sum, name="poll.late")
+    early = hvd.poll(handle)
+    deadline = time.monotonic() + 30
+    while not hvd.poll(handle):
+        assert time.monotonic() < deadline, "poll never became True"
+        time.sleep(0.01)
+    np.testing.assert_allclose(hvd.synchronize(handle).numpy(), reference((8,), torch.float64, hvd.Sum))
+    if hvd.backend() == "horovod" and hvd.rank() == 0:
+        assert early is False, "poll was True before the last rank had issued the allreduce"
 
 
 def test_scaling_factors():
@@ -161,9 +179,12 @@ def test_reducescatter(rows):
 
 
 def test_barrier_and_join():
+    import time
+
     hvd.barrier()
-    last = hvd.join()
-    assert 0 <= last < hvd.size()
+    if hvd.rank() == hvd.size() - 1:
+        time.sleep(0.5)
+    assert hvd.join() == hvd.size() - 1  # every rank learns who joined last
 
 
 def make_model(seed: int = 0) -> torch.nn.Module:
@@ -213,6 +234,12 @@ def train(threshold: str | None, steps: int = 5) -> torch.Tensor:
 
 def test_distributed_optimizer_matches_single_process_training():
     weights = train(None)
+    if hvd.backend() == "torch":
+        from distlaunch.hvd.core import state
+
+        mode = os.environ.get("DISTLAUNCH_HVD_ALLREDUCE", "auto")
+        # the path under test is the one taken: shared memory, or gloo when forced
+        assert (state.shm is None) == (mode == "gloo"), f"DISTLAUNCH_HVD_ALLREDUCE={mode} but shm={state.shm}"
     gathered = hvd.allgather(weights.unsqueeze(0))
     assert all(torch.equal(gathered[0], row) for row in gathered), "ranks diverged"
     # the same steps in one process, on the batches of all ranks concatenated
@@ -232,6 +259,27 @@ def test_distributed_optimizer_matches_single_process_training():
         torch.save(weights, os.path.join(out_dir, name))
 
 
+@pytest.mark.skipif(hvd.backend() != "torch", reason="real Horovod fuses in its own thread: nothing to count")
+@pytest.mark.parametrize("threshold,per_step", [("0", 4), ("134217728", 1), ("200", 2)])
+def test_fusion_buckets_gradients(monkeypatch, threshold, per_step):
+    """How many allreduces one step issues: one per parameter without fusion, one for the
+    whole model under a big threshold, and in between two when 200 bytes split them."""
+    from distlaunch.hvd import torchdist
+
+    issued = []
+    real = torchdist.allreduce_async_
+
+    def counting(tensor, *args, **kwargs):
+        issued.append(tensor.numel())
+        return real(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torchdist, "allreduce_async_", counting)
+    monkeypatch.setenv("HOROVOD_FUSION_THRESHOLD", threshold)
+    weights = train(None, steps=2)
+    assert len(issued) == 2 * per_step, issued
+    assert sum(issued) == 2 * weights.numel()  # every gradient element, once per step
+
+
 def test_backward_passes_per_step():
     model = make_model()
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
@@ -246,10 +294,19 @@ def test_backward_passes_per_step():
     assert all(torch.equal(gathered[0], row) for row in gathered)
 
 
+def adasum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Adasum of two gradients (Maleki et al.): each scaled down by its overlap with the other."""
+    dot = float(a @ b)
+    return (1 - dot / (2 * float(a @ a))) * a + (1 - dot / (2 * float(b @ b))) * b
+
+
 def test_adasum_or_clear_refusal():
-    mine = data(hvd.rank(), (4,), torch.float32)
+    mine = data(hvd.rank(), (16,), torch.float64)
     if hvd.backend() == "torch":
         with pytest.raises(NotImplementedError, match="Adasum"):
             hvd.allreduce(mine, op=hvd.Adasum)
-    else:
-        assert hvd.allreduce(mine, op=hvd.Adasum).shape == (4,)
+        return
+    level = [data(r, (16,), torch.float64).numpy() for r in range(hvd.size())]
+    while len(level) > 1:  # pairs at distance 1, then 2, ...: Horovod's recursive halving
+        level = [adasum(level[i], level[i + 1]) for i in range(0, len(level), 2)]
+    np.testing.assert_allclose(hvd.allreduce(mine, op=hvd.Adasum).numpy(), level[0], rtol=1e-6)
