@@ -101,6 +101,20 @@ class RunPaths:
             ) from None
 
 
+def open_private(path: str | os.PathLike[str], mode: str = "ab") -> Any:
+    """Open a run-folder file for appending (``mode`` "ab" or "a") or writing ("wb", "w"),
+    created readable by its owner only, whatever the umask."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode.startswith("a") else os.O_TRUNC)
+    return open(os.open(path, flags, PRIVATE_FILE), mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+
+
+def make_private(tree: Path) -> None:
+    """Take group and other permissions off a tree that a library wrote into the run folder."""
+    for path in (tree, *tree.rglob("*")):
+        if not path.is_symlink():
+            path.chmod(path.stat().st_mode & ~0o077)
+
+
 def allocate(runs_root: str | os.PathLike[str]) -> RunPaths:
     """Create a fresh run folder under ``runs_root`` with a new unique id."""
     for _ in range(100):

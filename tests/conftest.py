@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from skips import pytest_sessionfinish  # noqa: F401 - the skip accounting hook
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
@@ -69,13 +70,29 @@ def horovod_available() -> bool:
     return subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
 
-def backends() -> list[str]:
-    """The hvd backends to test: torch always; horovod when installed, and required
-    when DISTLAUNCH_REQUIRE_HOROVOD=1 (CI builds it)."""
-    found = ["torch"]
+def backends() -> list:
+    """The hvd backends to test, as pytest params: torch always; horovod too, skipped when
+    it is not installed, and required when DISTLAUNCH_REQUIRE_HOROVOD=1 (CI builds it)."""
     if horovod_available():
-        found.append("horovod")
-    elif os.environ.get("DISTLAUNCH_REQUIRE_HOROVOD") == "1":
+        return ["torch", "horovod"]
+    if os.environ.get("DISTLAUNCH_REQUIRE_HOROVOD") == "1":
         raise RuntimeError("DISTLAUNCH_REQUIRE_HOROVOD=1 but horovod.torch does not import: "
                            "run 'distlaunch install-horovod'")
-    return found
+    return ["torch", pytest.param("horovod", marks=pytest.mark.skip(
+        reason="Horovod is not installed (distlaunch install-horovod)"))]
+
+
+def installed_backends() -> list[str]:
+    return ["torch", "horovod"] if horovod_available() else ["torch"]
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A 64 KiB tmpfs (root only): a run folder on a disk that fills up."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root and tmpfs mounts")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)

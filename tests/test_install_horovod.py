@@ -45,8 +45,9 @@ def test_refuses_without_torch(monkeypatch):
 
 def test_cache_key_names_versions():
     tools = horovod_build.Toolchain(sys.executable, "2.13.0+cpu", False, "cmake", "g++", "/bin")
-    assert cache_key(tools) == (f"horovod-0.28.1-torch2.13.0_cpu-cp{sys.version_info.major}"
-                                f"{sys.version_info.minor}")
+    key = cache_key(tools)
+    assert key.startswith(f"horovod-0.28.1-torch2.13.0_cpu-cp{sys.version_info.major}{sys.version_info.minor}-env")
+    assert len(key.rsplit("-env", 1)[1]) == 8  # one cache entry per environment (the wheel's run path)
 
 
 @pytest.mark.skipif(not horovod_available(), reason="Horovod is not installed")

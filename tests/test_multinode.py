@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SCRIPTS, horovod_available
+from conftest import REPO, SCRIPTS, backends
 
 from tests.cluster.cluster import Cluster, make, missing_tools
 
@@ -68,7 +68,7 @@ def node_copy(cluster, node_index: int, record: dict) -> Path:
     return cluster.nodes[node_index].path(record["sync"]["remote_dir"])
 
 
-@pytest.mark.parametrize("backend", ["torch"] + (["horovod"] if horovod_available() else []))
+@pytest.mark.parametrize("backend", backends())
 def test_training_across_two_nodes(cluster, project, tmp_path, backend):
     proc, run_dir, record = launch(cluster, tmp_path, str(project / "train.py"), "--epochs", "2",
                                    env={"DISTLAUNCH_HVD_BACKEND": backend})
@@ -77,9 +77,11 @@ def test_training_across_two_nodes(cluster, project, tmp_path, backend):
     assert record["status"] == "completed" and record["nodes"] == 2
     hosts = {r["host"] for r in record["rank_exits"].values()}
     assert hosts == {"node2", "node3"}
-    for rank in range(4):
-        assert (run_dir / "logs" / f"rank-{rank}.log").stat().st_size > 0 or rank != 0
-        assert (run_dir / "ranks" / f"rank-{rank}.json").exists()
+    for rank in range(4):  # every rank's log and exit record came back, from the node it ran on
+        assert (run_dir / "logs" / f"rank-{rank}.log").exists()
+        exit_record = json.loads((run_dir / "ranks" / f"rank-{rank}.json").read_text())
+        assert exit_record["exit_code"] == 0 and exit_record["host"] == ("node2" if rank < 2 else "node3")
+    assert "training on 4 rank(s)" in (run_dir / "logs" / "rank-0.log").read_text()
     assert (run_dir / "outputs" / "model.pt").is_file()  # rank 0's ./outputs came back
     for index in (0, 1):
         copy = node_copy(cluster, index, record)
@@ -146,6 +148,10 @@ def test_doctor_passes_on_a_healthy_box(cluster):
     assert "node2" in proc.stdout and "node3" in proc.stdout and "all 2 node(s) OK" in proc.stdout
 
 
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to restart a simulated node")
+
+
+@needs_root
 def test_doctor_finds_missing_rsync(cluster):
     node = cluster.nodes[1]
     cluster.restart_node(node, hide=[shutil.which("rsync")])
@@ -157,6 +163,7 @@ def test_doctor_finds_missing_rsync(cluster):
         cluster.restart_node(node)
 
 
+@needs_root
 def test_doctor_finds_other_torch_version(cluster, tmp_path):
     fake = tmp_path / "fake-site"
     (fake / "torch-1.0.0.dist-info").mkdir(parents=True)
@@ -171,6 +178,7 @@ def test_doctor_finds_other_torch_version(cluster, tmp_path):
         cluster.restart_node(node)
 
 
+@needs_root
 def test_unreachable_node_is_named_before_launch(cluster, project, tmp_path):
     node = cluster.nodes[1]
     cluster.stop_node(node)
@@ -264,3 +272,85 @@ def test_shm_allreduce_is_hierarchical_across_nodes(cluster, tmp_path):
     assert record["nodes"] == 2
     passed = re.findall(r"^\[(\d)\] (\d+) passed", proc.stdout, re.M)
     assert sorted(rank for rank, _ in passed) == ["0", "1", "2", "3"] and int(passed[0][1]) > 100
+
+
+def test_odd_names_secrets_and_links_sync_as_they_should(cluster, project, tmp_path):
+    """Any legal file name travels (NUL-separated list), symlinks travel as links (also one
+    that leaves the tree, and one to a folder), files that look like secrets stay home
+    with a warning, and a project module named like one of ours shadows nothing of ours."""
+    odd = ["#notes.py#", ";semicolon", "new\nline", "sep\u2028arator", "space name.txt", "\udcff-bytes"]
+    for name in odd:
+        (project / name).write_text(f"content of {name!r}\n", errors="surrogateescape")
+    (project / "up.txt").symlink_to("../outside.txt")  # a relative link leaving the tree
+    (project / "pkg").mkdir()
+    (project / "pkg" / "mod.py").write_text("VALUE = 42\n")
+    (project / "pkglink").symlink_to("pkg")  # a link to a folder
+    (project / ".env").write_text("TOKEN=do-not-send\n")
+    (project / "id_ed25519").write_text("a private key\n")
+    (project / "json.py").write_text("raise SystemExit('the project json.py was imported')\n")
+    (project / "helper.py").write_text("WHO = 'helper next to the script'\n")
+    script = project / "check.py"
+    script.write_text("import helper, os\nfrom pkg.mod import VALUE\n"
+                      "print(helper.WHO, VALUE, os.path.exists('.env'))\n")
+    proc, run_dir, record = launch(cluster, tmp_path, str(script))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("helper next to the script 42 False") == 4
+    assert "left out 2 file(s) that look like secrets (.env, id_ed25519)" in proc.stderr
+    assert "add a line '!NAME' to .distlaunchignore" in proc.stderr
+    copy = node_copy(cluster, 1, record)
+    for name in odd:
+        assert (copy / name).read_text(errors="surrogateescape") == f"content of {name!r}\n"
+    assert os.readlink(copy / "up.txt") == "../outside.txt" and os.readlink(copy / "pkglink") == "pkg"
+    assert not (copy / ".env").exists() and not (copy / "id_ed25519").exists()
+    (project / ".distlaunchignore").write_text("!.env\n")  # bring one back on purpose
+    proc, _run_dir, record = launch(cluster, tmp_path, str(script))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("helper next to the script 42 True") == 4
+    assert (node_copy(cluster, 1, record) / ".env").exists()
+
+
+def test_sync_reports_progress_and_warns_about_a_large_source(cluster, tmp_path):
+    src = tmp_path / "big"
+    src.mkdir()
+    for i in range(5001):
+        (src / f"f{i}.txt").write_text("x")
+    (src / "job.py").write_text("print('ran')\n")
+    proc, _run_dir, record = launch(cluster, tmp_path, str(src / "job.py"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "syncing 5002 files (" in proc.stderr and "from " + str(src) in proc.stderr
+    assert "is large (5002 files" in proc.stderr and ".distlaunchignore" in proc.stderr
+    assert "--source-dir" in proc.stderr
+    assert re.search(r"synced to 127\.0\.0\.3: 5002 of 5002 files sent \([\d.]+ (KiB|B)\)", proc.stderr)
+    assert record["sync"]["nodes"][0]["files"] == 5002
+
+
+def test_a_clean_two_node_run_prints_nothing_else(cluster, project, tmp_path):
+    from test_run_local import CHATTER, noise
+
+    proc, _run_dir, _record = launch(cluster, tmp_path, str(project / "train.py"), "--epochs", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert noise(proc.stdout, proc.stderr) == []
+    chatter = [line for line in (proc.stdout + proc.stderr).splitlines()
+               if line.startswith("[") and any(word in line for word in CHATTER)]
+    assert chatter == [], chatter
+
+
+@pytest.mark.parametrize("flavour", ["ompi5", "ompi4", "mpich"])
+def test_env_policy_on_other_nodes(cluster, tmp_path, flavour):
+    """What reaches ranks on other nodes: --env, the allow list (OMP_*), --env-pass; never
+    an unlisted variable of the launcher's (with each MPI distlaunch drives)."""
+    from test_mpi_flavours import mpirun_args
+
+    src = tmp_path / "envcheck"
+    src.mkdir()
+    (src / "job.py").write_text("import os, socket\nnames = ['FROM_ENV', 'OMP_NUM_THREADS', 'MYAPP_LEVEL', "
+                                "'UNLISTED_VARIABLE']\n"
+                                "print(socket.gethostname(), [os.environ.get(n) for n in names])\n")
+    proc, _run_dir, _record = launch(cluster, tmp_path, *mpirun_args(flavour), "--env", "FROM_ENV=given",
+                                     "--env-pass", "MYAPP_*", str(src / "job.py"),
+                                     env={"OMP_NUM_THREADS": "3", "MYAPP_LEVEL": "7", "UNLISTED_VARIABLE": "leak"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    remote = [line for line in proc.stdout.splitlines() if "node3" in line]
+    assert len(remote) == 2, proc.stdout
+    for line in remote:
+        assert "['given', '3', '7', None]" in line, line

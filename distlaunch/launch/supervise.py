@@ -27,7 +27,7 @@ from ..errors import ExitCode, RunDirError
 from ..nodes.procs import dump_stacks, kill_run
 from ..plan.mpirun import LaunchPlan
 from ..protocol import line_rank
-from ..records import Failure, RankExit, RunPaths, Status, read_rank_exits, tail_lines
+from ..records import Failure, RankExit, RunPaths, Status, open_private, read_rank_exits, tail_lines
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +131,8 @@ class LogFiles:
         self.lock = threading.Lock()
         self.problem: str | None = None
         try:
-            self.everything: IO[bytes] | None = open(_private(paths.output_log), "ab")
-            self.own: IO[bytes] | None = open(_private(paths.mpirun_log), "ab")
+            self.everything: IO[bytes] | None = open_private(paths.output_log)
+            self.own: IO[bytes] | None = open_private(paths.mpirun_log)
         except OSError as exc:
             raise RunDirError(f"cannot write in run folder {paths.root}: {exc.strerror or exc}: "
                               "free space or pick another --run-dir") from None
@@ -161,10 +161,6 @@ class LogFiles:
             except OSError:
                 pass
         self.everything = self.own = None
-
-
-def _private(path: Any) -> int:
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
 
 def root_cause(records: dict[int, RankExit], paths: RunPaths) -> Failure | None:
@@ -211,7 +207,8 @@ class Supervisor:
     def start(self) -> int:
         """Write the hostfile, start mpirun and the output pumps; mpirun's pid."""
         try:
-            self.paths.hostfile.write_text(self.plan.hostfile_text, encoding="utf-8")
+            with open_private(self.paths.hostfile, "w") as handle:
+                handle.write(self.plan.hostfile_text)
         except OSError as exc:
             raise RunDirError(f"cannot write in run folder {self.paths.root}: {exc.strerror or exc}: "
                               "free space or pick another --run-dir") from None

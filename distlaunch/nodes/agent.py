@@ -33,7 +33,7 @@ from typing import Any
 
 from ..protocol import AGENT_DIR
 
-KEEP_RUNS = 5  # run folders kept per project on each node
+KEEP_RUNS = int(os.environ.get("DISTLAUNCH_KEEP_RUNS", "5"))  # run folders kept per project on a node
 ABANDONED_S = 7 * 86400  # a run folder never marked done may be pruned after this long
 DONE_MARKER = ".distlaunch-done"
 PACKAGES = ("distlaunch", "torch", "mpi4py", "horovod")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LaunchFailed
+from ..records import open_private
 from .transport import Nodes, for_each
 
 
@@ -34,7 +35,7 @@ def ensure_packages(nodes: Nodes, hosts: Sequence[str], packages: Sequence[str],
         return answer or {"cached": False, "returncode": proc.returncode or 1, "output": proc.stdout + proc.stderr}
 
     answers = for_each(hosts, one, max_parallel=16)
-    with open(log_path, "a", encoding="utf-8") as log:
+    with open_private(log_path, "a") as log:
         for host, answer in zip(hosts, answers):
             state = "already installed" if answer["cached"] else f"pip exit {answer['returncode']}"
             log.write(f"=== {host}: {state}\n{answer['output']}\n")

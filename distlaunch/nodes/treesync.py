@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from ..errors import DistlaunchError
+from ..errors import DistlaunchError, ExitCode
 from ..plan.hosts import is_local
 from ..plan.layout import RemoteLayout
 from ..plan.units import human_size
@@ -39,7 +39,9 @@ Progress = Callable[[str], None]
 
 
 class SyncError(DistlaunchError):
-    """The code could not be copied to a node, or arrived different."""
+    """The code could not be copied to a node, or arrived different: the job cannot start."""
+
+    exit_code = ExitCode.LAUNCH
 
 
 @dataclass(frozen=True)
@@ -151,8 +153,10 @@ def push(nodes: Nodes, host: str, tree: SourceTree, expected: str, layout: Remot
         why = (answer or {}).get("error") or last_error(proc)
         raise SyncError(f"cannot prepare {layout.root} on {host}: {why}")
     listing = "\0".join(tree.files) + "\0"
+    # rsync skips --files-from names that start with '#' or ';' as comments: './' keeps them
+    rsync_list = "".join(f"./{name}\0" for name in tree.files)
     rsync = subprocess.run(rsync_push_argv(nodes, host, tree.root, layout),
-                           input=listing.encode("utf-8", "surrogateescape"), capture_output=True)
+                           input=rsync_list.encode("utf-8", "surrogateescape"), capture_output=True)
     if rsync.returncode != 0:
         last = (rsync.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
         raise SyncError(f"cannot copy {tree.root} to {host}: rsync exit {rsync.returncode}: {last}: "

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..protocol import RUN_DIR
-from ..records import RunPaths
+from ..records import RunPaths, open_private
 
 
 def _rank() -> int:
@@ -42,7 +42,7 @@ def log_metric(name: str, value: float, step: int | None = None, all_ranks: bool
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     line = {"name": name, "value": number if math.isfinite(number) else str(number), "step": step,
             "rank": rank, "time": time.time()}
-    with open(path, "a", encoding="utf-8") as handle:
+    with open_private(path, "a") as handle:
         handle.write(json.dumps(line) + "\n")
 
 

@@ -27,7 +27,7 @@ from typing import IO, Any
 
 from ..errors import DistlaunchError
 from ..protocol import EXCEPTION_FILE, RANK
-from ..records import RankExit, RunPaths
+from ..records import RankExit, RunPaths, open_private
 from .rankinfo import RankInfo, from_environ
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
@@ -148,7 +148,7 @@ def run_rank(command: list[str], paths: RunPaths, info: RankInfo, gpus: tuple[st
     for folder in (paths.logs, paths.ranks):
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     _save(record, paths, info)  # the rank has started: mpirun got this far
-    with open(os.open(paths.rank_log(info.rank), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
+    with open_private(paths.rank_log(info.rank)) as log:
         try:
             child = subprocess.Popen(
                 command,
