@@ -51,7 +51,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / "cluster").mkdir()
-        box = make(root / "cluster", 2, shared=[str(root)])
+        box = make(root / "cluster", 2, shared=[str(root), sys.prefix, str(REPO)])
         box.up()
         try:
             src = root / "src"

@@ -291,6 +291,7 @@ class RunRecord:
     error: str | None = None  # what stopped distlaunch itself (sync, pip, a crash)
     tensorboard: str | None = None
     collect_missing: list[str] = field(default_factory=list)
+    scheduler: dict[str, Any] | None = None  # a batch job: {"kind": "slurm", "job_id", "submitted", ...}
     version: int = RECORD_VERSION
 
     # -- transitions

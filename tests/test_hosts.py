@@ -133,9 +133,19 @@ def test_bad_hosts_argument(text):
 def test_slurm_allocation(tmp_path):
     env = {"SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "gpu[01-03]", "SLURM_TASKS_PER_NODE": "4(x2),2"}
     source = resolve(env=env)
-    assert source.origin == "slurm"
+    assert source.origin == "slurm allocation"
     assert source.hosts == (Host("gpu01", 4), Host("gpu02", 4), Host("gpu03", 2))
     assert len(assign_slots(source)) == 10
+
+
+def test_slurm_step_places_from_the_step():
+    """``srun -N1 -n1 distlaunch run`` inside ``salloc -N2 -n4``: the job lists two nodes but
+    SLURM_TASKS_PER_NODE is the step's; the step's own list and counts are used together."""
+    env = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "vm,vm-n2", "SLURM_NODELIST": "vm,vm-n2",
+           "SLURM_TASKS_PER_NODE": "1", "SLURM_STEP_ID": "0", "SLURM_STEP_NODELIST": "vm",
+           "SLURM_STEP_TASKS_PER_NODE": "1", "SLURM_JOB_CPUS_PER_NODE": "2(x2)"}
+    source = resolve(env=env)
+    assert source.origin == "slurm step" and source.hosts == (Host("vm", 1),)
 
 
 def test_slurm_mismatch_is_explained():
@@ -166,7 +176,7 @@ def test_precedence(tmp_path):
     slurm = {"SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "s1", "SLURM_TASKS_PER_NODE": "1"}
     assert resolve("cli:1", str(hostfile), slurm).origin == "--hosts"
     assert resolve(None, str(hostfile), slurm).hosts == (Host("fromfile", 2),)
-    assert resolve(None, None, slurm).origin == "slurm"
+    assert resolve(None, None, slurm).origin == "slurm allocation"
     assert resolve(None, None, {}).origin == "localhost"
 
 

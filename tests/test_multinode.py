@@ -32,7 +32,10 @@ def cluster(tmp_path_factory):
     missing = missing_tools()
     if missing:
         pytest.skip(f"cluster in a box needs {', '.join(missing)}")
-    box = make(tmp_path_factory.mktemp("cluster"), 2, shared=[str(tmp_path_factory.getbasetemp())])
+    # the nodes see this machine's files but have a /tmp of their own: share what must
+    # stay visible there (the tests' folders, and this Python and checkout if under /tmp)
+    shared = [str(tmp_path_factory.getbasetemp()), sys.prefix, str(REPO)]
+    box = make(tmp_path_factory.mktemp("cluster"), 2, shared=shared)
     box.up()
     yield box
     box.down()

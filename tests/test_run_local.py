@@ -215,7 +215,7 @@ def test_output_ranks_filters_the_console_but_not_the_logs(distlaunch, rank_scri
 def test_verbose_shows_the_plan_and_why(distlaunch, rank_script):
     result = distlaunch("run", "-v", "--ppn", "2", rank_script)
     assert result.returncode == 0, result.stderr
-    assert "distlaunch: mpirun argv: " in result.stderr and "distlaunch.rank.worker" in result.stderr
+    assert "distlaunch: launch argv: " in result.stderr and "distlaunch.rank.worker" in result.stderr
     assert "one host: shared memory only" in result.stderr
 
 

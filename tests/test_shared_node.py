@@ -91,7 +91,7 @@ def people():
     install = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(build)],
                              capture_output=True, text=True)
     assert install.returncode == 0, install.stderr[-3000:]
-    cluster = make(shared / "cluster", 2, users=["root", ALICE, BOB], shared=[str(shared)])
+    cluster = make(shared / "cluster", 2, users=["root", ALICE, BOB], shared=[str(shared), sys.prefix, str(REPO)])
     cluster.up()
     yield People(shared, venv / "bin" / "python", cluster)
     cluster.down()

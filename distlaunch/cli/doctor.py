@@ -50,7 +50,7 @@ def doctor_command(**kwargs: Any) -> None:
     placed = place(pop_target(kwargs), local_cores=local_cores())
     hosts = [host for host, _ in placement(placed.slots)]
     ssh.validate()
-    nodes = Nodes(choose_transport(ssh), sys.executable)
+    nodes = Nodes(choose_transport(ssh, origin=placed.source.origin), sys.executable)
     local, reports = run_doctor(nodes, hosts, remote_root)
     header = ["host", "hostname", "python", "distlaunch/torch/mpi4py/horovod", "mpi", "rsync", "gpus", "free"]
     rows = [header, _row("(this host)", local)] + [_row(r.host, r.facts) for r in reports]

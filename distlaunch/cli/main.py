@@ -14,6 +14,7 @@ from .hosts import hosts_command
 from .install_horovod import install_horovod_command
 from .run import run_command
 from .runs import cancel_command, download_command, logs_command, runs_group
+from .submit import submit_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,6 +37,7 @@ def cli(verbose: int) -> None:
 
 
 cli.add_command(run_command)
+cli.add_command(submit_command)
 cli.add_command(hosts_command)
 cli.add_command(install_horovod_command)
 cli.add_command(doctor_command)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -12,7 +13,7 @@ from ..launch.launcher import Prepared, launch, prepare
 from ..launch.supervise import Console, Outcome, Watch
 from ..plan.envpolicy import is_secret, redact
 from ..plan.mpirun import LaunchPlan
-from ..plan.spec import JobSpec, parse_env_file, parse_env_items
+from ..plan.spec import LAUNCHERS, JobSpec, parse_env_file, parse_env_items
 from ..plan.units import parse_duration
 from ..records import RunPaths, new_run_id
 from .hosts import placement_table
@@ -42,6 +43,7 @@ Examples:
   distlaunch run --dry-run --ppn 8 --oversubscribe train.py
   distlaunch run --hosts 10.0.0.2:4,10.0.0.3:4 --ssh-key ~/.ssh/cluster train.py
   distlaunch run --env WANDB_API_KEY --env-file secrets.env train.py   # values from here, not argv
+  salloc -N2 --ntasks-per-node=2 distlaunch run --launcher srun train.py   # a step of the allocation
 
 \b
 Hosts come from --hosts, else --hostfile, else the Slurm/PBS/LSF allocation, else
@@ -54,60 +56,58 @@ travel), the ranks run in that copy, and afterwards every rank's log and rank 0'
 ./outputs and ./logs come back into the run folder, also when the job fails.
 
 \b
+Inside a Slurm allocation (salloc, sbatch) hosts come from it, and the nodes are reached
+through srun steps, so no ssh is needed.
+
+\b
 Exit code: the job's (the first failing rank's code, 128+N for signal N); 2 for bad
-input, 69 when no MPI is found, 73 when the run folder cannot be written, 124 after
---timeout/--hang-timeout, 130 after Ctrl-C, 143 after SIGTERM.
+input, 69 when no MPI is found, 70 when the job could not be started (mpirun failed,
+or the code sync or package install on a node), 73 when the run folder cannot be
+written, 124 after --timeout/--hang-timeout, 130 after Ctrl-C, 143 after SIGTERM.
 """
 
 
-@click.command("run", help=RUN_HELP, context_settings={"allow_interspersed_args": False})
-@target_options
-@ssh_options
-@click.option("--source-dir", type=click.Path(file_okay=False), metavar="DIR",
-              help="Directory copied to the nodes (default: the script's directory).")
-@click.option("--no-sync", is_flag=True, help="Do not copy the code: the nodes share a filesystem.")
-@click.option("--collect-all-ranks", is_flag=True, help="Bring every node's ./outputs back, under outputs/<host>/.")
-@click.option("--skip-checks", is_flag=True, help="Do not check the nodes before a multi-node launch.")
-@click.option("--env", "env_items", multiple=True, metavar="NAME[=VALUE]",
-              help="Set a variable on every rank (repeatable); NAME alone takes its value from here.")
-@click.option("--env-file", "env_files", multiple=True, type=click.Path(dir_okay=False), metavar="FILE",
-              help="Set the NAME=VALUE lines of FILE on every rank (repeatable; keeps secrets off argv).")
-@click.option("--pip", "pip_packages", multiple=True, metavar="PKG",
-              help="Install this package on every node first (repeatable; cached per node).")
-@click.option("--requirements", type=click.Path(dir_okay=False), metavar="FILE",
-              help="Install this requirements file on every node first (cached per node).")
-@click.option("--env-pass", multiple=True, metavar="PATTERN",
-              help="Also export launcher variables matching this pattern, e.g. 'MYAPP_*' (repeatable).")
-@mpi_options
-@click.option("--run-dir", "runs_root", default="runs", show_default=True, metavar="DIR",
-              help="Where run folders are created.")
-@click.option("--kill-grace", type=click.FloatRange(min=0), default=5.0, show_default=True,
-              help="Seconds between a forwarded Ctrl-C/SIGTERM and SIGKILL.")
-@click.option("--timeout", "timeout", metavar="DURATION",
-              help="End the job after this long (90, 90s, 5m, 1h30m); status 'timeout', exit 124.")
-@click.option("--hang-timeout", metavar="DURATION",
-              help="End the job when no rank printed anything for this long, after dumping every "
-                   "rank's Python stack into its log; status 'timeout', exit 124.")
-@click.option("--iface", metavar="NAME", help="Network interface for MPI and gloo between nodes, e.g. eth0.")
-@click.option("--output-ranks", metavar="0,1", help="Show only these ranks' output here (the logs keep all).")
-@click.option("-v", "--verbose", is_flag=True, help="Show the plan: mpirun argv and what distlaunch added, and why.")
-@click.option("--dry-run", is_flag=True, help="Print hostfile, mpirun argv and environment; launch nothing.")
-@click.argument("script")
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def run_command(**kwargs: Any) -> None:
-    target = pop_target(kwargs)
-    watch = Watch(
-        kill_grace=kwargs["kill_grace"],
-        timeout=parse_duration(kwargs["timeout"], "--timeout") if kwargs["timeout"] else None,
-        hang_timeout=parse_duration(kwargs["hang_timeout"], "--hang-timeout") if kwargs["hang_timeout"] else None,
-    )
-    env = [pair for path in kwargs["env_files"] for pair in parse_env_file(path)]
-    env += parse_env_items(kwargs["env_items"])
-    warn_secret_values(kwargs["env_items"])
-    spec = JobSpec(
+_JOB_OPTIONS = [
+    click.option("--source-dir", type=click.Path(file_okay=False), metavar="DIR",
+                 help="Directory copied to the nodes (default: the script's directory)."),
+    click.option("--no-sync", is_flag=True, help="Do not copy the code: the nodes share a filesystem."),
+    click.option("--collect-all-ranks", is_flag=True, help="Bring every node's ./outputs back, under outputs/<host>/."),
+    click.option("--skip-checks", is_flag=True, help="Do not check the nodes before a multi-node launch."),
+    click.option("--env", "env_items", multiple=True, metavar="NAME[=VALUE]",
+                 help="Set a variable on every rank (repeatable); NAME alone takes its value from here."),
+    click.option("--env-file", "env_files", multiple=True, type=click.Path(dir_okay=False), metavar="FILE",
+                 help="Set the NAME=VALUE lines of FILE on every rank (repeatable; keeps secrets off argv)."),
+    click.option("--pip", "pip_packages", multiple=True, metavar="PKG",
+                 help="Install this package on every node first (repeatable; cached per node)."),
+    click.option("--requirements", type=click.Path(dir_okay=False), metavar="FILE",
+                 help="Install this requirements file on every node first (cached per node)."),
+    click.option("--env-pass", multiple=True, metavar="PATTERN",
+                 help="Also export launcher variables matching this pattern, e.g. 'MYAPP_*' (repeatable)."),
+    click.option("--run-dir", "runs_root", default="runs", show_default=True, metavar="DIR",
+                 help="Where run folders are created."),
+    click.option("--iface", metavar="NAME", help="Network interface for MPI and gloo between nodes, e.g. eth0."),
+    click.option("--launcher", type=click.Choice(LAUNCHERS), default="mpirun", show_default=True,
+                 help="Start the ranks with mpirun, or as a step of the Slurm allocation you run in (srun)."),
+]
+
+
+def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Everything that describes the job itself: shared by ``run`` and ``submit``."""
+    for option in reversed(_JOB_OPTIONS):
+        func = option(func)
+    return mpi_options(ssh_options(target_options(func)))
+
+
+def spec_from_options(kwargs: dict[str, Any]) -> JobSpec:
+    """The JobSpec of the command line (the one place options become a spec)."""
+    env = [pair for path in kwargs.pop("env_files") for pair in parse_env_file(path)]
+    items = kwargs.pop("env_items")
+    env += parse_env_items(items)
+    warn_secret_values(items)
+    return JobSpec(
         script=kwargs["script"],
         script_args=kwargs["args"],
-        target=target,
+        target=pop_target(kwargs),
         env=tuple(env),
         **pop_mpi(kwargs),
         runs_root=kwargs["runs_root"],
@@ -121,7 +121,31 @@ def run_command(**kwargs: Any) -> None:
         pip_packages=tuple(kwargs["pip_packages"]),
         requirements=kwargs["requirements"],
         iface=kwargs["iface"],
+        launcher=kwargs["launcher"],
     )
+
+
+@click.command("run", help=RUN_HELP, context_settings={"allow_interspersed_args": False})
+@job_options
+@click.option("--kill-grace", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="Seconds between a forwarded Ctrl-C/SIGTERM and SIGKILL.")
+@click.option("--timeout", "timeout", metavar="DURATION",
+              help="End the job after this long (90, 90s, 5m, 1h30m); status 'timeout', exit 124.")
+@click.option("--hang-timeout", metavar="DURATION",
+              help="End the job when no rank printed anything for this long, after dumping every "
+                   "rank's Python stack into its log; status 'timeout', exit 124.")
+@click.option("--output-ranks", metavar="0,1", help="Show only these ranks' output here (the logs keep all).")
+@click.option("-v", "--verbose", is_flag=True, help="Show the plan: mpirun argv and what distlaunch added, and why.")
+@click.option("--dry-run", is_flag=True, help="Print hostfile, mpirun argv and environment; launch nothing.")
+@click.argument("script")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def run_command(**kwargs: Any) -> None:
+    watch = Watch(
+        kill_grace=kwargs["kill_grace"],
+        timeout=parse_duration(kwargs["timeout"], "--timeout") if kwargs["timeout"] else None,
+        hang_timeout=parse_duration(kwargs["hang_timeout"], "--hang-timeout") if kwargs["hang_timeout"] else None,
+    )
+    spec = spec_from_options(kwargs)
     console = Console(sys.stdout.buffer, sys.stderr.buffer, parse_ranks(kwargs["output_ranks"]))
     prepared = prepare(spec)
     if prepared.placed.note:
@@ -130,11 +154,12 @@ def run_command(**kwargs: Any) -> None:
         show_dry_run(prepared)
         return
     placed = prepared.placed
+    engine = "srun" if prepared.srun else prepared.mpi.label
 
     def ready(paths: RunPaths) -> None:
         click.echo(
             f"distlaunch: run {paths.run_id}: {len(placed.slots)} rank(s) on {placed.nhosts} host(s) "
-            f"({placed.source.origin}), {'GPU' if placed.gpu_mode else 'CPU'}, {prepared.mpi.label}",
+            f"({placed.source.origin}), {'GPU' if placed.gpu_mode else 'CPU'}, {engine}",
             err=True,
         )
         if kwargs["verbose"]:
@@ -175,7 +200,7 @@ def warn_secret_values(items: tuple[str, ...]) -> None:
 
 def explain(the_plan: LaunchPlan) -> str:
     """What ``-v`` shows: the mpirun argv and the flags distlaunch added, with reasons."""
-    lines = [f"distlaunch: mpirun argv: {shlex.join(the_plan.argv)}\n"]
+    lines = [f"distlaunch: launch argv: {shlex.join(the_plan.argv)}\n"]
     if the_plan.added:
         lines.append("distlaunch: added on its own:\n")
         lines += [f"distlaunch:   {row}" for row in format_table(the_plan.added).splitlines(keepends=True)]

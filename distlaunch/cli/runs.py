@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from ..launch.history import merge, remove, request_cancel, resolve, run_folders, summary
+from ..launch.history import current, merge, remove, request_cancel, resolve, run_folders, summary
 from ..launch.metrics import read_metrics
-from ..records import RunPaths, RunRecord
+from ..records import RunPaths
 from .table import format_table
 
 RUN_DIR_OPTION = click.option("--run-dir", "runs_root", default="runs", show_default=True, metavar="DIR",
@@ -32,7 +32,7 @@ def runs_group() -> None:
 @RUN_DIR_OPTION
 def list_command(runs_root: str) -> None:
     """One line per run, oldest first."""
-    rows = [summary(RunRecord.load(RunPaths(p))) for p in run_folders(runs_root)]
+    rows = [summary(current(RunPaths(p))) for p in run_folders(runs_root)]
     if not rows:
         click.echo(f"no runs under {runs_root}")
         return
@@ -52,7 +52,7 @@ def show_command(run_id: str, runs_root: str, plot_to: str | None) -> None:
         from ..launch.metrics import plot
 
         click.echo(f"plot      {plot(paths.root, Path(plot_to))}")
-    record = RunRecord.load(paths)
+    record = current(paths)
     row = summary(record)
     click.echo(f"run       {record.id}")
     click.echo(f"script    {record.script} {' '.join(record.spec.get('script_args', []))}")
@@ -60,6 +60,9 @@ def show_command(run_id: str, runs_root: str, plot_to: str | None) -> None:
     click.echo(f"started   {row['started']}")
     click.echo(f"ranks     {record.ranks} on {record.nodes} host(s) ({record.host_source})")
     click.echo(f"mpi       {record.versions.get('mpi')}")
+    if record.scheduler:
+        click.echo(f"slurm     job {record.scheduler.get('job_id')} (submitted "
+                   f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(record.scheduler['submitted']))})")
     click.echo(f"folder    {paths.root}")
     if record.reason:
         click.echo(f"reason    {record.reason}")
@@ -122,7 +125,7 @@ def logs_command(run_id: str, rank: int | None, raw: bool, follow: bool, runs_ro
         return
     offset = 0
     while True:
-        finished = RunRecord.load(paths).status.finished
+        finished = current(paths).status.finished
         if source.exists():
             with open(source, "rb") as handle:
                 handle.seek(offset)

@@ -4,6 +4,7 @@
     job = Job(source_dir=".", entry_script="train.py", script_params={"--lr": 0.1, "--verbose": ""},
               nodes=1, ppn=2)
     run = job.submit()          # returns at once; the job runs in a background thread
+    # or on a Slurm cluster: Job(..., compute_target=Slurm(partition="debug", time="30")).submit()
     run.wait(show_output=True)
     run.get_metrics(); run.download_file("outputs/model.onnx", "model.onnx")
 
@@ -22,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DistlaunchError, RunNotFound
+from ..plan.slurm import SlurmTarget
 from ..plan.spec import JobSpec, TargetSpec, default_remote_root
 from ..plan.ssh import SSHOptions
 from ..records import RunPaths, RunRecord
-from .history import request_cancel, resolve
+from .history import current, request_cancel, resolve
 from .launcher import launch, prepare
 from .metrics import read_metrics
 from .supervise import Watch
@@ -54,7 +56,8 @@ class Job:
                  env: Mapping[str, str] | None = None, mpi_args: Sequence[str] = (), runs_root: str = "runs",
                  timeout: float | None = None, hang_timeout: float | None = None, oversubscribe: bool = False,
                  remote_dir: str | None = None, ssh: SSHOptions | None = None, sync: bool = True,
-                 pip_packages: Sequence[str] = (), requirements: str | None = None) -> None:
+                 pip_packages: Sequence[str] = (), requirements: str | None = None,
+                 compute_target: SlurmTarget | None = None, launcher: str = "mpirun") -> None:
         script = entry_script if os.path.isabs(entry_script) else os.path.join(source_dir, entry_script)
         self.spec = JobSpec(
             script=script,
@@ -70,11 +73,20 @@ class Job:
             sync=sync,
             pip_packages=tuple(pip_packages),
             requirements=requirements,
+            launcher=launcher,
         )
         self.watch = Watch(timeout=timeout, hang_timeout=hang_timeout)
+        self.compute_target = compute_target
 
     def submit(self) -> Run:
-        """Start the job and return its Run as soon as its folder exists."""
+        """Start the job and return its Run as soon as its folder exists: here, in a
+        background thread; or, with ``compute_target=Slurm(...)``, as a queued batch job."""
+        if self.compute_target is not None:
+            from .slurm import submit
+
+            target = self.spec.target
+            nodes, ppn = target.nodes or 1, target.ppn or 1
+            return Run(submit(self.spec, self.compute_target, target.np or nodes * ppn, nodes, ppn))
         prepared = prepare(self.spec)
         ready = threading.Event()
         box: dict[str, Any] = {}
@@ -118,7 +130,7 @@ class Run:
 
     @property
     def status(self) -> str:
-        return RunRecord.load(self.paths).status.value
+        return current(self.paths).status.value
 
     def __repr__(self) -> str:
         return f"Run(id={self.id!r}, status={self.status!r})"
@@ -131,8 +143,8 @@ class Run:
             while True:
                 if show_output:
                     offset = self._print_new_output(offset)
-                done = RunRecord.load(self.paths).status.finished and (self._thread is None
-                                                                      or not self._thread.is_alive())
+                done = current(self.paths).status.finished and (self._thread is None
+                                                                 or not self._thread.is_alive())
                 if done:
                     if show_output:
                         self._print_new_output(offset)
@@ -165,11 +177,11 @@ class Run:
 
     def get_details(self) -> dict[str, Any]:
         """The run record as a dict (``run.json``)."""
-        return RunRecord.load(self.paths).to_dict()
+        return current(self.paths).to_dict()
 
     @property
     def record(self) -> RunRecord:
-        return RunRecord.load(self.paths)
+        return current(self.paths)
 
     def get_metrics(self, rank: int | None = 0) -> dict[str, list[float]]:
         """Metric values by name, in logged order (rank 0's unless told)."""

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import RunNotFound
 from ..protocol import split_rank_line
-from ..records import RunPaths, RunRecord
+from ..records import RunPaths, RunRecord, Status
 
 
 def run_folders(runs_root: str | Path) -> list[Path]:
@@ -55,23 +55,44 @@ def summary(record: RunRecord) -> dict[str, Any]:
     }
 
 
+def current(paths: RunPaths) -> RunRecord:
+    """The run record as it stands, with a batch run's record brought up to date with
+    Slurm when the batch job ended without saying so (see ``slurm.reconcile``)."""
+    record = RunRecord.load(paths)
+    if record.scheduler and not record.status.finished:
+        from .slurm import reconcile
+
+        record = reconcile(paths, record)
+    return record
+
+
 def request_cancel(paths: RunPaths, wait: float = 30.0) -> str:
-    """Ask a running run to stop; wait until it has; return its final status."""
-    status = RunRecord.load(paths).status
-    if status.finished:
-        return status.value
+    """Ask a run to stop and wait until it has; return its final status. A running run
+    stops as on Ctrl-C; a batch run still queued is taken out of the queue (scancel),
+    and so is one whose launcher does not answer in time."""
+    record = current(paths)
+    if record.status.finished:
+        return record.status.value
+    if record.scheduler is not None and record.status is Status.QUEUED:
+        from .slurm import cancel
+
+        cancel(record)
     paths.cancel_marker.touch()
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
-        status = RunRecord.load(paths).status
-        if status.finished:
-            break
+        record = current(paths)
+        if record.status.finished:
+            return record.status.value
         time.sleep(0.1)
-    return status.value
+    if record.scheduler is not None:
+        from .slurm import cancel
+
+        cancel(record)
+    return current(paths).status.value
 
 
 def remove(paths: RunPaths) -> None:
-    status = RunRecord.load(paths).status
+    status = current(paths).status
     if not status.finished:
         raise RunNotFound(f"run {paths.run_id} is {status.value}: cancel it first "
                           f"(distlaunch cancel {paths.run_id})")

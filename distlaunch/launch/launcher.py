@@ -24,18 +24,20 @@ from .. import __version__
 from ..errors import DistlaunchError, HostError, RunDirError, SpecError
 from ..nodes.doctor import preflight
 from ..nodes.pipinstall import ensure_packages
-from ..nodes.transport import Nodes, SSHTransport, Transport, for_each
+from ..nodes.transport import Nodes, SrunTransport, SSHTransport, Transport, for_each
 from ..nodes.treesync import collect, list_files, sync
 from ..plan.envpolicy import redact, redact_argv, redact_pairs
-from ..plan.hosts import RankSlot, is_local, placement, this_host_names
+from ..plan.hosts import SLURM_JOB, SLURM_STEP, RankSlot, is_local, placement, this_host_names
 from ..plan.layout import RemoteLayout
 from ..plan.mpi import MPIInstall, detect, find_mpirun
 from ..plan.mpirun import LaunchContext, LaunchPlan, plan
 from ..plan.placement import Placement, place
+from ..plan.slurm import srun_plan
 from ..plan.spec import JobSpec, inside, resolve_program
 from ..plan.ssh import SSHOptions
 from ..records import RunPaths, RunRecord, allocate
 from .metrics import write_tensorboard
+from .slurm import check_allocation
 from .supervise import Console, Outcome, Supervisor, Watch
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ class Prepared:
     context: LaunchContext
     program: tuple[str, ...]
     transport: Transport
+    srun: str | None = None  # with --launcher srun
 
     @property
     def slots(self) -> tuple[RankSlot, ...]:
@@ -84,8 +87,11 @@ class Prepared:
 
     def plan(self, run_id: str, run_dir: str, host_cores: Mapping[str, int] | None = None) -> LaunchPlan:
         context = dataclasses.replace(self.context, host_cores=dict(host_cores)) if host_cores else self.context
-        return plan(self.spec, self.placed, self.mpi, run_id, run_dir, context, self.program,
-                    self.remote_layout(run_id))
+        layout = self.remote_layout(run_id)
+        if self.srun is not None:
+            return srun_plan(self.spec, self.placed, self.srun, run_id, run_dir, context, self.program, self.mpi,
+                             layout)
+        return plan(self.spec, self.placed, self.mpi, run_id, run_dir, context, self.program, layout)
 
 
 def local_cores() -> int:
@@ -95,7 +101,7 @@ def local_cores() -> int:
         return os.cpu_count() or 1
 
 
-def check_resolvable(names: list[str]) -> None:
+def check_resolvable(names: list[str], origin: str) -> None:
     """HostError naming the first host that does not resolve (looked up in parallel)."""
     if not names or len(names) > RESOLVE_LIMIT:
         return
@@ -109,23 +115,45 @@ def check_resolvable(names: list[str]) -> None:
 
     for name, ok in zip(names, for_each(names, resolves)):
         if not ok:
-            raise HostError(f"cannot resolve host {name!r}: check its name, DNS or /etc/hosts")
+            raise HostError(f"cannot resolve host {name!r} (from {origin}): check its name, DNS or /etc/hosts")
 
 
-def choose_transport(ssh: SSHOptions, local_names: frozenset[str] | None = None) -> Transport:
-    """How to reach the other nodes: ssh with the user's options."""
-    return SSHTransport(ssh, this_host_names() if local_names is None else local_names)
+def in_allocation(origin: str) -> bool:
+    return origin in (SLURM_STEP, SLURM_JOB)
+
+
+def choose_transport(ssh: SSHOptions, local_names: frozenset[str] | None = None, origin: str = "",
+                     env: Mapping[str, str] | None = None) -> Transport:
+    """How to reach the other nodes: inside a Slurm allocation whose nodes we run on, a
+    step per node (no sshd needed); anywhere else ssh with the user's options."""
+    names = this_host_names() if local_names is None else local_names
+    env = os.environ if env is None else env
+    if in_allocation(origin):
+        return SrunTransport(env["SLURM_JOB_ID"], names)
+    return SSHTransport(ssh, names)
 
 
 def prepare(spec: JobSpec) -> Prepared:
     names = this_host_names()
     cores = local_cores()
     placed = place(spec.target, local_cores=cores)
-    check_resolvable([host for host, _ in placement(placed.slots) if not is_local(host, names)])
+    origin = placed.source.origin
+    if in_allocation(origin):
+        check_allocation(os.environ)
+    elif spec.launcher == "srun":
+        raise SpecError("--launcher srun starts a step of the Slurm allocation you run in, and there is none: "
+                        "run inside salloc/sbatch, or use 'distlaunch submit'")
+    check_resolvable([host for host, _ in placement(placed.slots) if not is_local(host, names)], origin)
     mpi = detect(find_mpirun(spec.mpirun))
+    srun = None
+    if spec.launcher == "srun":
+        srun = shutil.which("srun")
+        if srun is None:
+            raise SpecError("--launcher srun: srun is not on PATH: install slurm-client or use --launcher mpirun")
     context = LaunchContext(is_root=os.geteuid() == 0, local_cores=cores, ambient_env=frozenset(os.environ),
                             local_names=names)
-    prepared = Prepared(spec, placed, mpi, context, resolve_program(spec), choose_transport(spec.ssh, names))
+    prepared = Prepared(spec, placed, mpi, context, resolve_program(spec),
+                        choose_transport(spec.ssh, names, origin), srun)
     if prepared.remote_layout("check") is not None:
         prepared.plan("check", "check")  # a script outside --source-dir is an error now, not on the nodes
     return prepared
@@ -225,22 +253,28 @@ def launch(
     watch: Watch = DEFAULT_WATCH,
     on_ready: Callable[[RunPaths], None] | None = None,
     progress: Callable[[str], None] = log.info,
+    paths: RunPaths | None = None,
 ) -> tuple[RunPaths, Outcome]:
     """Run the job to its end; the run folder records every step. ``on_ready`` is called
-    once the run folder exists, before the code is synced and mpirun starts."""
+    once the run folder exists, before the code is synced and mpirun starts. ``paths``:
+    the run folder of a submitted (queued) run, which this launch carries out."""
     prepared = shared_source_check(prepared, progress)
     spec = prepared.spec
     host_cores = None
     if prepared.multi_node and not spec.skip_checks:
         progress(f"checking {len(prepared.hosts)} node(s)")
         host_cores = preflight(prepared.nodes, prepared.hosts, spec.remote_root, need_rsync=spec.sync)
-    paths = allocate(spec.runs_root)
+    queued = RunRecord.load(paths) if paths is not None else None
+    paths = paths or allocate(spec.runs_root)
     the_plan = prepared.plan(paths.run_id, str(paths.root), host_cores)
     record = new_record(prepared, the_plan, paths)
+    if queued is not None:  # keep what the submission knew
+        record.created, record.scheduler = queued.created, queued.scheduler
     try:
         record.save(paths)
     except RunDirError:
-        shutil.rmtree(paths.root, ignore_errors=True)  # nothing worth keeping yet
+        if queued is None:
+            shutil.rmtree(paths.root, ignore_errors=True)  # nothing worth keeping yet
         raise
     if on_ready is not None:
         on_ready(paths)

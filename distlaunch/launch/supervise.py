@@ -345,7 +345,9 @@ class Supervisor:
             status, exit_code = Status.FAILED, failure.exit_code
         elif code != 0 and not records:
             status, exit_code = Status.FAILED, ExitCode.LAUNCH
-            reason = "mpirun could not start the job (no rank started): see its message above or in logs/mpirun.log"
+            launcher = os.path.basename(self.plan.argv[0])
+            reason = (f"{launcher} could not start the job (no rank started): see its message above or in "
+                      "logs/mpirun.log")
             failure = Failure(None, None, code if code > 0 else 128 - code, None,
                               tuple(tail_lines(self.paths.mpirun_log)))
         elif code != 0 or len(ended) < self.plan.nranks:

@@ -10,6 +10,7 @@ distlaunch.nodes.agent``) and reads its one-line JSON answer.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 from collections.abc import Callable, Iterable, Sequence
@@ -50,6 +51,10 @@ class Transport(Protocol):
         """rsync's ``-e`` value: a command that takes the host, then the remote command."""
         ...
 
+    def environment(self) -> dict[str, str] | None:
+        """The environment for the commands that reach other hosts (None: ours as it is)."""
+        ...
+
 
 @dataclass(frozen=True)
 class SSHTransport:
@@ -64,6 +69,9 @@ class SSHTransport:
     def rsync_shell(self) -> str:
         return self.options.command_string()
 
+    def environment(self) -> dict[str, str] | None:
+        return None
+
 
 @dataclass(frozen=True)
 class SrunTransport:
@@ -74,8 +82,9 @@ class SrunTransport:
     name: str = "srun"
 
     def srun(self, host: str | None = None) -> list[str]:
+        # --unbuffered: rsync's protocol streams both ways and stalls on srun's line buffering
         argv = ["srun", "--overlap", f"--jobid={self.job_id}", "--nodes=1", "--ntasks=1", "--quiet",
-                "--kill-on-bad-exit=1", "--input=all"]
+                "--kill-on-bad-exit=1", "--input=all", "--unbuffered"]
         return [*argv, f"--nodelist={host}"] if host else argv
 
     def remote_argv(self, host: str, argv: Sequence[str]) -> list[str]:
@@ -84,6 +93,11 @@ class SrunTransport:
     def rsync_shell(self) -> str:
         # rsync appends the host and then its own command: srun takes the host via -w
         return shlex.join([*self.srun(), "--nodelist"])
+
+    def environment(self) -> dict[str, str] | None:
+        """Ours without the SLURM_* of the step we may run in (srun would take the step's
+        task counts from them); the job is named with --jobid instead."""
+        return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") or k == "SLURM_CONF"}
 
 
 def argv_on(transport: Transport, host: str, argv: Sequence[str]) -> list[str]:
@@ -97,8 +111,10 @@ def run_on(transport: Transport, host: str, argv: Sequence[str], timeout: float 
            stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` on ``host`` and capture its output (never raises for a failed command)."""
     try:
+        remote = not is_local(host, transport.local_names)
         return subprocess.run(argv_on(transport, host, argv), input=stdin, capture_output=True,
                               encoding="utf-8", errors="surrogateescape", timeout=timeout,
+                              env=transport.environment() if remote else None,
                               stdin=None if stdin is not None else subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         return subprocess.CompletedProcess(list(argv), 255, "", f"timed out after {timeout:.0f} s")

@@ -155,7 +155,7 @@ def push(nodes: Nodes, host: str, tree: SourceTree, expected: str, layout: Remot
     listing = "\0".join(tree.files) + "\0"
     # rsync skips --files-from names that start with '#' or ';' as comments: './' keeps them
     rsync_list = "".join(f"./{name}\0" for name in tree.files)
-    rsync = subprocess.run(rsync_push_argv(nodes, host, tree.root, layout),
+    rsync = subprocess.run(rsync_push_argv(nodes, host, tree.root, layout), env=nodes.transport.environment(),
                            input=rsync_list.encode("utf-8", "surrogateescape"), capture_output=True)
     if rsync.returncode != 0:
         last = (rsync.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
@@ -225,7 +225,8 @@ def pull(nodes: Nodes, host: str, remote: str, local: Path) -> bool:
     argv = ["rsync", "-a", "--mkpath", "--chmod=go-rwx"]
     if not is_local(host, nodes.transport.local_names):
         argv += ["-e", nodes.transport.rsync_shell()]
-    proc = subprocess.run([*argv, _target(nodes, host, f"{remote}/"), f"{local}/"], capture_output=True)
+    proc = subprocess.run([*argv, _target(nodes, host, f"{remote}/"), f"{local}/"], capture_output=True,
+                          env=nodes.transport.environment())
     return proc.returncode == 0
 
 

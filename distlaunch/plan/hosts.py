@@ -44,7 +44,7 @@ class HostSource:
     """The hosts found and where they came from (for messages and run records)."""
 
     hosts: tuple[Host, ...]
-    origin: str  # "--hosts", "hostfile <path>", "slurm", "pbs", "lsf", "localhost"
+    origin: str  # "--hosts", "hostfile <path>", "slurm step", "slurm allocation", "pbs", "lsf", "localhost"
 
 
 @dataclass(frozen=True)
@@ -149,14 +149,14 @@ def _counted(names: Sequence[str], where: str) -> tuple[Host, ...]:
     return tuple(Host(name, slots) for name, slots in counts.items())
 
 
-def expand_hostlist(expr: str) -> list[str]:
+def expand_hostlist(expr: str, where: str = "SLURM_JOB_NODELIST") -> list[str]:
     """Expand a Slurm hostlist expression such as ``gpu[01-04,07],cpu-[1-2]x``."""
     import hostlist  # python-hostlist, imported lazily
 
     try:
         names: list[str] = hostlist.expand_hostlist(expr)
     except hostlist.BadHostlist as exc:
-        raise HostError(f"cannot expand hostlist {expr!r}: {exc}: check SLURM_JOB_NODELIST") from None
+        raise HostError(f"cannot expand hostlist {expr!r}: {exc}: check {where}") from None
     return names
 
 
@@ -167,32 +167,51 @@ def compress_hostlist(names: Sequence[str]) -> str:
     return str(hostlist.collect_hostlist(list(names)))
 
 
-def parse_tasks_per_node(text: str, count: int) -> list[int]:
-    """Expand ``SLURM_TASKS_PER_NODE`` (``2(x3),1``) to one number per node."""
+def expand_counts(text: str, name: str = "SLURM_TASKS_PER_NODE") -> list[int]:
+    """Expand a Slurm count list (``2(x3),1``) to one number per node."""
     values: list[int] = []
     for part in text.split(","):
         match = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
         if not match:
-            raise HostError(f"cannot read SLURM_TASKS_PER_NODE={text!r}: expected forms like 2(x3),1")
+            raise HostError(f"cannot read {name}={text!r}: expected forms like 2(x3),1")
         values += [int(match.group(1))] * int(match.group(2) or 1)
+    return values
+
+
+def parse_tasks_per_node(text: str, count: int, name: str = "SLURM_TASKS_PER_NODE") -> list[int]:
+    """``expand_counts``, checked against the number of nodes in the node list."""
+    values = expand_counts(text, name)
     if len(values) != count:
         raise HostError(
-            f"SLURM_TASKS_PER_NODE={text!r} gives {len(values)} nodes but the node list has "
+            f"{name}={text!r} gives {len(values)} nodes but the node list has "
             f"{count}: check the Slurm environment"
         )
     return values
 
 
-def from_slurm(env: Mapping[str, str]) -> tuple[Host, ...]:
-    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
-    names = expand_hostlist(nodelist)
+SLURM_STEP = "slurm step"
+SLURM_JOB = "slurm allocation"
+
+
+def from_slurm(env: Mapping[str, str]) -> HostSource:
+    """The nodes and task counts of the Slurm step we run in (``srun ... distlaunch``), or
+    else of the whole allocation (``salloc``/``sbatch``): never one paired with the other."""
+    if env.get("SLURM_STEP_NODELIST"):
+        nodelist, list_name = env["SLURM_STEP_NODELIST"], "SLURM_STEP_NODELIST"
+        per_node, per_name = env.get("SLURM_STEP_TASKS_PER_NODE"), "SLURM_STEP_TASKS_PER_NODE"
+        origin = SLURM_STEP
+    else:
+        list_name = "SLURM_JOB_NODELIST" if env.get("SLURM_JOB_NODELIST") else "SLURM_NODELIST"
+        nodelist = env.get(list_name, "")
+        per_name = "SLURM_TASKS_PER_NODE" if env.get("SLURM_TASKS_PER_NODE") else "SLURM_JOB_CPUS_PER_NODE"
+        per_node, origin = env.get(per_name), SLURM_JOB
+    names = expand_hostlist(nodelist, list_name)
     for name in names:
-        check_hostname(name, "SLURM_JOB_NODELIST")
-    per_node = env.get("SLURM_TASKS_PER_NODE") or env.get("SLURM_JOB_CPUS_PER_NODE")
+        check_hostname(name, list_name)
     if not per_node:
-        return tuple(Host(name) for name in names)
-    slots = parse_tasks_per_node(per_node, len(names))
-    return tuple(Host(name, n) for name, n in zip(names, slots))
+        return HostSource(tuple(Host(name) for name in names), origin)
+    slots = parse_tasks_per_node(per_node, len(names), per_name)
+    return HostSource(tuple(Host(name, n) for name, n in zip(names, slots)), origin)
 
 
 def from_pbs(env: Mapping[str, str]) -> tuple[Host, ...]:
@@ -234,7 +253,7 @@ def resolve(
     if hostfile:
         return HostSource(parse_hostfile(hostfile), f"hostfile {hostfile}")
     if env.get("SLURM_JOB_ID") and (env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")):
-        return HostSource(from_slurm(env), "slurm")
+        return from_slurm(env)
     if env.get("PBS_NODEFILE"):
         return HostSource(from_pbs(env), "pbs")
     if env.get("LSB_DJOB_HOSTFILE") or env.get("LSB_MCPU_HOSTS"):

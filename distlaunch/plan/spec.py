@@ -7,6 +7,7 @@ of the source directory (pure).
 """
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import os
 import re
@@ -14,11 +15,13 @@ import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import SpecError
 from .ssh import SSHOptions
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+LAUNCHERS = ("mpirun", "srun")
 # Python 3.11+: ``-P`` keeps the current directory off sys.path, so a project file named
 # like a module we import (json.py, distlaunch/) cannot replace it in the worker or agent
 SAFE_PATH = ("-P",) if sys.version_info >= (3, 11) else ()
@@ -122,8 +125,11 @@ class JobSpec:
     pip_packages: tuple[str, ...] = ()  # installed into the ranks' Python on every node first
     requirements: str | None = None  # a requirements file, likewise
     iface: str | None = None  # the network interface MPI and gloo use between nodes
+    launcher: str = "mpirun"  # or "srun": a step of the Slurm allocation we run in
 
     def __post_init__(self) -> None:
+        if self.launcher not in LAUNCHERS:
+            raise SpecError(f"--launcher {self.launcher!r}: choose one of {', '.join(LAUNCHERS)}")
         if not self.script:
             raise SpecError("no script given: name the training script, e.g. distlaunch run train.py")
         if self.source_dir is not None and not os.path.isdir(self.source_dir):
@@ -152,6 +158,23 @@ class JobSpec:
         """The directory copied to the nodes (the script's own by default), absolute.
         Symlinks are kept as given: resolving them would change what the user named."""
         return os.path.abspath(self.source_dir or os.path.dirname(os.path.abspath(self.script)))
+
+
+def spec_to_dict(spec: JobSpec) -> dict[str, object]:
+    """A JSON-able copy of the spec (``spec_from_dict`` gives it back)."""
+    return dataclasses.asdict(spec)
+
+
+def spec_from_dict(data: dict[str, Any]) -> JobSpec:
+    """The JobSpec that ``spec_to_dict`` wrote (validated again, as any spec is)."""
+    values = dict(data)
+    values["target"] = TargetSpec(**values.get("target", {}))
+    values["ssh"] = SSHOptions(**values.get("ssh", {}))
+    values["env"] = tuple((str(name), str(value)) for name, value in values.get("env", ()))
+    for name in ("script_args", "env_pass", "mpi_args", "pip_packages"):
+        values[name] = tuple(values.get(name, ()))
+    names = {f.name for f in dataclasses.fields(JobSpec)}
+    return JobSpec(**{key: value for key, value in values.items() if key in names})
 
 
 def resolve_program(spec: JobSpec) -> tuple[str, ...]:

@@ -36,6 +36,20 @@ class RankInfo:
         return rank_prefix(self.rank, self.size)
 
 
+def _slurm_local_size(env: Mapping[str, str], total: int) -> int:
+    """Tasks of this step on this node: SLURM_STEP_TASKS_PER_NODE (``2(x3),1``) at SLURM_NODEID."""
+    from ..errors import HostError
+    from ..plan.hosts import expand_counts
+
+    counts, node = env.get("SLURM_STEP_TASKS_PER_NODE"), env.get("SLURM_NODEID")
+    if not counts or node is None:
+        return total
+    try:
+        return expand_counts(counts, "SLURM_STEP_TASKS_PER_NODE")[int(node)]
+    except (HostError, ValueError, IndexError):
+        return total
+
+
 def from_environ(env: Mapping[str, str] | None = None) -> RankInfo:
     env = os.environ if env is None else env
     for source, rank, size, local_rank, local_size in _SOURCES:
@@ -44,9 +58,9 @@ def from_environ(env: Mapping[str, str] | None = None) -> RankInfo:
                 continue  # a batch script inside an allocation, not an srun task
             total = int(env[size])
             local = int(env.get(local_rank, env[rank]))
-            try:
+            if source == "slurm":
+                nlocal = _slurm_local_size(env, total)
+            else:
                 nlocal = int(env.get(local_size, total))
-            except ValueError:  # e.g. SLURM_NTASKS_PER_NODE unset in odd forms
-                nlocal = total
             return RankInfo(int(env[rank]), total, local, nlocal, source)
     return RankInfo()

@@ -133,6 +133,13 @@ def child_env(info: RankInfo, paths: RunPaths, gpus: tuple[str, ...] = ()) -> di
     env[EXCEPTION_FILE] = str(paths.rank_exception(info.rank))
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    if "SLURM_JOB_ID" in env and info.source != "slurm":
+        # started by mpirun inside an allocation: the step's per-task variables describe
+        # mpirun's daemon, not this rank; tell the truth or nothing
+        env.update(SLURM_PROCID=str(info.rank), SLURM_LOCALID=str(info.local_rank), SLURM_NTASKS=str(info.size),
+                   SLURM_NPROCS=str(info.size))
+        for name in ("SLURM_NODEID", "SLURM_TASK_PID", "SLURM_GTIDS"):
+            env.pop(name, None)
     env.setdefault("RANK", str(info.rank))
     env.setdefault("WORLD_SIZE", str(info.size))
     env.setdefault("LOCAL_RANK", str(info.local_rank))

@@ -1,0 +1,1 @@
+"""A real Slurm cluster (slurmctld + two slurmd + munge) on one machine, for tests."""
