@@ -64,15 +64,7 @@ def render(mpi_name: str, case: str, root: bool) -> str:
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("mpi_name", sorted(MPIS))
 def test_plan_matches_golden(mpi_name, case, root):
-    text = render(mpi_name, case, root)
-    path = GOLDEN / f"{mpi_name}-{case}-{'root' if root else 'user'}.txt"
-    if os.environ.get("DISTLAUNCH_UPDATE_GOLDEN") == "1":
-        path.write_text(text)
-    assert path.exists(), f"missing {path}: run with DISTLAUNCH_UPDATE_GOLDEN=1 to create it"
-    assert text == path.read_text(), (
-        f"plan() output differs from {path.name}; if the change is intended, refresh with "
-        "DISTLAUNCH_UPDATE_GOLDEN=1 python -m pytest tests/test_plan_golden.py"
-    )
+    check_golden(f"{mpi_name}-{case}-{'root' if root else 'user'}.txt", render(mpi_name, case, root))
 
 
 def test_user_btl_choice_wins():
@@ -87,3 +79,43 @@ def test_user_btl_choice_wins():
     argv = plan(ours, placed, MPIS["ompi5"], "R", "/r",
                 LaunchContext(False, 4, frozenset({"OMPI_MCA_btl"})), program).argv
     assert "self,sm" not in argv
+
+
+def check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("DISTLAUNCH_UPDATE_GOLDEN") == "1":
+        path.write_text(text)
+    assert path.exists(), f"missing {path}: run with DISTLAUNCH_UPDATE_GOLDEN=1 to create it"
+    assert text == path.read_text(), (
+        f"output differs from {path.name}; if the change is intended, refresh with "
+        "DISTLAUNCH_UPDATE_GOLDEN=1 python -m pytest tests/test_plan_golden.py"
+    )
+
+
+def test_srun_plan_matches_golden():
+    """--launcher srun in a 2-node allocation: the step's argv, SLURM_HOSTFILE, env."""
+    from distlaunch.plan.hosts import Host, HostSource, assign_slots
+    from distlaunch.plan.placement import Placement
+    from distlaunch.plan.slurm import srun_plan
+
+    spec = JobSpec(str(REPO / "examples" / "train.py"), ("--epochs", "1"), python="/usr/bin/python3",
+                   launcher="srun", env=(("OMP_NUM_THREADS", "1"),))
+    source = HostSource((Host("gpu01", 2), Host("gpu02", 2)), "slurm allocation")
+    placed = Placement(source, tuple(assign_slots(source)))
+    ctx = LaunchContext(is_root=False, local_cores=4, ambient_env=AMBIENT)
+    remote = RemoteLayout("/scratch", "/scratch/examples-12345678", "RUNID")
+    the_plan = srun_plan(spec, placed, "/usr/bin/srun", "RUNID", "/runs/RUNID", ctx, resolve_program(spec),
+                         MPIS["ompi5"], remote)
+    argv = [a.replace(str(REPO), "<repo>") for a in the_plan.argv]
+    env = [f"{k}={v}" for k, v in sorted(the_plan.env.items())]
+    added = [f"{flags}  # {why}" for flags, why in the_plan.added]
+    check_golden("srun-two-nodes.txt", "\n".join(["# SLURM_HOSTFILE", the_plan.hostfile_text.rstrip(), "# argv",
+                                                   *argv, "# env", *env, "# added by distlaunch", *added]) + "\n")
+
+
+def test_batch_script_matches_golden():
+    from distlaunch.plan.slurm import SlurmTarget, batch_lines, batch_script
+
+    target = SlurmTarget(partition="gpu", time="2:00:00", account="proj42")
+    lines = batch_lines(target, 2, 4, "/runs/RUNID/logs/sbatch.log", "distlaunch-train", gpus_per_node=4)
+    check_golden("sbatch-two-nodes.txt", batch_script("/venv/bin/python", "/runs/RUNID", lines))

@@ -45,16 +45,7 @@ else:
     from .collectives import *  # noqa: F403
     from .compression import Compression  # noqa: F401
     from .optimizer import DistributedOptimizer  # noqa: F401
-    from .torchdist import *  # noqa: F403
-    from .torchdist import (  # noqa: F401
-        Adasum,
-        Average,
-        HorovodInternalError,
-        Max,
-        Min,
-        Product,
-        Sum,
-    )
+    from .torchdist import *  # noqa: F403 - with Average, Sum, ..., HorovodInternalError
 
     _BACKEND = "torch"
 
