@@ -61,3 +61,14 @@ def test_bench_cli_tiny_sweep(tmp_path):
     assert (tmp_path / "ar.csv").read_text().startswith("backend,size,count")
     record = json.loads(next((tmp_path / "runs").glob("*/run.json")).read_text())
     assert "--bind-to" in record["argv"] and "none" in record["argv"]  # --mpi-arg reached mpirun
+
+
+def test_bench_exit_codes_follow_the_table(tmp_path):
+    """bench speaks the README's exit codes: 70 when mpirun cannot start the job, 2 for bad input."""
+    base = [sys.executable, "-m", "distlaunch", "bench", "allreduce", "--ppn", "2", "--sizes", "8B", "--iters", "1"]
+    cannot_start = subprocess.run([*base, "--mpi-arg", "--no-such-flag-xyz"], cwd=tmp_path, capture_output=True,
+                                  text=True, timeout=300)
+    assert cannot_start.returncode == 70, cannot_start.stderr[-2000:]
+    assert "could not start the job" in cannot_start.stderr
+    bad = subprocess.run([*base, "--sizes", "lots"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("distlaunch: error: --sizes"), bad.stderr

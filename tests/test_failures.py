@@ -23,14 +23,10 @@ FAULTS = SCRIPTS / "faults.py"
 
 
 def survivors(run_id: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get("DISTLAUNCH_RUN_ID") == run_id:
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
+    """Every live process of the run on this machine, simulated nodes' included."""
+    from distlaunch.nodes.procs import run_processes
+
+    return run_processes(run_id, any_namespace=True)
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:

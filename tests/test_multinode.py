@@ -357,3 +357,19 @@ def test_env_policy_on_other_nodes(cluster, tmp_path, flavour):
     assert len(remote) == 2, proc.stdout
     for line in remote:
         assert "['given', '3', '7', None]" in line, line
+
+
+@needs_root
+def test_a_cluster_left_running_does_not_get_in_the_way(cluster, tmp_path):
+    """A simulated cluster someone left running (here: the module's) and a new one side by
+    side: each picks a free port, and both answer as their own nodes."""
+    second = make(tmp_path / "second", 1, shared=[str(tmp_path)])
+    second.up()
+    try:
+        assert second.port != cluster.port
+        for box in (cluster, second):
+            node = box.nodes[0]
+            answer = subprocess.run(box.ssh_argv(node, "hostname"), capture_output=True, text=True, timeout=30)
+            assert answer.returncode == 0 and answer.stdout.strip() == node.hostname
+    finally:
+        second.down()

@@ -23,12 +23,14 @@ def _pid_namespace(pid: int | str) -> str | None:
         return None
 
 
-def run_processes(run_id: str, session: int | None = None, python_ranks_only: bool = False) -> list[Any]:
+def run_processes(run_id: str, session: int | None = None, python_ranks_only: bool = False,
+                  any_namespace: bool = False) -> list[Any]:
     """Live processes of run ``run_id`` here: tagged with its id in their environment, or
-    in mpirun's ``session``. Zombies are dead and left out, and so is this process."""
+    in mpirun's ``session``. Zombies are dead and left out, and so is this process.
+    ``any_namespace``: also those in other PID namespaces (a test's view of every node)."""
     import psutil
 
-    mine = _pid_namespace("self")
+    mine = None if any_namespace else _pid_namespace("self")
     found = []
     for proc in psutil.process_iter():
         if proc.pid == os.getpid():
