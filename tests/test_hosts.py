@@ -1,6 +1,7 @@
 """Host sources (--hosts, hostfiles, Slurm, PBS, LSF, localhost) and rank placement."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -237,3 +238,14 @@ def test_hostfile_placement_from_cli(distlaunch, tmp_path):
     bad = distlaunch("hosts", "--hostfile", str(hostfile), "--nodes", "3")
     assert bad.returncode == 2
     assert bad.stderr.startswith("distlaunch: error: --nodes 3 asks for more hosts than the 2 found")
+
+
+def test_only_files_and_links_travel(tmp_path):
+    """A named pipe (or socket, or device) in the source dir is left out: hashing or
+    copying one would block."""
+    from distlaunch.nodes.treesync import list_files
+
+    (tmp_path / "train.py").write_text("pass\n")
+    (tmp_path / "link.py").symlink_to("train.py")
+    os.mkfifo(tmp_path / "pipe")
+    assert list_files(tmp_path).files == ("link.py", "train.py")

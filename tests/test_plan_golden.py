@@ -119,3 +119,15 @@ def test_batch_script_matches_golden():
     target = SlurmTarget(partition="gpu", time="2:00:00", account="proj42")
     lines = batch_lines(target, 2, 4, "/runs/RUNID/logs/sbatch.log", "distlaunch-train", gpus_per_node=4)
     check_golden("sbatch-two-nodes.txt", batch_script("/venv/bin/python", "/runs/RUNID", lines))
+
+
+def test_master_address_is_never_a_loopback_alias_across_hosts():
+    """--hosts localhost:2,node2:2: node2's ranks must be sent to this machine's name."""
+    spec = JobSpec(str(REPO / "examples" / "train.py"))
+    placed = place(TargetSpec(hosts="localhost:2,node2:2"), env={}, inv=NO_GPU)
+    ctx = LaunchContext(False, 4, local_names=frozenset({"localhost", "127.0.0.1", "::1", "login1", "login1.hpc"}))
+    env = plan(spec, placed, MPIS["ompi5"], "R", "/r", ctx, resolve_program(spec)).env
+    assert env["DISTLAUNCH_MASTER_ADDR"] == "login1"
+    alone = place(TargetSpec(ppn=2), env={}, inv=NO_GPU)
+    assert plan(spec, alone, MPIS["ompi5"], "R", "/r", ctx, resolve_program(spec)).env["DISTLAUNCH_MASTER_ADDR"] \
+        == "127.0.0.1"

@@ -6,8 +6,8 @@ over MPI. ``key`` is a fresh random token: every key the job uses lives under it
 (``PrefixStore``), so a process outside the job that finds the port can neither read
 nor plant the job's keys. The address is, in order: 127.0.0.1 when every rank is on
 this node; the address of ``GLOO_SOCKET_IFNAME`` when set; ``DISTLAUNCH_MASTER_ADDR``
-(rank 0's host from the host list) resolved here, unless it only names this machine's
-loopback; else this node's first non-loopback IPv4 address. Never
+(rank 0's host from the host list) resolved here, unless a name resolves to loopback;
+else this node's first non-loopback IPv4 address. Never
 ``gethostbyname(gethostname())``: it is 127.0.x.1 on many machines.
 
 Each rank also tells gloo which interface to use (``GLOO_SOCKET_IFNAME``, the one that
@@ -72,8 +72,11 @@ def master_address(all_local: bool) -> str:
             address = socket.getaddrinfo(name, None, socket.AF_INET)[0][4][0]
         except (OSError, IndexError):
             address = None
-        own_name = name in (socket.gethostname(), socket.gethostname().split(".")[0])
-        if address and not (ipaddress.ip_address(address).is_loopback and own_name):
+        # a name that resolves to loopback here (localhost, or Debian's 127.0.1.1 line for
+        # this machine) would send the other nodes to themselves; an address literal such
+        # as 127.0.0.2 is meant as written
+        literal = address == name
+        if address and (literal or not ipaddress.ip_address(address).is_loopback):
             return str(address)
     return _first_ipv4()
 

@@ -28,6 +28,10 @@ def main(run_dir: str) -> None:
         data["env"] = [(name, os.environ.get(name, "") if value is None else value) for name, value in data["env"]]
         prepared = prepare(spec_from_dict(data))
         progress(f"run {paths.run_id} starts in Slurm job {os.environ.get('SLURM_JOB_ID', '?')}")
+        record = RunRecord.load(paths)
+        if record.scheduler is not None and os.environ.get("SLURM_JOB_ID"):
+            record.scheduler["job_id"] = os.environ["SLURM_JOB_ID"]  # whatever the submitter got to save
+            record.save(paths)
         _paths, outcome = launch(prepared, Console(sys.stdout.buffer, sys.stderr.buffer), paths=paths,
                                  progress=progress)
     except DistlaunchError as exc:

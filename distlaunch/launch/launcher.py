@@ -228,9 +228,12 @@ class NodeSide:
             if answer is None:
                 log.warning("cleanup on %s failed: %s", host, proc.stderr.strip()[-200:])
         if self.layout is not None:
-            self.missing = collect(nodes, self.prepared.hosts, self.prepared.slots[0].host, self.layout,
+            everywhere = self.prepared.hosts
+            self.missing = collect(nodes, everywhere, self.prepared.slots[0].host, self.layout,
                                    self.paths.root, self.prepared.spec.collect_all_ranks)
-            nodes.call_all(hosts, "release", self.layout.workdir, timeout=60)
+            failed = {item.split(":", 1)[0] for item in self.missing}
+            done = [host for host in everywhere if host not in failed]  # only those may prune it later
+            nodes.call_all(done, "release", self.layout.workdir, timeout=60)
 
 
 def _before_launch(prepared: Prepared, paths: RunPaths, record: RunRecord, progress: Callable[[str], None]) -> None:
@@ -280,8 +283,10 @@ def launch(
         on_ready(paths)
     try:
         _before_launch(prepared, paths, record, progress)
-    except DistlaunchError as exc:
-        record.failed(str(exc), exc.exit_code)
+    except BaseException as exc:  # never leave the record queued: say how far it got
+        code = exc.exit_code if isinstance(exc, DistlaunchError) else 130 if isinstance(exc, KeyboardInterrupt) else 1
+        record.failed(str(exc) if isinstance(exc, DistlaunchError) else f"stopped before the launch: "
+                      f"{type(exc).__name__}: {exc}", code)
         record.save(paths)
         raise
     node_side = NodeSide(prepared, paths, prepared.remote_layout(paths.run_id)) if prepared.multi_node else None

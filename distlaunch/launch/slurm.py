@@ -36,13 +36,28 @@ def _tool(name: str) -> str:
     return found
 
 
-def job_state(job_id: str) -> str | None:
-    """Slurm's state of the job (PENDING, RUNNING, COMPLETED, ...); None once Slurm forgot it."""
+GONE = "GONE"  # Slurm says it has no such job (any more)
+_recent: dict[str, tuple[float, str | None]] = {}  # job id -> (when asked, answer): at most one ask per 5 s
+
+
+def job_state(job_id: str, max_age: float = 0.0) -> str | None:
+    """Slurm's state of the job (PENDING, RUNNING, COMPLETED, ...), GONE once Slurm has
+    forgotten it, None when Slurm could not be asked (no answer is not an answer)."""
+    asked = _recent.get(job_id)
+    if asked is not None and time.monotonic() - asked[0] < max_age:
+        return asked[1]
+    state = _ask(job_id)
+    _recent[job_id] = (time.monotonic(), state)
+    return state
+
+
+def _ask(job_id: str) -> str | None:
     try:
         proc = subprocess.run([_tool("squeue"), "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
                               timeout=30, stdin=subprocess.DEVNULL)
         if proc.returncode == 0 and proc.stdout.strip():
             return proc.stdout.split()[0]
+        squeue_forgot = "Invalid job id" in proc.stderr or (proc.returncode == 0 and not proc.stdout.strip())
         proc = subprocess.run([_tool("scontrol"), "show", "job", job_id], capture_output=True, text=True,
                               timeout=30, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired, SpecError):
@@ -50,6 +65,8 @@ def job_state(job_id: str) -> str | None:
     for word in proc.stdout.split():
         if word.startswith("JobState="):
             return word.split("=", 1)[1]
+    if squeue_forgot and "Invalid job id" in proc.stderr:
+        return GONE
     return None
 
 
@@ -61,6 +78,9 @@ def check_allocation(env: Mapping[str, str]) -> None:
         raise HostError(f"SLURM_JOB_ID={job_id} is set but squeue is not on PATH, so the allocation cannot be "
                         "checked: run inside salloc/sbatch on the cluster, or unset the SLURM_* variables")
     state = job_state(job_id)
+    if state is None:
+        raise HostError(f"SLURM_JOB_ID={job_id} is set but Slurm does not answer (squeue, scontrol): "
+                        "try again, or check the cluster (sinfo)")
     if state not in LIVE_STATES - QUEUED_STATES:
         raise HostError(f"SLURM_JOB_ID={job_id} and SLURM_JOB_NODELIST={env.get('SLURM_JOB_NODELIST', '')} are set, "
                         f"but that job is {(state or 'unknown to Slurm').lower()}: these variables are left over "
@@ -93,16 +113,30 @@ def submit(spec: JobSpec, target: SlurmTarget, ranks: int, nodes: int, tasks_per
                                   "script": str(script), "target": dict(target.__dict__)})
     record.save(paths)
     env = {**os.environ, **{name: value for name, value in spec.env if is_secret(name)}}
-    argv = [sbatch, "--parsable", f"--chdir={os.getcwd()}", *target.sbatch_args, str(script)]
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=120)
+    # submitted on hold: the record knows its job id before the job can start and write it
+    argv = [sbatch, "--parsable", "--hold", f"--chdir={os.getcwd()}", *target.sbatch_args, str(script)]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        record.failed(f"sbatch did not answer ({exc}); a job may have been queued all the same: check squeue",
+                      LaunchFailed.exit_code)
+        record.save(paths)
+        raise LaunchFailed(f"sbatch did not answer ({exc}): check squeue before submitting again") from None
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
         record.failed(f"sbatch refused the job: {last}", LaunchFailed.exit_code)
         record.save(paths)
         raise LaunchFailed(f"sbatch refused the job: {last}")
+    job_id = proc.stdout.strip().split(";")[0]
     assert record.scheduler is not None
-    record.scheduler["job_id"] = proc.stdout.strip().split(";")[0]
+    record.scheduler["job_id"] = job_id
     record.save(paths)
+    released = subprocess.run([_tool("scontrol"), "release", job_id], capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=60)
+    if released.returncode != 0:
+        last = (released.stderr.strip().splitlines() or ["no answer"])[-1]
+        raise LaunchFailed(f"Slurm job {job_id} is queued but held, and could not be released ({last}): "
+                           f"scontrol release {job_id}")
     return paths
 
 
@@ -112,8 +146,8 @@ def reconcile(paths: RunPaths, record: RunRecord) -> RunRecord:
     scheduler = record.scheduler or {}
     if record.status.finished or not scheduler.get("job_id"):
         return record
-    state = job_state(str(scheduler["job_id"]))
-    if state in LIVE_STATES:
+    state = job_state(str(scheduler["job_id"]), max_age=5.0)
+    if state is None or state in LIVE_STATES:  # alive, or Slurm could not be asked: change nothing
         return record
     fresh = RunRecord.load(paths)  # the batch job may have finished the record meanwhile
     if fresh.status.finished:

@@ -201,6 +201,7 @@ class Supervisor:
         self.logs: LogFiles | None = None
         self.started = 0.0
         self.code: int | None = None
+        self.ended = False  # mpirun has exited: stop requests come too late from here on
         self._handlers: dict[int, Any] = {}
 
     # -- lifecycle
@@ -215,10 +216,15 @@ class Supervisor:
         self.logs = LogFiles(self.paths)
         self.started = time.time()
         self._install_handlers()
-        self.proc = subprocess.Popen(
-            list(self.plan.argv), env={**os.environ, **self.plan.env}, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-        )
+        try:
+            self.proc = subprocess.Popen(
+                list(self.plan.argv), env={**os.environ, **self.plan.env}, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+            )
+        except BaseException:
+            self._restore_handlers()
+            self.logs.close()
+            raise
         assert self.proc.stdout is not None and self.proc.stderr is not None
         self.pumps = [OutputPump(self.proc.stdout, self.console.out, self.console.ranks, self.logs),
                       OutputPump(self.proc.stderr, self.console.err, self.console.ranks, self.logs)]
@@ -231,6 +237,7 @@ class Supervisor:
         assert self.proc is not None
         self.code = _exited(self.proc.pid)
         if self.code is not None:
+            self.ended = True
             return self.code
         now = time.monotonic()
         if self.stop_deadline is not None:
@@ -254,8 +261,8 @@ class Supervisor:
              exit_code: int | None = None, reason: str | None = None) -> None:
         """End the job: forward ``signum`` to mpirun, SIGKILL what is left after the grace
         period; a second request skips what is left of the grace."""
-        if self.proc is None or _exited(self.proc.pid) is not None:
-            return
+        if self.proc is None or self.ended or _exited(self.proc.pid) is not None:
+            return  # too late: the job ended on its own, and that is what it reports
         if self.stopping is not None:
             self.stop_deadline = time.monotonic()
             return
@@ -263,12 +270,15 @@ class Supervisor:
         self.stopping = (status, 128 + signum if exit_code is None else exit_code, reason or f"cancelled by {name}")
         self.stop_deadline = time.monotonic() + self.watch.kill_grace
         log.info("stopping run %s: %s", self.run_id, self.stopping[2])
-        self.proc.send_signal(signum)
+        if signum == signal.SIGINT and self.plan.interrupt_as is not None:
+            signum = self.plan.interrupt_as  # srun reads one SIGINT as "print the status"
+        os.kill(self.proc.pid, signum)  # not Popen.send_signal: that may reap mpirun before our scan
 
     def finish(self) -> Outcome:
         """After mpirun ended: kill leftovers, reap mpirun, drain output, clean up the
         other nodes, and say how the job ended."""
         assert self.proc is not None and self.logs is not None
+        self.ended = True
         try:
             leftovers = kill_run(self.run_id, self.proc.pid, grace=LEFTOVER_GRACE_S)
             code = self.proc.wait()  # reaped only now: its pid was ours during the scan
@@ -299,15 +309,21 @@ class Supervisor:
 
     # -- internals
     def _kill_now(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            kill_run(self.run_id, self.proc.pid)
-            self.proc.kill()
-            self.proc.wait()
+        """The launcher itself is going down: take the job with it, here and on the nodes."""
+        if self.proc is None:
+            return
+        self.ended = True
+        if _exited(self.proc.pid) is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        kill_run(self.run_id, self.proc.pid)  # before reaping: the session id is still ours
+        self.proc.wait()
+        if self.remote is not None:
+            self.remote.after_exit()
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         if signum in PASS_SIGNALS:
-            if self.proc is not None and _exited(self.proc.pid) is None:
-                self.proc.send_signal(signum)
+            if self.proc is not None and not self.ended and _exited(self.proc.pid) is None:
+                os.kill(self.proc.pid, signum)
         else:
             self.stop(signum)
 

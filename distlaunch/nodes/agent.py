@@ -35,7 +35,8 @@ from ..protocol import AGENT_DIR
 
 KEEP_RUNS = int(os.environ.get("DISTLAUNCH_KEEP_RUNS", "5"))  # run folders kept per project on a node
 ABANDONED_S = 7 * 86400  # a run folder never marked done may be pruned after this long
-DONE_MARKER = ".distlaunch-done"
+DONE_MARKER = ".distlaunch-done"  # the launcher has collected what it needs from the run folder
+SYNCED_MARKER = ".distlaunch-synced"  # when the copy was made (rsync gives the folder the source's times)
 PACKAGES = ("distlaunch", "torch", "mpi4py", "horovod")
 
 
@@ -136,10 +137,13 @@ def _owner(uid: int) -> str:
 
 
 def check_ancestors(path: Path) -> None:
-    """Every folder above ``path`` must be owned by root or us, and writable by others
-    only with the sticky bit (like /tmp)."""
+    """Every folder above ``path`` (and every symlink on the way) must be owned by root or
+    us, and writable by others only with the sticky bit (like /tmp)."""
     me = os.getuid()
     for folder in reversed(path.parents):
+        link = os.lstat(folder)
+        if stat.S_ISLNK(link.st_mode) and link.st_uid not in (0, me):
+            raise Unsafe(f"{folder} is a symbolic link of {_owner(link.st_uid)}'s")
         info = os.stat(folder)
         if info.st_uid not in (0, me):
             raise Unsafe(f"{folder} belongs to {_owner(info.st_uid)}")
@@ -201,9 +205,13 @@ def prunable(folder: Path, now: float) -> bool:
         return False
     if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
         return False
-    done = (folder / AGENT_DIR / DONE_MARKER).exists()
-    if not done and now - info.st_mtime < ABANDONED_S:
-        return False
+    if not (folder / AGENT_DIR / DONE_MARKER).exists():
+        try:
+            synced = os.lstat(folder / AGENT_DIR / SYNCED_MARKER).st_mtime
+        except OSError:
+            return False  # not ours to judge: never marked as synced by this agent
+        if now - synced < ABANDONED_S:
+            return False
     return not run_processes(folder.name)
 
 
@@ -272,6 +280,9 @@ def main(argv: list[str] | None = None) -> None:
         names = _names(_stdin())
         result = {"hash": tree_hash(run_dir, names), "files": len(names)}
         if result["hash"] == expected:
+            records = run_dir / AGENT_DIR
+            records.mkdir(mode=0o700, exist_ok=True)
+            (records / SYNCED_MARKER).touch()
             point_latest(base, run_dir)
             result["pruned"] = prune(base, run_dir)
     elif command == "pip":

@@ -83,13 +83,19 @@ def signal_all(procs: list[Any], signum: int) -> int:
     return sent
 
 
-def kill_run(run_id: str, session: int | None = None, grace: float = 0.0) -> int:
+def kill_run(run_id: str, session: int | None = None, grace: float = 0.0, rounds: int = 5) -> int:
     """End what is left of the run here: ``grace`` seconds to finish (a rank writing its
-    exit record), then SIGKILL. Returns how many had to be killed."""
+    exit record), then SIGKILL, and again for whatever was started meanwhile (a respawned
+    worker, a child forked at exit) until a scan finds nothing. How many were killed."""
+    killed = 0
     alive = wait_gone(run_processes(run_id, session), grace)
-    signal_all(alive, signal.SIGKILL)
-    wait_gone(alive, 5.0)
-    return len(alive)
+    for _ in range(rounds):
+        if not alive:
+            break
+        killed += signal_all(alive, signal.SIGKILL)
+        wait_gone(alive, 5.0)
+        alive = run_processes(run_id, session)
+    return killed
 
 
 def dump_stacks(run_id: str) -> int:

@@ -7,12 +7,15 @@ Files are chosen like git would (``.gitignore`` files, plus ``.distlaunchignore`
 The list goes to rsync NUL-separated (any legal file name works), unchanged files are
 hard-linked from the previous run (``--link-dest``) instead of sent, and the copy is
 checked with a content hash on every node; a mismatch names the first differing file.
-Nodes are handled in parallel; where the code goes is ``plan.layout.RemoteLayout``.
+The copy's files are read-only (they are hard links shared between runs); write
+to ./outputs and ./logs. Nodes are handled in parallel; where the code goes is
+``plan.layout.RemoteLayout``.
 """
 from __future__ import annotations
 
 import os
 import re
+import stat
 import subprocess
 import threading
 import time
@@ -110,11 +113,13 @@ def list_files(source: str | Path) -> SourceTree:
                 if secret_spec.match_file(str(rel)):
                     secrets.append(str(rel))
                 continue
-            chosen.append(str(rel))
             try:
-                nbytes += os.lstat(Path(here_path) / name).st_size
+                info = os.lstat(Path(here_path) / name)
             except OSError:
-                pass
+                continue
+            if stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode):  # never a FIFO, socket or device
+                chosen.append(str(rel))
+                nbytes += info.st_size
     return SourceTree(str(root), tuple(sorted(chosen)), nbytes, tuple(secrets))
 
 
@@ -130,8 +135,10 @@ def _target(nodes: Nodes, host: str, path: str) -> str:
 
 
 def rsync_push_argv(nodes: Nodes, host: str, source: str, layout: RemoteLayout) -> list[str]:
+    # files read-only: unchanged ones are hard links shared with earlier runs (--link-dest),
+    # so a job writing into its code in place must fail rather than change another run's
     argv = ["rsync", "-a", "--stats", "--from0", "--files-from=-", f"--link-dest={layout.base}/latest/",
-            "--chmod=go-rwx"]
+            "--chmod=go-rwx,Fu-w"]
     if not is_local(host, nodes.transport.local_names):
         argv += ["-e", nodes.transport.rsync_shell()]
     return [*argv, f"{source}/", _target(nodes, host, f"{layout.workdir}/")]

@@ -45,6 +45,7 @@ class LaunchPlan:
     hostfile_path: str
     slots: tuple[RankSlot, ...] = field(default=())
     added: tuple[tuple[str, str], ...] = ()  # (flags distlaunch added on its own, why)
+    interrupt_as: int | None = None  # the signal a forwarded Ctrl-C is sent as (None: SIGINT)
 
     @property
     def nranks(self) -> int:
@@ -70,9 +71,15 @@ def user_sets_mca(spec: JobSpec, ctx: LaunchContext, name: str) -> bool:
 
 
 def master_addr(slots: Sequence[RankSlot], local_names: frozenset[str]) -> str:
-    """Address of rank 0's host as the other ranks can reach it."""
+    """Address of rank 0's host as the other ranks can reach it: never a loopback alias
+    when other hosts take part (they would reach themselves)."""
     first = slots[0].host
-    return "127.0.0.1" if is_local(first, local_names) and len(placement(slots)) == 1 else first
+    if len(placement(slots)) == 1:
+        return "127.0.0.1" if is_local(first, local_names) else first
+    if first in LOCAL_ALIASES:
+        names = sorted(local_names - LOCAL_ALIASES, key=lambda name: (len(name), name))
+        return names[0] if names else first
+    return first
 
 
 def rank_env(spec: JobSpec, slots: Sequence[RankSlot], run_id: str, rank_dir: str, outputs: str,

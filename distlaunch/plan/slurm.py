@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -56,6 +57,9 @@ Slurm = SlurmTarget  # reads naturally: Job(..., compute_target=Slurm(partition=
 def batch_lines(target: SlurmTarget, nodes: int, tasks_per_node: int, log: str, job_name: str,
                 gpus_per_node: int = 0) -> list[str]:
     """The ``#SBATCH`` options: shape of the allocation, queue, limits, where its log goes."""
+    if any(ch.isspace() for ch in log):
+        raise SpecError(f"the run folder {log.rsplit('/logs/', 1)[0]!r} has whitespace in its path, which #SBATCH "
+                        "lines cannot carry: pick another --run-dir")
     lines = [f"--job-name={target.job_name or job_name}", f"--nodes={nodes}",
              f"--ntasks-per-node={tasks_per_node}", f"--output={log}", "--open-mode=append"]
     if gpus_per_node:
@@ -113,4 +117,5 @@ def srun_plan(spec: JobSpec, placed: Placement, srun: str, run_id: str, run_dir:
     argv += list(spec.mpi_args)
     argv += worker_argv(spec, placed, rank_dir, program_in(program, spec.source, workdir, spec.is_python))
     notes = tuple((shlex.join(flags), why) for flags, why in added)
-    return LaunchPlan(tuple(argv), env, srun_hostfile(placed), hostfile_path, tuple(slots), notes)
+    return LaunchPlan(tuple(argv), env, srun_hostfile(placed), hostfile_path, tuple(slots), notes,
+                      interrupt_as=signal.SIGTERM)

@@ -35,7 +35,10 @@ class SSHOptions:
 
     def argv(self) -> list[str]:
         """``ssh`` plus options, without the host."""
-        argv = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={CONNECT_TIMEOUT_S}"]
+        # never a connection-sharing master of ours: one would outlive the run, carry its tag,
+        # and be killed with the run's leftovers under other users of the connection
+        argv = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={CONNECT_TIMEOUT_S}",
+                "-o", "ControlMaster=no", "-o", "ControlPersist=no"]
         if self.config:
             argv += ["-F", self.config]
         if self.port:
