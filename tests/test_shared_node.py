@@ -313,4 +313,5 @@ def test_full_run_folder_never_stalls_the_job(tiny_tmpfs, tmp_path):
     assert record["status"] == "failed" and record["exit_code"] == 73
     assert "No space left on device" in record["reason"]
     assert "cannot write to the run folder" in proc.stderr
+    assert "Traceback" not in proc.stderr, "a worker crashed on the full disk"
 

@@ -23,11 +23,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from ..errors import DistlaunchError
 from ..protocol import EXCEPTION_FILE, RANK
-from ..records import RankExit, RunPaths, open_private
+from ..records import RankExit, RunPaths
 from .rankinfo import RankInfo, from_environ
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
@@ -53,10 +53,45 @@ def _write_all(fd: int, data: bytes) -> None:
             return
 
 
+class RankLog:
+    """The rank's raw log, best effort: a full disk ends the logging (said once, on the
+    rank's stderr), never the rank. Unbuffered, so closing cannot fail late either."""
+
+    def __init__(self, path: Path, prefix: bytes) -> None:
+        self.prefix = prefix
+        try:
+            self.fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        except OSError as exc:
+            self.fd = None
+            self._gone(exc)
+
+    def write(self, data: bytes) -> None:
+        if self.fd is None:
+            return
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError as exc:  # disk full: keep relaying, stop logging
+            self.close()
+            self._gone(exc)
+
+    def _gone(self, exc: OSError) -> None:
+        _write_all(sys.stderr.fileno(), self.prefix + f"distlaunch: rank log no longer written: {exc}\n".encode())
+
+    def close(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 class LineRelay:
     """Split one stream into lines; send each, prefixed, to ``out_fd`` and raw to ``log``."""
 
-    def __init__(self, prefix: bytes, out_fd: int, log: IO[bytes] | None) -> None:
+    def __init__(self, prefix: bytes, out_fd: int, log: RankLog) -> None:
         self.prefix, self.out_fd, self.log = prefix, out_fd, log
         self.pending = b""
         self.last_data = time.monotonic()
@@ -77,17 +112,11 @@ class LineRelay:
             self._emit([line])
 
     def _emit(self, lines: list[bytes]) -> None:
-        if self.log is not None:
-            try:
-                self.log.write(b"".join(line + b"\n" for line in lines))
-                self.log.flush()
-            except OSError as exc:  # disk full: keep relaying, stop logging
-                self.log = None
-                _write_all(self.out_fd, self.prefix + f"distlaunch: rank log no longer written: {exc}\n".encode())
+        self.log.write(b"".join(line + b"\n" for line in lines))
         _write_all(self.out_fd, b"".join(self.prefix + line + b"\n" for line in lines))
 
 
-def relay(child: subprocess.Popen[bytes], info: RankInfo, log: IO[bytes]) -> None:
+def relay(child: subprocess.Popen[bytes], info: RankInfo, log: RankLog) -> None:
     """Pump the child's stdout and stderr until both close."""
     assert child.stdout is not None and child.stderr is not None
     selector = selectors.DefaultSelector()
@@ -153,9 +182,13 @@ def run_rank(command: list[str], paths: RunPaths, info: RankInfo, gpus: tuple[st
     record = RankExit(info.rank, info.local_rank, info.size, socket.gethostname(), os.getpid(), time.time(),
                       list(gpus))
     for folder in (paths.logs, paths.ranks):
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError:
+            pass  # a full disk: the log and the record say so themselves, the rank runs on
     _save(record, paths, info)  # the rank has started: mpirun got this far
-    with open_private(paths.rank_log(info.rank)) as log:
+    log = RankLog(paths.rank_log(info.rank), info.prefix)
+    try:
         try:
             child = subprocess.Popen(
                 command,
@@ -181,6 +214,8 @@ def run_rank(command: list[str], paths: RunPaths, info: RankInfo, gpus: tuple[st
             signal.signal(signum, forward)
         relay(child, info, log)
         code = child.wait()
+    finally:
+        log.close()
     record.ended = time.time()
     record.exception = _read_exception(paths.rank_exception(info.rank))
     if code < 0:
