@@ -130,8 +130,8 @@ def test_hang_in_collective(tmp_path, ranks):
 
 
 def test_hang_timeout_spares_a_job_that_keeps_printing(tmp_path):
-    job = Job(tmp_path, 2, "chatty", -1, "--hang-timeout", "2")
-    os.environ.pop("CHATTY_S", None)
+    """A line a second, for 6 s, under --hang-timeout 2.5: quiet for 1 s at most, never 2.5."""
+    job = Job(tmp_path, 2, "chatty", -1, "--hang-timeout", "2.5")
     job.wait_ready()
     _ended, record = job.finish(60)
     assert job.proc.returncode == 0, job.err
@@ -175,3 +175,13 @@ def test_usr_signals_reach_every_rank(tmp_path, signum):
     job.proc.send_signal(signal.SIGTERM)
     _ended, record = job.finish(60)
     assert record["status"] == "cancelled"
+
+
+def test_detached_children_do_not_outlive_the_run(tmp_path):
+    """Ranks that leave a child behind in a session of its own (out of mpirun's reach):
+    the run still ends with nothing of it alive."""
+    job = Job(tmp_path, 2, "orphan", -1)
+    job.wait_ready()
+    _ended, record = job.finish(60)  # asserts that no process of the run survived
+    assert job.proc.returncode == 0, job.err
+    assert record["status"] == "completed" and record["leftovers_killed"] >= 2

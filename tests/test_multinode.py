@@ -373,3 +373,16 @@ def test_a_cluster_left_running_does_not_get_in_the_way(cluster, tmp_path):
             assert answer.returncode == 0 and answer.stdout.strip() == node.hostname
     finally:
         second.down()
+
+
+def test_detached_children_on_the_nodes_are_cleaned_up_there(cluster, project, tmp_path):
+    """Every rank leaves a child in a session of its own on its node: only the node agent
+    (in the node's own process space) can find it; nothing of the run may survive."""
+    from test_failures import survivors
+
+    shutil.copy(SCRIPTS / "faults.py", project / "faults.py")
+    proc, _run_dir, record = launch(cluster, tmp_path, "--env", f"OUT_DIR={tmp_path}", "--env", "FAULT=orphan",
+                                    str(project / "faults.py"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert record["status"] == "completed"
+    assert survivors(record["id"]) == [], "a rank's child survived on a node"

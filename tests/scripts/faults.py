@@ -5,7 +5,8 @@ sigkill    wait to be killed          hang    sleep forever while the others wai
 sleep      every rank just sleeps (for --timeout, SIGINT, SIGTERM)
 stubborn   every rank ignores SIGINT and SIGTERM and sleeps (only SIGKILL ends it)
 usr        every rank writes OUT_DIR/<signal>-<rank> when SIGUSR1 or SIGUSR2 arrives, and sleeps
-chatty     every rank prints a line every 0.3 s for CHATTY_S seconds, then exits 0
+chatty     every rank prints a line every CHATTY_EVERY s (1) for CHATTY_S seconds (6), then exits 0
+orphan     every rank starts a detached child (own session, sleeping 10 min) and exits 0
 
 Every rank prints 'ready' and writes OUT_DIR/ready-<rank>. The faults of one rank use MPI
 (mpi4py): everyone meets in a barrier first, and the others then wait in an MPI barrier (a
@@ -50,11 +51,17 @@ if fault == "usr":
     signal.signal(signal.SIGUSR2, note)
     while True:
         time.sleep(0.05)
+if fault == "orphan":
+    import subprocess
+
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sys.exit(0)
 if fault == "chatty":
     end = time.time() + float(os.environ.get("CHATTY_S", "6"))
     while time.time() < end:
         print(f"rank {rank} still working", flush=True)
-        time.sleep(0.3)
+        time.sleep(float(os.environ.get("CHATTY_EVERY", "1")))
     sys.exit(0)
 if rank == target or fault == "sleep":
     if fault == "exception":
