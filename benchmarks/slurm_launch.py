@@ -45,13 +45,15 @@ def main() -> None:
         raise SystemExit(f"needs {', '.join(missing())}")
     work = Path(tempfile.mkdtemp(prefix="slurmbench-"))
     work.chmod(0o755)
-    (work / "noop.py").write_text("pass\n")
+    (work / "src").mkdir()
+    (work / "src").chmod(0o755)
+    (work / "src" / "noop.py").write_text("pass\n")
     py = sys.executable
     dl = [py, "-m", "distlaunch", "run", "--ppn", "2", "--run-dir", str(work / "runs")]
     variants = {
-        "srun (plain)": ["srun", "-N2", "--ntasks-per-node=2", py, str(work / "noop.py")],
-        "distlaunch --launcher srun": [*dl, "--launcher", "srun", str(work / "noop.py")],
-        "distlaunch --launcher mpirun": [*dl, "--mpi-arg", "--bind-to none", str(work / "noop.py")],
+        "srun (plain)": ["srun", "-N2", "--ntasks-per-node=2", py, str(work / "src" / "noop.py")],
+        "distlaunch --launcher srun": [*dl, "--launcher", "srun", str(work / "src" / "noop.py")],
+        "distlaunch --launcher mpirun": [*dl, "--mpi-arg", "--bind-to none", str(work / "src" / "noop.py")],
     }
     with SlurmBox(work / "box") as box:
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, **box.env}
