@@ -228,19 +228,22 @@ def sync(nodes: Nodes, hosts: Sequence[str], tree: SourceTree, layout: RemoteLay
 
 
 def pull(nodes: Nodes, host: str, remote: str, local: Path) -> bool:
-    """Copy remote folder ``remote`` into ``local`` (merging); False if there was nothing."""
+    """Copy remote folder ``remote`` into ``local`` (merging). True when it came back, or
+    when there was nothing to bring (the job made no such folder); False if it failed."""
     argv = ["rsync", "-a", "--mkpath", "--chmod=go-rwx"]
     if not is_local(host, nodes.transport.local_names):
         argv += ["-e", nodes.transport.rsync_shell()]
     proc = subprocess.run([*argv, _target(nodes, host, f"{remote}/"), f"{local}/"], capture_output=True,
                           env=nodes.transport.environment())
-    return proc.returncode == 0
+    absent = proc.returncode == 23 and b"change_dir" in proc.stderr and b"No such file or directory" in proc.stderr
+    return proc.returncode == 0 or absent
 
 
 def collect(nodes: Nodes, hosts: Sequence[str], rank0_host: str, layout: RemoteLayout, run_root: Path,
             all_ranks: bool) -> list[str]:
     """Bring rank logs, exit records and metrics from every node, and rank 0's ./outputs and
-    ./logs (every node's outputs under outputs/<host>/ with ``all_ranks``). Returns what failed."""
+    ./logs (every node's outputs under outputs/<host>/ with ``all_ranks``). Returns what
+    failed (a folder the job never made is not a failure)."""
     jobs: list[tuple[str, str, Path]] = []
     for host in hosts:
         jobs += [(host, f"{layout.agent_dir}/logs", run_root / "logs"),
