@@ -213,3 +213,21 @@ def test_cancel_a_queued_and_a_running_batch_run(box, workdir):
     cancelled = slurm(box, distlaunch("cancel", run_id), workdir, timeout=120)
     assert "cancelled" in cancelled.stdout, cancelled.stdout + cancelled.stderr
     assert survivors(run_id) == []
+
+
+def test_python_api_submits_to_slurm(box, workdir, monkeypatch):
+    """Job(..., compute_target=Slurm(...)).submit() returns a queued Run at once, and
+    Run.wait() follows it to its end."""
+    from distlaunch import Job, Slurm
+
+    for name in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+    for name, value in box.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(workdir)
+    (workdir / "hello.py").write_text("import os\nprint('hello from', os.environ['RANK'], flush=True)\n")
+    run = Job(entry_script="hello.py", source_dir=str(workdir), nodes=2, ppn=1,
+              compute_target=Slurm(time="5")).submit()
+    assert run.status in ("queued", "running")
+    assert run.wait(timeout=180) == "completed"
+    assert run.record.scheduler["job_id"] and "hello from 1" in run.logs(rank=1)
