@@ -25,7 +25,6 @@ RANK = "DISTLAUNCH_RANK"  # set by the worker on the user's program only: marks 
 EXCEPTION_FILE = "DISTLAUNCH_EXCEPTION_FILE"  # where the bootstrap records an uncaught exception
 DUMP_SIGNAL = "DISTLAUNCH_DUMP_SIGNAL"  # overrides the stack-dump signal
 GPU_INVENTORY = "DISTLAUNCH_GPU_INVENTORY"  # a JSON device list instead of NVML
-RENDEZVOUS_KEY = "DISTLAUNCH_RENDEZVOUS_KEY"  # never exported: sent over MPI (see hvd.rendezvous)
 
 # -- where ranks on other nodes keep their logs and records until they are collected
 AGENT_DIR = ".distlaunch-run"
