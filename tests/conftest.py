@@ -52,6 +52,65 @@ def rank_script() -> str:
     return str(SCRIPTS / "rank_file.py")
 
 
+def working_in(folder: Path) -> list[Any]:
+    """Live processes whose working directory or command line is inside ``folder``: what a
+    test started there (distlaunch, mpirun, ranks, ssh, rsync) and everything they started."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cwd", "cmdline", "status"]):
+        if proc.pid == os.getpid() or proc.info.get("status") == psutil.STATUS_ZOMBIE:
+            continue
+        cwd, cmdline = proc.info.get("cwd") or "", " ".join(proc.info.get("cmdline") or [])
+        if cwd == str(folder) or cwd.startswith(f"{folder}/") or f"{folder}/" in cmdline:
+            found.append(proc)
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers(request: pytest.FixtureRequest):
+    """After every test that used tmp_path: nothing it started may still run. A test that
+    failed half-way gets its job stopped here (SIGTERM to distlaunch, so that it stops the
+    job itself, then SIGKILL for what is left); a test that passed and left a process
+    behind is an error (no orphans, ever)."""
+    import signal
+
+    import psutil
+
+    yield
+    folder = request.node.funcargs.get("tmp_path")
+    if folder is None:
+        return
+    left = working_in(folder)
+    if not left:
+        return
+    for proc in left:
+        try:
+            if "distlaunch" in " ".join(proc.cmdline()) and "-m" in proc.cmdline():
+                proc.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    psutil.wait_procs(left, timeout=15)
+    still = working_in(folder)
+    for proc in still:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    failed = getattr(request.node, "rep_call", None)
+    if failed is not None and failed.passed:
+        pytest.fail(f"the test left {len(left)} process(es) running: "
+                    + "; ".join(" ".join(p.info.get("cmdline") or [])[:120] for p in left[:3]))
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
+    """Keep each phase's report on the item, so fixtures can tell a passed test from a failed one."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
 def oversubscribe(ranks: int) -> list[str]:
     """``--oversubscribe`` when ``ranks`` is more than this machine's usable cores (2 in CI)."""
     return ["--oversubscribe"] if ranks > len(os.sched_getaffinity(0)) else []

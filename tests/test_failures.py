@@ -64,7 +64,8 @@ class Job:
         try:
             _out, self.err = self.proc.communicate(timeout=bound)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            self.proc.terminate()  # distlaunch stops its job itself; the no_leftovers fixture checks
+            self.proc.wait(timeout=60)
             raise AssertionError(f"distlaunch did not end within {bound} s") from None
         ended = time.time()
         run_dir = next((self.tmp / "runs").iterdir())

@@ -238,7 +238,8 @@ def test_rendezvous_keys_are_out_of_reach(tmp_path):
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            proc.terminate()  # distlaunch stops its job itself
+            proc.wait(timeout=60)
     assert proc.returncode == 0, err[-3000:]
     assert out.count("reads from rank 0") == 2 and "attacker" not in out
 
