@@ -112,6 +112,8 @@ class Backends:
         if not dist.is_initialized():
             store, topo = create_store(from_environ())
             dist.init_process_group("gloo", store=store, rank=topo.rank, world_size=topo.size)
+            # gloo's threads must be gone before the interpreter is: else a crash at exit
+            self.closers.append(dist.destroy_process_group)
         red = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX,
                "prod": dist.ReduceOp.PRODUCT}[self.op]
 
@@ -127,6 +129,7 @@ class Backends:
         import torch
 
         real.init()
+        self.closers.append(real.shutdown)
         red = {"sum": real.Sum, "min": real.Min, "max": real.Max, "prod": real.Product}[self.op]
 
         def run(send: np.ndarray, recv: np.ndarray) -> None:

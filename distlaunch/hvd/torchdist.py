@@ -11,6 +11,7 @@ gloo|shm|auto``): inside a node through shared memory, across nodes hierarchical
 """
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 from collections.abc import Sequence
@@ -65,6 +66,7 @@ def init(comm: Any = None, process_sets: Any = None) -> None:
             torch.cuda.set_device(0 if narrowed else topo.local_rank % torch.cuda.device_count())
         dist.init_process_group(backend, store=store, rank=topo.rank, world_size=topo.size)
         state.topology, state.owns_group = topo, True
+        atexit.register(shutdown)  # as Horovod does: gloo's threads gone before the interpreter is
     if topo.size > 1:
         _abort_on_uncaught_exception()
 
