@@ -9,7 +9,10 @@ Layout of ``<runs_root>/<run-id>/`` (``RunPaths`` holds every path rule)::
     logs/output.log     all output, rank-prefixed, in arrival order
     metrics/rank-<N>.jsonl  metrics logged with distlaunch.log_metric
     ranks/rank-<N>.json how rank N ended (a RankExit, written by the worker shim)
-    outputs/            files the job keeps
+    outputs/            files the job keeps (its ./outputs)
+    code/               the snapshot of the source dir the ranks ran in (read-only files)
+    code.json           the snapshot's file list with a digest per file, and its tree hash
+    tags.json           tags added after the launch (Run.tag, distlaunch runs tag)
 
 ``RunRecord`` carries the state machine of a run (queued → running → completed,
 failed, cancelled or timeout) and is versioned on disk. ``write_json`` never leaves a
@@ -74,6 +77,9 @@ class RunPaths:
     mpirun_log = property(lambda self: self.logs / "mpirun.log")
     output_log = property(lambda self: self.logs / "output.log", doc="every line the job printed, rank-prefixed")
     cancel_marker = property(lambda self: self.root / "cancel-requested")
+    code = property(lambda self: self.root / "code", doc="the snapshot of the source dir the run ran")
+    code_digests = property(lambda self: self.root / "code.json", doc="the snapshot's files and their digests")
+    tags_file = property(lambda self: self.root / "tags.json", doc="tags added while or after the run ran")
 
     def rank_log(self, rank: int) -> Path:
         return self.logs / f"rank-{rank}.log"
@@ -292,6 +298,10 @@ class RunRecord:
     tensorboard: str | None = None
     collect_missing: list[str] = field(default_factory=list)
     scheduler: dict[str, Any] | None = None  # a batch job: {"kind": "slurm", "job_id", "submitted", ...}
+    experiment: str = ""
+    tags: dict[str, str] = field(default_factory=dict)  # given at launch (``tags.json`` holds later ones)
+    code: dict[str, Any] | None = None  # the snapshot: {"files", "bytes", "hash", "linked", "copied"}
+    inputs: list[dict[str, Any]] = field(default_factory=list)  # --input: name, source, mode, path, hash
     version: int = RECORD_VERSION
 
     # -- transitions

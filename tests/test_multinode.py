@@ -386,3 +386,48 @@ def test_detached_children_on_the_nodes_are_cleaned_up_there(cluster, project, t
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert record["status"] == "completed"
     assert survivors(record["id"]) == [], "a rank's child survived on a node"
+
+
+def test_the_estimators_promise_holds_on_two_nodes(cluster, tmp_path):
+    """The same script, with the same input, run by the CLI here and on two nodes, and by
+    the Python API on two nodes: the same run folder every time (tests/test_estimator.py
+    checks what it holds)."""
+    from test_estimator import cli_args, folder_view, make_project
+
+    from distlaunch.launch.api import Job
+
+    src, data = make_project(tmp_path)
+    hosts = ",".join(f"{h}:1" for h in cluster.hosts)
+    local = subprocess.run([sys.executable, "-m", "distlaunch",
+                            *cli_args(src, data, tmp_path / "scratch", "--ppn", "2", "--run-dir", "here")],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert local.returncode == 0, local.stderr
+    nodes = subprocess.run([sys.executable, "-m", "distlaunch",
+                            *cli_args(src, data, None, "--hosts", hosts, "--ssh-config", str(cluster.ssh_config),
+                                      *UNBIND, "--run-dir", "nodes")],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert nodes.returncode == 0, nodes.stderr
+    run = Job("job.py", str(src), {"--data": "{inputs.data}"}, hosts=hosts, ssh_config=str(cluster.ssh_config),
+              mpi_args=["--bind-to", "none"], inputs={"data": f"{data}:copy"}, runs_root=str(tmp_path / "api")).submit()
+    assert run.result(timeout=240).status.value == "completed"
+    views = [folder_view(next(p for p in (tmp_path / folder).iterdir() if (p / "run.json").is_file()))
+             for folder in ("here", "nodes", "api")]
+    assert views[0] == views[1] == views[2]
+    assert views[0]["x"] == "data=first helper=helper file\n"
+    # the API's run staged nothing new: the CLI's run left the input in each node's cache
+    assert [item["cached"] for item in run.record.inputs[0]["nodes"]] == [True, True]
+
+
+def test_an_input_only_this_machine_has_is_named_before_launch(cluster, tmp_path):
+    src = tmp_path / "proj"
+    shutil.copytree(SCRIPTS / "estimator", src)
+    only_here = Path(f"/tmp/distlaunch-only-here-{os.getpid()}")  # the nodes have a /tmp of their own
+    only_here.mkdir(exist_ok=True)
+    try:
+        proc, _run_dir, record = launch(cluster, tmp_path, "--input", f"data={only_here}", str(src / "job.py"),
+                                        "--data", "{inputs.data}")
+    finally:
+        only_here.rmdir()
+    assert proc.returncode == 70, proc.stderr
+    assert f"--input data={only_here} does not exist on {cluster.hosts[0]}" in proc.stderr
+    assert ":copy" in proc.stderr and record["status"] == "failed"

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
+from distlaunch.errors import SpecError
 from distlaunch.plan.gpus import GPU, Inventory
+from distlaunch.plan.inputs import InputSpec
 from distlaunch.plan.layout import RemoteLayout
 from distlaunch.plan.mpi import Flavour, MPIInstall
 from distlaunch.plan.mpirun import LaunchContext, plan
@@ -39,16 +41,27 @@ CASES = {
     "gpus-restricted": (TargetSpec(gpus="1,3"), FOUR_GPUS, {}),
     "synced-nodes": (TargetSpec(hosts="node1:2,node2:2"), NO_GPU,
                      {"ssh": SSHOptions(config="/etc/ssh/ssh_config", port=2222), "env_pass": ("MY_*",)}),
+    "local-in-place": (TargetSpec(ppn=2), NO_GPU, {"in_place": True}),
+    "inputs": (TargetSpec(ppn=2), NO_GPU,
+               {"inputs": (InputSpec("train", "/shared/train"), InputSpec("vocab", str(REPO / "examples"), True)),
+                "script_args": ("--data={inputs.train}", "{inputs.vocab}/x", "{inputs.other}")}),
 }
+INPUT_PATHS = {"train": "/shared/train", "vocab": "/scratch/inputs/vocab-0123456789abcdef/examples"}
 AMBIENT = frozenset({"PATH", "HOME", "MY_SETTING", "SSH_AUTH_SOCK", "NCCL_DEBUG", "OMPI_MCA_foo", "API_TOKEN"})
 
 
 def render(mpi_name: str, case: str, root: bool) -> str:
     target, inv, extra = CASES[case]
-    spec = JobSpec(str(REPO / "examples" / "train.py"), ("--epochs", "1"), target=target,
-                   python="/usr/bin/python3", **extra)
+    extra = dict(extra)
+    args = extra.pop("script_args", ("--epochs", "1"))
+    if "{inputs.other}" in args:  # an unknown input in the arguments is refused ...
+        with pytest.raises(SpecError, match="no --input other"):
+            JobSpec(str(REPO / "examples" / "train.py"), args, target=target, **extra)
+        args = args[:-1]  # ... and the rest is replaced
+    spec = JobSpec(str(REPO / "examples" / "train.py"), args, target=target, python="/usr/bin/python3", **extra)
     placed = place(target, env={}, inv=inv)
-    ctx = LaunchContext(is_root=root, local_cores=4, ambient_env=AMBIENT if case == "synced-nodes" else frozenset())
+    ctx = LaunchContext(is_root=root, local_cores=4, ambient_env=AMBIENT if case == "synced-nodes" else frozenset(),
+                        input_paths=INPUT_PATHS if case == "inputs" else {})
     remote = RemoteLayout("/scratch", "/scratch/examples-12345678", "RUNID") if case == "synced-nodes" else None
     the_plan = plan(spec, placed, MPIS[mpi_name], "RUNID", "/runs/RUNID", ctx, resolve_program(spec), remote)
     argv = [a.replace(str(REPO), "<repo>") for a in the_plan.argv]

@@ -12,8 +12,9 @@ from ..errors import SpecError
 from ..launch.launcher import Prepared, launch, prepare
 from ..launch.supervise import Console, Outcome, Watch
 from ..plan.envpolicy import is_secret, redact
+from ..plan.inputs import parse_input
 from ..plan.mpirun import LaunchPlan
-from ..plan.spec import LAUNCHERS, JobSpec, parse_env_file, parse_env_items
+from ..plan.spec import LAUNCHERS, JobSpec, parse_env_file, parse_env_items, parse_tags
 from ..plan.units import parse_duration
 from ..records import RunPaths, new_run_id
 from .hosts import placement_table
@@ -44,16 +45,25 @@ Examples:
   distlaunch run --hosts 10.0.0.2:4,10.0.0.3:4 --ssh-key ~/.ssh/cluster train.py
   distlaunch run --env WANDB_API_KEY --env-file secrets.env train.py   # values from here, not argv
   salloc -N2 --ntasks-per-node=2 distlaunch run --launcher srun train.py   # a step of the allocation
+  distlaunch run --input train=/shared/data/train --input vocab=~/vocab.txt:copy train.py --data {inputs.train}
+  distlaunch run --experiment resnet --tag lr=0.1 --tag baseline train.py
 
 \b
 Hosts come from --hosts, else --hostfile, else the Slurm/PBS/LSF allocation, else
 localhost. The run folder (default ./runs/<run-id>/) holds run.json, the hostfile,
-logs/rank-<N>.log and outputs/.
+logs/rank-<N>.log, outputs/ and code/.
 
 \b
-With other nodes, the source directory is rsynced to each of them (only changed files
-travel), the ranks run in that copy, and afterwards every rank's log and rank 0's
-./outputs and ./logs come back into the run folder, also when the job fails.
+Every run works in its own copy of the source directory (the script's directory unless
+--source-dir): code/ in the run folder, or its synced copy on other nodes. So the
+script's ./outputs and ./logs are the run's own, relative paths are relative to the
+source dir, and code/ keeps the code that ran ('distlaunch runs restore' gives it back).
+--in-place runs in the current directory instead, as plain mpirun would.
+
+\b
+With other nodes, the snapshot is rsynced to each of them (only changed files travel),
+the ranks run in that copy, and afterwards every rank's log and rank 0's ./outputs and
+./logs come back into the run folder, also when the job fails.
 
 \b
 Inside a Slurm allocation (salloc, sbatch) hosts come from it, and the nodes are reached
@@ -88,6 +98,15 @@ _JOB_OPTIONS = [
     click.option("--iface", metavar="NAME", help="Network interface for MPI and gloo between nodes, e.g. eth0."),
     click.option("--launcher", type=click.Choice(LAUNCHERS), default="mpirun", show_default=True,
                  help="Start the ranks with mpirun, or as a step of the Slurm allocation you run in (srun)."),
+    click.option("--in-place", is_flag=True,
+                 help="Run in the current directory as it is (plain mpirun): no code snapshot, and only "
+                      "$DISTLAUNCH_OUTPUT_DIR lands in the run folder."),
+    click.option("--experiment", metavar="NAME", help="Group the run under this name [default: the source dir's]."),
+    click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Tag the run (repeatable)."),
+    click.option("--input", "inputs", multiple=True, metavar="NAME=PATH[:copy]",
+                 help="Data for the script: PATH in place (a filesystem every node sees), or with ':copy' "
+                      "staged once per node into a cache; the script gets $DISTLAUNCH_INPUT_<NAME> and "
+                      "{inputs.NAME} in its arguments (repeatable)."),
 ]
 
 
@@ -99,11 +118,10 @@ def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def spec_from_options(kwargs: dict[str, Any]) -> JobSpec:
-    """The JobSpec of the command line (the one place options become a spec)."""
+    """The JobSpec of the options (the one place options become a spec: the command line's,
+    and ``Job``'s, which are the same options by the same names)."""
     env = [pair for path in kwargs.pop("env_files") for pair in parse_env_file(path)]
-    items = kwargs.pop("env_items")
-    env += parse_env_items(items)
-    warn_secret_values(items)
+    env += parse_env_items(kwargs.pop("env_items"))
     return JobSpec(
         script=kwargs["script"],
         script_args=kwargs["args"],
@@ -122,6 +140,10 @@ def spec_from_options(kwargs: dict[str, Any]) -> JobSpec:
         requirements=kwargs["requirements"],
         iface=kwargs["iface"],
         launcher=kwargs["launcher"],
+        in_place=kwargs["in_place"],
+        experiment=kwargs["experiment"],
+        tags=parse_tags(kwargs["tags"]),
+        inputs=tuple(parse_input(item) for item in kwargs["inputs"]),
     )
 
 
@@ -140,14 +162,11 @@ def spec_from_options(kwargs: dict[str, Any]) -> JobSpec:
 @click.argument("script")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def run_command(**kwargs: Any) -> None:
-    watch = Watch(
-        kill_grace=kwargs["kill_grace"],
-        timeout=parse_duration(kwargs["timeout"], "--timeout") if kwargs["timeout"] else None,
-        hang_timeout=parse_duration(kwargs["hang_timeout"], "--hang-timeout") if kwargs["hang_timeout"] else None,
-    )
+    watch = watch_from_options(kwargs)
+    warn_secret_values(kwargs["env_items"])
     spec = spec_from_options(kwargs)
     console = Console(sys.stdout.buffer, sys.stderr.buffer, parse_ranks(kwargs["output_ranks"]))
-    prepared = prepare(spec)
+    prepared = prepare(spec, progress)
     if prepared.placed.note:
         click.echo(f"distlaunch: {prepared.placed.note}", err=True)
     if kwargs["dry_run"]:
@@ -169,6 +188,15 @@ def run_command(**kwargs: Any) -> None:
     paths, outcome = launch(prepared, console, watch, on_ready=ready, progress=progress)
     summarize(paths.run_id, str(paths.root), outcome, len(placed.slots), placed.nhosts)
     sys.exit(outcome.exit_code)
+
+
+def watch_from_options(kwargs: dict[str, Any]) -> Watch:
+    """How the supervisor watches the job: --kill-grace, --timeout, --hang-timeout."""
+    return Watch(
+        kill_grace=kwargs["kill_grace"],
+        timeout=parse_duration(kwargs["timeout"], "--timeout") if kwargs["timeout"] else None,
+        hang_timeout=parse_duration(kwargs["hang_timeout"], "--hang-timeout") if kwargs["hang_timeout"] else None,
+    )
 
 
 def progress(message: str) -> None:

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import click
 
-from ..launch.history import current, merge, remove, request_cancel, resolve, run_folders, summary
+from ..launch import snapshot
+from ..launch.history import add_tags, current, matches, merge, remove, request_cancel, resolve, run_folders, summary
 from ..launch.metrics import read_metrics
+from ..plan.units import human_size
 from ..records import RunPaths
 from .table import format_table
 
@@ -22,30 +24,37 @@ def runs_group() -> None:
 
     \b
     Examples:
-      distlaunch runs list
-      distlaunch runs show 20261122-2153
+      distlaunch runs list --experiment resnet --tag lr=0.1
+      distlaunch runs show 20261122-2153 --files
+      distlaunch runs restore 20261122-2153 ./code-that-ran
+      distlaunch runs tag 20261122-2153 best baseline=no
       distlaunch runs rm 20261122-215342-417-a298
     """
 
 
 @runs_group.command("list")
+@click.option("--experiment", metavar="NAME", help="Only the runs of this experiment.")
+@click.option("--tag", "tags", multiple=True, metavar="KEY[=VALUE]", help="Only runs with this tag (repeatable).")
 @RUN_DIR_OPTION
-def list_command(runs_root: str) -> None:
+def list_command(runs_root: str, experiment: str | None, tags: tuple[str, ...]) -> None:
     """One line per run, oldest first."""
-    rows = [summary(current(RunPaths(p))) for p in run_folders(runs_root)]
+    records = [current(RunPaths(p)) for p in run_folders(runs_root)]
+    rows = [summary(record) for record in records if matches(record, experiment, tags)]
     if not rows:
-        click.echo(f"no runs under {runs_root}")
+        which = " matching" if experiment or tags else ""
+        click.echo(f"no{which} runs under {runs_root}")
         return
-    header = {"id": "id", "script": "script", "status": "status", "shape": "nodes x ppn", "started": "started",
-              "duration": "duration", "exit": "exit"}
+    header = {"id": "id", "experiment": "experiment", "script": "script", "status": "status",
+              "shape": "nodes x ppn", "started": "started", "duration": "duration", "exit": "exit", "tags": "tags"}
     click.echo(format_table([list(header.values()), *([row[key] for key in header] for row in rows)]), nl=False)
 
 
 @runs_group.command("show")
 @click.argument("run_id")
 @click.option("--plot", "plot_to", type=click.Path(dir_okay=False), help="Also draw its metrics into this PNG.")
+@click.option("--files", "list_files", is_flag=True, help="Also list the files of its code snapshot.")
 @RUN_DIR_OPTION
-def show_command(run_id: str, runs_root: str, plot_to: str | None) -> None:
+def show_command(run_id: str, runs_root: str, plot_to: str | None, list_files: bool) -> None:
     """Details of one run: placement, status, metrics summary, root cause if it failed."""
     paths = resolve(runs_root, run_id)
     if plot_to:
@@ -55,6 +64,10 @@ def show_command(run_id: str, runs_root: str, plot_to: str | None) -> None:
     record = current(paths)
     row = summary(record)
     click.echo(f"run       {record.id}")
+    if record.experiment:
+        click.echo(f"experiment {record.experiment}")
+    if record.tags:
+        click.echo(f"tags      {', '.join(f'{k}={v}' if v else k for k, v in sorted(record.tags.items()))}")
     click.echo(f"script    {record.script} {' '.join(record.spec.get('script_args', []))}")
     click.echo(f"status    {record.status.value} (exit {row['exit']}), {row['duration']}")
     click.echo(f"started   {row['started']}")
@@ -64,6 +77,18 @@ def show_command(run_id: str, runs_root: str, plot_to: str | None) -> None:
         click.echo(f"slurm     job {record.scheduler.get('job_id')} (submitted "
                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(record.scheduler['submitted']))})")
     click.echo(f"folder    {paths.root}")
+    snap = snapshot.load(paths)
+    if snap is not None:
+        click.echo(f"code      {len(snap.digests)} files ({human_size(snap.nbytes)}) from {snap.source}, sha256 "
+                   f"{snap.hash}; restore: distlaunch runs restore {record.id} DEST")
+        if list_files:
+            for name in snap.files:
+                click.echo(f"          {snap.digests[name][:12]}  {name}")
+    elif record.code is None and record.status.finished:
+        click.echo(f"code      none kept: ran in place in {record.launcher.get('cwd', '?')}")
+    for item in record.inputs:
+        how = f"copied, sha256 {str(item.get('hash'))[:16]}" if item.get("mode") == "copy" else "in place"
+        click.echo(f"input     {item['name']}: {item['source']} ({how}) at {item['path']}")
     if record.reason:
         click.echo(f"reason    {record.reason}")
     if record.error:
@@ -84,6 +109,29 @@ def show_command(run_id: str, runs_root: str, plot_to: str | None) -> None:
             if values:
                 span = f"{min(values):.6g} .. {max(values):.6g}"
                 click.echo(f"          {name}: {values[-1]:.6g} ({span}, {len(values)})")
+
+
+@runs_group.command("restore")
+@click.argument("run_id")
+@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+@RUN_DIR_OPTION
+def restore_command(run_id: str, dest: Path, runs_root: str) -> None:
+    """Copy the code a run ran (its snapshot) into DEST, a new or empty folder, checked
+    against the recorded hash."""
+    paths = resolve(runs_root, run_id)
+    snap = snapshot.restore(paths, dest)
+    click.echo(f"restored {len(snap.digests)} files of run {paths.run_id} into {dest} (sha256 {snap.hash[:16]})")
+
+
+@runs_group.command("tag")
+@click.argument("run_id")
+@click.argument("tags", nargs=-1, required=True, metavar="KEY[=VALUE]...")
+@RUN_DIR_OPTION
+def tag_command(run_id: str, tags: tuple[str, ...], runs_root: str) -> None:
+    """Tag a run (running or long ended)."""
+    paths = resolve(runs_root, run_id)
+    add_tags(paths, {key: value for key, _eq, value in (item.partition("=") for item in tags)})
+    click.echo(f"run {paths.run_id}: {', '.join(tags)}")
 
 
 @runs_group.command("rm")

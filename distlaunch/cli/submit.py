@@ -10,7 +10,7 @@ from ..errors import SpecError
 from ..launch.slurm import submit
 from ..plan.slurm import SlurmTarget, batch_lines, batch_script
 from .options import split_mpi_args
-from .run import job_options, spec_from_options
+from .run import job_options, spec_from_options, warn_secret_values
 
 HELP = """Submit SCRIPT to Slurm as a batch job and return at once with its run id.
 
@@ -45,6 +45,7 @@ def submit_command(**kwargs: Any) -> None:
     target = SlurmTarget(kwargs.pop("partition"), kwargs.pop("time_limit"), kwargs.pop("account"),
                          kwargs.pop("job_name"), split_mpi_args(kwargs.pop("sbatch_args")))
     dry_run = kwargs.pop("dry_run")
+    warn_secret_values(kwargs["env_items"])
     spec = spec_from_options(kwargs)
     if spec.target.hosts or spec.target.hostfile:
         raise SpecError("--hosts/--hostfile do not apply to a batch job: Slurm chooses the nodes "

@@ -13,24 +13,27 @@
 """
 from __future__ import annotations
 
+import logging
 import os
+import shlex
 import shutil
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import DistlaunchError, RunNotFound
+from ..errors import DistlaunchError, RunNotFound, SpecError
 from ..plan.slurm import SlurmTarget
-from ..plan.spec import JobSpec, TargetSpec, default_remote_root
-from ..plan.ssh import SSHOptions
-from ..records import RunPaths, RunRecord
-from .history import current, request_cancel, resolve
+from ..plan.spec import JobSpec
+from ..records import RunPaths, RunRecord, Status
+from .history import add_tags, current, request_cancel, resolve
 from .launcher import launch, prepare
 from .metrics import read_metrics
 from .supervise import Watch
+
+log = logging.getLogger(__name__)
 
 
 def params_to_args(params: Mapping[str, Any] | Sequence[str] | None) -> tuple[str, ...]:
@@ -47,35 +50,95 @@ def params_to_args(params: Mapping[str, Any] | Sequence[str] | None) -> tuple[st
     return tuple(str(p) for p in params)
 
 
+# Job takes the options of ``distlaunch run`` by their own names: the command's option
+# table is the one table. These are the few that only make sense on a terminal.
+CLI_ONLY = frozenset({"verbose", "dry_run", "output_ranks", "script", "args"})
+# estimator-style spellings of options, as the keyword and the option's name
+ALIASES = {"env": "env_items", "env_file": "env_files", "remote_dir": "remote_root", "pip": "pip_packages",
+           "tag": "tags", "input": "inputs", "sync": "no_sync"}
+
+
+def _option_table() -> dict[str, Any]:
+    """``distlaunch run``'s options by name (the click parameters)."""
+    from ..cli.run import run_command
+
+    return {param.name: param for param in run_command.params if param.name and param.name not in CLI_ONLY}
+
+
+def option_names() -> list[str]:
+    """Every keyword ``Job`` takes besides entry_script, source_dir, script_params and compute_target."""
+    return sorted(_option_table())
+
+
+def _as_cli(name: str, value: Any) -> tuple[str, Any]:
+    """A Python value for option ``name`` (or its alias) as the command line would give it."""
+    key = ALIASES.get(name, name)
+    if key == "env_items" and isinstance(value, Mapping):
+        return key, tuple(f"{k}={v}" for k, v in value.items())
+    if key == "tags" and isinstance(value, Mapping):
+        return key, tuple(f"{k}={v}" if v not in (None, "") else str(k) for k, v in value.items())
+    if key == "inputs" and isinstance(value, Mapping):
+        return key, tuple(f"{k}={v}" for k, v in value.items())
+    if name == "sync":
+        return "no_sync", not value
+    if name == "mpi_args" and not isinstance(value, str):
+        return name, tuple(shlex.quote(str(word)) for word in value)
+    if name in ("timeout", "hang_timeout") and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return name, f"{value}s"
+    if name == "gpus" and not isinstance(value, str) and value is not None:
+        return name, ",".join(str(item) for item in value)
+    return key, value
+
+
+def job_options(script: str, script_args: tuple[str, ...], options: Mapping[str, Any]) -> tuple[JobSpec, Watch]:
+    """The JobSpec and Watch of ``Job(**options)``, through the same option table and the
+    same conversion as ``distlaunch run`` (so the same checks and the same errors)."""
+    import click
+
+    from ..cli.run import run_command, spec_from_options, watch_from_options
+
+    table = _option_table()
+    # the command line's defaults, as the command line would have them
+    ctx = run_command.make_context("Job", ["--", script])
+    values: dict[str, Any] = dict(ctx.params)
+    options = dict(options)
+    ssh = options.pop("ssh", None)
+    if ssh is not None:  # an SSHOptions: its three options
+        options.update(ssh_config=ssh.config, ssh_port=ssh.port, ssh_key=ssh.key)
+    for name, value in options.items():
+        if name in CLI_ONLY:
+            raise SpecError(f"Job({name}=...) is a terminal option of 'distlaunch run' only")
+        key, value = _as_cli(name, value)
+        param = table.get(key)
+        if param is None:
+            raise SpecError(f"Job() has no option {name!r}: the options are {', '.join(sorted(table))}")
+        if param.multiple and isinstance(value, (str, bytes)):
+            value = (value,)
+        try:
+            values[key] = param.type_cast_value(ctx, value)
+        except click.BadParameter as exc:
+            raise SpecError(f"Job({name}={value!r}): {exc.message}") from None
+    values.update(script=script, args=script_args)
+    return spec_from_options(values), watch_from_options(values)
+
+
 class Job:
-    """A job to run: what, where, and how wide."""
+    """A job to run: what, where, and how wide.
+
+    Besides the estimator's four arguments, ``Job`` takes every option of ``distlaunch
+    run`` by its name (``nodes``, ``ppn``, ``np``, ``hosts``, ``use_gpu``, ``gpus``,
+    ``env``, ``env_pass``, ``mpirun``, ``mpi_args``, ``in_place``, ``experiment``,
+    ``tags``, ``inputs``, ``timeout``, ``kill_grace``, ... see ``option_names()``), with
+    the same checks; mappings are welcome where the command line repeats an option
+    (``env={"OMP_NUM_THREADS": 1}``, ``tags={"lr": 0.1}``, ``inputs={"train": "/data"}``).
+    """
 
     def __init__(self, entry_script: str, source_dir: str = ".", script_params: Any = None, *,
-                 nodes: int | None = None, ppn: int | None = None, hosts: str | None = None,
-                 hostfile: str | None = None, use_gpu: bool | None = None, gpus_per_rank: int = 1,
-                 env: Mapping[str, str] | None = None, mpi_args: Sequence[str] = (), runs_root: str = "runs",
-                 timeout: float | None = None, hang_timeout: float | None = None, oversubscribe: bool = False,
-                 remote_dir: str | None = None, ssh: SSHOptions | None = None, sync: bool = True,
-                 pip_packages: Sequence[str] = (), requirements: str | None = None,
-                 compute_target: SlurmTarget | None = None, launcher: str = "mpirun") -> None:
+                 compute_target: SlurmTarget | None = None, **options: Any) -> None:
         script = entry_script if os.path.isabs(entry_script) else os.path.join(source_dir, entry_script)
-        self.spec = JobSpec(
-            script=script,
-            script_args=params_to_args(script_params),
-            target=TargetSpec(nodes=nodes, ppn=ppn, hosts=hosts, hostfile=hostfile, oversubscribe=oversubscribe,
-                              use_gpu=use_gpu, gpus_per_rank=gpus_per_rank),
-            env=tuple((env or {}).items()),
-            mpi_args=tuple(mpi_args),
-            runs_root=runs_root,
-            source_dir=source_dir,
-            remote_root=remote_dir or default_remote_root(),
-            ssh=ssh or SSHOptions(),
-            sync=sync,
-            pip_packages=tuple(pip_packages),
-            requirements=requirements,
-            launcher=launcher,
-        )
-        self.watch = Watch(timeout=timeout, hang_timeout=hang_timeout)
+        if not options.get("in_place"):
+            options.setdefault("source_dir", source_dir)
+        self.spec, self.watch = job_options(script, params_to_args(script_params), options)
         self.compute_target = compute_target
 
     def submit(self) -> Run:
@@ -102,6 +165,8 @@ class Job:
                 box["error"] = exc
             finally:
                 ready.set()
+                if "run" in box:
+                    box["run"]._fire()
 
         # not a daemon: the interpreter waits for the job instead of leaving mpirun behind
         thread = threading.Thread(target=body, name="distlaunch-run")
@@ -110,15 +175,33 @@ class Job:
         if "paths" not in box:
             thread.join()
             raise box["error"]
-        return Run(box["paths"], thread, box)
+        box["run"] = Run(box["paths"], thread, box)
+        return box["run"]
+
+
+class RunFailed(DistlaunchError):
+    """A run ended other than completed (``Run.result``, ``wait_for_completion``)."""
+
+    def __init__(self, record: RunRecord) -> None:
+        why = record.error or (record.first_failure.describe() if record.first_failure else record.reason)
+        super().__init__(f"run {record.id} {record.status.value}" + (f": {why}" if why else ""))
+        self.record = record
+        self.exit_code = record.exit_code or 1
 
 
 class Run:
-    """One run: its status, output, metrics and files. ``Run.load(id)`` for past runs."""
+    """One run: its status, output, metrics and files. ``Run.load(id)`` for past runs.
+
+    A Run is also a future of its record: ``done()``, ``running()``, ``cancelled()``,
+    ``result(timeout)``, ``exception(timeout)``, ``add_done_callback(fn)``."""
 
     def __init__(self, paths: RunPaths, thread: threading.Thread | None = None,
                  box: dict[str, Any] | None = None) -> None:
         self.paths, self._thread, self._box = paths, thread, box or {}
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[Run], Any]] = []
+        self._watcher: threading.Thread | None = None
+        self._fired = False
 
     @classmethod
     def load(cls, run_id: str, runs_root: str = "runs") -> Run:
@@ -155,6 +238,9 @@ class Run:
         except KeyboardInterrupt:
             self.cancel()
             raise
+        if self._thread is not None:
+            self._thread.join()  # its callbacks have run
+        self._fire()
         if "error" in self._box:
             raise self._box["error"]
         return self.status
@@ -176,8 +262,113 @@ class Run:
         return request_cancel(self.paths)
 
     def get_details(self) -> dict[str, Any]:
-        """The run record as a dict (``run.json``)."""
-        return current(self.paths).to_dict()
+        """The estimator's run details: ``runId``, ``experiment``, ``target``, ``status``,
+        ``startTimeUtc``, ``endTimeUtc``, ``tags``, ``properties`` (code hash, exit code,
+        versions), ``inputDatasets``, ``runDefinition`` (the job as given), ``logFiles``
+        (name → path), ``error``; and ``record``, the whole run.json."""
+        record = current(self.paths)
+
+        def utc(stamp: float | None) -> str | None:
+            return None if stamp is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
+
+        logs = self.paths.logs
+        target = "slurm" if record.scheduler else record.host_source or "localhost"
+        failure = record.first_failure.describe() if record.first_failure else None
+        return {
+            "runId": record.id,
+            "experiment": record.experiment,
+            "target": target,
+            "status": record.status.value,
+            "startTimeUtc": utc(record.started),
+            "endTimeUtc": utc(record.ended),
+            "tags": self.get_tags(),
+            "properties": {"code_hash": (record.code or {}).get("hash"), "exit_code": record.exit_code,
+                           "nodes": record.nodes, "ranks": record.ranks, **record.versions},
+            "inputDatasets": record.inputs,
+            "runDefinition": record.spec,
+            "logFiles": {p.name: str(p) for p in sorted(logs.glob("*")) if p.is_file()} if logs.is_dir() else {},
+            "error": record.error or failure,
+            "record": record.to_dict(),
+        }
+
+    def get_tags(self) -> dict[str, str]:
+        """The tags given at launch, with those added later (``tag``)."""
+        return current(self.paths).tags
+
+    def tag(self, key: str, value: str = "") -> None:
+        """Tag the run (now, or long after it ended); ``runs list --tag`` finds it."""
+        add_tags(self.paths, {key: value})
+
+    # -- a Run is a future of its record (concurrent.futures.Future's calls)
+    def done(self) -> bool:
+        if self._fired:
+            return True
+        return current(self.paths).status.finished and (self._thread is None or not self._thread.is_alive())
+
+    def running(self) -> bool:
+        return current(self.paths).status is Status.RUNNING
+
+    def cancelled(self) -> bool:
+        return current(self.paths).status is Status.CANCELLED
+
+    def result(self, timeout: float | None = None) -> RunRecord:
+        """Wait for the end; the record if the run completed, else raise RunFailed."""
+        self.wait(timeout=timeout)
+        record = current(self.paths)
+        if record.status is not Status.COMPLETED:
+            raise RunFailed(record)
+        return record
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """Wait for the end; None if the run completed, else the error ``result`` raises."""
+        try:
+            self.result(timeout)
+        except TimeoutError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - returned, as Future.exception does
+            return exc
+        return None
+
+    def add_done_callback(self, fn: Callable[[Run], Any]) -> None:
+        """Call ``fn(run)`` once the run has ended (at once if it has): before ``wait`` and
+        ``result`` return, from the thread that saw the end."""
+        with self._lock:
+            if not self._fired:
+                self._callbacks.append(fn)
+                if self._thread is None and self._watcher is None:  # no launch thread to tell us: poll
+                    self._watcher = threading.Thread(target=self._poll, name=f"distlaunch-watch-{self.id}",
+                                                     daemon=True)
+                    self._watcher.start()
+                return
+        fn(self)
+
+    def _poll(self) -> None:
+        while not current(self.paths).status.finished:
+            time.sleep(0.2)
+        self._fire()
+
+    def _fire(self) -> None:
+        """The run has ended: call the done callbacks, once."""
+        with self._lock:
+            if self._fired:
+                return
+            self._fired = True
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            try:
+                fn(self)
+            except Exception:  # noqa: BLE001 - as Future: a failing callback does not stop the others
+                log.exception("done callback of run %s failed", self.id)
+
+    def wait_for_completion(self, show_output: bool = False, raise_on_error: bool = True,
+                            timeout: float | None = None) -> dict[str, Any]:
+        """The estimator's wait: block (streaming output if asked), then the run's details;
+        RunFailed unless it completed (``raise_on_error=False`` returns the details anyway)."""
+        self.wait(show_output=show_output, timeout=timeout)
+        details = self.get_details()
+        if raise_on_error and details["status"] != Status.COMPLETED.value:
+            raise RunFailed(current(self.paths))
+        return details
 
     @property
     def record(self) -> RunRecord:

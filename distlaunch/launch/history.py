@@ -14,9 +14,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import RunNotFound
+from ..errors import RunNotFound, SpecError
 from ..protocol import split_rank_line
-from ..records import RunPaths, RunRecord, Status
+from ..records import RunPaths, RunRecord, Status, read_json, write_json
 
 
 def run_folders(runs_root: str | Path) -> list[Path]:
@@ -46,24 +46,56 @@ def summary(record: RunRecord) -> dict[str, Any]:
     started = record.started or record.created
     return {
         "id": record.id,
+        "experiment": record.experiment or "-",
         "script": Path(record.script or "?").name,
         "status": record.status.value,
         "shape": f"{record.nodes}x{ppn}",
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
         "duration": f"{record.duration_s:.1f} s" if record.duration_s is not None else "-",
         "exit": "-" if record.exit_code is None else record.exit_code,
+        "tags": ",".join(f"{k}={v}" if v else k for k, v in sorted(record.tags.items())) or "-",
     }
 
 
 def current(paths: RunPaths) -> RunRecord:
     """The run record as it stands, with a batch run's record brought up to date with
-    Slurm when the batch job ended without saying so (see ``slurm.reconcile``)."""
+    Slurm when the batch job ended without saying so (see ``slurm.reconcile``), and the
+    tags added since the launch."""
     record = RunRecord.load(paths)
     if record.scheduler and not record.status.finished:
         from .slurm import reconcile
 
         record = reconcile(paths, record)
+    record.tags = {**record.tags, **later_tags(paths)}
     return record
+
+
+def later_tags(paths: RunPaths) -> dict[str, str]:
+    """Tags added after the launch (``tags.json``: the launcher never writes it, so no
+    save of the run record can lose them)."""
+    try:
+        data = read_json(paths.tags_file)
+    except (OSError, ValueError):
+        return {}
+    return {str(key): str(value) for key, value in data.items()} if isinstance(data, dict) else {}
+
+
+def add_tags(paths: RunPaths, tags: dict[str, Any]) -> None:
+    for key in tags:
+        if not key or "=" in key or any(ch.isspace() for ch in key):
+            raise SpecError(f"tag {key!r}: a tag name must be non-empty, without '=' or spaces")
+    write_json(paths.tags_file, {**later_tags(paths), **{key: str(value) for key, value in tags.items()}})
+
+
+def matches(record: RunRecord, experiment: str | None, tags: Iterable[str]) -> bool:
+    """Whether a run is of ``experiment`` and has every ``KEY`` or ``KEY=VALUE`` of ``tags``."""
+    if experiment is not None and record.experiment != experiment:
+        return False
+    for item in tags:
+        key, eq, value = item.partition("=")
+        if key not in record.tags or (eq and record.tags[key] != value):
+            return False
+    return True
 
 
 def request_cancel(paths: RunPaths, wait: float = 30.0) -> str:

@@ -22,10 +22,11 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import DistlaunchError, HostError, RunDirError, SpecError
+from ..nodes import inputs as node_inputs
 from ..nodes.doctor import preflight
 from ..nodes.pipinstall import ensure_packages
 from ..nodes.transport import Nodes, SrunTransport, SSHTransport, Transport, for_each
-from ..nodes.treesync import collect, list_files, sync
+from ..nodes.treesync import collect, sync
 from ..plan.envpolicy import redact, redact_argv, redact_pairs
 from ..plan.hosts import SLURM_JOB, SLURM_STEP, RankSlot, is_local, placement, this_host_names
 from ..plan.layout import RemoteLayout
@@ -36,6 +37,7 @@ from ..plan.slurm import srun_plan
 from ..plan.spec import JobSpec, inside, resolve_program
 from ..plan.ssh import SSHOptions
 from ..records import RunPaths, RunRecord, allocate
+from . import snapshot
 from .metrics import write_tensorboard
 from .slurm import check_allocation
 from .supervise import Console, Outcome, Supervisor, Watch
@@ -58,6 +60,7 @@ class Prepared:
     program: tuple[str, ...]
     transport: Transport
     srun: str | None = None  # with --launcher srun
+    inputs: tuple[node_inputs.ResolvedInput, ...] = ()
 
     @property
     def slots(self) -> tuple[RankSlot, ...]:
@@ -81,7 +84,7 @@ class Prepared:
 
     def remote_layout(self, run_id: str) -> RemoteLayout | None:
         """Where the code goes on the nodes; None when nothing is synced."""
-        if not (self.multi_node and self.spec.sync):
+        if not (self.multi_node and self.spec.sync and not self.spec.runs_in_place):
             return None
         return RemoteLayout.for_source(self.spec.remote_root, self.spec.source, run_id)
 
@@ -133,7 +136,7 @@ def choose_transport(ssh: SSHOptions, local_names: frozenset[str] | None = None,
     return SSHTransport(ssh, names)
 
 
-def prepare(spec: JobSpec) -> Prepared:
+def prepare(spec: JobSpec, progress: Callable[[str], None] = log.info) -> Prepared:
     names = this_host_names()
     cores = local_cores()
     placed = place(spec.target, local_cores=cores)
@@ -150,10 +153,11 @@ def prepare(spec: JobSpec) -> Prepared:
         srun = shutil.which("srun")
         if srun is None:
             raise SpecError("--launcher srun: srun is not on PATH: install slurm-client or use --launcher mpirun")
+    resolved = node_inputs.resolve(spec.inputs, spec.remote_root, progress)
     context = LaunchContext(is_root=os.geteuid() == 0, local_cores=cores, ambient_env=frozenset(os.environ),
-                            local_names=names)
+                            local_names=names, input_paths={item.spec.name: item.node_path for item in resolved})
     prepared = Prepared(spec, placed, mpi, context, resolve_program(spec),
-                        choose_transport(spec.ssh, names, origin), srun)
+                        choose_transport(spec.ssh, names, origin), srun, resolved)
     if prepared.remote_layout("check") is not None:
         prepared.plan("check", "check")  # a script outside --source-dir is an error now, not on the nodes
     return prepared
@@ -187,6 +191,9 @@ def new_record(prepared: Prepared, the_plan: LaunchPlan, paths: RunPaths) -> Run
         launcher={"host": socket.gethostname(), "pid": os.getpid(), "cwd": os.getcwd(),
                   "argv": redact_argv(sys.argv), "transport": prepared.transport.name},
         versions=versions(prepared.mpi),
+        experiment=spec.experiment_name,
+        tags=dict(spec.tags),
+        inputs=[item.record() for item in prepared.inputs],
     )
 
 
@@ -237,13 +244,35 @@ class NodeSide:
 
 
 def _before_launch(prepared: Prepared, paths: RunPaths, record: RunRecord, progress: Callable[[str], None]) -> None:
-    """Code to the nodes and packages into their Python; the record says how it went."""
+    """The code snapshot, inputs, the code on the nodes and packages in their Python; the
+    record says how it went."""
     spec = prepared.spec
+    snap = None
+    if not spec.runs_in_place:
+        snap = snapshot.load(paths) if record.code else None  # a batch job's, taken at submit time
+        if snap is None:
+            snap = snapshot.take(spec.source, paths, progress, exclude=(str(paths.root.parent),))
+            record.code = snap.summary()
+            record.save(paths)
+    node_inputs.check_in_place(prepared.nodes, prepared.hosts, prepared.inputs)
+    if any(item.spec.copy for item in prepared.inputs):
+        staged = node_inputs.stage(prepared.nodes, prepared.hosts, prepared.inputs, spec.remote_root, paths.run_id,
+                                   progress)
+        for item in record.inputs:
+            item["nodes"] = [r for r in staged if r["name"] == item["name"]]
+        record.save(paths)
     layout = prepared.remote_layout(paths.run_id)
-    if layout is not None:
-        synced = sync(prepared.nodes, prepared.hosts, list_files(spec.source), layout, progress)
+    if layout is not None and snap is not None:
+        synced = sync(prepared.nodes, prepared.hosts, snap.tree(), layout, progress)
         record.sync = {"remote_dir": layout.workdir, "nodes": [dataclasses.asdict(result) for result in synced]}
         record.save(paths)
+    elif prepared.multi_node and not spec.runs_in_place:
+        unseen = [host for host, (answer, _proc) in zip(prepared.remote_hosts, prepared.nodes.call_all(
+            prepared.remote_hosts, "sees", str(paths.code), timeout=60)) if not (answer or {}).get("exists")]
+        if unseen:
+            raise SpecError(f"with --no-sync the ranks run in the run's code snapshot {paths.code}, which "
+                            f"{unseen[0]} does not see: put --run-dir on the filesystem the nodes share, or "
+                            "run with --in-place")
     if spec.pip_packages or spec.requirements:
         requirements = Path(spec.requirements).read_text(encoding="utf-8") if spec.requirements else ""
         ensure_packages(prepared.nodes, prepared.hosts, spec.pip_packages, requirements, paths.logs / "pip.log",
@@ -272,7 +301,7 @@ def launch(
     the_plan = prepared.plan(paths.run_id, str(paths.root), host_cores)
     record = new_record(prepared, the_plan, paths)
     if queued is not None:  # keep what the submission knew
-        record.created, record.scheduler = queued.created, queued.scheduler
+        record.created, record.scheduler, record.code = queued.created, queued.scheduler, queued.code
     try:
         record.save(paths)
     except RunDirError:
@@ -302,6 +331,11 @@ def launch(
         raise
     record.finished(outcome.status, outcome.exit_code, outcome.mpirun_exit_code, outcome.started, outcome.ended,
                     outcome.failure, outcome.ranks, outcome.leftovers_killed, outcome.reason)
+    if not spec.runs_in_place and prepared.remote_layout(paths.run_id) is None:
+        try:
+            snapshot.gather(paths)  # the ranks ran in the snapshot: ./outputs and ./logs into the run folder
+        except OSError as exc:
+            log.warning("could not move ./outputs and ./logs out of %s: %s", paths.code, exc)
     if node_side is not None:
         record.collect_missing = node_side.missing
     try:

@@ -110,7 +110,12 @@ def submit(spec: JobSpec, target: SlurmTarget, ranks: int, nodes: int, tasks_per
     record = RunRecord(id=paths.run_id, script=spec.script, spec=spec_dict, nodes=nodes, ranks=ranks,
                        host_source="slurm batch job",
                        scheduler={"kind": "slurm", "job_id": None, "submitted": time.time(),
-                                  "script": str(script), "target": dict(target.__dict__)})
+                                  "script": str(script), "target": dict(target.__dict__)},
+                       experiment=spec.experiment_name, tags=dict(spec.tags))
+    if not spec.runs_in_place:  # the code as it is now is what runs, whatever is edited meanwhile
+        from .snapshot import take
+
+        record.code = take(spec.source, paths, lambda _message: None, exclude=(str(paths.root.parent),)).summary()
     record.save(paths)
     env = {**os.environ, **{name: value for name, value in spec.env if is_secret(name)}}
     # submitted on hold: the record knows its job id before the job can start and write it

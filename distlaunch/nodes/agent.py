@@ -11,6 +11,10 @@ finish BASE RUN_DIR HASH       tree-hash RUN_DIR; if it equals HASH, point BASE/
 pip KEY [PIP ARGS...]          pip install PIP ARGS (requirements text on stdin, if any)
                                unless KEY was installed before on this node
 sees PATH                      whether PATH exists on this node (shared filesystem check)
+input-entry ROOT ENTRY         make ROOT/inputs private; whether the cached input ENTRY is
+                               complete, and the newest complete entry of the same name
+input-done TMP ENTRY HASH      tree-hash TMP over the names on stdin; if it equals HASH,
+                               mark it complete and move it to ENTRY (the cache)
 cleanup RUN_ID                 SIGKILL this node's processes of RUN_ID
 release RUN_DIR                mark RUN_DIR collected, so that a later prune may delete it
 dump RUN_ID                    ask this node's Python ranks of RUN_ID for their stacks
@@ -66,9 +70,14 @@ def tree_digests(root: Path, names: list[str]) -> dict[str, str]:
 
 def tree_hash(root: Path, names: list[str]) -> str:
     """sha256 over (path, entry digest) of the listed entries, in sorted order."""
+    return hash_of(tree_digests(root, names))
+
+
+def hash_of(digests: dict[str, str]) -> str:
+    """The tree hash of entries whose digests are known (``tree_digests``'s answer)."""
     digest = hashlib.sha256()
-    for name in sorted(names):
-        digest.update(name.encode("utf-8", "surrogateescape") + b"\0" + _entry_digest(root / name))
+    for name in sorted(digests):
+        digest.update(name.encode("utf-8", "surrogateescape") + b"\0" + bytes.fromhex(digests[name]))
     return digest.hexdigest()
 
 
@@ -252,6 +261,49 @@ def pip_install(key: str, args: list[str], requirements: str) -> dict[str, Any]:
     return {"cached": False, "returncode": proc.returncode, "output": (proc.stdout + proc.stderr)[-20000:]}
 
 
+INPUT_MARKER = ".distlaunch-complete"
+
+
+def input_entry(root: str, entry: str) -> dict[str, Any]:
+    """Whether the cache already holds ``entry`` (an input at one content hash); if not,
+    the newest complete entry of the same input, to hard-link unchanged files from."""
+    root_path, entry_path = Path(root), Path(entry)
+    cache = root_path / "inputs"
+    if entry_path.parent != cache:
+        return {"ok": False, "error": f"{entry} is not inside {cache}"}
+    try:
+        check_ancestors(root_path)
+        private_dir(root_path)
+        private_dir(cache)
+    except Unsafe as exc:
+        return {"ok": False, "error": f"{exc}: remove it, or choose another --remote-dir"}
+    except OSError as exc:
+        return {"ok": False, "error": f"{exc.strerror or exc} ({exc.filename}): choose another --remote-dir"}
+    if (entry_path / INPUT_MARKER).is_file():
+        os.utime(entry_path / INPUT_MARKER)  # last used: now
+        return {"ok": True, "cached": True}
+    name = entry_path.name.rsplit("-", 1)[0]
+    others = [p for p in cache.glob(f"{name}-*") if (p / INPUT_MARKER).is_file() and p.name.rsplit("-", 1)[0] == name]
+    newest = max(others, key=lambda p: (p / INPUT_MARKER).stat().st_mtime, default=None)
+    return {"ok": True, "cached": False, "previous": str(newest) if newest else None}
+
+
+def input_done(tmp: str, entry: str, expected: str, names: list[str]) -> dict[str, Any]:
+    tmp_path, entry_path = Path(tmp), Path(entry)
+    got = tree_hash(tmp_path, names)
+    if got != expected:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+        return {"hash": got}
+    (tmp_path / INPUT_MARKER).touch()
+    try:
+        os.rename(tmp_path, entry_path)
+    except OSError:  # another run put it there first
+        if not (entry_path / INPUT_MARKER).is_file():
+            raise
+        shutil.rmtree(tmp_path, ignore_errors=True)
+    return {"hash": got}
+
+
 def release(run_dir: str) -> dict[str, Any]:
     """Mark a run folder collected (the launcher has everything it needs from it)."""
     records = Path(run_dir) / AGENT_DIR
@@ -287,6 +339,10 @@ def main(argv: list[str] | None = None) -> None:
             result["pruned"] = prune(base, run_dir)
     elif command == "pip":
         result = pip_install(rest[0], rest[1:], _stdin())
+    elif command == "input-entry":
+        result = input_entry(rest[0], rest[1])
+    elif command == "input-done":
+        result = input_done(rest[0], rest[1], rest[2], _names(_stdin()))
     elif command == "sees":
         result = {"exists": os.path.exists(rest[0])}
     elif command == "cleanup":

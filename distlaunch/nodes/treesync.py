@@ -1,7 +1,8 @@
 """Copy the source directory to every node, check it arrived whole, bring results back.
 
 Files are chosen like git would (``.gitignore`` files, plus ``.distlaunchignore``; never
-``.git/``, ``__pycache__/`` or the top-level ``runs/``). Files that look like secrets
+``.git/``, ``__pycache__/``, the top-level ``runs/``, ``outputs/`` and ``logs/``, or the
+run folders' root). Files that look like secrets
 (``.env``, ``id_*``, ``*.pem``, ``.netrc``, ...) are left out unless a
 ``.distlaunchignore`` line re-includes them (``!.env``). Symlinks travel as links.
 The list goes to rsync NUL-separated (any legal file name works), unchanged files are
@@ -32,7 +33,7 @@ from .agent import tree_digests, tree_hash
 from .transport import Nodes, for_each, last_error
 
 ALWAYS_SKIPPED = {".git", "__pycache__", AGENT_DIR}
-TOP_SKIPPED = {"runs"}
+TOP_SKIPPED = {"runs", "outputs", "logs"}  # run folders, and what each run writes for itself
 IGNORE_FILES = (".gitignore", ".distlaunchignore")
 SECRET_PATTERNS = (".env", ".env.*", "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", "*.pem", "*.p12",
                    ".netrc", ".pypirc", ".git-credentials", ".pgpass", "credentials.json")
@@ -55,6 +56,8 @@ class SourceTree:
     files: tuple[str, ...]
     nbytes: int
     secrets_left_out: tuple[str, ...] = ()
+    origin: str = ""  # the source dir a snapshot was taken of (root is then the snapshot)
+    digest: str = ""  # its tree hash, when known already
 
 
 @dataclass(frozen=True)
@@ -66,11 +69,13 @@ class SyncResult:
     seconds: float
 
 
-def list_files(source: str | Path) -> SourceTree:
-    """The files (and symlinks) to send, honouring .gitignore/.distlaunchignore files."""
+def list_files(source: str | Path, exclude: Sequence[str] = ()) -> SourceTree:
+    """The files (and symlinks) to send, honouring .gitignore/.distlaunchignore files;
+    never inside the absolute folders of ``exclude`` (a --run-dir within the source)."""
     import pathspec
 
     root = Path(source)
+    skipped = {os.path.abspath(path) for path in exclude}
     chosen: list[str] = []
     secrets: list[str] = []
     nbytes = 0
@@ -101,6 +106,8 @@ def list_files(source: str | Path) -> SourceTree:
         for name in sorted(dirs):
             rel = here / name
             if name in ALWAYS_SKIPPED or (here == top and name in TOP_SKIPPED) or matches(rel, True):
+                continue
+            if skipped and os.path.abspath(os.path.join(here_path, name)) in skipped:
                 continue
             if (Path(here_path) / name).is_symlink():
                 chosen.append(str(rel))  # a directory symlink travels as a link, not followed
@@ -197,11 +204,10 @@ def describe(tree: SourceTree) -> list[str]:
 
 def sync(nodes: Nodes, hosts: Sequence[str], tree: SourceTree, layout: RemoteLayout,
          progress: Progress) -> list[SyncResult]:
-    """Send the source tree to every host in parallel; SyncError names the first bad node."""
-    for line in describe(tree):
-        progress(f"warning: {line}")
-    expected = tree_hash(Path(tree.root), list(tree.files))
-    progress(f"syncing {len(tree.files)} files ({human_size(tree.nbytes)}) from {tree.root} to "
+    """Send the tree (the run's snapshot) to every host in parallel; SyncError names the
+    first bad node. What ``describe`` warns about was said when the tree was listed."""
+    expected = tree.digest or tree_hash(Path(tree.root), list(tree.files))
+    progress(f"syncing {len(tree.files)} files ({human_size(tree.nbytes)}) from {tree.origin or tree.root} to "
              f"{len(hosts)} node(s)")
     done: list[str] = []
     finished = threading.Event()

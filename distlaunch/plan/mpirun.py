@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from ..protocol import MASTER_ADDR, OUTPUT_DIR, RUN_DIR, RUN_ID
 from .envpolicy import exported_names
 from .hosts import LOCAL_ALIASES, RankSlot, is_local, placement
+from .inputs import substitute
 from .layout import RemoteLayout
 from .mpi import Flavour, MPIInstall
 from .placement import Placement
@@ -33,6 +34,7 @@ class LaunchContext:
     ambient_env: frozenset[str] = frozenset()  # variable names already set for mpirun
     host_cores: Mapping[str, int] = field(default_factory=dict)  # other nodes' CPUs, when probed
     local_names: frozenset[str] = LOCAL_ALIASES  # the names of this machine (hosts.this_host_names)
+    input_paths: Mapping[str, str] = field(default_factory=dict)  # --input NAME: its path on the nodes
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,29 @@ def master_addr(slots: Sequence[RankSlot], local_names: frozenset[str]) -> str:
     return first
 
 
+@dataclass(frozen=True)
+class Workspace:
+    """Where the ranks run and keep their records.
+
+    - ``--in-place``: in the launcher's current directory, records in the run folder;
+    - one host (or nodes sharing the run folder, ``--no-sync``): in the run's snapshot of
+      the source dir, ``<run folder>/code``, records in the run folder;
+    - other nodes: in the node's synced copy (``RemoteLayout``), records beside it.
+    Either way ``./outputs`` is ``$DISTLAUNCH_OUTPUT_DIR`` unless in place."""
+
+    workdir: str | None
+    rank_dir: str
+    outputs: str
+
+    @classmethod
+    def of(cls, spec: JobSpec, run_dir: str, remote: RemoteLayout | None) -> Workspace:
+        if remote is not None:
+            return cls(remote.workdir, remote.agent_dir, f"{remote.workdir}/outputs")
+        if spec.runs_in_place:
+            return cls(None, run_dir, f"{run_dir}/outputs")
+        return cls(f"{run_dir}/code", run_dir, f"{run_dir}/code/outputs")
+
+
 def rank_env(spec: JobSpec, slots: Sequence[RankSlot], run_id: str, rank_dir: str, outputs: str,
              ctx: LaunchContext, mpi: MPIInstall) -> dict[str, str]:
     """Variables every rank gets (the user's --env last, so it wins)."""
@@ -92,6 +117,8 @@ def rank_env(spec: JobSpec, slots: Sequence[RankSlot], run_id: str, rank_dir: st
         OUTPUT_DIR: outputs,
         "PYTHONUNBUFFERED": "1",
     }
+    for item in spec.inputs:
+        env[item.env_name] = ctx.input_paths.get(item.name, item.path)
     if spec.iface:
         env["GLOO_SOCKET_IFNAME"] = spec.iface
     if mpi.libmpi and "MPI4PY_LIBMPI" not in ctx.ambient_env:
@@ -100,8 +127,12 @@ def rank_env(spec: JobSpec, slots: Sequence[RankSlot], run_id: str, rank_dir: st
     return env
 
 
-def worker_argv(spec: JobSpec, placed: Placement, rank_dir: str, program: Sequence[str]) -> list[str]:
-    argv = [spec.python, *SAFE_PATH, "-m", "distlaunch.rank.worker", "--run-dir", rank_dir]
+def worker_argv(spec: JobSpec, placed: Placement, space: Workspace, program: Sequence[str],
+                ctx: LaunchContext) -> list[str]:
+    """The per-rank shim, then the user's program as it runs there (paths moved into the
+    working directory, ``{inputs.NAME}`` replaced)."""
+    program = substitute(program_in(program, spec.source, space.workdir, spec.is_python), ctx.input_paths)
+    argv = [spec.python, *SAFE_PATH, "-m", "distlaunch.rank.worker", "--run-dir", space.rank_dir]
     if placed.gpu_mode:
         argv += ["--gpus-per-rank", str(placed.gpus_per_rank)]
         if placed.restricted:
@@ -161,10 +192,9 @@ def plan(
     """
     slots = placed.slots
     hostfile_path = f"{run_dir}/hostfile"
-    workdir = remote.workdir if remote else None
-    rank_dir = remote.agent_dir if remote else run_dir
-    outputs = f"{workdir}/outputs" if workdir else f"{run_dir}/outputs"
-    env = rank_env(spec, slots, run_id, rank_dir, outputs, ctx, mpi)
+    space = Workspace.of(spec, run_dir, remote)
+    workdir = space.workdir
+    env = rank_env(spec, slots, run_id, space.rank_dir, space.outputs, ctx, mpi)
     exported = sorted(set(env) | set(exported_names(ctx.ambient_env, spec.env_pass)))
     hosts = placement(slots)
     multi = any(not is_local(host, ctx.local_names) for host, _ in hosts)
@@ -192,6 +222,6 @@ def plan(
         if workdir:
             argv += ["-wdir", workdir]
     argv += list(spec.mpi_args)
-    argv += worker_argv(spec, placed, rank_dir, program_in(program, spec.source, workdir, spec.is_python))
+    argv += worker_argv(spec, placed, space, program, ctx)
     notes = tuple((shlex.join(flags), why) for flags, why in added)
     return LaunchPlan(tuple(argv), env, hostfile_text(slots, mpi.flavour), hostfile_path, tuple(slots), notes)

@@ -24,9 +24,9 @@ from .envpolicy import exported_names
 from .hosts import placement
 from .layout import RemoteLayout
 from .mpi import MPIInstall
-from .mpirun import LaunchContext, LaunchPlan, rank_env, worker_argv
+from .mpirun import LaunchContext, LaunchPlan, Workspace, rank_env, worker_argv
 from .placement import Placement
-from .spec import SAFE_PATH, JobSpec, program_in
+from .spec import SAFE_PATH, JobSpec
 
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.:,=@%+/-]+$")
 
@@ -97,9 +97,8 @@ def srun_plan(spec: JobSpec, placed: Placement, srun: str, run_id: str, run_dir:
     slots = placed.slots
     hosts = [host for host, _ in placement(slots)]
     hostfile_path = f"{run_dir}/hostfile"
-    workdir = remote.workdir if remote else None
-    rank_dir = remote.agent_dir if remote else run_dir
-    env = rank_env(spec, slots, run_id, rank_dir, f"{workdir}/outputs" if workdir else f"{run_dir}/outputs", ctx, mpi)
+    space = Workspace.of(spec, run_dir, remote)
+    env = rank_env(spec, slots, run_id, space.rank_dir, space.outputs, ctx, mpi)
     env["SLURM_HOSTFILE"] = hostfile_path
     # srun starts tasks without a login: who the user is must travel too (MPI needs HOME)
     identity = {"HOME", "USER", "LOGNAME"} & set(ctx.ambient_env)
@@ -112,10 +111,10 @@ def srun_plan(spec: JobSpec, placed: Placement, srun: str, run_id: str, run_dir:
     argv = [srun, f"--nodes={len(hosts)}", f"--ntasks={len(slots)}"]  # the hosts: SLURM_HOSTFILE
     for flags, _why in added:
         argv += flags
-    if workdir:
-        argv.append(f"--chdir={workdir}")
+    if space.workdir:
+        argv.append(f"--chdir={space.workdir}")
     argv += list(spec.mpi_args)
-    argv += worker_argv(spec, placed, rank_dir, program_in(program, spec.source, workdir, spec.is_python))
+    argv += worker_argv(spec, placed, space, program, ctx)
     notes = tuple((shlex.join(flags), why) for flags, why in added)
     return LaunchPlan(tuple(argv), env, srun_hostfile(placed), hostfile_path, tuple(slots), notes,
                       interrupt_as=signal.SIGTERM)

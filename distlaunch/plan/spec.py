@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import SpecError
+from .inputs import InputSpec, check_inputs
 from .ssh import SSHOptions
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -126,6 +127,11 @@ class JobSpec:
     requirements: str | None = None  # a requirements file, likewise
     iface: str | None = None  # the network interface MPI and gloo use between nodes
     launcher: str = "mpirun"  # or "srun": a step of the Slurm allocation we run in
+    # the estimator's working-directory rule, history and data
+    in_place: bool = False  # run in the current directory as is (no snapshot; plain mpirun)
+    experiment: str | None = None  # default: the source directory's name
+    tags: tuple[tuple[str, str], ...] = ()
+    inputs: tuple[InputSpec, ...] = ()
 
     def __post_init__(self) -> None:
         if self.launcher not in LAUNCHERS:
@@ -147,6 +153,14 @@ class JobSpec:
                 )
         if self.iface is not None and not re.fullmatch(r"[A-Za-z0-9_.:@-]{1,64}", self.iface):
             raise SpecError(f"--iface {self.iface!r} is not an interface name: write e.g. --iface eth0")
+        for key, _ in self.tags:
+            if not key or "=" in key or any(ch.isspace() for ch in key):
+                raise SpecError(f"--tag {key!r}: a tag name must be non-empty, without '=' or spaces: "
+                                "write --tag KEY=VALUE")
+        if self.experiment is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", self.experiment):
+            raise SpecError(f"--experiment {self.experiment!r}: use letters, digits, '.', '_' and '-' "
+                            "(at most 100), starting with a letter or digit")
+        check_inputs(self.inputs, self.script_args)
         resolve_program(self)  # the script must exist now, not when the ranks start
 
     @property
@@ -158,6 +172,25 @@ class JobSpec:
         """The directory copied to the nodes (the script's own by default), absolute.
         Symlinks are kept as given: resolving them would change what the user named."""
         return os.path.abspath(self.source_dir or os.path.dirname(os.path.abspath(self.script)))
+
+    @property
+    def runs_in_place(self) -> bool:
+        """No snapshot: ``--in-place``, or a program that is not a .py script and no
+        --source-dir says what belongs to it (``hostname``, a venv's python)."""
+        return self.in_place or (not self.is_python and self.source_dir is None)
+
+    @property
+    def experiment_name(self) -> str:
+        """The experiment a run belongs to: ``--experiment``, else the source dir's name."""
+        if self.experiment:
+            return self.experiment
+        name = os.path.basename(self.source.rstrip("/")) or "default"
+        return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
+def parse_tags(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """``("team=vision", "baseline")`` → ``(("team", "vision"), ("baseline", ""))``."""
+    return tuple((key, value) for key, _eq, value in (item.partition("=") for item in items))
 
 
 def spec_to_dict(spec: JobSpec) -> dict[str, object]:
@@ -171,6 +204,8 @@ def spec_from_dict(data: dict[str, Any]) -> JobSpec:
     values["target"] = TargetSpec(**values.get("target", {}))
     values["ssh"] = SSHOptions(**values.get("ssh", {}))
     values["env"] = tuple((str(name), str(value)) for name, value in values.get("env", ()))
+    values["tags"] = tuple((str(key), str(value)) for key, value in values.get("tags", ()))
+    values["inputs"] = tuple(InputSpec(**item) for item in values.get("inputs", ()))
     for name in ("script_args", "env_pass", "mpi_args", "pip_packages"):
         values[name] = tuple(values.get(name, ()))
     names = {f.name for f in dataclasses.fields(JobSpec)}

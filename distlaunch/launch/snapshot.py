@@ -1,0 +1,199 @@
+"""The run's snapshot of the source directory, ``<run folder>/code``: the code that ran.
+
+Every run that is not ``--in-place`` gets one before it starts, with the same file
+selection as the sync to other nodes (``treesync.list_files``; never the top-level
+``runs/``, ``outputs/`` or ``logs/``). On one host the ranks run in it, so ``./outputs``
+and ``./logs`` are the run's own and concurrent runs never meet; with other nodes it is
+what is synced to them. A batch job's snapshot is taken at submit time.
+
+Unchanged files are hard-linked from the newest earlier snapshot of the same source dir
+under the same runs root (unchanged: same size, modification time and mode, rsync's quick
+check), the others copied, hashing as they go; files are read-only, like the nodes'
+copies. ``code.json`` lists every file with its digest and the tree hash (the hash the
+nodes' copies are checked against), so ``restore`` can give the code back, verified.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import RunDirError, RunNotFound
+from ..nodes.agent import hash_of, tree_hash
+from ..nodes.treesync import SourceTree, describe, list_files
+from ..plan.units import human_size
+from ..records import RunPaths, read_json, write_json
+
+Progress = Callable[[str], None]
+SLOW_S = 1.0  # a snapshot that takes longer than this is reported
+LOOK_BACK = 50  # runs searched for an earlier snapshot to hard-link unchanged files from
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    root: Path
+    source: str
+    digests: dict[str, str]  # file name → entry digest (as the node agent computes it)
+    nbytes: int
+    hash: str
+    linked: int = 0
+    copied: int = 0
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return tuple(sorted(self.digests))
+
+    def tree(self) -> SourceTree:
+        """The snapshot as a tree to sync to other nodes."""
+        return SourceTree(str(self.root), self.files, self.nbytes, origin=self.source, digest=self.hash)
+
+    def summary(self) -> dict[str, Any]:
+        """What run.json keeps of it."""
+        return {"source": self.source, "files": len(self.digests), "bytes": self.nbytes, "hash": self.hash,
+                "linked": self.linked, "copied": self.copied}
+
+
+def _previous(runs_root: Path, source: str, this: Path) -> tuple[Path | None, dict[str, str]]:
+    """The newest earlier snapshot of ``source`` under ``runs_root`` (among the last
+    ``LOOK_BACK`` runs), and its digests."""
+    try:
+        folders = sorted((p for p in runs_root.iterdir() if p != this and not p.name.startswith(".")), reverse=True)
+    except OSError:
+        return None, {}
+    for folder in folders[:LOOK_BACK]:
+        try:
+            data = read_json(folder / "code.json")
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("source") == source and (folder / "code").is_dir():
+            return folder / "code", dict(data.get("files", {}))
+    return None, {}
+
+
+def _same(here: os.stat_result, there: os.stat_result) -> bool:
+    return (stat.S_ISREG(there.st_mode) and here.st_size == there.st_size
+            and here.st_mtime_ns == there.st_mtime_ns and (here.st_mode & 0o500) == (there.st_mode & 0o500))
+
+
+def _copy(src: Path, dst: Path, info: os.stat_result) -> str:
+    """Copy one file, hashing it as it goes; the copy keeps the time, is read-only."""
+    digest = hashlib.sha256(b"f")
+    with open(src, "rb") as reader, open(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as writer:
+        for block in iter(lambda: reader.read(1 << 20), b""):
+            digest.update(block)
+            writer.write(block)
+    os.utime(dst, ns=(info.st_atime_ns, info.st_mtime_ns))
+    os.chmod(dst, info.st_mode & 0o500 | 0o400)
+    return digest.hexdigest()
+
+
+def take(source: str, paths: RunPaths, progress: Progress, exclude: tuple[str, ...] = ()) -> Snapshot:
+    """Snapshot ``source`` into ``paths.code`` and write ``code.json``; RunDirError when the
+    run folder cannot take it (the message says what to do)."""
+    start = time.monotonic()
+    tree = list_files(source, exclude=exclude)
+    for line in describe(tree):
+        progress(f"warning: {line}")
+    runs_root = paths.root.parent
+    before, known = _previous(runs_root, source, paths.root)
+    digests: dict[str, str] = {}
+    linked = copied = 0
+    try:
+        paths.code.mkdir(mode=0o700)
+        for name in tree.files:
+            src, dst = Path(source, name), paths.code / name
+            dst.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            try:
+                info = os.lstat(src)
+            except FileNotFoundError:
+                continue  # removed since it was listed
+            if stat.S_ISLNK(info.st_mode):
+                target = os.readlink(src)
+                os.symlink(target, dst)
+                digests[name] = hashlib.sha256(b"l" + target.encode("utf-8", "surrogateescape")).hexdigest()
+                continue
+            old = before / name if before is not None and name in known else None
+            if old is not None:
+                try:
+                    if _same(info, os.lstat(old)):
+                        os.link(old, dst)
+                        digests[name], linked = known[name], linked + 1
+                        continue
+                except OSError:
+                    pass  # gone, another filesystem, too many links: copy it
+            digests[name], copied = _copy(src, dst, info), copied + 1
+    except OSError as exc:
+        raise RunDirError(f"cannot snapshot {source} into {paths.code}: {exc.strerror or exc}: free space, pick "
+                          "another --run-dir, or run with --in-place") from None
+    snap = Snapshot(paths.code, source, digests, tree.nbytes, hash_of(digests), linked, copied)
+    write_json(paths.code_digests, {"source": source, "hash": snap.hash, "bytes": snap.nbytes, "files": digests})
+    took = time.monotonic() - start
+    if took > SLOW_S:
+        progress(f"code snapshot: {len(digests)} files ({human_size(tree.nbytes)}), {copied} copied, {linked} "
+                 f"unchanged, in {took:.1f} s")
+    return snap
+
+
+def load(paths: RunPaths) -> Snapshot | None:
+    """The snapshot a run folder holds (None for an --in-place run, or a run before snapshots)."""
+    try:
+        data = read_json(paths.code_digests)
+    except (OSError, ValueError):
+        return None
+    return Snapshot(paths.code, data.get("source", ""), dict(data.get("files", {})), int(data.get("bytes", 0)),
+                    data.get("hash", ""))
+
+
+def gather(paths: RunPaths) -> None:
+    """After a run on one host: its ``./outputs`` and ``./logs`` move from the snapshot into
+    the run folder (merged; a file the job wrote wins), leaving the snapshot as it was."""
+    for name, into in (("outputs", paths.outputs), ("logs", paths.logs)):
+        _merge(paths.code / name, into)
+
+
+def _merge(src: Path, dst: Path) -> None:
+    if not src.is_dir() or src.is_symlink():
+        return
+    dst.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for entry in list(src.iterdir()):
+        target = dst / entry.name
+        if entry.is_dir() and not entry.is_symlink() and target.is_dir() and not target.is_symlink():
+            _merge(entry, target)
+        else:
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+    try:
+        src.rmdir()
+    except OSError:
+        pass
+
+
+def restore(paths: RunPaths, dest: Path) -> Snapshot:
+    """Copy a run's snapshot to ``dest`` (new or empty), writable again, and check it
+    against the recorded hash."""
+    snap = load(paths)
+    if snap is None or not paths.code.is_dir():
+        raise RunNotFound(f"run {paths.run_id} has no code snapshot (it ran --in-place, or before snapshots "
+                          "existed)")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise RunDirError(f"{dest} exists and is not an empty folder: name a new folder to restore into")
+    for name in snap.files:
+        src, dst = paths.code / name, dest / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_symlink():
+            os.symlink(os.readlink(src), dst)
+        else:
+            shutil.copy2(src, dst)
+            dst.chmod(dst.stat().st_mode | 0o200)
+    got = tree_hash(dest, list(snap.files))
+    if got != snap.hash:
+        raise RunDirError(f"the snapshot of run {paths.run_id} was changed after the run (hash {got[:12]}, "
+                          f"recorded {snap.hash[:12]}): {dest} is not the code that ran")
+    return snap

@@ -1,0 +1,289 @@
+"""The estimator's promise on one host: every run works in its own snapshot of the source
+dir, ./outputs and ./logs land in the run folder, data comes in through named inputs, the
+CLI and the Python API take the same options and give the same run folder. (The same on
+two simulated nodes: tests/test_multinode.py.) Real mpirun, real ranks, real rsync."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import SCRIPTS
+
+from distlaunch.errors import DistlaunchError, SpecError
+from distlaunch.launch.api import Job, Run, RunFailed, option_names
+from distlaunch.plan.ssh import SSHOptions
+
+pytestmark = pytest.mark.slow
+
+
+def make_project(root: Path) -> tuple[Path, Path]:
+    """The payload's source dir and a data folder for it."""
+    src = root / "proj"
+    shutil.copytree(SCRIPTS / "estimator", src)
+    data = root / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("first\n")
+    (data / "b.bin").write_bytes(os.urandom(200_000))
+    return src, data
+
+
+def folder_view(run_dir: Path) -> dict[str, Any]:
+    """What a run folder holds that must not depend on the target, nor on CLI or API."""
+    def names(sub: str) -> list[str]:
+        base = run_dir / sub
+        return sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.is_file())
+
+    record = json.loads((run_dir / "run.json").read_text())
+    return {
+        "status": record["status"],
+        "experiment": record["experiment"],
+        "outputs": names("outputs"),
+        "x": (run_dir / "outputs" / "x.txt").read_text(),
+        "code": names("code"),
+        "code_hash": record["code"]["hash"],
+        "input_hash": record["inputs"][0]["hash"],
+        "metrics": names("metrics"),
+        "logs": [name for name in names("logs") if not name.startswith("tensorboard/")],
+    }
+
+
+def cli_args(src: Path, data: Path, scratch: Path | None, *extra: str) -> list[str]:
+    """``distlaunch run`` of the payload with its input copied (into ``scratch``, if given)."""
+    where = ["--remote-dir", str(scratch)] if scratch else []
+    return ["run", *where, "--input", f"data={data}:copy", *extra, str(src / "job.py"), "--data", "{inputs.data}"]
+
+
+def only_run(runs: Path) -> Path:
+    found = [p for p in runs.iterdir() if (p / "run.json").is_file()]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_cli_and_api_give_the_same_run_folder(distlaunch, tmp_path):
+    src, data = make_project(tmp_path)
+    scratch = tmp_path / "scratch"
+    result = distlaunch(*cli_args(src, data, scratch, "--ppn", "2"))
+    assert result.returncode == 0, result.stderr
+    by_cli = only_run(tmp_path / "runs")
+    run = Job("job.py", str(src), {"--data": "{inputs.data}"}, ppn=2, inputs={"data": f"{data}:copy"},
+              remote_dir=str(scratch), runs_root=str(tmp_path / "api-runs")).submit()
+    assert run.result(timeout=120).status.value == "completed"
+    view = folder_view(by_cli)
+    assert view == folder_view(run.paths.root)
+    # and what it holds is what the job wrote, where the estimator promises it
+    assert view["x"] == "data=first helper=helper file\n"
+    assert view["outputs"] == ["run-id.txt", "x.txt", "y.txt"]
+    assert "extra.log" in view["logs"] and {"rank-0.log", "rank-1.log"} <= set(view["logs"])
+    assert view["code"] == ["helper.txt", "job.py"] and view["experiment"] == "proj"
+    assert "outputs/x.txt" in run.get_file_names()
+    assert not (src / "outputs").exists() and not (tmp_path / "outputs").exists()  # nothing lands beside the code
+    # the snapshot holds the code only: the job's ./outputs and ./logs moved into the run folder
+    assert not (by_cli / "code" / "outputs").exists() and not (by_cli / "code" / "logs").exists()
+
+
+def test_concurrent_runs_keep_their_own_outputs(tmp_path):
+    src, data = make_project(tmp_path)
+    argv = [sys.executable, "-m", "distlaunch", *cli_args(src, data, tmp_path / "scratch", "--ppn", "1")]
+    env = {**os.environ, "SLEEP": "3"}
+    procs = [subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [proc.communicate(timeout=120) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outs
+    runs = sorted(p for p in (tmp_path / "runs").iterdir() if (p / "run.json").is_file())
+    assert len(runs) == 2
+    for run_dir in runs:  # each saw its own ./outputs all along (the job checks), and kept it
+        assert (run_dir / "outputs" / "run-id.txt").read_text() == run_dir.name
+
+
+def test_in_place_keeps_plain_mpirun_behaviour(tmp_path):
+    src, data = make_project(tmp_path)
+    argv = [sys.executable, "-m", "distlaunch", "run", "--in-place", "--ppn", "2", "--input", f"data={data}",
+            "job.py", "--data", "{inputs.data}"]
+    proc = subprocess.run(argv, cwd=src, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    run_dir = only_run(src / "runs")
+    assert (src / "outputs" / "x.txt").read_text() == "data=first helper=helper file\n"  # the current directory
+    assert (src / "logs" / "extra.log").is_file()
+    assert sorted(p.name for p in (run_dir / "outputs").iterdir()) == ["y.txt"]  # only $DISTLAUNCH_OUTPUT_DIR
+    assert not (run_dir / "code").exists()
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["code"] is None and record["inputs"][0]["path"] == str(data)  # used in place, not copied
+    assert "--wdir" not in record["argv"]
+
+
+def test_input_cache_is_reused_and_refreshed(distlaunch, tmp_path):
+    src, data = make_project(tmp_path)
+    scratch = tmp_path / "scratch"
+
+    def run_once() -> dict[str, Any]:
+        result = distlaunch(*cli_args(src, data, scratch, "--ppn", "1"))
+        assert result.returncode == 0, result.stderr
+        newest = sorted(p for p in (tmp_path / "runs").iterdir() if (p / "run.json").is_file())[-1]
+        record = json.loads((newest / "run.json").read_text())
+        return {"input": record["inputs"][0], "x": (newest / "outputs" / "x.txt").read_text(),
+                "stderr": result.stderr}
+
+    first = run_once()
+    assert first["input"]["nodes"][0]["cached"] is False and first["input"]["nodes"][0]["sent"] == 2
+    second = run_once()
+    assert second["input"]["nodes"][0] == {"host": "localhost", "name": "data", "cached": True, "sent": 0,
+                                           "sent_bytes": 0}
+    assert second["input"]["path"] == first["input"]["path"] and "nothing sent" in second["stderr"]
+    (data / "a.txt").write_text("second\n")
+    third = run_once()
+    assert third["input"]["hash"] != first["input"]["hash"] and third["input"]["path"] != first["input"]["path"]
+    assert third["input"]["nodes"][0]["sent"] == 1  # b.bin did not change: hard-linked from the older entry
+    assert third["x"].startswith("data=second")
+    entry = Path(third["input"]["path"])
+    assert (entry / "a.txt").read_text() == "second\n"
+    assert os.stat(entry / "b.bin").st_ino == os.stat(Path(first["input"]["path"]) / "b.bin").st_ino
+
+
+def test_an_in_place_input_must_exist(distlaunch, tmp_path):
+    src, _data = make_project(tmp_path)
+    result = distlaunch("run", "--ppn", "1", "--input", f"data={tmp_path / 'nowhere'}", str(src / "job.py"),
+                        "--data", "{inputs.data}")
+    assert result.returncode == 70, result.stderr
+    assert "does not exist here" in result.stderr and "':copy'" in result.stderr
+    result = distlaunch("run", "--input", f"data={tmp_path / 'nowhere'}:copy", str(src / "job.py"))
+    assert result.returncode == 2 and "no such file or directory here" in result.stderr
+    result = distlaunch("run", "--input", "data", str(src / "job.py"))
+    assert result.returncode == 2 and "expected NAME=PATH" in result.stderr
+    result = distlaunch("run", str(src / "job.py"), "--data", "{inputs.data}")
+    assert result.returncode == 2 and "no --input data=PATH" in result.stderr
+
+
+def test_snapshot_records_and_restores_the_code_that_ran(distlaunch, tmp_path):
+    src, data = make_project(tmp_path)
+    args = cli_args(src, data, tmp_path / "scratch", "--ppn", "1", "--run-dir", str(src / "history"))
+    assert distlaunch(*args).returncode == 0
+    (src / "helper.txt").write_text("changed later\n")
+    second = distlaunch(*args)
+    assert second.returncode == 0, second.stderr
+    first_dir, second_dir = sorted(p for p in (src / "history").iterdir() if p.is_dir())
+    assert (first_dir / "code" / "helper.txt").read_text() == "helper file\n"
+    assert (second_dir / "outputs" / "x.txt").read_text() == "data=first helper=changed later\n"
+    # the run folders inside the source dir are never part of a snapshot
+    assert sorted(p.name for p in (second_dir / "code").iterdir()) == ["helper.txt", "job.py"]
+    # unchanged files are shared with the earlier snapshot, and read-only
+    one, two = first_dir / "code" / "job.py", second_dir / "code" / "job.py"
+    assert one.stat().st_ino == two.stat().st_ino and not one.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP)
+    assert (first_dir / "code" / "helper.txt").stat().st_ino != (second_dir / "code" / "helper.txt").stat().st_ino
+    show = distlaunch("runs", "show", "--run-dir", str(src / "history"), first_dir.name, "--files")
+    record = json.loads((first_dir / "run.json").read_text())
+    assert show.returncode == 0 and record["code"]["hash"] in show.stdout and "job.py" in show.stdout
+    restored = tmp_path / "restored"
+    done = distlaunch("runs", "restore", "--run-dir", str(src / "history"), first_dir.name, str(restored))
+    assert done.returncode == 0, done.stderr
+    assert (restored / "helper.txt").read_text() == "helper file\n" and os.access(restored / "job.py", os.W_OK)
+    again = distlaunch("runs", "restore", "--run-dir", str(src / "history"), first_dir.name, str(restored))
+    assert again.returncode != 0 and "not an empty folder" in again.stderr
+
+
+def test_experiments_and_tags(distlaunch, tmp_path):
+    src, data = make_project(tmp_path)
+    scratch = tmp_path / "scratch"
+    assert distlaunch(*cli_args(src, data, scratch, "--ppn", "1", "--experiment", "base", "--tag", "lr=0.1",
+                                "--tag", "quick")).returncode == 0
+    assert distlaunch(*cli_args(src, data, scratch, "--ppn", "1", "--tag", "lr=0.2")).returncode == 0
+    listed = distlaunch("runs", "list", "--experiment", "base")
+    assert listed.returncode == 0 and listed.stdout.count("\n") == 2 and "lr=0.1,quick" in listed.stdout
+    assert "no matching runs" in distlaunch("runs", "list", "--experiment", "nope").stdout
+    by_tag = distlaunch("runs", "list", "--tag", "lr=0.2")
+    assert by_tag.stdout.count("\n") == 2 and " proj " in by_tag.stdout  # default: the source dir's name
+    assert distlaunch("runs", "list", "--tag", "quick").stdout.count("\n") == 2
+    newest = sorted(p.name for p in (tmp_path / "runs").iterdir())[-1]
+    assert distlaunch("runs", "tag", newest, "best", "note=keep").returncode == 0
+    run = Run.load(newest, str(tmp_path / "runs"))
+    run.tag("reviewed", "yes")
+    details = run.get_details()
+    assert details["tags"] == {"lr": "0.2", "best": "", "note": "keep", "reviewed": "yes"}
+    assert details["experiment"] == "proj" and details["runId"] == newest and details["status"] == "completed"
+    assert details["properties"]["code_hash"] == details["record"]["code"]["hash"]
+    assert details["inputDatasets"][0]["name"] == "data" and "rank-0.log" in details["logFiles"]
+    assert details["startTimeUtc"].endswith("Z") and details["endTimeUtc"] >= details["startTimeUtc"]
+    assert distlaunch("runs", "list", "--tag", "best").stdout.count("\n") == 2
+    bad = distlaunch("run", "--experiment", "no spaces", str(src / "job.py"))
+    assert bad.returncode == 2 and "--experiment" in bad.stderr
+
+
+def sample_options(tmp_path: Path, src: Path, data: Path) -> dict[str, Any]:
+    """A value other than the default for every option of ``distlaunch run``."""
+    hostfile, reqs, envfile, key = (tmp_path / name for name in ("hosts.txt", "reqs.txt", "vars.env", "key"))
+    hostfile.write_text("localhost slots=2\n")
+    reqs.write_text("six\n")
+    envfile.write_text("FROM_FILE=1\n")
+    key.write_text("not a key\n")
+    return {
+        "nodes": 1, "ppn": 3, "np": 3, "hosts": "localhost:4", "hostfile": str(hostfile), "oversubscribe": True,
+        "use_gpu": False, "gpus_per_rank": 2, "gpus": "0,1", "ssh_config": str(hostfile), "ssh_port": 2222,
+        "ssh_key": str(key), "remote_root": str(tmp_path / "scratch"), "mpi_args": ["--mca", "btl", "tcp,self"],
+        "mpirun": "/opt/mpi/bin/mpirun", "source_dir": str(tmp_path), "no_sync": True, "collect_all_ranks": True,
+        "skip_checks": True, "env_items": {"A": "1"}, "env_files": [str(envfile)], "pip_packages": ["six"],
+        "requirements": str(reqs), "env_pass": ["MY_*"], "runs_root": str(tmp_path / "elsewhere"),
+        "iface": "eth0", "launcher": "srun", "in_place": True, "experiment": "exp1", "tags": {"a": "b"},
+        "inputs": {"data": str(data)}, "kill_grace": 1.5, "timeout": 30, "hang_timeout": "2m",
+    }
+
+
+def test_the_api_takes_every_option_of_the_cli(tmp_path):
+    src, data = make_project(tmp_path)
+    samples = sample_options(tmp_path, src, data)
+    assert sorted(samples) == option_names()  # a new option of 'distlaunch run' must reach Job too
+    base = Job("job.py", str(src))
+    for name, value in samples.items():
+        if name == "source_dir":  # the estimator's own argument, given as an option
+            job = Job(str(src / "job.py"), source_dir=value)
+        else:
+            job = Job("job.py", str(src), **{name: value})
+        assert (job.spec, job.watch) != (base.spec, base.watch), f"Job({name}=...) changed nothing"
+    job = Job("job.py", str(src), env={"A": "1", "B": "two words"}, mpi_args=["--mca", "btl", "tcp,self"],
+              tags={"lr": 0.1, "quick": ""}, inputs={"data": f"{data}:copy"}, timeout=90, sync=False,
+              ssh=SSHOptions(port=2200), remote_dir="/tmp/elsewhere", pip=["six"])
+    assert job.spec.env == (("A", "1"), ("B", "two words"))
+    assert job.spec.mpi_args == ("--mca", "btl", "tcp,self")
+    assert job.spec.tags == (("lr", "0.1"), ("quick", ""))
+    assert job.spec.inputs[0].copy and job.spec.inputs[0].path == str(data)
+    assert job.watch.timeout == 90 and job.spec.sync is False and job.spec.ssh.port == 2200
+    assert job.spec.remote_root == "/tmp/elsewhere" and job.spec.pip_packages == ("six",)
+    # the same checks as on the command line, one line each
+    with pytest.raises(SpecError, match="no option 'bogus'"):
+        Job("job.py", str(src), bogus=1)
+    with pytest.raises(SpecError, match=r"Job\(ppn=0\)"):
+        Job("job.py", str(src), ppn=0)
+    with pytest.raises(SpecError, match="terminal option"):
+        Job("job.py", str(src), dry_run=True)
+    with pytest.raises(SpecError, match="'pbs' is not one of 'mpirun', 'srun'"):
+        Job("job.py", str(src), launcher="pbs")
+
+
+def test_a_run_is_a_future(tmp_path):
+    script = SCRIPTS / "rank_file.py"
+    calls: list[str] = []
+    good = Job(script.name, str(script.parent), ppn=2, runs_root=str(tmp_path / "runs"),
+               env={"OUT_DIR": str(tmp_path)}).submit()
+    good.add_done_callback(lambda run: calls.append(f"good {run.status} {run.done()}"))
+    assert good.result(timeout=120).status.value == "completed" and good.exception() is None
+    assert calls == ["good completed True"] and good.done() and not good.running() and not good.cancelled()
+    good.add_done_callback(lambda run: calls.append("late"))  # already done: called at once
+    assert calls[-1] == "late"
+    bad = Job(script.name, str(script.parent), ppn=2, runs_root=str(tmp_path / "runs"),
+              env={"OUT_DIR": str(tmp_path), "FAIL_RANK": "1", "FAIL_CODE": "3"}).submit()
+    with pytest.raises(RunFailed, match="rank 1 .*exited with code 3") as raised:
+        bad.result(timeout=120)
+    assert raised.value.exit_code == 3 and isinstance(raised.value, DistlaunchError)
+    assert isinstance(bad.exception(), RunFailed)
+    details = bad.wait_for_completion(raise_on_error=False)
+    assert details["status"] == "failed" and "rank 1" in details["error"]
+    with pytest.raises(RunFailed):
+        bad.wait_for_completion()
+    # a past run, reopened: the same calls, from its record
+    again = Run.load(bad.id, str(tmp_path / "runs"))
+    assert again.done() and isinstance(again.exception(), RunFailed)
