@@ -231,3 +231,50 @@ def test_python_api_submits_to_slurm(box, workdir, monkeypatch):
     assert run.status in ("queued", "running")
     assert run.wait(timeout=180) == "completed"
     assert run.record.scheduler["job_id"] and "hello from 1" in run.logs(rank=1)
+
+
+def test_hvd_joins_plain_srun_steps(box, workdir):
+    """distlaunch.hvd started by srun itself, with no PMI (the box's MpiDefault=none: the
+    step's own store) and with --mpi=pmix (MPI): the same 3-rank world on two nodes, 2 + 1
+    tasks (uneven, so the topology is gathered, never assumed), and the example's losses
+    are those of the same 3 ranks under distlaunch."""
+    from test_launchers import losses, worlds
+
+    (workdir / "world.py").write_text((SCRIPTS / "world.py").read_text())
+    env = {"DISTLAUNCH_HVD_BACKEND": "torch", "OMP_NUM_THREADS": "1", **no_ssh(workdir)}
+    seen = {}
+    for mpi in ("none", "pmix"):
+        proc = slurm(box, ["srun", "-N2", "-n3", f"--mpi={mpi}", sys.executable, str(workdir / "world.py")], workdir,
+                     env=env)
+        assert proc.returncode == 0, f"--mpi={mpi}: " + proc.stdout[-2000:] + proc.stderr[-3000:]
+        found = worlds(proc.stdout)
+        assert {w["launcher"] for w in found} == {"slurm"}
+        seen[mpi] = [(w["rank"], w["size"], w["local_rank"], w["local_size"], w["cross_rank"], w["cross_size"],
+                      w["sum"]) for w in found]
+    expected = [(0, 3, 0, 2, 0, 2, 6.0), (1, 3, 1, 2, 0, 1, 6.0), (2, 3, 0, 1, 1, 2, 6.0)]
+    assert seen["none"] == seen["pmix"] == expected
+    train = [str(REPO / "examples" / "train.py"), "--epochs", "2"]
+    by_srun = slurm(box, ["srun", "-N2", "-n3", sys.executable, *train], workdir, env=env)
+    assert by_srun.returncode == 0, by_srun.stderr[-3000:]
+    assert by_srun.stdout.count("training on 3 rank(s)") == 1
+    here = subprocess.run(distlaunch("run", "--ppn", "3", "--oversubscribe", *train), cwd=workdir, text=True,
+                          capture_output=True, env={**os.environ, **env}, timeout=240)
+    assert here.returncode == 0, here.stderr[-3000:]
+    assert len(losses(by_srun.stdout)) == 3 and losses(by_srun.stdout) == losses(here.stdout)
+
+
+def test_a_batch_run_runs_the_code_as_submitted(box, workdir):
+    """The snapshot is taken at submit time: editing the code while the job waits in the
+    queue (or runs) changes nothing for it."""
+    project = workdir / "proj"
+    project.mkdir()
+    (project / "show.py").write_text("print('VERSION', open('version.txt').read().strip(), flush=True)\n")
+    (project / "version.txt").write_text("as submitted\n")
+    proc = slurm(box, distlaunch("submit", "--nodes", "1", "--ppn", "1", str(project / "show.py")), workdir)
+    assert proc.returncode == 0, proc.stderr
+    run_id = proc.stdout.strip()
+    (project / "version.txt").write_text("edited later\n")
+    (project / "show.py").write_text("print('VERSION edited', flush=True)\n")
+    assert wait_status(box, workdir, run_id, {"completed", "failed"}, 120) == "completed"
+    output = (workdir / "runs" / run_id / "logs" / "output.log").read_text()
+    assert "VERSION as submitted" in output and "edited" not in output

@@ -1,8 +1,10 @@
 """Horovod's PyTorch API: ``import distlaunch.hvd as hvd`` in place of ``import horovod.torch as hvd``.
 
-Real Horovod is used when ``horovod.torch`` imports and was built with MPI or Gloo;
-otherwise distlaunch's implementation on torch.distributed (gloo on CPU, nccl with
-CUDA) is used, rendezvoused through MPI. ``DISTLAUNCH_HVD_BACKEND=horovod|torch``
+Real Horovod is used when ``horovod.torch`` imports and was built with MPI or Gloo, and
+the launcher gives the ranks an MPI world (distlaunch, mpirun, srun with a PMI,
+horovodrun); otherwise distlaunch's implementation on torch.distributed (gloo on CPU,
+nccl with CUDA), which joins the world of whatever launched it: MPI, torchrun's
+rendezvous, or an srun step's (``rendezvous.join``). ``DISTLAUNCH_HVD_BACKEND=horovod|torch``
 forces one; ``hvd.backend()`` says which is active.
 """
 from __future__ import annotations
@@ -16,8 +18,27 @@ if _choice not in ("auto", "horovod", "torch"):
     )
 
 
+def _outside_mpi() -> str | None:
+    """The launcher, when it gives the ranks no MPI world (torchrun, srun without a PMI,
+    horovodrun in Gloo mode with Horovod's own variables): real Horovod's MPI controller
+    would see each rank alone there."""
+    from ..rank.rankinfo import from_environ
+
+    info = from_environ()
+    if info.size > 1 and (info.source == "torchrun" or (info.source == "slurm" and not info.pmi)):
+        return info.source
+    return None
+
+
 def _real_horovod() -> bool:
     if _choice == "torch":
+        return False
+    outside = _outside_mpi()
+    if outside is not None:
+        if _choice == "horovod":
+            raise ImportError(f"DISTLAUNCH_HVD_BACKEND=horovod, but {outside} gives the ranks no MPI world, so real "
+                              "Horovod would run each rank alone: unset the variable (the torch backend joins "
+                              f"{outside}'s world), or launch with mpirun or distlaunch run")
         return False
     try:
         import horovod.torch as real
@@ -50,6 +71,17 @@ else:
     _BACKEND = "torch"
 
 
+from .rendezvous import WorldError  # noqa: E402,F401 - what init raises instead of splitting the job
+
+
 def backend() -> str:
     """'horovod' when real Horovod is in use, 'torch' for distlaunch's torch.distributed one."""
     return _BACKEND
+
+
+def launcher() -> str:
+    """What started this process, as the ranks see it: 'openmpi', 'mpich', 'slurm',
+    'torchrun', 'horovodrun' or 'single'."""
+    from ..rank.rankinfo import from_environ
+
+    return from_environ().source

@@ -106,12 +106,10 @@ class Backends:
         import torch
         import torch.distributed as dist
 
-        from ..rank.rankinfo import from_environ
-        from .rendezvous import create_store
+        from .rendezvous import join
 
         if not dist.is_initialized():
-            store, topo = create_store(from_environ())
-            dist.init_process_group("gloo", store=store, rank=topo.rank, world_size=topo.size)
+            join("gloo")
             # gloo's threads must be gone before the interpreter is: else a crash at exit
             self.closers.append(dist.destroy_process_group)
         red = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX,

@@ -100,11 +100,23 @@ def interface_towards(address: str) -> str | None:
     return None
 
 
-def mpi_topology() -> tuple[Any, Topology]:
-    """COMM_WORLD and the local/cross layout, from MPI itself (not from rank % ppn)."""
+class WorldError(RuntimeError):
+    """The process was clearly started as one of several, but their world cannot be
+    found: one line saying which launcher was seen and what to do."""
+
+
+def mpi_topology(info: RankInfo | None = None) -> tuple[Any, Topology]:
+    """COMM_WORLD and the local/cross layout, from MPI itself (not from rank % ppn);
+    WorldError when MPI sees another world than the launcher announced."""
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
+    if info is not None and world.size != info.size:
+        library = MPI.Get_library_version().strip().splitlines()[0][:80]
+        raise WorldError(
+            f"started by {LAUNCHER_NAMES.get(info.source, info.source)} as rank {info.rank} of {info.size}, but "
+            f"mpi4py's MPI ({library}) sees {world.size} process(es): start the job with that MPI's mpirun, or point "
+            "MPI4PY_LIBMPI at the launcher's libmpi.so (distlaunch run does both)")
     local = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.rank)
     cross = world.Split(color=local.rank, key=world.rank)
     topo = Topology(world.rank, world.size, local.rank, local.size, cross.rank, cross.size)
@@ -134,7 +146,7 @@ def create_store(info: RankInfo) -> tuple[Any, Topology]:
 
     if info.size == 1:
         return dist.HashStore(), single_topology()
-    world, topo = mpi_topology()
+    world, topo = mpi_topology(info)
     timeout = timedelta(seconds=TIMEOUT_S)
     store = None
     offer = None
@@ -152,3 +164,144 @@ def create_store(info: RankInfo) -> tuple[Any, Topology]:
         if iface:
             os.environ["GLOO_SOCKET_IFNAME"] = iface
     return dist.PrefixStore(f"distlaunch/{key}/", store), topo
+
+
+LAUNCHER_NAMES = {"openmpi": "Open MPI's mpirun", "mpich": "MPICH's mpiexec", "slurm": "srun",
+                  "torchrun": "torchrun", "horovodrun": "horovodrun (Gloo mode)", "single": "nothing"}
+PARENT_LAUNCHERS = {"mpirun", "mpiexec", "prterun", "prted", "orterun", "orted", "hydra_pmi_proxy", "srun",
+                    "slurmstepd", "torchrun", "horovodrun"}
+
+
+def parent_launcher() -> str | None:
+    """The name of a launcher among this process's parents (three up), if any."""
+    try:
+        import psutil
+
+        proc = psutil.Process().parent()
+        for _ in range(3):
+            if proc is None:
+                return None
+            names = {os.path.basename(part) for part in [proc.name(), *proc.cmdline()[:2]]}
+            found = names & PARENT_LAUNCHERS
+            if found:
+                return sorted(found)[0]
+            proc = proc.parent()
+    except Exception:  # noqa: BLE001 - no answer is no launcher
+        return None
+    return None
+
+
+def join(backend: str, info: RankInfo | None = None) -> Topology:
+    """Join the job's world in torch.distributed (the default process group, ``backend``)
+    from whatever launched this process; the topology in Horovod's terms.
+
+    - mpirun (Open MPI, MPICH), srun with a PMI, distlaunch: through MPI (``create_store``);
+    - torchrun: its own rendezvous (``env://``: MASTER_ADDR/PORT, its agent's store);
+    - srun without a PMI (``--mpi=none``): a store on rank 0's node, the first of the step,
+      at a port derived from the job and step ids;
+    - a single process: size 1. Otherwise WorldError, never a silent split."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from ..rank.rankinfo import from_environ
+
+    info = from_environ() if info is None else info
+    timeout = timedelta(seconds=TIMEOUT_S)
+    if info.size == 1:
+        parent = parent_launcher() if info.source == "single" else None
+        if parent is not None:
+            raise WorldError(f"started by {parent}, but none of its variables (OMPI_COMM_WORLD_*, PMI_*, "
+                             "SLURM_PROCID, RANK/WORLD_SIZE) reached this process: do not clear the environment "
+                             "(env -i) between the launcher and Python")
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        return single_topology()
+    if info.source == "horovodrun":
+        raise WorldError("started by horovodrun in Gloo mode, whose rendezvous only real Horovod speaks: install "
+                         "Horovod (distlaunch install-horovod), or start with 'horovodrun --mpi' or 'distlaunch run'")
+    if info.source == "torchrun":
+        for name in ("MASTER_ADDR", "MASTER_PORT"):
+            if name not in os.environ:
+                raise WorldError(f"RANK and WORLD_SIZE are set but {name} is not: start with torchrun (which sets "
+                                 "all of them), or set MASTER_ADDR and MASTER_PORT too")
+        _gloo_towards(os.environ["MASTER_ADDR"])
+        dist.init_process_group(backend, init_method="env://", rank=info.rank, world_size=info.size,
+                                timeout=timeout)
+        return group_topology(info)
+    if info.source == "slurm" and not info.pmi:
+        store = slurm_store(info, timeout)
+        dist.init_process_group(backend, store=store, rank=info.rank, world_size=info.size, timeout=timeout)
+        return group_topology(info)
+    store, topo = create_store(info)
+    dist.init_process_group(backend, store=store, rank=topo.rank, world_size=topo.size, timeout=timeout)
+    return topo
+
+
+def _gloo_towards(address: str) -> None:
+    if "GLOO_SOCKET_IFNAME" not in os.environ:
+        try:
+            resolved = socket.getaddrinfo(address, None, socket.AF_INET)[0][4][0]
+        except (OSError, IndexError):
+            return
+        iface = interface_towards(str(resolved))
+        if iface:
+            os.environ["GLOO_SOCKET_IFNAME"] = iface
+
+
+SLURM_PORT_BASE, SLURM_PORTS = 29600, 20000
+
+
+def slurm_port(env: Any) -> int:
+    """The store's port for a step: the same on every task, different between steps."""
+    job, step = int(env.get("SLURM_JOB_ID", "0")), int(env.get("SLURM_STEP_ID", env.get("SLURM_STEPID", "0")))
+    return SLURM_PORT_BASE + (job * 131 + step) % SLURM_PORTS
+
+
+def slurm_store(info: RankInfo, timeout: Any) -> Any:
+    """The store of an srun step without a PMI, on the step's first node (rank 0's)."""
+    import hostlist
+    import torch.distributed as dist
+
+    env = os.environ
+    nodes = hostlist.expand_hostlist(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", ""))
+    if not nodes:
+        raise WorldError("started by srun without a PMI, and SLURM_STEP_NODELIST is not set: run srun --mpi=pmix, "
+                         "or distlaunch run --launcher srun")
+    if info.rank == 0 and env.get("SLURM_NODEID", "0") != "0":
+        raise WorldError("started by srun with rank 0 off the step's first node (a --distribution other than "
+                         "block): use srun --mpi=pmix, or the default distribution")
+    port = slurm_port(env)
+    master = nodes[0]
+    all_local = len(nodes) == 1
+    address = "127.0.0.1" if all_local else socket.getaddrinfo(master, None, socket.AF_INET)[0][4][0]
+    if not all_local:
+        _gloo_towards(address)
+    try:
+        if info.rank == 0:
+            return dist.TCPStore(address, port, info.size, is_master=True, timeout=timeout,
+                                 wait_for_workers=False, master_listen_fd=_listen_on(address, port))
+        return dist.TCPStore(address, port, info.size, is_master=False, timeout=timeout)
+    except (OSError, RuntimeError) as exc:
+        raise WorldError(f"srun step without a PMI: cannot meet at {master}:{port} ({exc}): use srun --mpi=pmix, "
+                         "or distlaunch run --launcher srun") from None
+
+
+def _listen_on(address: str, port: int) -> int:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((address, port))
+    sock.listen(1024)
+    return sock.detach()
+
+
+def group_topology(info: RankInfo) -> Topology:
+    """Horovod's topology of a group that was not made through MPI: every rank's host
+    and local rank gathered over the group itself."""
+    import torch.distributed as dist
+
+    mine = (socket.gethostname(), info.local_rank)
+    everyone: list[Any] = [None] * info.size
+    dist.all_gather_object(everyone, mine)
+    local_size = sum(1 for host, _ in everyone if host == mine[0])
+    peers = [rank for rank, (_host, local) in enumerate(everyone) if local == info.local_rank]
+    return Topology(info.rank, info.size, info.local_rank, local_size, peers.index(info.rank), len(peers))

@@ -7,7 +7,8 @@ allgather takes uneven first dimensions, async calls return integer handles.
 Backend: nccl when CUDA is available, gloo otherwise; CPU allreduces go through
 distlaunch's shared-memory allreduce instead of gloo (``DISTLAUNCH_HVD_ALLREDUCE=
 gloo|shm|auto``): inside a node through shared memory, across nodes hierarchically
-(MPI between nodes), when every node has the same number of ranks.
+(MPI between nodes), when every node has the same number of ranks and the world is
+MPI's (not under torchrun or an srun step without a PMI: gloo there).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..rank.rankinfo import from_environ
+from ..rank.rankinfo import MPI_SOURCES, from_environ
 from .compression import Compression
 from .core import (
     OP_NAMES,
@@ -40,7 +41,7 @@ from .core import (
     topo,
     torch_op,
 )
-from .rendezvous import create_store, single_topology
+from .rendezvous import group_topology, join, mpi_topology, single_topology
 
 SHM_MIN_BYTES = 0  # auto mode: shared memory from this size up (it beat gloo at every size measured)
 
@@ -51,22 +52,27 @@ def init(comm: Any = None, process_sets: Any = None) -> None:
     process group the script (or a library) made already is used as it is."""
     if state.topology is not None:
         return
+    info = from_environ()
     if dist.is_initialized():
-        from .rendezvous import mpi_topology
-
-        topo = mpi_topology()[1] if dist.get_world_size() > 1 else single_topology()
+        if dist.get_world_size() == 1:
+            topo = single_topology()
+        elif info.source in MPI_SOURCES or info.pmi:
+            topo = mpi_topology(info)[1]
+        else:
+            topo = group_topology(info)
         state.topology, state.owns_group = topo, False
     else:
-        store, topo = create_store(from_environ())
         backend = "gloo"
         if torch.cuda.is_available():
             backend = "nccl"
             visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
             narrowed = visible != "" and "," not in visible
-            torch.cuda.set_device(0 if narrowed else topo.local_rank % torch.cuda.device_count())
-        dist.init_process_group(backend, store=store, rank=topo.rank, world_size=topo.size)
+            torch.cuda.set_device(0 if narrowed else info.local_rank % torch.cuda.device_count())
+        topo = join(backend, info)
         state.topology, state.owns_group = topo, True
         atexit.register(shutdown)  # as Horovod does: gloo's threads gone before the interpreter is
+    # the shared-memory allreduce meets through MPI: only where the world is MPI's
+    state.shm_unavailable = not (info.source in MPI_SOURCES or info.pmi)
     if topo.size > 1:
         _abort_on_uncaught_exception()
 

@@ -4,18 +4,20 @@ Each call appends one JSON line ``{"name", "value", "step", "rank", "time"}`` to
 ``metrics/rank-<N>.jsonl`` in the run's folder (on the rank's node; distlaunch brings
 it back with the logs). By default only rank 0 records, as estimator services did;
 ``all_ranks=True`` keeps every rank's values. Outside a distlaunch run the file goes to
-``./metrics/``. The launcher side (reading, TensorBoard, plots) is ``launch.metrics``.
+``$DISTLAUNCH_OUTPUT_DIR/metrics/`` or ``./outputs/metrics/`` (said once). The
+launcher side (reading, TensorBoard, plots) is ``launch.metrics``.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..protocol import RUN_DIR
+from ..protocol import OUTPUT_DIR, RUN_DIR
 from ..records import RunPaths, open_private
 
 
@@ -25,9 +27,23 @@ def _rank() -> int:
     return from_environ().rank
 
 
+_said: list[str] = []  # where metrics go outside a distlaunch run, once said
+
+
 def metrics_file(rank: int) -> Path:
+    """Inside a distlaunch run: the run folder's ``metrics/``. Outside one (torchrun, srun,
+    plain python): ``$DISTLAUNCH_OUTPUT_DIR/metrics/``, else ``./outputs/metrics/``, said
+    once on stderr."""
     run_dir = os.environ.get(RUN_DIR)
-    return RunPaths(Path(run_dir)).rank_metrics(rank) if run_dir else Path("metrics") / f"rank-{rank}.jsonl"
+    if run_dir:
+        return RunPaths(Path(run_dir)).rank_metrics(rank)
+    folder = Path(os.environ.get(OUTPUT_DIR) or "outputs") / "metrics"
+    if not _said:
+        _said.append(str(folder))
+        if rank == 0:
+            print(f"distlaunch: not started by distlaunch run: metrics go to {folder}/ "
+                  "(set DISTLAUNCH_OUTPUT_DIR to choose)", file=sys.stderr, flush=True)
+    return folder / f"rank-{rank}.jsonl"
 
 
 def log_metric(name: str, value: float, step: int | None = None, all_ranks: bool = False) -> None:

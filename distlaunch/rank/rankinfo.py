@@ -1,9 +1,11 @@
 """Who am I in the job? Rank, size and local rank from the launcher's environment.
 
-Read from Open MPI (``OMPI_COMM_WORLD_*``), MPICH/Hydra (``PMI_*``, ``MPI_LOCAL*``),
-Slurm's srun (``SLURM_PROCID`` …) or torchrun (``RANK`` …), in that order; a process
-started with none of them is rank 0 of 1. Never derive the local rank from
-``rank % ppn``: Open MPI does not promise that order.
+Read from torchrun (``RANK`` … with ``TORCHELASTIC_RUN_ID``: the innermost launcher when
+it runs inside srun), Open MPI (``OMPI_COMM_WORLD_*``), MPICH/Hydra (``PMI_*``,
+``MPI_LOCAL*``), Slurm's srun (``SLURM_PROCID`` …), horovodrun's Gloo mode
+(``HOROVOD_RANK`` …) or a bare ``RANK``/``WORLD_SIZE``, in that order; a process started
+with none of them is rank 0 of 1. Never derive the local rank from ``rank % ppn``: Open
+MPI does not promise that order.
 """
 from __future__ import annotations
 
@@ -18,8 +20,12 @@ _SOURCES = (
      "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
     ("mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
     ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"),
+    ("horovodrun", "HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_LOCAL_RANK", "HOROVOD_LOCAL_SIZE"),
     ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
 )
+TORCHRUN = _SOURCES[-1]
+MPI_SOURCES = ("openmpi", "mpich")  # the world comes from MPI itself
+PMI_VARIABLES = ("PMIX_RANK", "PMI_RANK", "PMI_FD")  # srun gave the tasks a PMI: MPI can wire up
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,7 @@ class RankInfo:
     local_rank: int = 0
     local_size: int = 1
     source: str = "single"
+    pmi: bool = False  # (srun) MPI inside the tasks can find the world through Slurm's PMI
 
     @property
     def prefix(self) -> bytes:
@@ -52,7 +59,8 @@ def _slurm_local_size(env: Mapping[str, str], total: int) -> int:
 
 def from_environ(env: Mapping[str, str] | None = None) -> RankInfo:
     env = os.environ if env is None else env
-    for source, rank, size, local_rank, local_size in _SOURCES:
+    sources = (TORCHRUN, *_SOURCES) if "TORCHELASTIC_RUN_ID" in env else _SOURCES
+    for source, rank, size, local_rank, local_size in sources:
         if rank in env and size in env:
             if source == "slurm" and "SLURM_STEP_ID" not in env and "SLURM_STEPID" not in env:
                 continue  # a batch script inside an allocation, not an srun task
@@ -62,5 +70,6 @@ def from_environ(env: Mapping[str, str] | None = None) -> RankInfo:
                 nlocal = _slurm_local_size(env, total)
             else:
                 nlocal = int(env.get(local_size, total))
-            return RankInfo(int(env[rank]), total, local, nlocal, source)
+            return RankInfo(int(env[rank]), total, local, nlocal, source,
+                            pmi=source == "slurm" and any(name in env for name in PMI_VARIABLES))
     return RankInfo()
