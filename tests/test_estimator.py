@@ -115,7 +115,7 @@ def test_in_place_keeps_plain_mpirun_behaviour(tmp_path):
     assert not (run_dir / "code").exists()
     record = json.loads((run_dir / "run.json").read_text())
     assert record["code"] is None and record["inputs"][0]["path"] == str(data)  # used in place, not copied
-    assert "--wdir" not in record["argv"]
+    assert not {"--wdir", "-wdir"} & set(record["argv"]) and not any("/code" in arg for arg in record["argv"])
 
 
 def test_input_cache_is_reused_and_refreshed(distlaunch, tmp_path):
@@ -144,6 +144,20 @@ def test_input_cache_is_reused_and_refreshed(distlaunch, tmp_path):
     entry = Path(third["input"]["path"])
     assert (entry / "a.txt").read_text() == "second\n"
     assert os.stat(entry / "b.bin").st_ino == os.stat(Path(first["input"]["path"]) / "b.bin").st_ino
+
+
+def test_a_symlinked_input_is_copied_as_what_it_points_to(distlaunch, tmp_path):
+    src, data = make_project(tmp_path)
+    link = tmp_path / "current"
+    link.symlink_to(data)
+    result = distlaunch("run", "--remote-dir", str(tmp_path / "scratch"), "--input", f"data={link}:copy",
+                        str(src / "job.py"), "--data", "{inputs.data}")
+    assert result.returncode == 0, result.stderr
+    record = json.loads((only_run(tmp_path / "runs") / "run.json").read_text())
+    entry = Path(record["inputs"][0]["path"])
+    assert entry.name == "current" and entry.is_dir() and not entry.is_symlink()
+    assert (entry / "a.txt").read_text() == "first\n" and record["inputs"][0]["files"] == 2
+    assert not os.access(entry, os.W_OK) or os.geteuid() == 0  # read-only: no job changes the cache
 
 
 def test_an_in_place_input_must_exist(distlaunch, tmp_path):
@@ -184,7 +198,15 @@ def test_snapshot_records_and_restores_the_code_that_ran(distlaunch, tmp_path):
     assert done.returncode == 0, done.stderr
     assert (restored / "helper.txt").read_text() == "helper file\n" and os.access(restored / "job.py", os.W_OK)
     again = distlaunch("runs", "restore", "--run-dir", str(src / "history"), first_dir.name, str(restored))
-    assert again.returncode != 0 and "not an empty folder" in again.stderr
+    assert again.returncode == 73 and "not an empty folder" in again.stderr
+    # a snapshot changed after its run is no longer the code that ran: restore says so
+    changed = second_dir / "code" / "helper.txt"
+    changed.chmod(0o600)
+    changed.write_text("tampered\n")
+    tampered = distlaunch("runs", "restore", "--run-dir", str(src / "history"), second_dir.name,
+                          str(tmp_path / "other"))
+    assert tampered.returncode == 73 and "changed after the run" in tampered.stderr
+    assert not (tmp_path / "other").exists()
 
 
 def test_experiments_and_tags(distlaunch, tmp_path):
@@ -233,17 +255,48 @@ def sample_options(tmp_path: Path, src: Path, data: Path) -> dict[str, Any]:
     }
 
 
+# which field of the JobSpec (or of the Watch) each option must set, and nothing else
+FIELDS = {
+    "nodes": "target.nodes", "ppn": "target.ppn", "np": "target.np", "hosts": "target.hosts",
+    "hostfile": "target.hostfile", "oversubscribe": "target.oversubscribe", "use_gpu": "target.use_gpu",
+    "gpus_per_rank": "target.gpus_per_rank", "gpus": "target.gpus", "ssh_config": "ssh.config", "ssh_port": "ssh.port",
+    "ssh_key": "ssh.key", "remote_root": "remote_root", "mpi_args": "mpi_args", "mpirun": "mpirun",
+    "source_dir": "source_dir", "no_sync": "sync", "collect_all_ranks": "collect_all_ranks",
+    "skip_checks": "skip_checks", "env_items": "env", "env_files": "env", "pip_packages": "pip_packages",
+    "requirements": "requirements", "env_pass": "env_pass", "runs_root": "runs_root", "iface": "iface",
+    "launcher": "launcher", "in_place": "in_place", "experiment": "experiment", "tags": "tags", "inputs": "inputs",
+    "kill_grace": "watch.kill_grace", "timeout": "watch.timeout", "hang_timeout": "watch.hang_timeout",
+}
+
+
+def fields(job: Job) -> list[tuple[str, str]]:
+    """(field, value) of everything a Job carries, flattened: target.*, ssh.*, watch.*."""
+    import dataclasses
+
+    found = []
+    for prefix, obj in (("", job.spec), ("watch.", job.watch)):
+        for item in dataclasses.fields(obj):
+            value = getattr(obj, item.name)
+            if dataclasses.is_dataclass(value) and item.name in ("target", "ssh"):
+                found += [(f"{item.name}.{sub.name}", repr(getattr(value, sub.name)))
+                          for sub in dataclasses.fields(value)]
+            elif item.name != "script":  # source_dir's case moves the script; the rest keep it
+                found.append((f"{prefix}{item.name}", repr(value)))
+    return found
+
+
 def test_the_api_takes_every_option_of_the_cli(tmp_path):
     src, data = make_project(tmp_path)
     samples = sample_options(tmp_path, src, data)
-    assert sorted(samples) == option_names()  # a new option of 'distlaunch run' must reach Job too
+    assert sorted(samples) == option_names() == sorted(FIELDS)  # a new option of 'distlaunch run' must reach Job
     base = Job("job.py", str(src))
     for name, value in samples.items():
         if name == "source_dir":  # the estimator's own argument, given as an option
             job = Job(str(src / "job.py"), source_dir=value)
         else:
             job = Job("job.py", str(src), **{name: value})
-        assert (job.spec, job.watch) != (base.spec, base.watch), f"Job({name}=...) changed nothing"
+        changed = sorted(set(fields(job)) ^ set(fields(base)))
+        assert changed and {item[0] for item in changed} == {FIELDS[name]}, (name, changed)
     job = Job("job.py", str(src), env={"A": "1", "B": "two words"}, mpi_args=["--mca", "btl", "tcp,self"],
               tags={"lr": 0.1, "quick": ""}, inputs={"data": f"{data}:copy"}, timeout=90, sync=False,
               ssh=SSHOptions(port=2200), remote_dir="/tmp/elsewhere", pip=["six"])

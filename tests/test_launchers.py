@@ -100,6 +100,19 @@ def test_a_single_process_is_a_world_of_one(tmp_path):
     assert one_node_world(worlds(proc.stdout)) == [(0, 1, 0, 1, 0, 1, 1.0)]
 
 
+def test_a_launcher_whose_variables_were_cleared_is_one_clear_error(tmp_path):
+    """mpirun starts the ranks, but 'env -i' strips its variables: each would think it is
+    alone. hvd.init() names the launcher instead."""
+    kept = [f"{name}={os.environ[name]}" for name in ("PATH", "HOME") if name in os.environ]
+    proc = run([*mpirun()[:-2], "-n", "2", "env", "-i", *kept, "DISTLAUNCH_HVD_BACKEND=torch", sys.executable,
+                WORLD], tmp_path)
+    assert proc.returncode != 0 and "WORLD " not in proc.stdout, proc.stdout
+    assert "WorldError: started by prterun, but none of its variables" in proc.stderr, proc.stderr[-2000:]
+    # a process started by anything else (a shell, a batch script) is a world of one
+    alone = run(["bash", "-c", '"$0" "$1"; true', sys.executable, WORLD], tmp_path)
+    assert alone.returncode == 0 and one_node_world(worlds(alone.stdout)) == [(0, 1, 0, 1, 0, 1, 1.0)]
+
+
 def test_torchrun_variables_without_its_rendezvous_are_one_clear_error(tmp_path):
     proc = run([sys.executable, WORLD], tmp_path, {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0",
                                                    "DISTLAUNCH_HVD_BACKEND": "torch"})
@@ -129,7 +142,9 @@ def test_horovodrun_with_real_horovod_and_the_torch_backend(tmp_path, backend):
     assert horovodrun, "horovod is installed but horovodrun is not beside this Python"
     base = [horovodrun, "-np", str(RANKS), "-H", f"localhost:{RANKS}"]
     for choice in ("horovod", "torch"):
-        proc = run([*base, "--mpi", "--mpi-args=--oversubscribe --bind-to none", sys.executable, WORLD], tmp_path,
+        # horovodrun's own binding (-bind-to core) fails where ranks outnumber cores
+        proc = run([*base, "--mpi", "--binding-args=--bind-to none --map-by slot", "--mpi-args=--oversubscribe",
+                    sys.executable, WORLD], tmp_path,
                    {"DISTLAUNCH_HVD_BACKEND": choice})
         assert proc.returncode == 0, proc.stderr[-3000:]
         found = worlds(proc.stdout)

@@ -10,7 +10,7 @@ from ..errors import SpecError
 from ..launch.slurm import submit
 from ..plan.slurm import SlurmTarget, batch_lines, batch_script
 from .options import split_mpi_args
-from .run import job_options, spec_from_options, warn_secret_values
+from .run import job_options, progress, spec_from_options, warn_secret_values
 
 HELP = """Submit SCRIPT to Slurm as a batch job and return at once with its run id.
 
@@ -56,7 +56,7 @@ def submit_command(**kwargs: Any) -> None:
         lines = batch_lines(target, nodes, ppn, "<run folder>/logs/sbatch.log", "distlaunch-job")
         click.echo(batch_script(spec.python, "<run folder>", lines), nl=False)
         return
-    paths = submit(spec, target, ranks, nodes, ppn)
+    paths = submit(spec, target, ranks, nodes, ppn, progress)
     from ..records import RunRecord
 
     job_id = (RunRecord.load(paths).scheduler or {}).get("job_id")

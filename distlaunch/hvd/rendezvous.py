@@ -168,27 +168,25 @@ def create_store(info: RankInfo) -> tuple[Any, Topology]:
 
 LAUNCHER_NAMES = {"openmpi": "Open MPI's mpirun", "mpich": "MPICH's mpiexec", "slurm": "srun",
                   "torchrun": "torchrun", "horovodrun": "horovodrun (Gloo mode)", "single": "nothing"}
-PARENT_LAUNCHERS = {"mpirun", "mpiexec", "prterun", "prted", "orterun", "orted", "hydra_pmi_proxy", "srun",
-                    "slurmstepd", "torchrun", "horovodrun"}
+# launchers whose every child is a rank (not slurmstepd or srun: a batch script is their
+# child too, and is rightly a world of one)
+PARENT_LAUNCHERS = {"mpirun", "mpiexec", "prterun", "prted", "orterun", "orted", "hydra_pmi_proxy", "torchrun",
+                    "horovodrun"}
 
 
 def parent_launcher() -> str | None:
-    """The name of a launcher among this process's parents (three up), if any."""
+    """The name of the launcher this process was started by directly, if it is one."""
     try:
         import psutil
 
         proc = psutil.Process().parent()
-        for _ in range(3):
-            if proc is None:
-                return None
-            names = {os.path.basename(part) for part in [proc.name(), *proc.cmdline()[:2]]}
-            found = names & PARENT_LAUNCHERS
-            if found:
-                return sorted(found)[0]
-            proc = proc.parent()
+        if proc is None:
+            return None
+        names = {os.path.basename(part) for part in [proc.name(), *proc.cmdline()[:2]]}
+        found = names & PARENT_LAUNCHERS
+        return sorted(found)[0] if found else None
     except Exception:  # noqa: BLE001 - no answer is no launcher
         return None
-    return None
 
 
 def join(backend: str, info: RankInfo | None = None) -> Topology:
@@ -198,7 +196,8 @@ def join(backend: str, info: RankInfo | None = None) -> Topology:
     - mpirun (Open MPI, MPICH), srun with a PMI, distlaunch: through MPI (``create_store``);
     - torchrun: its own rendezvous (``env://``: MASTER_ADDR/PORT, its agent's store);
     - srun without a PMI (``--mpi=none``): a store on rank 0's node, the first of the step,
-      at a port derived from the job and step ids;
+      at a port derived from the job and step ids (like torchrun's, a store any local user
+      could reach: prefer --mpi=pmix on a shared cluster);
     - a single process: size 1. Otherwise WorldError, never a silent split."""
     from datetime import timedelta
 
@@ -263,7 +262,11 @@ def slurm_store(info: RankInfo, timeout: Any) -> Any:
     import torch.distributed as dist
 
     env = os.environ
-    nodes = hostlist.expand_hostlist(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", ""))
+    try:
+        nodes = hostlist.expand_hostlist(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", ""))
+    except hostlist.BadHostlist as exc:
+        raise WorldError(f"started by srun without a PMI, and its node list cannot be read ({exc}): run srun "
+                         "--mpi=pmix, or distlaunch run --launcher srun") from None
     if not nodes:
         raise WorldError("started by srun without a PMI, and SLURM_STEP_NODELIST is not set: run srun --mpi=pmix, "
                          "or distlaunch run --launcher srun")
@@ -273,10 +276,10 @@ def slurm_store(info: RankInfo, timeout: Any) -> Any:
     port = slurm_port(env)
     master = nodes[0]
     all_local = len(nodes) == 1
-    address = "127.0.0.1" if all_local else socket.getaddrinfo(master, None, socket.AF_INET)[0][4][0]
-    if not all_local:
-        _gloo_towards(address)
     try:
+        address = "127.0.0.1" if all_local else socket.getaddrinfo(master, None, socket.AF_INET)[0][4][0]
+        if not all_local:
+            _gloo_towards(address)
         if info.rank == 0:
             return dist.TCPStore(address, port, info.size, is_master=True, timeout=timeout,
                                  wait_for_workers=False, master_listen_fd=_listen_on(address, port))

@@ -136,8 +136,7 @@ class Job:
     def __init__(self, entry_script: str, source_dir: str = ".", script_params: Any = None, *,
                  compute_target: SlurmTarget | None = None, **options: Any) -> None:
         script = entry_script if os.path.isabs(entry_script) else os.path.join(source_dir, entry_script)
-        if not options.get("in_place"):
-            options.setdefault("source_dir", source_dir)
+        options.setdefault("source_dir", source_dir)
         self.spec, self.watch = job_options(script, params_to_args(script_params), options)
         self.compute_target = compute_target
 
@@ -155,7 +154,7 @@ class Job:
         box: dict[str, Any] = {}
 
         def on_ready(paths: RunPaths) -> None:
-            box["paths"] = paths
+            box["run"] = Run(paths, thread, box)  # before the job can end: its end reaches the Run
             ready.set()
 
         def body() -> None:
@@ -172,11 +171,11 @@ class Job:
         thread = threading.Thread(target=body, name="distlaunch-run")
         thread.start()
         ready.wait()
-        if "paths" not in box:
+        if "run" not in box:
             thread.join()
             raise box["error"]
-        box["run"] = Run(box["paths"], thread, box)
-        return box["run"]
+        run: Run = box["run"]
+        return run
 
 
 class RunFailed(DistlaunchError):
@@ -325,13 +324,15 @@ class Run:
             self.result(timeout)
         except TimeoutError:
             raise
-        except BaseException as exc:  # noqa: BLE001 - returned, as Future.exception does
+        except Exception as exc:  # noqa: BLE001 - returned, as Future.exception does
             return exc
         return None
 
     def add_done_callback(self, fn: Callable[[Run], Any]) -> None:
         """Call ``fn(run)`` once the run has ended (at once if it has): before ``wait`` and
         ``result`` return, from the thread that saw the end."""
+        if self._thread is not None and not self._thread.is_alive():
+            self._fire()  # the launch thread has ended (its own _fire may not have found us)
         with self._lock:
             if not self._fired:
                 self._callbacks.append(fn)

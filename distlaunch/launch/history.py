@@ -8,6 +8,7 @@ outside, so no pid can be mistaken for another.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Iterable, Iterator
@@ -84,7 +85,14 @@ def add_tags(paths: RunPaths, tags: dict[str, Any]) -> None:
     for key in tags:
         if not key or "=" in key or any(ch.isspace() for ch in key):
             raise SpecError(f"tag {key!r}: a tag name must be non-empty, without '=' or spaces")
-    write_json(paths.tags_file, {**later_tags(paths), **{key: str(value) for key, value in tags.items()}})
+    import fcntl
+
+    folder = os.open(paths.root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)  # two taggers at once: neither loses the other's tags
+        write_json(paths.tags_file, {**later_tags(paths), **{key: str(value) for key, value in tags.items()}})
+    finally:
+        os.close(folder)
 
 
 def matches(record: RunRecord, experiment: str | None, tags: Iterable[str]) -> bool:

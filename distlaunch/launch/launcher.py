@@ -267,16 +267,33 @@ def _before_launch(prepared: Prepared, paths: RunPaths, record: RunRecord, progr
         record.sync = {"remote_dir": layout.workdir, "nodes": [dataclasses.asdict(result) for result in synced]}
         record.save(paths)
     elif prepared.multi_node and not spec.runs_in_place:
-        unseen = [host for host, (answer, _proc) in zip(prepared.remote_hosts, prepared.nodes.call_all(
-            prepared.remote_hosts, "sees", str(paths.code), timeout=60)) if not (answer or {}).get("exists")]
-        if unseen:
-            raise SpecError(f"with --no-sync the ranks run in the run's code snapshot {paths.code}, which "
-                            f"{unseen[0]} does not see: put --run-dir on the filesystem the nodes share, or "
-                            "run with --in-place")
+        host = _first_blind(prepared, str(paths.code))
+        if host is not None:
+            raise SpecError(f"nothing is synced (--no-sync, or a source dir the nodes share), so the ranks run in "
+                            f"the run's code snapshot {paths.code}, which {host} does not see: put --run-dir on "
+                            "the filesystem the nodes share, or run with --in-place")
+    elif prepared.multi_node:  # in place: the directory and the program must be there already
+        program = prepared.program
+        script = program[program.index("distlaunch.rank.bootstrap") + 1] if spec.is_python else program[0]
+        for path in (os.getcwd(), script):
+            host = _first_blind(prepared, path)
+            if host is not None:
+                raise SpecError(f"{path} does not exist on {host}, and the ranks run in place (--in-place, or a "
+                                "program that is not a .py script without --source-dir): use a filesystem every "
+                                "node shares, or give --source-dir to copy the code to the nodes")
     if spec.pip_packages or spec.requirements:
         requirements = Path(spec.requirements).read_text(encoding="utf-8") if spec.requirements else ""
         ensure_packages(prepared.nodes, prepared.hosts, spec.pip_packages, requirements, paths.logs / "pip.log",
                         progress)
+
+
+def _first_blind(prepared: Prepared, path: str) -> str | None:
+    """The first other node that does not see ``path``."""
+    hosts = prepared.remote_hosts
+    for host, (answer, _proc) in zip(hosts, prepared.nodes.call_all(hosts, "sees", path, timeout=60)):
+        if not (answer or {}).get("exists"):
+            return host
+    return None
 
 
 def launch(

@@ -11,11 +11,12 @@ be on a filesystem the compute nodes share, as Slurm's working directories are.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..errors import HostError, LaunchFailed, SpecError
@@ -24,6 +25,7 @@ from ..plan.slurm import SlurmTarget, batch_lines, batch_script
 from ..plan.spec import JobSpec, spec_to_dict
 from ..records import RunPaths, RunRecord, Status, allocate, open_private, write_json
 
+log = logging.getLogger(__name__)
 TERMINAL = {"CANCELLED": Status.CANCELLED, "TIMEOUT": Status.TIMEOUT, "DEADLINE": Status.TIMEOUT}
 QUEUED_STATES = {"PENDING", "CONFIGURING", "REQUEUED", "RESIZING", "SUSPENDED"}
 LIVE_STATES = QUEUED_STATES | {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING"}
@@ -94,7 +96,8 @@ def _job_file(spec: JobSpec) -> dict[str, Any]:
     return data
 
 
-def submit(spec: JobSpec, target: SlurmTarget, ranks: int, nodes: int, tasks_per_node: int) -> RunPaths:
+def submit(spec: JobSpec, target: SlurmTarget, ranks: int, nodes: int, tasks_per_node: int,
+           progress: Callable[[str], None] = log.warning) -> RunPaths:
     """Create the run folder, write the batch script, ``sbatch`` it: a ``queued`` run."""
     sbatch = _tool("sbatch")
     paths = allocate(spec.runs_root)
@@ -115,7 +118,7 @@ def submit(spec: JobSpec, target: SlurmTarget, ranks: int, nodes: int, tasks_per
     if not spec.runs_in_place:  # the code as it is now is what runs, whatever is edited meanwhile
         from .snapshot import take
 
-        record.code = take(spec.source, paths, lambda _message: None, exclude=(str(paths.root.parent),)).summary()
+        record.code = take(spec.source, paths, progress, exclude=(str(paths.root.parent),)).summary()
     record.save(paths)
     env = {**os.environ, **{name: value for name, value in spec.env if is_secret(name)}}
     # submitted on hold: the record knows its job id before the job can start and write it

@@ -7,8 +7,8 @@ and ``./logs`` are the run's own and concurrent runs never meet; with other node
 what is synced to them. A batch job's snapshot is taken at submit time.
 
 Unchanged files are hard-linked from the newest earlier snapshot of the same source dir
-under the same runs root (unchanged: same size, modification time and mode, rsync's quick
-check), the others copied, hashing as they go; files are read-only, like the nodes'
+under the same runs root (unchanged: the same size, modification and change time, inode
+and mode as when that snapshot was taken), the others copied, hashing as they go; files are read-only, like the nodes'
 copies. ``code.json`` lists every file with its digest and the tree hash (the hash the
 nodes' copies are checked against), so ``restore`` can give the code back, verified.
 """
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import RunDirError, RunNotFound
+from ..errors import RunDirError, RunNotFound, SpecError
 from ..nodes.agent import hash_of, tree_hash
 from ..nodes.treesync import SourceTree, describe, list_files
 from ..plan.units import human_size
@@ -59,9 +59,9 @@ class Snapshot:
                 "linked": self.linked, "copied": self.copied}
 
 
-def _previous(runs_root: Path, source: str, this: Path) -> tuple[Path | None, dict[str, str]]:
+def _previous(runs_root: Path, source: str, this: Path) -> tuple[Path | None, dict[str, Any]]:
     """The newest earlier snapshot of ``source`` under ``runs_root`` (among the last
-    ``LOOK_BACK`` runs), and its digests."""
+    ``LOOK_BACK`` runs), and its code.json."""
     try:
         folders = sorted((p for p in runs_root.iterdir() if p != this and not p.name.startswith(".")), reverse=True)
     except OSError:
@@ -72,19 +72,21 @@ def _previous(runs_root: Path, source: str, this: Path) -> tuple[Path | None, di
         except (OSError, ValueError):
             continue
         if isinstance(data, dict) and data.get("source") == source and (folder / "code").is_dir():
-            return folder / "code", dict(data.get("files", {}))
+            return folder / "code", data
     return None, {}
 
 
-def _same(here: os.stat_result, there: os.stat_result) -> bool:
-    return (stat.S_ISREG(there.st_mode) and here.st_size == there.st_size
-            and here.st_mtime_ns == there.st_mtime_ns and (here.st_mode & 0o500) == (there.st_mode & 0o500))
+def _key(info: os.stat_result) -> list[int]:
+    """What says a source file is unchanged since the last snapshot: size, times (the
+    change time too, which copying with -p cannot set back), inode, mode."""
+    return [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino, info.st_mode & 0o500]
 
 
 def _copy(src: Path, dst: Path, info: os.stat_result) -> str:
     """Copy one file, hashing it as it goes; the copy keeps the time, is read-only."""
     digest = hashlib.sha256(b"f")
-    with open(src, "rb") as reader, open(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as writer:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    with open(src, "rb") as reader, open(os.open(dst, flags, 0o600), "wb") as writer:
         for block in iter(lambda: reader.read(1 << 20), b""):
             digest.update(block)
             writer.write(block)
@@ -93,16 +95,27 @@ def _copy(src: Path, dst: Path, info: os.stat_result) -> str:
     return digest.hexdigest()
 
 
+def _escapes(source: str, name: str, target: str) -> bool:
+    """Whether a relative symlink leaves the source dir (it dangles in the snapshot)."""
+    if os.path.isabs(target):
+        return False
+    resolved = os.path.normpath(os.path.join(source, os.path.dirname(name), target))
+    return not (resolved == source or resolved.startswith(source.rstrip("/") + "/"))
+
+
 def take(source: str, paths: RunPaths, progress: Progress, exclude: tuple[str, ...] = ()) -> Snapshot:
-    """Snapshot ``source`` into ``paths.code`` and write ``code.json``; RunDirError when the
-    run folder cannot take it (the message says what to do)."""
+    """Snapshot ``source`` into ``paths.code`` and write ``code.json``; SpecError for a
+    source file that cannot be read, RunDirError when the run folder cannot take it."""
     start = time.monotonic()
     tree = list_files(source, exclude=exclude)
     for line in describe(tree):
         progress(f"warning: {line}")
     runs_root = paths.root.parent
-    before, known = _previous(runs_root, source, paths.root)
+    before, old = _previous(runs_root, source, paths.root)
+    known, keys = old.get("files", {}), old.get("stat", {})
     digests: dict[str, str] = {}
+    stats: dict[str, list[int]] = {}
+    escaping: list[str] = []
     linked = copied = 0
     try:
         paths.code.mkdir(mode=0o700)
@@ -117,22 +130,34 @@ def take(source: str, paths: RunPaths, progress: Progress, exclude: tuple[str, .
                 target = os.readlink(src)
                 os.symlink(target, dst)
                 digests[name] = hashlib.sha256(b"l" + target.encode("utf-8", "surrogateescape")).hexdigest()
+                if _escapes(source, name, target):
+                    escaping.append(name)
                 continue
-            old = before / name if before is not None and name in known else None
-            if old is not None:
+            stats[name] = _key(info)
+            if before is not None and name in known and keys.get(name) == stats[name]:
                 try:
-                    if _same(info, os.lstat(old)):
-                        os.link(old, dst)
-                        digests[name], linked = known[name], linked + 1
-                        continue
+                    os.link(before / name, dst)
+                    digests[name], linked = known[name], linked + 1
+                    continue
                 except OSError:
                     pass  # gone, another filesystem, too many links: copy it
-            digests[name], copied = _copy(src, dst, info), copied + 1
+            try:
+                digests[name], copied = _copy(src, dst, info), copied + 1
+            except PermissionError as exc:
+                if exc.filename == str(src):
+                    raise SpecError(f"cannot read {src} for the run's code snapshot: permission denied: make it "
+                                    "readable, or leave it out with a .distlaunchignore line") from None
+                raise
+        snap = Snapshot(paths.code, source, digests, tree.nbytes, hash_of(digests), linked, copied)
+        write_json(paths.code_digests, {"source": source, "hash": snap.hash, "bytes": snap.nbytes, "files": digests,
+                                        "stat": stats})
     except OSError as exc:
         raise RunDirError(f"cannot snapshot {source} into {paths.code}: {exc.strerror or exc}: free space, pick "
                           "another --run-dir, or run with --in-place") from None
-    snap = Snapshot(paths.code, source, digests, tree.nbytes, hash_of(digests), linked, copied)
-    write_json(paths.code_digests, {"source": source, "hash": snap.hash, "bytes": snap.nbytes, "files": digests})
+    if escaping:
+        shown = ", ".join(escaping[:3]) + (" ..." if len(escaping) > 3 else "")
+        progress(f"warning: {len(escaping)} symlink(s) point outside {source} and dangle in the run's copy "
+                 f"({shown}): use absolute links, an --input, or --in-place")
     took = time.monotonic() - start
     if took > SLOW_S:
         progress(f"code snapshot: {len(digests)} files ({human_size(tree.nbytes)}), {copied} copied, {linked} "
@@ -176,24 +201,35 @@ def _merge(src: Path, dst: Path) -> None:
 
 
 def restore(paths: RunPaths, dest: Path) -> Snapshot:
-    """Copy a run's snapshot to ``dest`` (new or empty), writable again, and check it
-    against the recorded hash."""
+    """Copy a run's snapshot into ``dest``, a new folder (made 0700) or an empty one of
+    ours, writable again; the snapshot is checked against the recorded hash first."""
     snap = load(paths)
     if snap is None or not paths.code.is_dir():
-        raise RunNotFound(f"run {paths.run_id} has no code snapshot (it ran --in-place, or before snapshots "
-                          "existed)")
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise RunDirError(f"{dest} exists and is not an empty folder: name a new folder to restore into")
-    for name in snap.files:
-        src, dst = paths.code / name, dest / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_symlink():
-            os.symlink(os.readlink(src), dst)
-        else:
-            shutil.copy2(src, dst)
-            dst.chmod(dst.stat().st_mode | 0o200)
-    got = tree_hash(dest, list(snap.files))
+        raise RunNotFound(f"run {paths.run_id} has no code snapshot (it ran in place, or before snapshots existed)")
+    got = tree_hash(paths.code, list(snap.files))
     if got != snap.hash:
         raise RunDirError(f"the snapshot of run {paths.run_id} was changed after the run (hash {got[:12]}, "
-                          f"recorded {snap.hash[:12]}): {dest} is not the code that ran")
+                          f"recorded {snap.hash[:12]}): it is no longer the code that ran")
+    try:
+        try:
+            dest.mkdir(mode=0o700, parents=True)
+        except FileExistsError:
+            info = os.lstat(dest)
+            if (not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022
+                    or any(dest.iterdir())):
+                raise RunDirError(f"{dest} exists and is not an empty folder of yours that only you can write: "
+                                  "name a new folder to restore into") from None
+        for name in snap.files:
+            src, dst = paths.code / name, dest / name
+            for folder in reversed(dst.relative_to(dest).parents[:-1]):
+                (dest / folder).mkdir(mode=0o700, exist_ok=True)
+            if src.is_symlink():
+                os.symlink(os.readlink(src), dst)
+            else:
+                info = os.stat(src)
+                _copy(src, dst, info)
+                os.chmod(dst, info.st_mode & 0o700 | 0o600)
+    except OSError as exc:
+        raise RunDirError(f"cannot restore run {paths.run_id} into {dest}: {exc.strerror or exc} "
+                          f"({exc.filename or dest}): pick another folder") from None
     return snap

@@ -11,10 +11,12 @@ finish BASE RUN_DIR HASH       tree-hash RUN_DIR; if it equals HASH, point BASE/
 pip KEY [PIP ARGS...]          pip install PIP ARGS (requirements text on stdin, if any)
                                unless KEY was installed before on this node
 sees PATH                      whether PATH exists on this node (shared filesystem check)
-input-entry ROOT ENTRY         make ROOT/inputs private; whether the cached input ENTRY is
-                               complete, and the newest complete entry of the same name
+input-entry ROOT ENTRY BASE    make ROOT/inputs private; whether the cached input ENTRY is
+                               complete, else the newest complete entry of the same input
+                               that holds BASE (to hard-link unchanged files from)
 input-done TMP ENTRY HASH      tree-hash TMP over the names on stdin; if it equals HASH,
-                               mark it complete and move it to ENTRY (the cache)
+                               make it read-only, mark it complete and move it to ENTRY
+input-discard ROOT TMP         remove a partial copy TMP of an input (in ROOT/inputs)
 cleanup RUN_ID                 SIGKILL this node's processes of RUN_ID
 release RUN_DIR                mark RUN_DIR collected, so that a later prune may delete it
 dump RUN_ID                    ask this node's Python ranks of RUN_ID for their stacks
@@ -264,7 +266,7 @@ def pip_install(key: str, args: list[str], requirements: str) -> dict[str, Any]:
 INPUT_MARKER = ".distlaunch-complete"
 
 
-def input_entry(root: str, entry: str) -> dict[str, Any]:
+def input_entry(root: str, entry: str, base: str) -> dict[str, Any]:
     """Whether the cache already holds ``entry`` (an input at one content hash); if not,
     the newest complete entry of the same input, to hard-link unchanged files from."""
     root_path, entry_path = Path(root), Path(entry)
@@ -279,11 +281,19 @@ def input_entry(root: str, entry: str) -> dict[str, Any]:
         return {"ok": False, "error": f"{exc}: remove it, or choose another --remote-dir"}
     except OSError as exc:
         return {"ok": False, "error": f"{exc.strerror or exc} ({exc.filename}): choose another --remote-dir"}
+    now = time.time()
+    for stale in cache.glob("*.part-*"):  # partial copies of runs that died a day ago
+        try:
+            if stale.is_dir() and not stale.is_symlink() and now - stale.stat().st_mtime > 86400:
+                _remove_tree(stale)
+        except OSError:
+            pass
     if (entry_path / INPUT_MARKER).is_file():
         os.utime(entry_path / INPUT_MARKER)  # last used: now
         return {"ok": True, "cached": True}
     name = entry_path.name.rsplit("-", 1)[0]
-    others = [p for p in cache.glob(f"{name}-*") if (p / INPUT_MARKER).is_file() and p.name.rsplit("-", 1)[0] == name]
+    others = [p for p in cache.glob(f"{name}-*") if (p / INPUT_MARKER).is_file() and p.name.rsplit("-", 1)[0] == name
+              and (p / base).exists()]
     newest = max(others, key=lambda p: (p / INPUT_MARKER).stat().st_mtime, default=None)
     return {"ok": True, "cached": False, "previous": str(newest) if newest else None}
 
@@ -292,16 +302,38 @@ def input_done(tmp: str, entry: str, expected: str, names: list[str]) -> dict[st
     tmp_path, entry_path = Path(tmp), Path(entry)
     got = tree_hash(tmp_path, names)
     if got != expected:
-        shutil.rmtree(tmp_path, ignore_errors=True)
+        _remove_tree(tmp_path)
         return {"hash": got}
     (tmp_path / INPUT_MARKER).touch()
+    for folder, dirs, _files in os.walk(tmp_path):  # a job cannot change the cache for later runs
+        for name in dirs:
+            path = Path(folder, name)
+            if not path.is_symlink():
+                path.chmod(path.stat().st_mode & ~0o222)
+    tmp_path.chmod(tmp_path.stat().st_mode & ~0o222)
     try:
         os.rename(tmp_path, entry_path)
     except OSError:  # another run put it there first
         if not (entry_path / INPUT_MARKER).is_file():
             raise
-        shutil.rmtree(tmp_path, ignore_errors=True)
+        _remove_tree(tmp_path)
     return {"hash": got}
+
+
+def _remove_tree(path: Path) -> None:
+    """rmtree of a tree whose folders may be read-only."""
+    for folder, _dirs, _files in os.walk(path):
+        if not Path(folder).is_symlink():
+            os.chmod(folder, 0o700)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def input_discard(root: str, tmp: str) -> dict[str, Any]:
+    tmp_path = Path(tmp)
+    if tmp_path.parent != Path(root) / "inputs" or ".part-" not in tmp_path.name or tmp_path.is_symlink():
+        return {"removed": False}
+    _remove_tree(tmp_path)
+    return {"removed": True}
 
 
 def release(run_dir: str) -> dict[str, Any]:
@@ -340,9 +372,11 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "pip":
         result = pip_install(rest[0], rest[1:], _stdin())
     elif command == "input-entry":
-        result = input_entry(rest[0], rest[1])
+        result = input_entry(rest[0], rest[1], rest[2])
     elif command == "input-done":
         result = input_done(rest[0], rest[1], rest[2], _names(_stdin()))
+    elif command == "input-discard":
+        result = input_discard(rest[0], rest[1])
     elif command == "sees":
         result = {"exists": os.path.exists(rest[0])}
     elif command == "cleanup":

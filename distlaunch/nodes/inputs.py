@@ -52,10 +52,10 @@ class ResolvedInput:
                 "hash": self.digest, "files": len(self.names), "bytes": self.nbytes}
 
 
-def _entries(path: Path) -> list[tuple[str, Path]]:
-    """(name relative to the parent of ``path``, file) for a file or every entry of a folder."""
-    base = path.name
-    if not path.is_dir() or path.is_symlink():
+def _entries(path: Path, base: str) -> list[tuple[str, Path]]:
+    """(name under ``base``, file) for a file or every entry of a folder; ``path`` is the
+    input's real path (a symlinked input is what it points to, not the link)."""
+    if not path.is_dir():
         return [(base, path)]
     found = []
     for here, dirs, files in os.walk(path):
@@ -74,9 +74,9 @@ def _memo_file(path: Path) -> Path:
     return cache / f"{hashlib.sha256(str(path).encode()).hexdigest()[:24]}.json"
 
 
-def digest_input(path: Path, progress: Progress) -> tuple[str, tuple[str, ...], int]:
-    """Content hash, entry names and size of a file or folder (files unchanged since the
-    last time are not read again)."""
+def digest_input(path: Path, base: str, progress: Progress) -> tuple[str, tuple[str, ...], int]:
+    """Content hash, entry names and size of a file or folder (a file whose size, times
+    and inode are those of the last time is not read again)."""
     memo_path = _memo_file(path)
     try:
         memo: dict[str, list[Any]] = json.loads(memo_path.read_text(encoding="utf-8"))
@@ -86,17 +86,17 @@ def digest_input(path: Path, progress: Progress) -> tuple[str, tuple[str, ...], 
     fresh: dict[str, list[Any]] = {}
     nbytes = read = 0
     started = last = time.monotonic()
-    for name, file in _entries(path):
+    for name, file in _entries(path, base):
         try:
             info = os.lstat(file)
         except OSError:
             continue
         if not (stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode)):
             continue
-        key = [info.st_size, info.st_mtime_ns, info.st_ino]
+        key = [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino]  # ctime: cp -p cannot fake it
         known = memo.get(name)
-        if known is not None and known[:3] == key:
-            digest = known[3]
+        if known is not None and known[:4] == key:
+            digest = known[4]
         else:
             digest = _entry_digest(file).hex()
             read += info.st_size
@@ -120,7 +120,8 @@ def resolve(inputs: Sequence[InputSpec], remote_root: str, progress: Progress) -
         if not item.copy:
             found.append(ResolvedInput(item, item.path))
             continue
-        digest, names, nbytes = digest_input(Path(item.path), progress)
+        real = Path(item.path).resolve()  # a symlinked input is copied as what it points to
+        digest, names, nbytes = digest_input(real, os.path.basename(item.path.rstrip("/")) or item.name, progress)
         if not names:
             raise SpecError(f"--input {item.name}={item.path}:copy holds no files: check the path")
         found.append(ResolvedInput(item, cache_path(remote_root, item.name, digest, item.path), digest, names,
@@ -148,15 +149,23 @@ def check_in_place(nodes: Nodes, hosts: Sequence[str], inputs: Sequence[Resolved
                                  f"{item.spec.path}:copy to copy it to each node")
 
 
-def _rsync(nodes: Nodes, host: str, source: str, tmp: str, previous: str | None) -> tuple[int, int, str]:
-    argv = ["rsync", "-a", "--no-D", "--stats", "--chmod=go-rwx,Fu-w"]
-    if previous:
-        argv.append(f"--link-dest={previous}/")
-    target = tmp + "/"
+def _rsync(nodes: Nodes, host: str, item: ResolvedInput, tmp: str, previous: str | None) -> tuple[int, int, str]:
+    """Copy the input (as what it points to) into ``tmp/<its name>`` on ``host``."""
+    argv = ["rsync", "-a", "--no-D", "--stats", "--mkpath", "--chmod=go-rwx,Fu-w"]
+    real = os.path.realpath(item.spec.path)
+    base = item.node_path.rsplit("/", 1)[-1]
+    if os.path.isdir(real):
+        source, target = f"{real}/", f"{tmp}/{base}/"
+        if previous:
+            argv.append(f"--link-dest={previous}/{base}/")
+    else:
+        source, target = real, f"{tmp}/{base}"
+        if previous:
+            argv.append(f"--link-dest={previous}/")
     if not is_local(host, nodes.transport.local_names):
         argv += ["-e", nodes.transport.rsync_shell()]
         target = f"{host}:{target}"
-    proc = subprocess.run([*argv, source.rstrip("/"), target], capture_output=True, text=True,
+    proc = subprocess.run([*argv, source, target], capture_output=True, text=True,
                           env=nodes.transport.environment(), stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
         return -1, 0, last_error(proc)
@@ -181,18 +190,20 @@ def stage(nodes: Nodes, hosts: Sequence[str], inputs: Sequence[ResolvedInput], r
 
         def one(host: str, item: ResolvedInput = item, entry: str = entry) -> dict[str, Any]:
             start = time.monotonic()
-            answer, proc = nodes.call(host, "input-entry", remote_root, entry)
+            answer, proc = nodes.call(host, "input-entry", remote_root, entry, item.node_path.rsplit("/", 1)[-1])
             if answer is None or not answer.get("ok"):
                 why = (answer or {}).get("error") or last_error(proc)
                 raise InputError(f"cannot stage --input {item.spec.name} on {host}: {why}")
             if answer.get("cached"):
                 return {"host": host, "name": item.spec.name, "cached": True, "sent": 0, "sent_bytes": 0}
             tmp = f"{entry}.part-{run_id}"
-            sent, sent_bytes, error = _rsync(nodes, host, item.spec.path, tmp, answer.get("previous"))
+            sent, sent_bytes, error = _rsync(nodes, host, item, tmp, answer.get("previous"))
             if sent < 0:
+                nodes.call(host, "input-discard", remote_root, tmp)
                 raise InputError(f"cannot copy --input {item.spec.name} to {host}: {error}")
             done, proc = nodes.call(host, "input-done", tmp, entry, item.digest or "", stdin="\0".join(item.names))
             if (done or {}).get("hash") != item.digest:
+                _memo_file(Path(item.spec.path).resolve()).unlink(missing_ok=True)  # hash it afresh next time
                 why = "it arrived different (did it change meanwhile?)" if done else last_error(proc)
                 raise InputError(f"cannot stage --input {item.spec.name} on {host}: {why}: run again")
             took = time.monotonic() - start
