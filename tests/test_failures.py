@@ -186,3 +186,24 @@ def test_detached_children_do_not_outlive_the_run(tmp_path):
     _ended, record = job.finish(60)  # asserts that no process of the run survived
     assert job.proc.returncode == 0, job.err
     assert record["status"] == "completed" and record["leftovers_killed"] >= 2
+
+
+def test_a_rank_that_lost_its_peer_is_not_the_root_cause(tmp_path):
+    """Rank 3 exits 7; rank 1's MPI notices the lost peer and aborts (exit 14), and its
+    exit record can be written a hair sooner. The cause is rank 3 all the same; a cascade
+    alone is still reported."""
+    from distlaunch.launch.supervise import root_cause
+    from distlaunch.records import RankExit, RunPaths
+
+    paths = RunPaths(tmp_path)
+    paths.logs.mkdir()
+    paths.rank_log(1).write_text("ready 1\nAn MPI communication peer process has unexpectedly disconnected.  This\n"
+                                 "[node2:00000] *** An error occurred in Socket closed\n")
+    paths.rank_log(3).write_text("ready 3\n")
+    records = {1: RankExit(1, host="node2", ended=100.0, exit_code=14),
+               3: RankExit(3, host="node3", ended=100.02, exit_code=7),
+               0: RankExit(0, host="node2", ended=100.5, exit_code=0)}
+    cause = root_cause(records, paths)
+    assert cause is not None and (cause.rank, cause.exit_code) == (3, 7)
+    alone = root_cause({1: records[1]}, paths)
+    assert alone is not None and alone.rank == 1

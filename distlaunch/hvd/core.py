@@ -34,12 +34,14 @@ class State:
     shm_unavailable: bool = False  # the nodes hold different rank counts: gloo it is
     handles: dict[int, tuple[Any, torch.Tensor, Callable[[], Any]]] = field(default_factory=dict)
     next_handle: Any = field(default_factory=itertools.count)
+    names: dict[int, str] = field(default_factory=dict)  # handle -> the name it was given, while in flight
 
     def reset(self) -> None:
         if self.shm is not None:
             self.shm.close()
         self.topology, self.shm, self.shm_unavailable, self.owns_group = None, None, False, True
         self.handles.clear()
+        self.names.clear()
 
 
 state = State()
@@ -87,8 +89,31 @@ def finish_average(tensor: torch.Tensor, op: int, postscale: float) -> torch.Ten
     return tensor
 
 
-def register(work: Any, output: torch.Tensor, finish: Callable[[], Any]) -> int:
+DUPLICATE_NAME = ("Requested to allreduce, allgather, or broadcast a tensor with the same name as another tensor "
+                  "that is currently being processed.  If you want to request another tensor, use a different "
+                  "tensor name.")
+
+
+def check_name(name: str | None) -> None:
+    """Horovod's rule: no two operations in flight under one name (ValueError at submission)."""
+    if name is not None and name in state.names.values():
+        raise ValueError(DUPLICATE_NAME)
+
+
+def register(work: Any, output: torch.Tensor, finish: Callable[[], Any], name: str | None = None) -> int:
     """A Horovod-style integer handle for an operation in flight (``work`` None: done)."""
+    check_name(name)
     handle = next(state.next_handle)
     state.handles[handle] = (work, output, finish)
+    if name is not None:
+        state.names[handle] = name
     return handle
+
+
+GLOO_WIDENED = {torch.int16: torch.int32, torch.bool: torch.uint8}  # dtypes gloo cannot move as they are
+
+
+def widened(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in a dtype gloo moves (int16 as int32): every dtype works, as with Horovod."""
+    wide = GLOO_WIDENED.get(tensor.dtype)
+    return tensor if wide is None or tensor.is_cuda else tensor.to(wide)

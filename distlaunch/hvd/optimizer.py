@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -135,7 +136,12 @@ class _DistributedMixin:
             self._should_sync = True
 
     def step(self, closure: Any = None) -> Any:
-        if self._should_sync and not self._synchronized:
+        if self._should_sync:
+            if self._synchronized:  # as Horovod: reduce again, and say why that is slow
+                warnings.warn("optimizer.step() called without optimizer.skip_synchronize() context after "
+                              "optimizer.synchronize(). This can cause training slowdown. You may want to consider "
+                              "using optimizer.skip_synchronize() context if you use optimizer.synchronize() in "
+                              "your code.", stacklevel=2)
             self.synchronize()
         self._synchronized = False
         return super().step(closure)  # type: ignore[misc]

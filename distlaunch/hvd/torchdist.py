@@ -33,6 +33,7 @@ from .core import (
     Min,
     Product,
     Sum,
+    check_name,
     finish_average,
     register,
     resolve_op,
@@ -162,6 +163,14 @@ def rocm_built() -> bool:
     return False
 
 
+def ccl_built() -> bool:
+    return False
+
+
+def ddl_built() -> bool:
+    return False
+
+
 # ---------------------------------------------------------------- handles
 def poll(handle: int) -> bool:
     work = state.handles[handle][0]
@@ -172,6 +181,7 @@ def synchronize(handle: int) -> torch.Tensor | None:
     if handle not in state.handles:
         return None
     work, _output, finish = state.handles.pop(handle)
+    state.names.pop(handle, None)
     try:
         if work is not None:
             work.wait()
@@ -224,8 +234,9 @@ def _shm_allreduce(output: torch.Tensor, op: int) -> None:
 
 
 def _allreduce_async(tensor: torch.Tensor, output: torch.Tensor, op: int,
-                     prescale_factor: float, postscale_factor: float) -> int:
+                     prescale_factor: float, postscale_factor: float, name: str | None = None) -> int:
     topo()
+    check_name(name)
     if output is not tensor:
         output.copy_(tensor)
     scale(output, prescale_factor)
@@ -234,20 +245,21 @@ def _allreduce_async(tensor: torch.Tensor, output: torch.Tensor, op: int,
         work = None
     else:
         work = dist.all_reduce(output, op=torch_op(op), async_op=True)
-    return register(work, output, lambda: finish_average(output, op, postscale_factor))
+    return register(work, output, lambda: finish_average(output, op, postscale_factor), name)
 
 
 def allreduce_async(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
                     op: int | None = None, prescale_factor: float = 1.0,
                     postscale_factor: float = 1.0, process_set: Any = None) -> int:
     output = torch.empty_like(tensor.detach(), memory_format=torch.contiguous_format)
-    return _allreduce_async(tensor.detach(), output, resolve_op(op, average), prescale_factor, postscale_factor)
+    return _allreduce_async(tensor.detach(), output, resolve_op(op, average), prescale_factor, postscale_factor,
+                            name)
 
 
 def allreduce_async_(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
                      op: int | None = None, prescale_factor: float = 1.0,
                      postscale_factor: float = 1.0, process_set: Any = None) -> int:
-    return _allreduce_async(tensor, tensor, resolve_op(op, average), prescale_factor, postscale_factor)
+    return _allreduce_async(tensor, tensor, resolve_op(op, average), prescale_factor, postscale_factor, name)
 
 
 class _AllreduceFn(torch.autograd.Function):
@@ -304,7 +316,7 @@ __all__ = [
     "Average", "Sum", "Adasum", "Min", "Max", "Product", "HorovodInternalError",
     "init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size",
     "cross_rank", "cross_size", "is_homogeneous", "mpi_threads_supported", "mpi_enabled",
-    "mpi_built", "gloo_enabled", "gloo_built", "nccl_built", "cuda_built", "rocm_built",
+    "mpi_built", "gloo_enabled", "gloo_built", "nccl_built", "cuda_built", "rocm_built", "ccl_built", "ddl_built",
     "poll", "synchronize", "allreduce", "allreduce_", "allreduce_async", "allreduce_async_",
     "grouped_allreduce", "grouped_allreduce_",
 ]

@@ -163,12 +163,24 @@ class LogFiles:
         self.everything = self.own = None
 
 
+# what a rank's MPI prints when it aborts because a PEER went away: a consequence, not a cause
+CASCADE_MARKERS = ("peer process has unexpectedly disconnected", "*** An error occurred in Socket closed")
+
+
+def _cascaded(record: RankExit, paths: RunPaths) -> bool:
+    text = "\n".join(tail_lines(paths.rank_log(record.rank), 60))
+    return any(marker in text for marker in CASCADE_MARKERS)
+
+
 def root_cause(records: dict[int, RankExit], paths: RunPaths) -> Failure | None:
-    """The rank that failed first (by the time it ended), with its last log lines."""
+    """The rank that failed first (by the time it ended), with its last log lines. A rank
+    whose MPI aborted because a peer disconnected is the cause only when no other failed:
+    it can end a hair before the peer it lost (its own exit record is written sooner)."""
     failed = [r for r in records.values() if r.failed]
     if not failed:
         return None
-    first = min(failed, key=lambda r: r.ended if r.ended is not None else float("inf"))
+    primary = [r for r in failed if not _cascaded(r, paths)] or failed
+    first = min(primary, key=lambda r: r.ended if r.ended is not None else float("inf"))
     exc = first.exception or {}
     exception = f"{exc['type']}: {exc.get('message', '')}"[:300] if exc.get("type") else None
     return Failure(first.rank, first.host, int(first.exit_code or 0), first.signal,
