@@ -15,6 +15,7 @@ from conftest import REPO, SCRIPTS, backends, installed_backends, oversubscribe
 pytestmark = pytest.mark.slow
 BACKENDS = backends()
 PARITY = REPO / "tests" / "mpi" / "test_hvd_parity.py"
+HOROVOD_ENV = {"HOROVOD_DYNAMIC_PROCESS_SETS": "1", "HOROVOD_TIMELINE": "DYNAMIC"}  # what the suite's tests need
 
 
 def run_job(tmp: Path, backend: str, ranks: int, *argv: str, env: dict[str, str] | None = None,
@@ -34,11 +35,12 @@ def run_job(tmp: Path, backend: str, ranks: int, *argv: str, env: dict[str, str]
                           timeout=timeout)
 
 
-@pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.parametrize("ranks", [2, 3, 4])  # an odd size catches what powers of two hide
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_parity_suite(tmp_path, backend, ranks):
     result = run_job(tmp_path, backend, ranks, sys.executable, "-m", "pytest", "--with-mpi", "-q",
-                     "-p", "no:cacheprovider", str(PARITY), env={"PARITY_OUT": str(tmp_path)})
+                     "-p", "no:cacheprovider", str(PARITY),
+                     env={"PARITY_OUT": str(tmp_path), **HOROVOD_ENV})
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert re.search(r"^\[0\] \d+ passed", result.stdout, re.M), result.stdout[-3000:]
 
@@ -47,7 +49,8 @@ def test_parity_suite_on_the_gloo_path(tmp_path):
     """The torch backend's allreduce through gloo, as on nodes with uneven rank counts
     (the suite asserts that this path, not shared memory, was taken)."""
     result = run_job(tmp_path, "torch", 2, sys.executable, "-m", "pytest", "--with-mpi", "-q",
-                     "-p", "no:cacheprovider", str(PARITY), env={"DISTLAUNCH_HVD_ALLREDUCE": "gloo"})
+                     "-p", "no:cacheprovider", str(PARITY),
+                     env={"DISTLAUNCH_HVD_ALLREDUCE": "gloo", **HOROVOD_ENV})
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert re.search(r"^\[0\] \d+ passed", result.stdout, re.M), result.stdout[-3000:]
     assert "skipped" not in result.stdout.splitlines()[-1]
@@ -65,6 +68,19 @@ def test_fused_and_unfused_training_are_bitwise_identical(tmp_path, backend):
     unfused = torch.load(tmp_path / f"weights-{backend}-0.pt")
     fused = torch.load(tmp_path / f"weights-{backend}-134217728.pt")
     assert torch.equal(unfused, fused)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_process_sets_given_to_init(tmp_path, backend):
+    result = run_job(tmp_path, backend, 3, str(SCRIPTS / "hvd_static_sets.py"), launcher="mpirun", timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+    refused = "add:Set HOROVOD_DYNAMIC_PROCESS_SETS=1 to allow adding process sets after Horovod initialization."
+    assert lines == [
+        f"rank 0: set1:0/2:sum=1:root=1 {refused}",
+        f"rank 1: set1:1/2:sum=1:root=1 set2:0/2:sum=3:root=2 {refused}",
+        f"rank 2: set2:1/2:sum=3:root=2 {refused}",
+    ], result.stdout
 
 
 def losses(stdout: str) -> list[str]:

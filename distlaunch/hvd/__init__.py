@@ -66,6 +66,7 @@ else:
     from .collectives import *  # noqa: F403
     from .compression import Compression  # noqa: F401
     from .optimizer import DistributedOptimizer  # noqa: F401
+    from .sync_batch_norm import SyncBatchNorm  # noqa: F401
     from .torchdist import *  # noqa: F403 - with Average, Sum, ..., HorovodInternalError
 
     _BACKEND = "torch"

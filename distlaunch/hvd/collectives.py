@@ -14,172 +14,208 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from . import adasum
 from .compression import Compression
 from .core import (
+    Adasum,
     Average,
     HorovodInternalError,
     Sum,
     check_name,
     finish_average,
-    register,
+    run,
     scale,
+    state,
+    submit,
     topo,
-    torch_op,
     widened,
 )
-from .torchdist import allreduce, rank, size, synchronize
-
-# ---------------------------------------------------------------- agreeing before a collective
-MAX_DIMS = 8
-DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int16,
-          torch.int32, torch.int64, torch.bool)
-
-
-def _describe(tensor: torch.Tensor, *extra: int) -> list[int]:
-    """A fixed-size description of a tensor for the ranks to compare: extra values, the
-    dtype, the number of dimensions and the dimensions."""
-    code = DTYPES.index(tensor.dtype) if tensor.dtype in DTYPES else 99
-    dims = list(tensor.shape)[:MAX_DIMS]
-    return [*extra, code, tensor.dim(), *dims, *[-1] * (MAX_DIMS - len(dims))]
-
-
-def _agree(mine: list[int], device: torch.device) -> list[list[int]]:
-    """Every rank's description (one small all_gather; the collective after it needs one
-    of its own anyway: the first dimensions, the splits)."""
-    local = torch.tensor(mine, dtype=torch.int64, device=device)
-    everyone = [torch.empty_like(local) for _ in range(size())]
-    dist.all_gather(everyone, local)
-    return [row.tolist() for row in everyone]
+from .negotiate import (
+    ALLGATHER,
+    ALLREDUCE,
+    ALLTOALL,
+    BARRIER,
+    BROADCAST,
+    KIND_NAMES,
+    REDUCESCATTER,
+    Row,
+    check,
+    header,
+    rows,
+)
+from .process_sets import resolve as resolve_set
+from .torchdist import allreduce, rank, reduce_plain, size, synchronize
+from .world import exchange, inlined, joined_header, members, negotiate
 
 
-def _mismatch(op: str, rows: list[list[int]], extras: int, what: str,
-              same: Callable[[list[int]], list[int]] | None = None) -> None:
-    """HorovodInternalError on every rank alike when the ranks' tensors do not fit together.
-    Rows are ``_describe`` lists with ``extras`` leading values; ``same`` picks what must
-    be equal (default: all but the extras). Every rank sees every row, so all raise."""
-    pick = same or (lambda row: row[extras:])
-
-    def show(row: list[int]) -> str:
-        code, ndim = row[extras], row[extras + 1]
-        dtype = str(DTYPES[code]).replace("torch.", "") if code < len(DTYPES) else "other"
-        return f"{dtype} {tuple(row[extras + 2: extras + 2 + ndim])}"
-
-    for index, row in enumerate(rows[1:], start=1):
-        if pick(row) != pick(rows[0]):
-            raise HorovodInternalError(f"Mismatched {op}: rank 0 sent {show(rows[0])}, rank {index} sent {show(row)}; "
-                                       f"every rank must send the same dtype and {what}")
+def _start(task: Callable[[], Any], name: str | None, blocking: bool) -> Any:
+    if blocking:
+        check_name(name)
+        return run(task, name)
+    return submit(task, name)
 
 
 # ---------------------------------------------------------------- allgather
-def _allgather(tensor: torch.Tensor) -> torch.Tensor:
-    topo()
-    tensor = tensor.detach().contiguous()
-    shaped = widened(tensor if tensor.dim() else tensor.reshape(1))
-    rows = _agree(_describe(shaped.to(tensor.dtype) if not tensor.dim() else tensor), tensor.device)
-    # the first dimension may differ; the dtype and the other dimensions may not
-    _mismatch("allgather", rows, 0, "dimensions after the first", lambda row: [row[0], row[1], *row[3:]])
-    counts = [row[2] for row in rows]
-    padded = shaped.new_zeros((max(counts), *shaped.shape[1:]))
-    padded[: shaped.shape[0]] = shaped
-    parts = [torch.empty_like(padded) for _ in range(size())]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[:count] for part, count in zip(parts, counts)]).to(tensor.dtype)
+def _gather_rows(wide: torch.Tensor, counts: list[int], ps: Any) -> torch.Tensor:
+    """Every member's rows (``counts[i]`` from member i), concatenated."""
+    group, n, _me = members(ps)
+    padded = wide.new_zeros((max(counts), *wide.shape[1:]))
+    padded[: wide.shape[0]] = wide
+    parts = [torch.empty_like(padded) for _ in range(n)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([part[:count] for part, count in zip(parts, counts)])
+
+
+def _counts(everyone: list[Row] | None, mine: int, n: int) -> list[int]:
+    return [mine] * n if everyone is None else [row.dims[0] for row in everyone]
+
+
+def _allgather_task(tensor: torch.Tensor, ps: Any) -> Callable[[], tuple[torch.Tensor, list[int]]]:
+    def task() -> tuple[torch.Tensor, list[int]]:
+        flat = tensor.detach().contiguous()
+        shaped = flat if flat.dim() else flat.reshape(1)
+        everyone, _joined = negotiate(header(ALLGATHER, shaped), "allgather", ps)
+        counts = _counts(everyone, shaped.shape[0], members(ps)[1])
+        return _gather_rows(widened(shaped), counts, ps).to(flat.dtype), counts
+
+    return task
 
 
 class _AllgatherFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.dim = tensor.shape[0]
-        return _allgather(tensor)
+    def forward(ctx: Any, tensor: torch.Tensor, name: str | None, process_set: Any) -> torch.Tensor:  # type: ignore[override]
+        ps = resolve_set(process_set, "Allgather")
+        output, counts = _start(_allgather_task(tensor, ps), name, True)
+        ctx.process_set, ctx.counts, ctx.me = process_set, counts, members(ps)[2]
+        return output  # type: ignore[no-any-return]
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        reduced = allreduce(grad, op=Average)
-        dims = _allgather(torch.tensor([ctx.dim], dtype=torch.int64))
-        offset = int(dims[: rank()].sum().item())
-        return reduced.narrow(0, offset, ctx.dim)
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        reduced = allreduce(grad, op=Average, process_set=ctx.process_set)
+        offset = sum(ctx.counts[: ctx.me])
+        return reduced.narrow(0, offset, ctx.counts[ctx.me]), None, None
 
 
 def allgather(tensor: torch.Tensor, name: str | None = None, process_set: Any = None) -> torch.Tensor:
     """Concatenate every rank's tensor along dim 0 (first dimensions may differ)."""
-    return _AllgatherFn.apply(tensor)
+    return _AllgatherFn.apply(tensor, name, process_set)
 
 
 def allgather_async(tensor: torch.Tensor, name: str | None = None, process_set: Any = None) -> int:
-    output = _allgather(tensor)
-    return register(None, output, lambda: output)
+    task = _allgather_task(tensor, resolve_set(process_set, "Allgather"))
+    return submit(lambda: task()[0], name)
 
 
 def grouped_allgather(tensors: Sequence[torch.Tensor], name: str | None = None,
                       process_set: Any = None) -> list[torch.Tensor]:
-    return [allgather(t) for t in tensors]
+    return [allgather(t, process_set=process_set) for t in tensors]
+
+
+def grouped_allgather_async(tensors: Sequence[torch.Tensor], name: str | None = None,
+                            process_set: Any = None) -> int:
+    tasks = [_allgather_task(t, resolve_set(process_set, "Allgather")) for t in tensors]
+    return submit(lambda: [task()[0] for task in tasks], name)
+
+
+def _pickler() -> Any:
+    try:
+        import cloudpickle  # what Horovod uses: lambdas and local classes too
+
+        return cloudpickle
+    except ImportError:
+        import pickle
+
+        return pickle
 
 
 def allgather_object(obj: Any, name: str | None = None, process_set: Any = None) -> list[Any]:
+    """Every rank's picklable object, in rank order."""
     topo()
-    gathered: list[Any] = [None] * size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
+    pickler = _pickler()
+    data = torch.frombuffer(bytearray(pickler.dumps(obj)), dtype=torch.uint8)
+    gathered, counts = _start(_allgather_task(data, resolve_set(process_set, "Allgather")), name, True)
+    out, offset = [], 0
+    for count in counts:
+        out.append(pickler.loads(gathered[offset: offset + count].numpy().tobytes()))
+        offset += count
+    return out
 
 
 # ---------------------------------------------------------------- broadcast
-def broadcast_async_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
-                     process_set: Any = None) -> int:
-    topo()
-    check_name(name)
-    rows = _agree(_describe(tensor.data, root_rank), tensor.device)
-    roots = [row[0] for row in rows]
-    if len(set(roots)) > 1:
-        raise HorovodInternalError(f"Mismatched broadcast root ranks: the ranks named {roots} as root; every rank "
-                                   "must pass the same root_rank")
-    _mismatch("broadcast", rows, 1, "shape")
-    wide = widened(tensor.data)
-    work = dist.broadcast(wide, src=root_rank, async_op=True)
+def _broadcast_task(tensor: torch.Tensor, root_rank: int, ps: Any) -> Callable[[], torch.Tensor]:
+    _check_root(root_rank, ps)
 
-    def finish() -> torch.Tensor:
-        if wide is not tensor.data:
-            tensor.data.copy_(wide)
+    def task() -> torch.Tensor:
+        negotiate(header(BROADCAST, tensor.data, root=root_rank), "broadcast", ps)
+        _send_or_receive(tensor.data, root_rank, ps)
         return tensor
 
-    return register(work, tensor, finish, name)
+    return task
+
+
+def _check_root(root_rank: int, ps: Any) -> None:
+    """Horovod's rule: root_rank is a global rank, and a member of the set."""
+    if root_rank not in (ps.ranks if ps is not None else range(size())):
+        raise ValueError(f"broadcast received invalid root rank {root_rank} for provided process set")
+
+
+def _send_or_receive(tensor: torch.Tensor, root_rank: int, ps: Any) -> None:
+    group, _n, _me = members(ps)
+    wide = widened(tensor)
+    dist.broadcast(wide, src=root_rank, group=group)
+    if wide is not tensor:
+        tensor.copy_(wide)
+
+
+def broadcast_async_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
+                     process_set: Any = None) -> int:
+    return submit(_broadcast_task(tensor, root_rank, resolve_set(process_set, "Broadcast")), name)
 
 
 def broadcast_async(tensor: torch.Tensor, root_rank: int, name: str | None = None,
                     process_set: Any = None) -> int:
-    return broadcast_async_(tensor.detach().clone(), root_rank)
+    return broadcast_async_(tensor.detach().clone(), root_rank, name, process_set)
 
 
 def broadcast_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
                process_set: Any = None) -> torch.Tensor:
-    synchronize(broadcast_async_(tensor, root_rank))
-    return tensor
+    return _start(_broadcast_task(tensor, root_rank, resolve_set(process_set, "Broadcast")), name, True)  # type: ignore[no-any-return]
 
 
 class _BroadcastFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, tensor: torch.Tensor, root_rank: int) -> torch.Tensor:  # type: ignore[override]
-        ctx.root_rank = root_rank
-        return broadcast_(tensor.detach().clone(), root_rank)
+    def forward(ctx: Any, tensor: torch.Tensor, root_rank: int, name: str | None,  # type: ignore[override]
+                process_set: Any) -> torch.Tensor:
+        ctx.root_rank, ctx.process_set = root_rank, process_set
+        return broadcast_(tensor.detach().clone(), root_rank, name, process_set)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        reduced = allreduce(grad, op=Average)  # Horovod's rule: the root gets the average
+        reduced = allreduce(grad, op=Average, process_set=ctx.process_set)  # Horovod's rule: the root gets the average
         if rank() != ctx.root_rank:
             reduced = reduced * 0
-        return reduced, None
+        return reduced, None, None, None
 
 
 def broadcast(tensor: torch.Tensor, root_rank: int, name: str | None = None,
               process_set: Any = None) -> torch.Tensor:
     """``root_rank``'s tensor on every rank; the input is not modified."""
-    return _BroadcastFn.apply(tensor, root_rank)
+    return _BroadcastFn.apply(tensor, root_rank, name, process_set)
 
 
 def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None, process_set: Any = None) -> Any:
+    """``root_rank``'s picklable object on every rank."""
     topo()
-    box = [obj if rank() == root_rank else None]
-    dist.broadcast_object_list(box, src=root_rank)
-    return box[0]
+    pickler = _pickler()
+    ps = resolve_set(process_set, "Broadcast")
+    mine = rank() == root_rank
+    data = torch.frombuffer(bytearray(pickler.dumps(obj)), dtype=torch.uint8) if mine else None
+    count = torch.tensor([data.numel() if data is not None else 0], dtype=torch.int64)
+    _start(_broadcast_task(count, root_rank, ps), None, True)
+    if data is None:
+        data = torch.empty(int(count.item()), dtype=torch.uint8)
+    _start(_broadcast_task(data, root_rank, ps), None, True)
+    return pickler.loads(data.numpy().tobytes())
 
 
 def broadcast_parameters(params: Any, root_rank: int) -> None:
@@ -231,10 +267,9 @@ def _base_step(optimizer: torch.optim.Optimizer) -> None:
 
 
 # ---------------------------------------------------------------- alltoall
-def _alltoall(tensor: torch.Tensor, splits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    topo()
-    n = size()
-    tensor = tensor.detach().contiguous()
+def _alltoall_task(tensor: torch.Tensor, splits: torch.Tensor | None,
+                   ps: Any) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    group, n, me = members(ps)
     if splits is None:
         if tensor.shape[0] % n:
             raise ValueError(f"alltoall: the first dimension ({tensor.shape[0]}) cannot be split evenly "
@@ -247,23 +282,28 @@ def _alltoall(tensor: torch.Tensor, splits: torch.Tensor | None) -> tuple[torch.
         if len(send) != n or sum(send) != tensor.shape[0] or min(send) < 0:
             raise ValueError(f"alltoall: splits {send} must have {n} non-negative entries summing to "
                              f"the first dimension ({tensor.shape[0]})")
-    rows = _agree(_describe(tensor, *send), tensor.device)  # every rank's splits, dtype and shape
-    # the first dimension may differ; the dtype and the other dimensions may not
-    _mismatch("alltoall", rows, n, "dimensions after the first", lambda row: [row[n], row[n + 1], *row[n + 3:]])
-    me = rank()
-    recv = [row[me] for row in rows]
-    recv_t = torch.tensor(recv, dtype=torch.int64)
-    wide = widened(tensor)
-    output = wide.new_empty((sum(recv), *tensor.shape[1:]))
-    dist.all_to_all_single(output, wide, recv, send)
-    return output.to(tensor.dtype), recv_t.to(torch.int32)
+
+    def task() -> tuple[torch.Tensor, torch.Tensor]:
+        flat = tensor.detach().contiguous()
+        negotiate(header(ALLTOALL, flat), "alltoall", ps)
+        mine = torch.tensor(send, dtype=torch.int64)
+        everyone = [torch.empty_like(mine) for _ in range(n)]
+        dist.all_gather(everyone, mine, group=group)
+        recv = [int(row[me]) for row in everyone]
+        wide = widened(flat)
+        output = wide.new_empty((sum(recv), *flat.shape[1:]))
+        dist.all_to_all_single(output, wide, recv, send, group=group)
+        return output.to(flat.dtype), torch.tensor(recv, dtype=torch.int32)
+
+    return task
 
 
 class _AlltoallFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, tensor: torch.Tensor, splits: torch.Tensor | None) -> Any:  # type: ignore[override]
-        output, received = _alltoall(tensor, splits)
-        ctx.received = received
+    def forward(ctx: Any, tensor: torch.Tensor, splits: torch.Tensor | None, name: str | None,  # type: ignore[override]
+                process_set: Any) -> Any:
+        output, received = _start(_alltoall_task(tensor, splits, resolve_set(process_set, "Alltoall")), name, True)
+        ctx.received, ctx.process_set = received, process_set
         if splits is None:
             return output
         ctx.mark_non_differentiable(received)
@@ -271,21 +311,20 @@ class _AlltoallFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor, *_ignored: Any) -> tuple[Any, ...]:  # type: ignore[override]
-        back, _ = _alltoall(grad, ctx.received)
-        return back, None
+        back, _ = run(_alltoall_task(grad, ctx.received, resolve_set(ctx.process_set)))
+        return back, None, None, None
 
 
 def alltoall(tensor: torch.Tensor, splits: torch.Tensor | None = None, name: str | None = None,
              process_set: Any = None) -> Any:
     """Send slice i of dim 0 to rank i; returns the gathered slices (and received splits
     when ``splits`` was given)."""
-    return _AlltoallFn.apply(tensor, splits)
+    return _AlltoallFn.apply(tensor, splits, name, process_set)
 
 
 def alltoall_async(tensor: torch.Tensor, splits: torch.Tensor | None = None, name: str | None = None,
                    process_set: Any = None) -> int:
-    output, received = _alltoall(tensor, splits)
-    return register(None, output, lambda: (output, received))
+    return submit(_alltoall_task(tensor, splits, resolve_set(process_set, "Alltoall")), name)
 
 
 # ---------------------------------------------------------------- reducescatter
@@ -294,31 +333,38 @@ def _rows(total: int, n: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(n)]
 
 
-def _reducescatter(tensor: torch.Tensor, op: int, pre: float, post: float) -> torch.Tensor:
-    topo()
+def _reducescatter_task(tensor: torch.Tensor, op: int, pre: float, post: float,
+                        ps: Any) -> Callable[[], torch.Tensor]:
     if tensor.dim() == 0:
         raise ValueError("reducescatter needs a tensor with at least one dimension")
-    work = tensor.detach().clone().contiguous()
-    scale(work, pre)
-    dist.all_reduce(work, op=torch_op(op))
-    rows = _rows(work.shape[0], size())
-    start = sum(rows[: rank()])
-    mine = work.narrow(0, start, rows[rank()]).clone()
-    return finish_average(mine, op, post)
+
+    def task() -> torch.Tensor:
+        _group, n, me = members(ps)
+        work = tensor.detach().clone().contiguous()
+        scale(work, pre)
+        negotiate(header(REDUCESCATTER, work, op, 0, pre, post), "reducescatter", ps)
+        reduce_plain(work, op, ps)
+        rows = _rows(work.shape[0], n)
+        mine = work.narrow(0, sum(rows[:me]), rows[me]).clone()
+        return finish_average(mine, op, post, n)
+
+    return task
 
 
 class _ReducescatterFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, tensor: torch.Tensor, op: int, pre: float, post: float) -> torch.Tensor:  # type: ignore[override]
-        ctx.op, ctx.pre, ctx.post = op, pre, post
-        return _reducescatter(tensor, op, pre, post)
+    def forward(ctx: Any, tensor: torch.Tensor, op: int, pre: float, post: float, name: str | None,  # type: ignore[override]
+                process_set: Any) -> torch.Tensor:
+        ctx.op, ctx.pre, ctx.post, ctx.process_set = op, pre, post, process_set
+        return _start(_reducescatter_task(tensor, op, pre, post, resolve_set(process_set, "Reducescatter")),  # type: ignore[no-any-return]
+                      name, True)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         if ctx.op == Sum:
-            grad = grad * size()
+            grad = grad * members(resolve_set(ctx.process_set))[1]
         grad = grad * ctx.pre * ctx.post
-        return allgather(grad), None, None, None
+        return allgather(grad, process_set=ctx.process_set), None, None, None, None, None
 
 
 def reducescatter(tensor: torch.Tensor, name: str | None = None, compression: Any = Compression.none,
@@ -326,15 +372,15 @@ def reducescatter(tensor: torch.Tensor, name: str | None = None, compression: An
                   postscale_factor: float = 1.0) -> torch.Tensor:
     """Reduce over all ranks, then give rank i its block of rows (lower ranks get the extra)."""
     compressed, cctx = compression.compress(tensor)
-    reduced = _ReducescatterFn.apply(compressed, op, prescale_factor, postscale_factor)
+    reduced = _ReducescatterFn.apply(compressed, op, prescale_factor, postscale_factor, name, process_set)
     return compression.decompress(reduced, cctx)
 
 
 def reducescatter_async(tensor: torch.Tensor, name: str | None = None, op: int = Average,
                         process_set: Any = None, prescale_factor: float = 1.0,
                         postscale_factor: float = 1.0) -> int:
-    output = _reducescatter(tensor, op, prescale_factor, postscale_factor)
-    return register(None, output, lambda: output)
+    ps = resolve_set(process_set, "Reducescatter")
+    return submit(_reducescatter_task(tensor, op, prescale_factor, postscale_factor, ps), name)
 
 
 def grouped_reducescatter(tensors: Sequence[torch.Tensor], name: str | None = None,
@@ -348,52 +394,73 @@ def grouped_reducescatter(tensors: Sequence[torch.Tensor], name: str | None = No
 def grouped_reducescatter_async(tensors: Sequence[torch.Tensor], name: str | None = None, op: int = Average,
                                 process_set: Any = None, prescale_factor: float = 1.0,
                                 postscale_factor: float = 1.0) -> int:
-    outputs = [_reducescatter(t, op, prescale_factor, postscale_factor) for t in tensors]
-    return register(None, outputs[0] if outputs else torch.empty(0), lambda: outputs, name)
+    tasks = [_reducescatter_task(t, op, prescale_factor, postscale_factor, resolve_set(process_set, "Reducescatter"))
+             for t in tensors]
+    return submit(lambda: [task() for task in tasks], name)
 
 
 # ---------------------------------------------------------------- sparse
 def sparse_allreduce_async(tensor: torch.Tensor, name: str, op: int, process_set: Any = None) -> Any:
     """Horovod's sparse reduction: every rank's indices and values gathered (a sparse
-    tensor of the sum, or average); returns a function that gives the result."""
+    tensor of the sum, or average); returns a function that waits and gives the result."""
     sparse = tensor.coalesce() if not tensor.is_coalesced() else tensor
-    indices = allgather(sparse.indices().transpose(0, 1).contiguous())
-    values = allgather(sparse.values())
+    indices_handle = allgather_async(sparse.indices().transpose(0, 1).contiguous(), name=f"{name}.indices",
+                                     process_set=process_set)
+    values_handle = allgather_async(sparse.values(), name=f"{name}.values", process_set=process_set)
+    n = members(resolve_set(process_set, "Allgather"))[1]
 
     def handle() -> torch.Tensor:
-        reduced = values / size() if op == Average else values
-        if indices.dim() == 0 or reduced.dim() == 0:
+        values = synchronize(values_handle)
+        indices = synchronize(indices_handle)
+        if op == Average:
+            values = values / n
+        if indices.dim() == 0 or values.dim() == 0:
             return tensor.new().resize_as_(tensor)
-        return torch.sparse_coo_tensor(indices.transpose(0, 1), reduced, tensor.size())
+        return torch.sparse_coo_tensor(indices.transpose(0, 1), values, tensor.size())
 
     return handle
 
 
 # ---------------------------------------------------------------- barrier / join
 def barrier(process_set: Any = None) -> None:
-    topo()
-    dist.barrier()
+    """Return once every member has called barrier (the round itself is the meeting)."""
+    ps = resolve_set(process_set, "Barrier")
+    run(lambda: negotiate(header(BARRIER), "barrier", ps))
 
 
 def join(device: int = -1) -> int:
-    """Wait until every rank has joined; return the rank that joined last.
-
-    Unlike Horovod, ranks that joined early do not stand in (with zeros) for collectives
-    the others still issue: every rank must have issued the same collectives before
-    calling join() (true for equal-sized shards). For uneven data, use real Horovod.
-    """
-    import time
-
+    """This rank has run out of work: until every rank has joined, stand in for it with
+    zeros in the others' allreduces (their Average still divides by every rank), as
+    Horovod does; other collectives fail on the active ranks meanwhile. Returns the rank
+    that joined last."""
     topo()
-    stamp = torch.tensor([time.time()], dtype=torch.float64)
-    stamps = [torch.empty_like(stamp) for _ in range(size())]
-    dist.all_gather(stamps, stamp)
-    return int(torch.stack(stamps).argmax().item())
+    return run(_join_loop)  # type: ignore[no-any-return]
+
+
+def _join_loop() -> int:
+    n = size()
+    mine = joined_header(state.rounds)
+    while True:
+        everyone = rows(exchange(mine), n)
+        if all(row.joined for row in everyone):
+            return max(range(n), key=lambda i: (everyone[i].join_round, i))
+        active = next(row for row in everyone if not row.joined)
+        try:
+            check(everyone[rank()], everyone, KIND_NAMES.get(active.kind, "collective"))
+        except HorovodInternalError:
+            continue  # the active ranks raise it; this one keeps standing by
+        if active.kind == ALLREDUCE and not (state.channel != "shm" and inlined(active)):
+            zeros = torch.zeros(active.shape, dtype=active.torch_dtype)
+            if active.op == Adasum:  # a zero vector changes nothing
+                adasum.reduce(zeros)
+            else:
+                reduce_plain(zeros, active.op)
+        # BARRIER: the round was all of it
 
 
 __all__ = [
-    "allgather", "allgather_async", "grouped_allgather", "allgather_object", "broadcast", "broadcast_",
-    "broadcast_async", "broadcast_async_", "broadcast_object", "broadcast_parameters",
+    "allgather", "allgather_async", "grouped_allgather", "grouped_allgather_async", "allgather_object",
+    "broadcast", "broadcast_", "broadcast_async", "broadcast_async_", "broadcast_object", "broadcast_parameters",
     "broadcast_optimizer_state", "alltoall", "alltoall_async", "reducescatter", "reducescatter_async",
     "grouped_reducescatter", "grouped_reducescatter_async", "sparse_allreduce_async", "barrier", "join",
 ]

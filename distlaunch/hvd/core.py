@@ -32,16 +32,33 @@ class State:
     owns_group: bool = True  # hvd.init made the default process group (shutdown destroys it)
     shm: Any = None  # the ShmAllreduce segment, once made
     shm_unavailable: bool = False  # the nodes hold different rank counts: gloo it is
-    handles: dict[int, tuple[Any, torch.Tensor, Callable[[], Any]]] = field(default_factory=dict)
+    handles: dict[int, Any] = field(default_factory=dict)  # handle -> its Future, until synchronized
     next_handle: Any = field(default_factory=itertools.count)
     names: dict[int, str] = field(default_factory=dict)  # handle -> the name it was given, while in flight
+    engine: Any = None  # engine.Engine: runs the collectives in order
+    channel: str | None = None  # how rounds go: "shm" (one node's segment) or "gloo"; fixed at first use
+    rounds: int = 0  # negotiation rounds so far (the same count on every rank)
+    device: Any = None  # where headers travel (cuda with nccl)
+    process_sets: dict[int, Any] = field(default_factory=dict)  # id -> ProcessSet, the global one is 0
+    timeline: Any = None  # timeline.Timeline while hvd.start_timeline records
+    dynamic_sets: bool = False  # process sets may be added after init
+    mpi_world: bool = False  # MPI launched the ranks: rounds may go through MPI
+    inline_ok: bool = False  # small allreduces may ride in a gloo round (gloo backend)
+    shm_mode: str = "auto"  # DISTLAUNCH_HVD_ALLREDUCE, read at init
+    shm_min_bytes: int = 0  # DISTLAUNCH_HVD_SHM_MIN_BYTES, read at init
 
     def reset(self) -> None:
+        if self.engine is not None:
+            self.engine.drain(timeout=10.0)
+        if self.timeline is not None:
+            self.timeline.close()
         if self.shm is not None:
             self.shm.close()
         self.topology, self.shm, self.shm_unavailable, self.owns_group = None, None, False, True
+        self.channel, self.rounds, self.engine, self.timeline = None, 0, None, None
         self.handles.clear()
         self.names.clear()
+        self.process_sets.clear()
 
 
 state = State()
@@ -79,12 +96,13 @@ def scale(tensor: torch.Tensor, factor: float) -> None:
             tensor.copy_((tensor.double() * factor).to(tensor.dtype))
 
 
-def finish_average(tensor: torch.Tensor, op: int, postscale: float) -> torch.Tensor:
+def finish_average(tensor: torch.Tensor, op: int, postscale: float, divisor: int | None = None) -> torch.Tensor:
     if op == Average:
+        divisor = topo().size if divisor is None else divisor
         if tensor.dtype.is_floating_point or tensor.is_complex():
-            tensor.div_(topo().size)
+            tensor.div_(divisor)
         else:  # as Horovod: integer averages round toward zero
-            tensor.copy_(torch.div(tensor, topo().size, rounding_mode="trunc"))
+            tensor.copy_(torch.div(tensor, divisor, rounding_mode="trunc"))
     scale(tensor, postscale)
     return tensor
 
@@ -100,11 +118,16 @@ def check_name(name: str | None) -> None:
         raise ValueError(DUPLICATE_NAME)
 
 
-def register(work: Any, output: torch.Tensor, finish: Callable[[], Any], name: str | None = None) -> int:
-    """A Horovod-style integer handle for an operation in flight (``work`` None: done)."""
+def run(task: Callable[[], Any], name: str | None = None) -> Any:
+    """Run a collective now, in order behind any still in flight (see engine)."""
+    return state.engine.run(task, name)
+
+
+def submit(task: Callable[[], Any], name: str | None = None) -> int:
+    """Queue a collective; a Horovod-style integer handle for it (name checked first)."""
     check_name(name)
     handle = next(state.next_handle)
-    state.handles[handle] = (work, output, finish)
+    state.handles[handle] = state.engine.submit(task, name)
     if name is not None:
         state.names[handle] = name
     return handle

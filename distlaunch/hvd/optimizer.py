@@ -6,6 +6,12 @@ bucket before it are ready. Buckets are fixed up front (parameters in reverse or
 grouped by dtype, up to ``HOROVOD_FUSION_THRESHOLD`` bytes, 128 MiB by default, 0 for
 no fusion), so every rank issues the same collectives in the same order.
 ``step()`` waits for the buckets, copies the results back and then steps.
+
+Sparse gradients (``nn.Embedding(sparse=True)``) are densified into their bucket with
+``sparse_as_dense=True``; otherwise each is reduced on its own as Horovod does (every
+rank's indices and values gathered). With ``op=hvd.Adasum`` the optimizer is Horovod's
+delta optimizer: each rank steps on its own gradients, and the parameter changes are
+combined by Adasum.
 """
 from __future__ import annotations
 
@@ -18,7 +24,10 @@ from typing import Any
 import torch
 
 from . import torchdist as ops
+from .collectives import sparse_allreduce_async
 from .compression import Compression
+from .process_sets import resolve as resolve_set
+from .world import members
 
 DEFAULT_FUSION_THRESHOLD = 128 * 1024 * 1024
 
@@ -55,8 +64,12 @@ class _DistributedMixin:
     """Mixed into the user's optimizer class; see ``DistributedOptimizer``."""
 
     def __init__(self, params: Any, named_parameters: Any, compression: Any,
-                 backward_passes_per_step: int, op: int, gradient_predivide_factor: float) -> None:
+                 backward_passes_per_step: int, op: int, gradient_predivide_factor: float,
+                 sparse_as_dense: bool = False, process_set: Any = None) -> None:
         super().__init__(params)  # type: ignore[call-arg]
+        self._sparse_as_dense = sparse_as_dense
+        self._process_set = process_set
+        self._sparse: dict[int, Any] = {}  # id(param) -> the function giving its reduced sparse gradient
         if op != ops.Average and gradient_predivide_factor != 1.0:
             raise ValueError("gradient_predivide_factor not supported with op != Average")
         self._compression = compression
@@ -72,7 +85,10 @@ class _DistributedMixin:
         self._next_launch = 0
         self._synchronized = False
         self._should_sync = True
-        if ops.size() > 1:
+        self._ordered = ordered
+        outside = process_set is not None and not process_set.included()
+        self._size = 1 if outside else members(resolve_set(process_set))[1]  # outside the set: a plain optimizer
+        if self._size > 1 and op != ops.Adasum:
             for param in ordered:
                 param.register_post_accumulate_grad_hook(self._grad_ready)
 
@@ -99,17 +115,26 @@ class _DistributedMixin:
         for param in bucket.params:
             if param.grad is None:  # unused this step: reduce zeros so all ranks agree
                 param.grad = torch.zeros_like(param)
+            if param.grad.is_sparse:
+                if not self._sparse_as_dense:
+                    self._sparse[id(param)] = sparse_allreduce_async(
+                        param.grad, self._names[id(param)], self._op, self._process_set)
+                    grads.append(torch.zeros(param.numel(), dtype=param.dtype))  # its place in the bucket
+                    continue
+                param.grad = param.grad.to_dense()
             grads.append(param.grad.reshape(-1))
         flat = torch.cat(grads) if len(grads) > 1 else grads[0].clone()
         bucket.flat, bucket.ctx = self._compression.compress(flat)
         bucket.handle = ops.allreduce_async_(
             bucket.flat, op=self._op, prescale_factor=self._pre,
-            postscale_factor=self._post if self._op == ops.Average else 1.0,
+            postscale_factor=self._post if self._op == ops.Average else 1.0, process_set=self._process_set,
         )
 
     def synchronize(self) -> None:
         """Finish reducing every gradient (called by ``step`` unless done already)."""
-        if ops.size() > 1:
+        if self._size > 1 and self._op == ops.Adasum:
+            return  # the delta optimizer reduces in step()
+        if self._size > 1:
             self._launch_ready(force=True)
             for bucket in self._buckets:
                 assert bucket.handle is not None
@@ -118,7 +143,11 @@ class _DistributedMixin:
                 for param in bucket.params:
                     assert param.grad is not None
                     count = param.numel()
-                    param.grad.copy_(reduced[offset : offset + count].view_as(param.grad))
+                    sparse = self._sparse.pop(id(param), None)
+                    if sparse is not None:
+                        param.grad = sparse()
+                    else:
+                        param.grad.copy_(reduced[offset : offset + count].view_as(param.grad))
                     offset += count
                 bucket.ready.clear()
                 bucket.handle = bucket.flat = None
@@ -135,7 +164,23 @@ class _DistributedMixin:
         finally:
             self._should_sync = True
 
+    def _adasum_step(self, closure: Any) -> Any:
+        """Horovod's delta optimizer: step locally, then combine the changes by Adasum."""
+        starts = [param.detach().clone() for param in self._ordered]
+        loss = super().step(closure)  # type: ignore[misc]
+        handles = []
+        for param, start in zip(self._ordered, starts):
+            delta = (param.detach() - start).contiguous()
+            compressed, ctx = self._compression.compress(delta)
+            handles.append((ops.allreduce_async_(compressed, op=ops.Adasum, process_set=self._process_set), ctx))
+        for param, start, (handle, ctx) in zip(self._ordered, starts, handles):
+            delta = self._compression.decompress(ops.synchronize(handle), ctx)
+            param.data.copy_(start + delta)
+        return loss
+
     def step(self, closure: Any = None) -> Any:
+        if self._op == ops.Adasum and self._size > 1:
+            return self._adasum_step(closure)
         if self._should_sync:
             if self._synchronized:  # as Horovod: reduce again, and say why that is slow
                 warnings.warn("optimizer.step() called without optimizer.skip_synchronize() context after "
@@ -177,8 +222,6 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any
                          num_groups: int = 0, groups: Any = None, sparse_as_dense: bool = False,
                          process_set: Any = None) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` so that ``step()`` applies gradients averaged over all ranks."""
-    if op == ops.Adasum:
-        ops.torch_op(op)  # raises the explanatory NotImplementedError
     cls = type(optimizer.__class__.__name__, (_DistributedMixin, optimizer.__class__), {})
     return cls(optimizer.param_groups, named_parameters, compression,  # type: ignore[call-arg,no-any-return]
-               backward_passes_per_step, op, gradient_predivide_factor)
+               backward_passes_per_step, op, gradient_predivide_factor, sparse_as_dense, process_set)

@@ -28,11 +28,19 @@ then copied out inside the node as above. That needs the same rank count on ever
 Small buffers there are reduced in the node by every rank and then allreduced across by
 every rank too (latency over bandwidth), so the small path stops at ``SMALL_ACROSS``.
 
+Negotiation rides on the first barrier of a call: with ``header=``, each rank also
+writes a fixed-size description of its call into its header slot of the step's set,
+and after the first barrier ``check`` sees every rank's header before anything is
+reduced; if it raises, every rank raises alike at the same point (each has consumed one
+set), so the segment stays in step. ``exchange`` is the same round with no data: a
+collective that is not a shared-memory allreduce agrees through it.
+
 Works for numpy arrays of any numeric dtype numpy can add (and torch CPU tensors via
 ``numpy()``); ops: sum, min, max, prod.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -42,6 +50,7 @@ SEGMENT = 64 << 20  # at most this much shared memory per communicator
 SMALL = 1 << 20  # buffers up to this many bytes, all ranks together, take the one-barrier path
 SMALL_ACROSS = 64 << 10  # the same, with several nodes
 SETS = 3  # slot sets in rotation: copy-in, reduce and copy-out of three steps at once
+HEADER = 144  # bytes of a rank's header slot (negotiate.HEADER's size)
 UFUNCS = {"sum": np.add, "min": np.minimum, "max": np.maximum, "prod": np.multiply}
 MPI_OPS = {"sum": "SUM", "min": "MIN", "max": "MAX", "prod": "PROD"}
 
@@ -70,10 +79,12 @@ class ShmAllreduce:
         self.small = min(small // self.size, self.chunk)  # the one-barrier path reads n times the buffer
         self._views: dict[tuple[int, np.dtype], list[np.ndarray]] = {}
         # one slot per rank and set; a slot holds a whole step (the small path needs that)
-        nbytes = SETS * self.size * self.chunk if self.rank == 0 else 0
+        self.headers_at = SETS * self.size * self.chunk
+        nbytes = self.headers_at + SETS * self.size * HEADER if self.rank == 0 else 0
         self.win = MPI.Win.Allocate_shared(nbytes, 1, comm=self.comm)
         buf, _itemsize = self.win.Shared_query(0)
         self.memory = np.frombuffer(buf, dtype=np.uint8)
+        self.raw = memoryview(self.memory)
         self.steps = 0  # steps done so far, over all calls: picks the slot set
         self.comm.Barrier()
 
@@ -89,6 +100,23 @@ class ShmAllreduce:
         if self.cross is not None and buf.size:
             self.cross.Allreduce(self._mpi.IN_PLACE, buf, op=getattr(self._mpi, MPI_OPS[op]))
 
+    def _write_header(self, header: bytes) -> int:
+        """Put this rank's header in the next step's set; returns where that set's headers start."""
+        start = self.headers_at + (self.steps % SETS) * self.size * HEADER
+        mine = start + self.rank * HEADER
+        self.raw[mine:mine + len(header)] = header
+        return start
+
+    def _headers(self, start: int) -> bytes:
+        return self.raw[start:start + self.size * HEADER].tobytes()
+
+    def exchange(self, header: bytes) -> bytes:
+        """Every local rank's header, concatenated in rank order (one barrier; one set)."""
+        start = self._write_header(header)
+        self.steps += 1
+        self.comm.Barrier()
+        return self._headers(start)
+
     def _slots(self, dtype: np.dtype, count: int) -> list[np.ndarray]:
         """The next step's slots (one per rank) as ``count`` elements of ``dtype``."""
         key = (self.steps % SETS, dtype)
@@ -100,8 +128,12 @@ class ShmAllreduce:
                                         for i in range(self.size)]
         return [slot[:count] for slot in whole]
 
-    def allreduce(self, send: np.ndarray, recv: np.ndarray, op: str = "sum") -> np.ndarray:
-        """recv = op over all ranks of send (same shape and dtype everywhere); recv may be send."""
+    def allreduce(self, send: np.ndarray, recv: np.ndarray, op: str = "sum", header: bytes | None = None,
+                  check: Callable[[bytes], None] | None = None) -> np.ndarray:
+        """recv = op over all ranks of send (same shape and dtype everywhere); recv may be send.
+        With ``header``, ``check(all headers)`` runs after the first barrier, before any
+        rank reads another's data (only on one node: ``cross`` must be None)."""
+        self._header, self._check = header, check
         ufunc = UFUNCS[op]
         if not (send.flags.c_contiguous and recv.flags.c_contiguous) or send.shape != recv.shape:
             raise ValueError("shared-memory allreduce needs contiguous send and recv of the same shape")
@@ -116,9 +148,12 @@ class ShmAllreduce:
         return recv
 
     def _small(self, flat_in: np.ndarray, flat_out: np.ndarray, ufunc: Any, op: str) -> None:
+        start = self._write_header(self._header) if self._header is not None else 0
         slots = self._slots(flat_in.dtype, flat_in.size)
         slots[self.rank][:] = flat_in
         self.comm.Barrier()
+        if self._header is not None:
+            self._check(self._headers(start))
         ufunc(slots[0], slots[1], out=flat_out)
         for other in slots[2:]:
             ufunc(flat_out, other, out=flat_out)
@@ -148,6 +183,8 @@ class ShmAllreduce:
                     self._across(acc, op)
                     flat_out[start + lo:start + hi] = acc
             if k < len(steps):  # copy in step k: my inputs for the other ranks' slices
+                if k == 0 and self._header is not None:
+                    headers_at = self._write_header(self._header)
                 start, count = steps[k]
                 slots.append(self._slots(flat_in.dtype, count))
                 for r, (lo, hi) in enumerate(cuts[count]):
@@ -155,3 +192,5 @@ class ShmAllreduce:
                         slots[k][me][lo:hi] = flat_in[start + lo:start + hi]
             if k <= len(steps):
                 self.comm.Barrier()
+                if k == 0 and self._header is not None:
+                    self._check(self._headers(headers_at))

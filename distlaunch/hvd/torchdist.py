@@ -22,10 +22,10 @@ import torch
 import torch.distributed as dist
 
 from ..rank.rankinfo import MPI_SOURCES, from_environ
+from . import adasum, world
 from .compression import Compression
 from .core import (
     OP_NAMES,
-    SHM_OPS,
     Adasum,
     Average,
     HorovodInternalError,
@@ -35,16 +35,20 @@ from .core import (
     Sum,
     check_name,
     finish_average,
-    register,
     resolve_op,
     scale,
     state,
+    submit,
     topo,
     torch_op,
+    widened,
 )
+from .engine import Engine
+from .negotiate import ALLREDUCE, header
+from .process_sets import ProcessSet, add_process_set, global_process_set, remove_process_set, setup
+from .process_sets import resolve as resolve_set
 from .rendezvous import group_topology, join, mpi_topology, single_topology
-
-SHM_MIN_BYTES = 0  # auto mode: shared memory from this size up (it beat gloo at every size measured)
+from .timeline import from_environment, start_timeline, stop_timeline
 
 
 # ---------------------------------------------------------------- set-up and topology
@@ -73,7 +77,12 @@ def init(comm: Any = None, process_sets: Any = None) -> None:
         state.topology, state.owns_group = topo, True
         atexit.register(shutdown)  # as Horovod does: gloo's threads gone before the interpreter is
     # the shared-memory allreduce meets through MPI: only where the world is MPI's
-    state.shm_unavailable = not (info.source in MPI_SOURCES or info.pmi)
+    state.mpi_world = info.source in MPI_SOURCES or info.pmi
+    state.shm_unavailable = not state.mpi_world
+    state.engine = Engine()
+    world.settings()
+    setup(process_sets)
+    from_environment()
     if topo.size > 1:
         _abort_on_uncaught_exception()
 
@@ -173,79 +182,82 @@ def ddl_built() -> bool:
 
 # ---------------------------------------------------------------- handles
 def poll(handle: int) -> bool:
-    work = state.handles[handle][0]
-    return work is None or bool(work.is_completed())
+    """True once the operation behind ``handle`` has finished (its peers included)."""
+    if handle not in state.handles:
+        raise ValueError(f"Handle {handle} was not created or has been cleared.")
+    return bool(state.handles[handle].done())
 
 
-def synchronize(handle: int) -> torch.Tensor | None:
+def synchronize(handle: int) -> Any:
+    """Wait for ``handle``'s operation; its result (a failure: HorovodInternalError)."""
     if handle not in state.handles:
         return None
-    work, _output, finish = state.handles.pop(handle)
+    future = state.handles.pop(handle)
     state.names.pop(handle, None)
     try:
-        if work is not None:
-            work.wait()
+        return future.result()
+    except (HorovodInternalError, ValueError):
+        raise
     except RuntimeError as exc:
         raise HorovodInternalError(str(exc)) from exc
-    return finish()
 
 
 # ---------------------------------------------------------------- allreduce
-def _use_shm(tensor: torch.Tensor, op: int) -> bool:
-    """Shared-memory allreduce (DISTLAUNCH_HVD_ALLREDUCE=shm, or auto from
-    DISTLAUNCH_HVD_SHM_MIN_BYTES up): CPU tensors numpy can add. The inputs of the choice
-    are the same on every rank, so all ranks choose alike; the node layout is checked
-    collectively when the segment is made (see ``_shm_segment``)."""
-    mode = os.environ.get("DISTLAUNCH_HVD_ALLREDUCE", "auto")
-    if mode == "gloo" or state.shm_unavailable or topo().size == 1 or op not in SHM_OPS:
-        return False
-    if tensor.device.type != "cpu" or tensor.dtype in (torch.bfloat16, torch.bool) or tensor.is_complex():
-        return False
-    if mode != "shm":
-        threshold = int(os.environ.get("DISTLAUNCH_HVD_SHM_MIN_BYTES", SHM_MIN_BYTES))
-        if tensor.numel() * tensor.element_size() < threshold:
-            return False
-    return _shm_segment() is not None
+def reduce_plain(output: torch.Tensor, op: int, ps: Any = None) -> None:
+    """``output`` reduced in place over the set's members, no round (it was had)."""
+    if ps is None and world.use_shm(output, op):
+        world.shm_allreduce(output, op)
+        return
+    wide = widened(output)
+    dist.all_reduce(wide, op=torch_op(op), group=ps.group if ps is not None else None)
+    if wide is not output:
+        output.copy_(wide)
 
 
-def _shm_segment() -> Any:
-    """The shared segment, made on first use by every rank at once; None (and gloo from
-    then on) when the nodes hold different numbers of ranks, which every rank learns alike."""
-    if state.shm is None and not state.shm_unavailable:
-        from mpi4py import MPI
+def _allreduce_task(tensor: torch.Tensor, output: torch.Tensor, op: int, pre: float, post: float,
+                    ps: Any) -> Any:
+    def task() -> torch.Tensor:
+        if state.channel is None:
+            world.channel()  # the first collective settles how rounds go
+        if output is not tensor:
+            output.copy_(tensor)
+        if pre != 1.0:
+            scale(output, pre)
+        head = header(ALLREDUCE, output, op, 0, pre, post)
+        if ps is None and op != Adasum and state.channel == "shm" and world.use_shm(output, op):
+            if world.shm_allreduce(output, op, head):  # some ranks joined: reduce again, with their zeros
+                world.shm_allreduce(output, op)
+            return finish_average(output, op, post, state.topology.size)  # type: ignore[union-attr]
+        _group, size, _me = world.members(ps)
+        if op == Adasum:
+            world.negotiate(head, "allreduce", ps)
+            output.copy_(adasum.reduce(output, ps))
+            if post != 1.0:
+                scale(output, post)
+            return output
+        if size > 1 and (ps is not None or state.channel != "shm") and world.inlines(output, op):
+            world.inline_allreduce(output, op, head, ps)  # small: the data rides in the round itself
+        else:
+            world.negotiate(head, "allreduce", ps)
+            reduce_plain(output, op, ps)
+        return finish_average(output, op, post, size)
 
-        from .shm_allreduce import ShmAllreduce
-
-        try:
-            state.shm = ShmAllreduce(MPI.COMM_WORLD)
-        except ValueError as exc:
-            if os.environ.get("DISTLAUNCH_HVD_ALLREDUCE") == "shm" and topo().rank == 0:
-                print(f"distlaunch.hvd: {exc}; allreduce goes through gloo", file=sys.stderr)
-            state.shm_unavailable = True
-    return state.shm
+    return task
 
 
-def _shm_allreduce(output: torch.Tensor, op: int) -> None:
-    flat = output if output.is_contiguous() else output.contiguous()
-    array = flat.numpy()
-    _shm_segment().allreduce(array, array, SHM_OPS[op])
-    if flat is not output:
-        output.copy_(flat)
-
-
-def _allreduce_async(tensor: torch.Tensor, output: torch.Tensor, op: int,
-                     prescale_factor: float, postscale_factor: float, name: str | None = None) -> int:
-    topo()
-    check_name(name)
-    if output is not tensor:
-        output.copy_(tensor)
-    scale(output, prescale_factor)
-    if _use_shm(output, op):
-        _shm_allreduce(output, op)
-        work = None
-    else:
-        work = dist.all_reduce(output, op=torch_op(op), async_op=True)
-    return register(work, output, lambda: finish_average(output, op, postscale_factor), name)
+def _allreduce_async(tensor: torch.Tensor, output: torch.Tensor, op: int, pre: float, post: float,
+                     name: str | None, process_set: Any, blocking: bool = False) -> Any:
+    if state.topology is None:
+        topo()
+    ps = None if process_set is None else resolve_set(process_set, "Allreduce")
+    if op == Adasum:
+        adasum.check(tensor, ps)
+    task = _allreduce_task(tensor, output, op, pre, post, ps)
+    if blocking:
+        if name is not None:
+            check_name(name)
+        return state.engine.run(task, name)
+    return submit(task, name)
 
 
 def allreduce_async(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
@@ -253,26 +265,29 @@ def allreduce_async(tensor: torch.Tensor, average: bool | None = None, name: str
                     postscale_factor: float = 1.0, process_set: Any = None) -> int:
     output = torch.empty_like(tensor.detach(), memory_format=torch.contiguous_format)
     return _allreduce_async(tensor.detach(), output, resolve_op(op, average), prescale_factor, postscale_factor,
-                            name)
+                            name, process_set)  # type: ignore[no-any-return]
 
 
 def allreduce_async_(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
                      op: int | None = None, prescale_factor: float = 1.0,
                      postscale_factor: float = 1.0, process_set: Any = None) -> int:
-    return _allreduce_async(tensor, tensor, resolve_op(op, average), prescale_factor, postscale_factor, name)
+    return _allreduce_async(tensor, tensor, resolve_op(op, average), prescale_factor,  # type: ignore[no-any-return]
+                            postscale_factor, name, process_set)
 
 
 class _AllreduceFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, tensor: torch.Tensor, op: int, pre: float, post: float) -> torch.Tensor:  # type: ignore[override]
-        ctx.op, ctx.pre, ctx.post = op, pre, post
-        result = synchronize(allreduce_async(tensor, op=op, prescale_factor=pre, postscale_factor=post))
-        assert result is not None
-        return result
+    def forward(ctx: Any, tensor: torch.Tensor, op: int, pre: float, post: float, name: str | None,  # type: ignore[override]
+                process_set: Any) -> torch.Tensor:
+        ctx.op, ctx.pre, ctx.post, ctx.process_set = op, pre, post, process_set
+        output = torch.empty_like(tensor.detach(), memory_format=torch.contiguous_format)
+        return _allreduce_async(tensor.detach(), output, op, pre, post, name,  # type: ignore[no-any-return]
+                                process_set, blocking=True)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        return allreduce(grad, op=ctx.op, prescale_factor=ctx.pre, postscale_factor=ctx.post), None, None, None
+        return (allreduce(grad, op=ctx.op, prescale_factor=ctx.pre, postscale_factor=ctx.post,
+                          process_set=ctx.process_set), None, None, None, None, None)
 
 
 def allreduce(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
@@ -282,30 +297,48 @@ def allreduce(tensor: torch.Tensor, average: bool | None = None, name: str | Non
     """Reduce ``tensor`` over all ranks (Average by default); the input is not modified."""
     op = resolve_op(op, average)
     compressed, cctx = compression.compress(tensor)
-    reduced = _AllreduceFn.apply(compressed, op, prescale_factor, postscale_factor)
+    reduced = _AllreduceFn.apply(compressed, op, prescale_factor, postscale_factor, name, process_set)
     return compression.decompress(reduced, cctx)
 
 
 def allreduce_(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
                op: int | None = None, prescale_factor: float = 1.0,
                postscale_factor: float = 1.0, process_set: Any = None) -> torch.Tensor:
-    result = synchronize(allreduce_async_(tensor, average, name, op, prescale_factor, postscale_factor))
-    assert result is not None
-    return result
+    return _allreduce_async(tensor, tensor, resolve_op(op, average), prescale_factor,  # type: ignore[no-any-return]
+                            postscale_factor, name, process_set, blocking=True)
 
 
 def grouped_allreduce(tensors: Sequence[torch.Tensor], average: bool | None = None,
                       name: str | None = None, compression: Any = Compression.none,
                       op: int | None = None, prescale_factor: float = 1.0,
                       postscale_factor: float = 1.0, process_set: Any = None) -> list[torch.Tensor]:
-    return [allreduce(t, average, None, compression, op, prescale_factor, postscale_factor) for t in tensors]
+    return [allreduce(t, average, None, compression, op, prescale_factor, postscale_factor, process_set)
+            for t in tensors]
 
 
 def grouped_allreduce_(tensors: Sequence[torch.Tensor], average: bool | None = None,
                        name: str | None = None, op: int | None = None, prescale_factor: float = 1.0,
                        postscale_factor: float = 1.0, process_set: Any = None) -> list[torch.Tensor]:
-    handles = [allreduce_async_(t, average, None, op, prescale_factor, postscale_factor) for t in tensors]
-    return [synchronize(h) for h in handles]  # type: ignore[misc]
+    handles = [allreduce_async_(t, average, None, op, prescale_factor, postscale_factor, process_set)
+               for t in tensors]
+    return [synchronize(h) for h in handles]
+
+
+def grouped_allreduce_async(tensors: Sequence[torch.Tensor], average: bool | None = None,
+                            name: str | None = None, op: int | None = None, prescale_factor: float = 1.0,
+                            postscale_factor: float = 1.0, process_set: Any = None) -> int:
+    outputs = [torch.empty_like(t.detach(), memory_format=torch.contiguous_format) for t in tensors]
+    tasks = [_allreduce_task(t.detach(), o, resolve_op(op, average), prescale_factor, postscale_factor,
+                             resolve_set(process_set)) for t, o in zip(tensors, outputs)]
+    return submit(lambda: [task() for task in tasks], name)
+
+
+def grouped_allreduce_async_(tensors: Sequence[torch.Tensor], average: bool | None = None,
+                             name: str | None = None, op: int | None = None, prescale_factor: float = 1.0,
+                             postscale_factor: float = 1.0, process_set: Any = None) -> int:
+    tasks = [_allreduce_task(t, t, resolve_op(op, average), prescale_factor, postscale_factor,
+                             resolve_set(process_set)) for t in tensors]
+    return submit(lambda: [task() for task in tasks], name)
 
 
 def op_name(op: int) -> str:
@@ -318,5 +351,6 @@ __all__ = [
     "cross_rank", "cross_size", "is_homogeneous", "mpi_threads_supported", "mpi_enabled",
     "mpi_built", "gloo_enabled", "gloo_built", "nccl_built", "cuda_built", "rocm_built", "ccl_built", "ddl_built",
     "poll", "synchronize", "allreduce", "allreduce_", "allreduce_async", "allreduce_async_",
-    "grouped_allreduce", "grouped_allreduce_",
+    "grouped_allreduce", "grouped_allreduce_", "grouped_allreduce_async", "grouped_allreduce_async_",
+    "ProcessSet", "global_process_set", "add_process_set", "remove_process_set", "start_timeline", "stop_timeline",
 ]
