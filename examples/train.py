@@ -53,7 +53,8 @@ def main() -> None:
     loss_fn = nn.MSELoss()
 
     if hvd.rank() == 0:
-        print(f"training on {hvd.size()} rank(s) with the {hvd.backend()} backend, "
+        ops = "" if hvd.backend() != "horovod" else " (Gloo operations)" if hvd.gloo_enabled() else " (MPI operations)"
+        print(f"training on {hvd.size()} rank(s) with the {hvd.backend()} backend{ops}, "
               f"{len(x)} samples per rank", flush=True)
     with torch.no_grad():
         initial = hvd.allreduce(loss_fn(model(x), y), name="initial_loss").item()

@@ -88,13 +88,21 @@ def losses(stdout: str) -> list[str]:
 
 
 def test_example_trains_identically_on_every_backend(tmp_path):
+    """Every backend, and real Horovod with its Gloo operations too (DISTLAUNCH_HVD_OPS=gloo:
+    the ranks serve Horovod's own rendezvous, as horovodrun --gloo does)."""
     seen = {}
-    for backend in installed_backends():
-        result = run_job(tmp_path, backend, 2, str(REPO / "examples" / "train.py"), "--epochs", "2")
+    runs = [(backend, "mpi") for backend in installed_backends()]
+    runs += [("horovod", "gloo")] if "horovod" in installed_backends() else []
+    for backend, ops in runs:
+        result = run_job(tmp_path, backend, 2, str(REPO / "examples" / "train.py"), "--epochs", "2",
+                         env={"DISTLAUNCH_HVD_OPS": ops})
         assert result.returncode == 0, result.stderr[-3000:]
         assert f"with the {backend} backend" in result.stdout
-        seen[backend] = losses(result.stdout)
-        assert len(seen[backend]) == 3 and float(seen[backend][-1]) < float(seen[backend][0])
+        if backend == "horovod":
+            assert f"({ops.upper() if ops == 'mpi' else 'Gloo'} operations)" in result.stdout, result.stdout[-2000:]
+        key = f"{backend}/{ops}"
+        seen[key] = losses(result.stdout)
+        assert len(seen[key]) == 3 and float(seen[key][-1]) < float(seen[key][0])
     assert len({tuple(v) for v in seen.values()}) == 1, seen
 
 

@@ -62,6 +62,19 @@ if _real_horovod():
     from horovod.torch import Compression  # noqa: F401
 
     _BACKEND = "horovod"
+    _OPS = os.environ.get("DISTLAUNCH_HVD_OPS", "mpi").strip().lower()
+    if _OPS not in ("mpi", "gloo"):
+        raise ImportError(f"DISTLAUNCH_HVD_OPS={_OPS!r}: use 'mpi' (Horovod's MPI controller and operations) or "
+                          "'gloo' (its Gloo ones, as horovodrun --gloo)")
+    if _OPS == "gloo" and "HOROVOD_GLOO_RENDEZVOUS_ADDR" not in os.environ:  # (horovodrun --gloo set them)
+        _horovod_init = init  # noqa: F405
+
+        def init(*args, **kwargs):  # type: ignore[no-redef]  # noqa: ANN002,ANN003
+            """Horovod's init, after the ranks have set up its Gloo rendezvous (horovod_gloo)."""
+            from .horovod_gloo import prepare
+
+            prepare()
+            _horovod_init(*args, **kwargs)
 else:
     from .collectives import *  # noqa: F403
     from .compression import Compression  # noqa: F401

@@ -222,8 +222,8 @@ def broadcast_parameters(params: Any, root_rank: int) -> None:
     """Make every rank's parameters equal to ``root_rank``'s (state_dict or named list)."""
     if isinstance(params, dict):
         items: Iterable[tuple[str, Any]] = sorted(params.items())
-    elif isinstance(params, list):
-        items = params
+    elif isinstance(params, list):  # (name, tensor) pairs, or bare tensors as Horovod also takes
+        items = [item if isinstance(item, tuple) else (None, item) for item in params]
     else:
         raise ValueError(f"invalid params of type: {type(params)}")
     handles = [broadcast_async_(value, root_rank) for _name, value in items if isinstance(value, torch.Tensor)]
@@ -434,10 +434,10 @@ def join(device: int = -1) -> int:
     Horovod does; other collectives fail on the active ranks meanwhile. Returns the rank
     that joined last."""
     topo()
-    return run(_join_loop)  # type: ignore[no-any-return]
+    return run(lambda: _join_loop(device))  # type: ignore[no-any-return]
 
 
-def _join_loop() -> int:
+def _join_loop(device: int) -> int:
     n = size()
     mine = joined_header(state.rounds)
     while True:
@@ -450,7 +450,9 @@ def _join_loop() -> int:
         except HorovodInternalError:
             continue  # the active ranks raise it; this one keeps standing by
         if active.kind == ALLREDUCE and not (state.channel != "shm" and inlined(active)):
-            zeros = torch.zeros(active.shape, dtype=active.torch_dtype)
+            on = torch.device("cuda", device if device >= 0 else torch.cuda.current_device()) if active.cuda \
+                else torch.device("cpu")
+            zeros = torch.zeros(active.numel, dtype=active.torch_dtype, device=on)
             if active.op == Adasum:  # a zero vector changes nothing
                 adasum.reduce(zeros)
             else:

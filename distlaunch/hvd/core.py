@@ -48,11 +48,10 @@ class State:
     shm_min_bytes: int = 0  # DISTLAUNCH_HVD_SHM_MIN_BYTES, read at init
 
     def reset(self) -> None:
-        if self.engine is not None:
-            self.engine.drain(timeout=10.0)
+        idle = self.engine is None or self.engine.drain(timeout=10.0)
         if self.timeline is not None:
             self.timeline.close()
-        if self.shm is not None:
+        if self.shm is not None and idle:  # (a collective still running keeps the segment: we are exiting)
             self.shm.close()
         self.topology, self.shm, self.shm_unavailable, self.owns_group = None, None, False, True
         self.channel, self.rounds, self.engine, self.timeline = None, 0, None, None
@@ -120,11 +119,15 @@ def check_name(name: str | None) -> None:
 
 def run(task: Callable[[], Any], name: str | None = None) -> Any:
     """Run a collective now, in order behind any still in flight (see engine)."""
+    if state.engine is None:
+        topo()  # Horovod's "not initialized" error
     return state.engine.run(task, name)
 
 
 def submit(task: Callable[[], Any], name: str | None = None) -> int:
     """Queue a collective; a Horovod-style integer handle for it (name checked first)."""
+    if state.engine is None:
+        topo()
     check_name(name)
     handle = next(state.next_handle)
     state.handles[handle] = state.engine.submit(task, name)

@@ -59,12 +59,14 @@ class Engine:
                 self.completed += 1
                 future.set_result(result)
 
-    def drain(self, timeout: float | None = None) -> None:
+    def drain(self, timeout: float | None = None) -> bool:
         """Wait for everything submitted so far (errors stay with their futures); with
-        ``timeout``, give up after that long (at exit, a peer may never come)."""
+        ``timeout``, give up after that long (at exit, a peer may never come). True when
+        nothing is left running."""
         if self.submitted != self.completed:
             done: Future[Any] = self.submit(lambda: None)
             try:
                 done.result(timeout)
             except (TimeoutError, WaitTimeout):
-                pass
+                return False
+        return True

@@ -25,11 +25,13 @@ ALLREDUCE, ALLGATHER, BROADCAST, ALLTOALL, REDUCESCATTER, BARRIER, JOINED = rang
 KIND_NAMES = {ALLREDUCE: "ALLREDUCE", ALLGATHER: "ALLGATHER", BROADCAST: "BROADCAST", ALLTOALL: "ALLTOALL",
               REDUCESCATTER: "REDUCESCATTER", BARRIER: "BARRIER", JOINED: "JOIN"}
 JOIN_SUPPORTED = (ALLREDUCE, BARRIER)  # what the joined ranks stand in for (Horovod: allreduce)
-DTYPES = (torch.uint8, torch.int8, torch.uint16, torch.int16, torch.int32, torch.int64, torch.float16,
-          torch.float32, torch.float64, torch.bool, torch.bfloat16)
-DTYPE_NAMES = ("uint8", "int8", "uint16", "int16", "int32", "int64", "float16", "float32", "float64", "bool",
-               "bfloat16")
+_DTYPE_NAMES = ("uint8", "int8", "uint16", "int16", "int32", "int64", "float16", "float32", "float64", "bool",
+                "bfloat16")
+DTYPES = tuple(getattr(torch, name) for name in _DTYPE_NAMES if hasattr(torch, name))  # uint16: torch >= 2.3
+DTYPE_NAMES = tuple(str(dtype).replace("torch.", "") for dtype in DTYPES)
 DTYPE_CODES = {dtype: code for code, dtype in enumerate(DTYPES)}
+UNKNOWN = 99  # a dtype outside DTYPES (complex, ...): agreed on by code, never stood in for
+CUDA = 1000  # added to the dtype code of a tensor on a GPU: the device is part of the agreement
 PADS = tuple((-1,) * k for k in range(MAX_DIMS + 1))
 
 
@@ -41,8 +43,8 @@ def header(kind: int, tensor: torch.Tensor | None = None, op: int = 0, root: int
     shape = tensor.shape
     ndim = len(shape)
     dims = (*shape[:MAX_DIMS], *PADS[MAX_DIMS - min(ndim, MAX_DIMS)])
-    return HEADER.pack(kind, joined, op, DTYPE_CODES.get(tensor.dtype, 99), root, join_round, ndim,
-                       tensor.numel(), *dims, pre, post)
+    code = DTYPE_CODES.get(tensor.dtype, UNKNOWN) + (CUDA if tensor.is_cuda else 0)
+    return HEADER.pack(kind, joined, op, code, root, join_round, ndim, tensor.numel(), *dims, pre, post)
 
 
 @dataclass(frozen=True)
@@ -66,11 +68,19 @@ class Row:
         return self.dims[: min(self.ndim, MAX_DIMS)]
 
     @property
+    def cuda(self) -> bool:
+        return self.dtype >= CUDA
+
+    @property
+    def known(self) -> bool:
+        return 0 <= self.dtype % CUDA < len(DTYPES)
+
+    @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return DTYPES[self.dtype % CUDA]
 
     def dtype_name(self) -> str:
-        return DTYPE_NAMES[self.dtype] if 0 <= self.dtype < len(DTYPE_NAMES) else "other"
+        return DTYPE_NAMES[self.dtype % CUDA] if self.known else "other"
 
 
 def rows(blob: bytes, count: int) -> list[Row]:
@@ -102,6 +112,11 @@ def check(mine: Row, everyone: list[Row], op_name: str) -> list[int]:
             raise HorovodInternalError(f"Mismatched MPI operations: One rank did an {name}, "
                                        f"but another rank did an {KIND_NAMES[row.kind]}.")
     for row in active[1:]:
+        if row.cuda != first.cuda:
+            raise HorovodInternalError(f"Mismatched CPU/GPU device selection: One rank specified device "
+                                       f"{'GPU' if first.cuda else 'CPU'}, but another rank specified device "
+                                       f"{'GPU' if row.cuda else 'CPU'}.")
+    for row in active[1:]:
         if row.dtype != first.dtype:
             raise HorovodInternalError(f"Mismatched data types: One rank had type {first.dtype_name()}, "
                                        f"but another rank had type {row.dtype_name()}.")
@@ -131,6 +146,9 @@ def check(mine: Row, everyone: list[Row], op_name: str) -> list[int]:
                         f"Mismatched {name} tensor shapes: One rank sent a tensor with dimension {dim} equal to "
                         f"{first.dims[dim]}, but another rank sent a tensor with dimension {dim} equal to "
                         f"{row.dims[dim]}.")
+    if joined and kind == ALLREDUCE and not first.known:
+        raise HorovodInternalError(f"An allreduce of {first.dtype_name()} data while ranks {joined} have joined: "
+                                   "the joined ranks cannot stand in for this dtype")
     if joined and kind not in JOIN_SUPPORTED:
         raise HorovodInternalError(f"{name.capitalize()} is not supported with Join at this time."
                                    + (" Specify sparse_as_dense=True if using DistributedOptimizer"

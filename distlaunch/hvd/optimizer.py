@@ -119,7 +119,7 @@ class _DistributedMixin:
                 if not self._sparse_as_dense:
                     self._sparse[id(param)] = sparse_allreduce_async(
                         param.grad, self._names[id(param)], self._op, self._process_set)
-                    grads.append(torch.zeros(param.numel(), dtype=param.dtype))  # its place in the bucket
+                    grads.append(torch.zeros(param.numel(), dtype=param.dtype, device=param.device))  # its place
                     continue
                 param.grad = param.grad.to_dense()
             grads.append(param.grad.reshape(-1))

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from .core import state, topo
+from .core import run, state, topo
 
 
 class ProcessSet:
@@ -102,8 +102,12 @@ def remove_process_set(process_set: ProcessSet) -> bool:
     _dynamic("removing")
     if process_set.process_set_id in (None, 0) or not process_set._registered():
         return False
-    del state.process_sets[process_set.process_set_id]
-    process_set.process_set_id, process_set.group = None, None
+
+    def remove() -> None:  # behind the set's queued collectives, which still need its group
+        del state.process_sets[process_set.process_set_id]
+        process_set.process_set_id, process_set.group = None, None
+
+    run(remove)
     return True
 
 

@@ -44,7 +44,7 @@ from .core import (
     widened,
 )
 from .engine import Engine
-from .negotiate import ALLREDUCE, header
+from .negotiate import ALLREDUCE, BARRIER, header
 from .process_sets import ProcessSet, add_process_set, global_process_set, remove_process_set, setup
 from .process_sets import resolve as resolve_set
 from .rendezvous import group_topology, join, mpi_topology, single_topology
@@ -81,6 +81,7 @@ def init(comm: Any = None, process_sets: Any = None) -> None:
     state.shm_unavailable = not state.mpi_world
     state.engine = Engine()
     world.settings()
+    world.channel()  # how rounds go, settled while every rank is here (it may make the shared segment)
     setup(process_sets)
     from_environment()
     if topo.size > 1:
@@ -101,10 +102,22 @@ def _abort_on_uncaught_exception() -> None:
     sys.excepthook = hook
 
 
+SHUTDOWN_WAIT_S = 60.0  # how long shutdown waits for the peers of a torchrun or srun world
+
+
 def shutdown() -> None:
+    """Leave the job. In a world without MPI (torchrun, srun without a PMI) the ranks
+    first meet in one barrier (at most SHUTDOWN_WAIT_S): a rank that tears gloo down while
+    a peer is still running can abort ("terminate called without an active exception")."""
     owned = state.topology is not None and state.owns_group
+    if owned and state.engine is not None and not state.mpi_world and state.topology.size > 1:  # type: ignore[union-attr]
+        try:
+            state.engine.submit(lambda: world.negotiate(header(BARRIER), "barrier")).result(SHUTDOWN_WAIT_S)
+        except Exception:  # noqa: BLE001 - a peer gone or still busy: leave anyway
+            pass
+    idle = state.engine is None or state.engine.drain(timeout=10.0)
     state.reset()
-    if owned and dist.is_initialized():
+    if owned and idle and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -217,15 +230,13 @@ def reduce_plain(output: torch.Tensor, op: int, ps: Any = None) -> None:
 def _allreduce_task(tensor: torch.Tensor, output: torch.Tensor, op: int, pre: float, post: float,
                     ps: Any) -> Any:
     def task() -> torch.Tensor:
-        if state.channel is None:
-            world.channel()  # the first collective settles how rounds go
         if output is not tensor:
             output.copy_(tensor)
         if pre != 1.0:
             scale(output, pre)
         head = header(ALLREDUCE, output, op, 0, pre, post)
         if ps is None and op != Adasum and state.channel == "shm" and world.use_shm(output, op):
-            if world.shm_allreduce(output, op, head):  # some ranks joined: reduce again, with their zeros
+            if world.shm_allreduce(output, op, head):  # e.g. some ranks joined: reduce again, with their zeros
                 world.shm_allreduce(output, op)
             return finish_average(output, op, post, state.topology.size)  # type: ignore[union-attr]
         _group, size, _me = world.members(ps)

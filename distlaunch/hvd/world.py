@@ -121,7 +121,8 @@ def _round(head: bytes, ps: Any, inline: bytes = b"") -> list[bytes]:
 
 def exchange(head: bytes, ps: Any = None) -> bytes:
     """Every member's header, in rank order (one round)."""
-    state.rounds += 1
+    if ps is None:
+        state.rounds += 1  # global rounds only: join() compares them across every rank
     if members(ps)[1] == 1:
         return head
     if ps is None and channel() == "shm":
@@ -145,7 +146,8 @@ def inlines(tensor: torch.Tensor, op: int) -> bool:
 def inline_allreduce(output: torch.Tensor, op: int, head: bytes, ps: Any) -> None:
     """A small allreduce in one MPI or gloo round: every rank's data arrives with the headers and
     each rank reduces it itself, in rank order (the same bits everywhere)."""
-    state.rounds += 1
+    if ps is None:
+        state.rounds += 1
     _group, size, me = members(ps)
     flat = output.detach().contiguous().cpu()
     parts = _round(head, ps, flat.numpy().tobytes())
@@ -176,9 +178,10 @@ def negotiate(head: bytes, op_name: str, ps: Any = None) -> tuple[list[Row] | No
     return everyone, check(everyone[me], everyone, op_name)
 
 
-def shm_allreduce(output: torch.Tensor, op: int, head: bytes | None = None) -> list[int]:
+def shm_allreduce(output: torch.Tensor, op: int, head: bytes | None = None) -> bool:
     """``output`` reduced in place through the segment; with ``head``, negotiated in the
-    same round (the joined ranks are returned: the caller reduces again with them)."""
+    same round. True when the headers differed but agree (ranks that joined, or equal
+    values written differently): nothing was reduced, and the caller reduces again."""
     flat = output if output.is_contiguous() else output.contiguous()
     array = flat.numpy()
     shm = state.shm
@@ -190,10 +193,11 @@ def shm_allreduce(output: torch.Tensor, op: int, head: bytes | None = None) -> l
             shm.allreduce(array, array, SHM_OPS[op], head, expecting(head, shm.size))
         except Disagreement as disagreement:
             everyone = rows(disagreement.blob, shm.size)
-            return check(everyone[shm.rank], everyone, "allreduce")
+            check(everyone[shm.rank], everyone, "allreduce")  # raises on every rank, or lets all go on
+            return True
     if flat is not output:
         output.copy_(flat)
-    return []
+    return False
 
 
 def joined_header(join_round: int) -> bytes:

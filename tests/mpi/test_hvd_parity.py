@@ -195,9 +195,12 @@ def make_model(seed: int = 0) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
 
 
-def test_broadcast_parameters_makes_models_identical():
+@pytest.mark.parametrize("form", ["state_dict", "named_parameters", "parameters"])
+def test_broadcast_parameters_makes_models_identical(form):
     model = make_model()
-    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    params = {"state_dict": model.state_dict(), "named_parameters": list(model.named_parameters()),
+              "parameters": list(model.parameters())}[form]
+    hvd.broadcast_parameters(params, root_rank=0)
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     gathered = hvd.allgather(flat.unsqueeze(0))
     assert all(torch.equal(gathered[0], row) for row in gathered)
