@@ -36,6 +36,7 @@ from .negotiate import (
     ALLTOALL,
     BARRIER,
     BROADCAST,
+    JOINED,
     KIND_NAMES,
     REDUCESCATTER,
     Row,
@@ -45,7 +46,7 @@ from .negotiate import (
 )
 from .process_sets import resolve as resolve_set
 from .torchdist import allreduce, rank, reduce_plain, size, synchronize
-from .world import exchange, inlined, joined_header, members, negotiate
+from .world import exchange, inlined, members, negotiate
 
 
 def _start(task: Callable[[], Any], name: str | None, blocking: bool) -> Any:
@@ -439,7 +440,7 @@ def join(device: int = -1) -> int:
 
 def _join_loop(device: int) -> int:
     n = size()
-    mine = joined_header(state.rounds)
+    mine = header(JOINED, joined=1, join_round=state.rounds)
     while True:
         everyone = rows(exchange(mine), n)
         if all(row.joined for row in everyone):

@@ -79,10 +79,8 @@ def resolve_op(op: int | None, average: bool | None) -> int:
 
 def torch_op(op: int) -> Any:
     if op == Adasum:
-        raise NotImplementedError(
-            "Adasum is not available in distlaunch's torch.distributed backend: "
-            "use op=hvd.Average or hvd.Sum, or install Horovod (distlaunch install-horovod)"
-        )
+        raise NotImplementedError("Adasum combines allreduces only (as in Horovod): use op=hvd.Average or "
+                                  "hvd.Sum with this collective")
     return {Average: dist.ReduceOp.SUM, Sum: dist.ReduceOp.SUM, Min: dist.ReduceOp.MIN,
             Max: dist.ReduceOp.MAX, Product: dist.ReduceOp.PRODUCT}[op]
 

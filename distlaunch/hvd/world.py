@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from .core import SHM_OPS, state, topo
-from .negotiate import DTYPES, HEADER, Disagreement, Row, check, expecting, header, rows
+from .negotiate import DTYPES, HEADER, Disagreement, Row, check, expecting, rows
 from .shm_allreduce import UFUNCS
 
 
@@ -40,7 +40,7 @@ def shm_segment() -> Any:
         try:
             state.shm = ShmAllreduce(MPI.COMM_WORLD)
         except ValueError as exc:
-            if os.environ.get("DISTLAUNCH_HVD_ALLREDUCE") == "shm" and topo().rank == 0:
+            if state.shm_mode == "shm" and topo().rank == 0:
                 print(f"distlaunch.hvd: {exc}; allreduce goes through gloo", file=sys.stderr)
             state.shm_unavailable = True
     return state.shm
@@ -198,9 +198,3 @@ def shm_allreduce(output: torch.Tensor, op: int, head: bytes | None = None) -> b
     if flat is not output:
         output.copy_(flat)
     return False
-
-
-def joined_header(join_round: int) -> bytes:
-    from .negotiate import JOINED
-
-    return header(JOINED, joined=1, join_round=join_round)
