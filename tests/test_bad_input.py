@@ -112,6 +112,10 @@ CASES = [
     ("mpirun-not-mpi", ["run", "--mpirun", "{notmpi}", S], {}, 69, "not Open MPI or MPICH"),
     ("run-dir-under-file", ["run", "--run-dir", "{blocker}/runs", S], {}, 73, "pick a writable place"),
     ("env-ppn-bad", ["run", S], {"DISTLAUNCH_RUN_PPN": "-3"}, 2, "--ppn"),
+    ("hvd-ops-bad", ["run", "--hvd-ops", "nccl", S], {}, 2, "--hvd-ops"),
+    ("hvd-ops-and-env-disagree", ["run", "--hvd-ops", "mpi", "--env", "DISTLAUNCH_HVD_OPS=gloo", S], {}, 2,
+     "give one of the two"),
+    ("bench-train-row-unknown", ["bench", "train", "--rows", "ddp,fast"], {}, 2, "the rows are ceiling"),
 ]
 
 

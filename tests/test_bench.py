@@ -8,7 +8,7 @@ import sys
 
 import jsonschema
 import pytest
-from conftest import REPO, oversubscribe
+from conftest import REPO, horovod_available, oversubscribe, working_in
 
 pytestmark = pytest.mark.slow
 
@@ -72,3 +72,29 @@ def test_bench_exit_codes_follow_the_table(tmp_path):
     assert "could not start the job" in cannot_start.stderr
     bad = subprocess.run([*base, "--sizes", "lots"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("distlaunch: error: --sizes"), bad.stderr
+
+
+def test_bench_train_runs_every_row_and_says_how_they_compare(tmp_path):
+    """distlaunch bench train end to end, tiny: every row trains for real under its own
+    launcher, the table and the JSON agree, and the ratios are computed from the rates."""
+    out = tmp_path / "train.json"
+    proc = subprocess.run([sys.executable, "-m", "distlaunch", "bench", "train", "--model", "transformer",
+                           "--batch", "2", "--iters", "1", "--batches", "2", "--rounds", "1", "--json", str(out),
+                           "--plot", str(tmp_path / "train.png")],
+                          cwd=tmp_path, capture_output=True, text=True, errors="replace", timeout=900,
+                          env={**__import__("os").environ, "TMPDIR": str(tmp_path)})  # its work folder
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    expected = {"ceiling", "hvd-torch", "ddp"}
+    if horovod_available():
+        expected |= {"horovodrun-gloo", "distlaunch-hvd-mpi", "distlaunch-hvd-gloo", "mpirun-hvd"}
+    assert set(result["summary"]) == expected and result["failed"] == {}
+    for key, rates in result["rates"].items():
+        assert len(rates) == 2 and all(rate > 0 for rate in rates), (key, rates)
+        summary = result["summary"][key]
+        assert summary["min"] <= summary["median"] <= summary["max"]
+        assert summary["x_ddp"] == pytest.approx(summary["median"] / result["summary"]["ddp"]["median"])
+    table = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] and line.split()[0] in expected]
+    assert {row[0] for row in table} == expected, proc.stdout
+    assert (tmp_path / "train.png").stat().st_size > 1000
+    assert working_in(tmp_path) == []

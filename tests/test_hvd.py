@@ -35,12 +35,24 @@ def run_job(tmp: Path, backend: str, ranks: int, *argv: str, env: dict[str, str]
                           timeout=timeout)
 
 
+def runtimes() -> list:
+    """torch, and real Horovod with each of its CPU operations (Gloo's are its default on
+    CPU under distlaunch; MPI's are what plain mpirun gives)."""
+    params = []
+    for backend in BACKENDS:
+        name = getattr(backend, "values", [backend])[0]
+        marks = getattr(backend, "marks", ())
+        for ops in (("mpi", "gloo") if name == "horovod" else ("mpi",)):
+            params.append(pytest.param(name, ops, marks=marks, id=f"{name}-{ops}" if name == "horovod" else name))
+    return params
+
+
 @pytest.mark.parametrize("ranks", [2, 3, 4])  # an odd size catches what powers of two hide
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_parity_suite(tmp_path, backend, ranks):
+@pytest.mark.parametrize("backend,ops", runtimes())
+def test_parity_suite(tmp_path, backend, ops, ranks):
     result = run_job(tmp_path, backend, ranks, sys.executable, "-m", "pytest", "--with-mpi", "-q",
                      "-p", "no:cacheprovider", str(PARITY),
-                     env={"PARITY_OUT": str(tmp_path), **HOROVOD_ENV})
+                     env={"PARITY_OUT": str(tmp_path), "DISTLAUNCH_HVD_OPS": ops, **HOROVOD_ENV})
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert re.search(r"^\[0\] \d+ passed", result.stdout, re.M), result.stdout[-3000:]
 
@@ -92,14 +104,22 @@ def test_example_trains_identically_on_every_backend(tmp_path):
     the ranks serve Horovod's own rendezvous, as horovodrun --gloo does)."""
     seen = {}
     runs = [(backend, "mpi") for backend in installed_backends()]
-    runs += [("horovod", "gloo")] if "horovod" in installed_backends() else []
+    # real Horovod's default under distlaunch on a CPU-only host is Gloo's operations
+    runs += [("horovod", "gloo"), ("horovod", "")] if "horovod" in installed_backends() else []
     for backend, ops in runs:
         result = run_job(tmp_path, backend, 2, str(REPO / "examples" / "train.py"), "--epochs", "2",
                          env={"DISTLAUNCH_HVD_OPS": ops})
         assert result.returncode == 0, result.stderr[-3000:]
         assert f"with the {backend} backend" in result.stdout
+        said = [line for line in (result.stdout + result.stderr).splitlines() if "distlaunch.hvd: " in line]
+        assert len(said) == 1 and said[0].startswith("[0] "), said  # one start-up line, from rank 0
         if backend == "horovod":
-            assert f"({ops.upper() if ops == 'mpi' else 'Gloo'} operations)" in result.stdout, result.stdout[-2000:]
+            words = "Gloo" if ops in ("gloo", "") else "MPI"
+            assert f"({words} operations)" in result.stdout, result.stdout[-2000:]
+            why = "the default on CPU" if ops == "" else f"DISTLAUNCH_HVD_OPS={ops}"
+            assert f"real Horovod 0.28.1 with {words} operations (DISTLAUNCH_HVD_BACKEND=horovod; {why}" in said[0]
+        else:
+            assert "distlaunch's torch backend, collectives through this node's shared memory" in said[0], said
         key = f"{backend}/{ops}"
         seen[key] = losses(result.stdout)
         assert len(seen[key]) == 3 and float(seen[key][-1]) < float(seen[key][0])

@@ -1,4 +1,5 @@
-"""``distlaunch bench allreduce``: allreduce throughput in nccl-tests' terms."""
+"""``distlaunch bench allreduce``: allreduce throughput in nccl-tests' terms (and the
+group that also holds ``bench train``, in bench_train)."""
 from __future__ import annotations
 
 import csv
@@ -16,6 +17,7 @@ from ..launch.supervise import Console
 from ..plan.placement import place
 from ..plan.spec import JobSpec
 from ..plan.units import format_size
+from .bench_train import train_command
 from .options import mpi_options, pop_mpi, pop_remote_root, pop_ssh, pop_target, ssh_options, target_options
 from .run import progress, summarize
 
@@ -70,7 +72,12 @@ def table(result: dict[str, Any]) -> str:  # nccl-tests' layout, wider than form
 
 @click.group("bench")
 def bench_group() -> None:
-    """Benchmarks run through distlaunch (see 'distlaunch bench allreduce --help')."""
+    """Benchmarks run through distlaunch: allreduce like nccl-tests, and training throughput
+    per launcher and runtime (see 'distlaunch bench allreduce --help', 'distlaunch bench
+    train --help')."""
+
+
+bench_group.add_command(train_command)
 
 
 @bench_group.command("allreduce", help=HELP)
@@ -161,4 +168,3 @@ def plot_busbw(rows: list[dict[str, Any]], ceiling: float, title: str, target: s
     fig.tight_layout()
     fig.savefig(target, dpi=70)
     plt.close(fig)
-

@@ -47,6 +47,7 @@ Examples:
   salloc -N2 --ntasks-per-node=2 distlaunch run --launcher srun train.py   # a step of the allocation
   distlaunch run --input train=/shared/data/train --input vocab=~/vocab.txt:copy train.py --data {inputs.train}
   distlaunch run --experiment resnet --tag lr=0.1 --tag baseline train.py
+  distlaunch run --ppn 4 --hvd-ops mpi train.py     # real Horovod with its MPI operations
 
 \b
 Hosts come from --hosts, else --hostfile, else the Slurm/PBS/LSF allocation, else
@@ -101,6 +102,12 @@ _JOB_OPTIONS = [
     click.option("--in-place", is_flag=True,
                  help="Run in the current directory as it is (plain mpirun): no code snapshot, and only "
                       "$DISTLAUNCH_OUTPUT_DIR lands in the run folder."),
+    click.option("--hvd-backend", type=click.Choice(["auto", "horovod", "torch"]), default="auto", show_default=True,
+                 help="distlaunch.hvd's runtime: real Horovod when installed (auto), or distlaunch's own on "
+                      "torch.distributed; sets DISTLAUNCH_HVD_BACKEND on every rank."),
+    click.option("--hvd-ops", type=click.Choice(["auto", "gloo", "mpi"]), default="auto", show_default=True,
+                 help="Real Horovod's CPU operations: auto is Gloo's on CPU-only hosts (faster here), MPI's "
+                      "with CUDA; sets DISTLAUNCH_HVD_OPS on every rank."),
     click.option("--experiment", metavar="NAME", help="Group the run under this name [default: the source dir's]."),
     click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Tag the run (repeatable)."),
     click.option("--input", "inputs", multiple=True, metavar="NAME=PATH[:copy]",
@@ -117,11 +124,25 @@ def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return mpi_options(ssh_options(target_options(func)))
 
 
+def hvd_env(backend: str, ops: str, env: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """--hvd-backend/--hvd-ops as the variables distlaunch.hvd reads (refusing an --env
+    that says otherwise, so the job never runs with a choice nobody made)."""
+    chosen = [(name, value) for name, value in (("DISTLAUNCH_HVD_BACKEND", backend), ("DISTLAUNCH_HVD_OPS", ops))
+              if value != "auto"]
+    given = dict(env)
+    for name, value in chosen:
+        if given.get(name, value) != value:
+            option = "--hvd-backend" if name.endswith("BACKEND") else "--hvd-ops"
+            raise SpecError(f"{option} {value} but --env {name}={given[name]}: give one of the two")
+    return chosen
+
+
 def spec_from_options(kwargs: dict[str, Any]) -> JobSpec:
     """The JobSpec of the options (the one place options become a spec: the command line's,
     and ``Job``'s, which are the same options by the same names)."""
     env = [pair for path in kwargs.pop("env_files") for pair in parse_env_file(path)]
     env += parse_env_items(kwargs.pop("env_items"))
+    env += hvd_env(kwargs.pop("hvd_backend"), kwargs.pop("hvd_ops"), env)
     return JobSpec(
         script=kwargs["script"],
         script_args=kwargs["args"],

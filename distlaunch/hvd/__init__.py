@@ -6,6 +6,12 @@ horovodrun); otherwise distlaunch's implementation on torch.distributed (gloo on
 nccl with CUDA), which joins the world of whatever launched it: MPI, torchrun's
 rendezvous, or an srun step's (``rendezvous.join``). ``DISTLAUNCH_HVD_BACKEND=horovod|torch``
 forces one; ``hvd.backend()`` says which is active.
+
+Real Horovod runs its Gloo controller and operations on CPU-only machines (measured
+faster than its MPI ones under every launcher here: README, "Which runtime"), its MPI
+ones with CUDA; ``DISTLAUNCH_HVD_OPS=gloo|mpi`` (``distlaunch run --hvd-ops``) or
+Horovod's own ``HOROVOD_CPU_OPERATIONS`` choose. ``hvd.init()`` says on rank 0, in one
+line on stderr, which runtime is in use and why (``DISTLAUNCH_HVD_QUIET=1`` silences it).
 """
 from __future__ import annotations
 
@@ -30,16 +36,17 @@ def _outside_mpi() -> str | None:
     return None
 
 
-def _real_horovod() -> bool:
+def _real_horovod() -> tuple[bool, str]:
+    """Whether real Horovod is used, and why (the start-up line's reason)."""
     if _choice == "torch":
-        return False
+        return False, "DISTLAUNCH_HVD_BACKEND=torch"
     outside = _outside_mpi()
     if outside is not None:
         if _choice == "horovod":
             raise ImportError(f"DISTLAUNCH_HVD_BACKEND=horovod, but {outside} gives the ranks no MPI world, so real "
                               "Horovod would run each rank alone: unset the variable (the torch backend joins "
                               f"{outside}'s world), or launch with mpirun or distlaunch run")
-        return False
+        return False, f"{outside} gives the ranks no MPI world for real Horovod"
     try:
         import horovod.torch as real
     except ImportError as exc:
@@ -48,41 +55,95 @@ def _real_horovod() -> bool:
                 f"DISTLAUNCH_HVD_BACKEND=horovod but horovod.torch cannot be imported ({exc}): "
                 "build it with 'distlaunch install-horovod', or unset the variable"
             ) from exc
-        return False
+        return False, "horovod.torch is not installed; 'distlaunch install-horovod' builds it"
     if not (real.mpi_built() or real.gloo_built()):
         if _choice == "horovod":
             raise ImportError("horovod.torch was built without MPI and Gloo: rebuild it with "
                               "'distlaunch install-horovod'")
-        return False
-    return True
+        return False, "horovod.torch was built without MPI and Gloo"
+    return True, "DISTLAUNCH_HVD_BACKEND=horovod" if _choice == "horovod" else "horovod.torch is installed"
 
 
-if _real_horovod():
+def _operations() -> tuple[str, str]:
+    """Real Horovod's CPU operations, 'gloo' or 'mpi', and why."""
+    if "HOROVOD_GLOO_RENDEZVOUS_ADDR" in os.environ:
+        return "gloo", "horovodrun --gloo set them up"
+    asked = os.environ.get("DISTLAUNCH_HVD_OPS", "").strip().lower()
+    if asked:
+        if asked not in ("mpi", "gloo"):
+            raise ImportError(f"DISTLAUNCH_HVD_OPS={asked!r}: use 'mpi' (Horovod's MPI controller and operations) "
+                              "or 'gloo' (its Gloo ones, as horovodrun --gloo)")
+        return asked, f"DISTLAUNCH_HVD_OPS={asked}"
+    for name in ("HOROVOD_CPU_OPERATIONS", "HOROVOD_CONTROLLER"):
+        value = os.environ.get(name, "").strip().lower()
+        if value in ("mpi", "gloo"):
+            return value, f"{name}={value}"
+    import horovod.torch as real
+    import torch
+
+    if not real.gloo_built():
+        return "mpi", "this Horovod was built without Gloo"
+    if not real.mpi_built():
+        return "gloo", "this Horovod was built without MPI"
+    if torch.cuda.is_available():
+        return "mpi", "the default with CUDA; DISTLAUNCH_HVD_OPS=gloo for Gloo's"
+    return "gloo", "the default on CPU, faster than MPI's here; DISTLAUNCH_HVD_OPS=mpi for MPI's"
+
+
+def _announce(line: str) -> None:
+    if os.environ.get("DISTLAUNCH_HVD_QUIET", "").strip().lower() not in ("", "0", "false", "no"):
+        return
+    import sys
+
+    print(f"distlaunch.hvd: {line}", file=sys.stderr, flush=True)
+
+
+_REAL, _WHY = _real_horovod()
+if _REAL:
     from horovod.torch import *  # noqa: F403
     from horovod.torch import Compression  # noqa: F401
 
     _BACKEND = "horovod"
-    _OPS = os.environ.get("DISTLAUNCH_HVD_OPS", "mpi").strip().lower()
-    if _OPS not in ("mpi", "gloo"):
-        raise ImportError(f"DISTLAUNCH_HVD_OPS={_OPS!r}: use 'mpi' (Horovod's MPI controller and operations) or "
-                          "'gloo' (its Gloo ones, as horovodrun --gloo)")
-    if _OPS == "gloo" and "HOROVOD_GLOO_RENDEZVOUS_ADDR" not in os.environ:  # (horovodrun --gloo set them)
-        _horovod_init = init  # noqa: F405
+    _OPS, _OPS_WHY = _operations()
+    _horovod_init = init  # noqa: F405
 
-        def init(*args, **kwargs):  # type: ignore[no-redef]  # noqa: ANN002,ANN003
-            """Horovod's init, after the ranks have set up its Gloo rendezvous (horovod_gloo)."""
+    def init(*args, **kwargs):  # type: ignore[no-redef]  # noqa: ANN002,ANN003
+        """Horovod's init; with Gloo operations outside horovodrun, the ranks first serve
+        Horovod's rendezvous among themselves (horovod_gloo)."""
+        first = not is_initialized()  # noqa: F405
+        if first and _OPS == "gloo" and "HOROVOD_GLOO_RENDEZVOUS_ADDR" not in os.environ:
             from .horovod_gloo import prepare
 
             prepare()
-            _horovod_init(*args, **kwargs)
+        _horovod_init(*args, **kwargs)
+        if first and rank() == 0:  # noqa: F405
+            import horovod
+
+            ops = "Gloo" if gloo_enabled() else "MPI"  # noqa: F405
+            _announce(f"real Horovod {horovod.__version__} with {ops} operations ({_WHY}; {_OPS_WHY})")
 else:
     from .collectives import *  # noqa: F403
     from .compression import Compression  # noqa: F401
     from .optimizer import DistributedOptimizer  # noqa: F401
     from .sync_batch_norm import SyncBatchNorm  # noqa: F401
     from .torchdist import *  # noqa: F403 - with Average, Sum, ..., HorovodInternalError
+    from .torchdist import init as _torch_init
 
     _BACKEND = "torch"
+
+    def init(comm=None, process_sets=None):  # type: ignore[no-redef]  # noqa: ANN001
+        """Join the job (idempotent); see torchdist.init."""
+        from .core import state
+
+        first = state.topology is None
+        _torch_init(comm, process_sets)
+        if first and rank() == 0:  # noqa: F405
+            from .world import channel
+
+            how = {"shm": "collectives through this node's shared memory",
+                   "mpi": "rounds over MPI, data over torch.distributed",
+                   "gloo": "collectives over torch.distributed"}[channel()]
+            _announce(f"distlaunch's torch backend, {how} ({_WHY})")
 
 
 from .rendezvous import WorldError  # noqa: E402,F401 - what init raises instead of splitting the job

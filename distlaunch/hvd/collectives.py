@@ -20,6 +20,7 @@ from .core import (
     Adasum,
     Average,
     HorovodInternalError,
+    byte_tensor,
     Sum,
     check_name,
     finish_average,
@@ -133,7 +134,7 @@ def allgather_object(obj: Any, name: str | None = None, process_set: Any = None)
     """Every rank's picklable object, in rank order."""
     topo()
     pickler = _pickler()
-    data = torch.frombuffer(bytearray(pickler.dumps(obj)), dtype=torch.uint8)
+    data = byte_tensor(pickler.dumps(obj))
     gathered, counts = _start(_allgather_task(data, resolve_set(process_set, "Allgather")), name, True)
     out, offset = [], 0
     for count in counts:
@@ -210,7 +211,7 @@ def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None, proc
     pickler = _pickler()
     ps = resolve_set(process_set, "Broadcast")
     mine = rank() == root_rank
-    data = torch.frombuffer(bytearray(pickler.dumps(obj)), dtype=torch.uint8) if mine else None
+    data = byte_tensor(pickler.dumps(obj)) if mine else None
     count = torch.tensor([data.numel() if data is not None else 0], dtype=torch.int64)
     _start(_broadcast_task(count, root_rank, ps), None, True)
     if data is None:

@@ -141,3 +141,16 @@ def widened(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` in a dtype gloo moves (int16 as int32): every dtype works, as with Horovod."""
     wide = GLOO_WIDENED.get(tensor.dtype)
     return tensor if wide is None or tensor.is_cuda else tensor.to(wide)
+
+
+def byte_tensor(data: bytes | bytearray) -> torch.Tensor:
+    """``data`` as a uint8 tensor that owns its memory. Never hand torch.distributed a
+    ``torch.frombuffer`` tensor: its storage keeps the Python buffer alive through a
+    deleter that takes the GIL, and when gloo's worker thread drops the last reference
+    while the interpreter shuts down, taking the GIL ends that thread by unwinding, which
+    aborts the process ("terminate called without an active exception")."""
+    out = torch.empty(len(data), dtype=torch.uint8)
+    if len(data):
+        out.numpy()[:] = memoryview(data).cast("B")
+    return out
+

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+from collections import deque
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from .core import SHM_OPS, state, topo
+from .core import SHM_OPS, byte_tensor, state, topo
 from .negotiate import DTYPES, HEADER, Disagreement, Row, check, expecting, rows
 from .shm_allreduce import UFUNCS
 
@@ -94,6 +96,26 @@ INLINE_DTYPES = {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
                  torch.float64}
 
 
+# The tensors of the last gloo rounds, kept by Python until gloo's worker thread has let
+# go of them (settle). A tensor Python drops while gloo still holds it gets its Python
+# object back from torch, and gloo's thread releases that object later, taking the GIL:
+# if that happens while the interpreter exits, the process aborts ("terminate called
+# without an active exception"). Every collective opens with a round, and the last one
+# at shutdown is the barrier's, so holding the recent rounds is enough.
+_recent: deque[list[torch.Tensor]] = deque(maxlen=8)
+
+
+def settle(timeout: float) -> bool:
+    """Wait (at most ``timeout`` s) until gloo holds none of the recent rounds' tensors."""
+    deadline = time.monotonic() + timeout
+    while any(t._use_count() > 1 for tensors in _recent for t in tensors):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    _recent.clear()
+    return True
+
+
 def _round(head: bytes, ps: Any, inline: bytes = b"") -> list[bytes]:
     """Every member's header + inline bytes (always the same length, whatever each sends:
     ranks that disagree still meet in one well-formed allgather): MPI's for the global
@@ -113,8 +135,9 @@ def _round(head: bytes, ps: Any, inline: bytes = b"") -> list[bytes]:
     if state.device is None:
         cuda = dist.get_backend() == "nccl"
         state.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    mine = torch.frombuffer(buffer, dtype=torch.uint8).to(state.device)
+    mine = byte_tensor(buffer).to(state.device)
     everyone = [torch.empty_like(mine) for _ in range(size)]
+    _recent.append([mine, *everyone])
     dist.all_gather(everyone, mine, group=group)
     return [bytes(t.cpu().numpy()) for t in everyone]
 

@@ -1,12 +1,16 @@
-"""Per-rank loop of benchmarks/train_throughput.py: Horovod's synthetic benchmark
+"""Per-rank loop of ``distlaunch bench train``: Horovod's synthetic benchmark
 (``pytorch_synthetic_benchmark.py``'s shape: DistributedOptimizer, parameters and
 optimizer state broadcast from rank 0, timed iterations of forward, backward and step on
 random data) on a CIFAR-size ResNet-18 (no torchvision needed) or a small transformer.
 
+    python -m distlaunch.hvd.train_bench, with the environment:
     RUNTIME=hvd  MODEL=resnet18|transformer  (under distlaunch run, mpirun or horovodrun)
     RUNTIME=ddp  (under torchrun: torch DistributedDataParallel, gloo)
+    RUNTIME=none (under mpirun: every rank trains alone, no communication at all; the
+                  ceiling any runtime can reach with this many ranks on this host)
 
-Rank 0 prints ``RESULT {json}`` with samples/s per timed batch of iterations.
+BATCH (32), ITERS (5 per timed batch), BATCHES (4 timed batches). Rank 0 prints
+``RESULT {json}`` with samples/s per timed batch of iterations.
 """
 from __future__ import annotations
 
@@ -78,7 +82,10 @@ def main() -> None:
     else:
         data, target = torch.randint(0, 1000, (batch, 128)), torch.randint(0, 1000, (batch, 128))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    if runtime == "ddp":
+    if runtime == "none":
+        rank, size = int(os.environ["OMPI_COMM_WORLD_RANK"]), int(os.environ["OMPI_COMM_WORLD_SIZE"])
+        what = "no communication"
+    elif runtime == "ddp":
         import torch.distributed as dist
 
         dist.init_process_group("gloo")
