@@ -182,7 +182,7 @@ def plot(rows: list[Row], summary: dict[str, dict[str, float]], unit: str, title
     fig, ax = plt.subplots(figsize=(9, 0.55 * len(done) + 1.6))
     ax.barh([ROW_NAMES[row.key] for row in done], medians, xerr=[low, high], color=colors, capsize=4)
     for y, median in enumerate(medians):
-        ax.text(median, y, f" {median:.1f}", va="center", ha="left", fontsize=8)
+        ax.text(max(medians) * 0.01, y, f"{median:.1f}", va="center", ha="left", fontsize=8, color="white")
     ax.invert_yaxis()
     ax.set_xlabel(f"{unit}/s (median over timed batches; bars: min to max)")
     ax.set_title(title, fontsize=10)
