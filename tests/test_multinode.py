@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SCRIPTS, backends
+from conftest import REPO, SCRIPTS, backends, horovod_available
 
 from tests.cluster.cluster import Cluster, make, missing_tools
 
@@ -77,6 +77,9 @@ def test_training_across_two_nodes(cluster, project, tmp_path, backend):
                                    env={"DISTLAUNCH_HVD_BACKEND": backend})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"training on 4 rank(s) with the {backend} backend" in proc.stdout
+    if backend == "horovod":  # the simulated nodes' names resolve nowhere: Horovod's Gloo would abort there
+        assert ("with MPI operations (DISTLAUNCH_HVD_BACKEND=horovod; Horovod's Gloo operations need each host's "
+                "name to resolve on that host, and node2, node3 do not" in proc.stdout + proc.stderr), proc.stderr
     assert record["status"] == "completed" and record["nodes"] == 2
     hosts = {r["host"] for r in record["rank_exits"].values()}
     assert hosts == {"node2", "node3"}
@@ -91,6 +94,15 @@ def test_training_across_two_nodes(cluster, project, tmp_path, backend):
         assert (copy / "train.py").read_text() == (project / "train.py").read_text()
         assert (copy / "data.txt").exists()
         assert not (copy / "big.ckpt").exists() and not (copy / "scratch").exists()
+
+
+@pytest.mark.skipif(not horovod_available(), reason="Horovod is not installed (distlaunch install-horovod)")
+def test_gloo_operations_asked_for_where_they_cannot_work_say_why(cluster, project, tmp_path):
+    proc, _, _ = launch(cluster, tmp_path, str(project / "train.py"), "--epochs", "1",
+                        env={"DISTLAUNCH_HVD_BACKEND": "horovod", "DISTLAUNCH_HVD_OPS": "gloo"})
+    assert proc.returncode != 0
+    assert ("node2, node3 do not: add it to /etc/hosts there, or use MPI's operations (--hvd-ops mpi)"
+            in proc.stdout + proc.stderr), proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
 def test_resync_sends_only_the_changed_file(cluster, project, tmp_path):

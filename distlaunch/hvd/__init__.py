@@ -64,30 +64,31 @@ def _real_horovod() -> tuple[bool, str]:
     return True, "DISTLAUNCH_HVD_BACKEND=horovod" if _choice == "horovod" else "horovod.torch is installed"
 
 
-def _operations() -> tuple[str, str]:
-    """Real Horovod's CPU operations, 'gloo' or 'mpi', and why."""
+def _operations() -> tuple[str, str, bool]:
+    """Real Horovod's CPU operations, 'gloo' or 'mpi', why, and whether that is only the
+    default (which hvd.init may still turn to MPI's: horovod_gloo.prepare)."""
     if "HOROVOD_GLOO_RENDEZVOUS_ADDR" in os.environ:
-        return "gloo", "horovodrun --gloo set them up"
+        return "gloo", "horovodrun --gloo set them up", False
     asked = os.environ.get("DISTLAUNCH_HVD_OPS", "").strip().lower()
     if asked:
         if asked not in ("mpi", "gloo"):
             raise ImportError(f"DISTLAUNCH_HVD_OPS={asked!r}: use 'mpi' (Horovod's MPI controller and operations) "
                               "or 'gloo' (its Gloo ones, as horovodrun --gloo)")
-        return asked, f"DISTLAUNCH_HVD_OPS={asked}"
+        return asked, f"DISTLAUNCH_HVD_OPS={asked}", False
     for name in ("HOROVOD_CPU_OPERATIONS", "HOROVOD_CONTROLLER"):
         value = os.environ.get(name, "").strip().lower()
         if value in ("mpi", "gloo"):
-            return value, f"{name}={value}"
+            return value, f"{name}={value}", False
     import horovod.torch as real
     import torch
 
     if not real.gloo_built():
-        return "mpi", "this Horovod was built without Gloo"
+        return "mpi", "this Horovod was built without Gloo", False
     if not real.mpi_built():
-        return "gloo", "this Horovod was built without MPI"
+        return "gloo", "this Horovod was built without MPI", False
     if torch.cuda.is_available():
-        return "mpi", "the default with CUDA; DISTLAUNCH_HVD_OPS=gloo for Gloo's"
-    return "gloo", "the default on CPU, faster than MPI's here; DISTLAUNCH_HVD_OPS=mpi for MPI's"
+        return "mpi", "the default with CUDA; DISTLAUNCH_HVD_OPS=gloo for Gloo's", False
+    return "gloo", "the default on CPU, faster than MPI's here; DISTLAUNCH_HVD_OPS=mpi for MPI's", True
 
 
 def _announce(line: str) -> None:
@@ -104,17 +105,20 @@ if _REAL:
     from horovod.torch import Compression  # noqa: F401
 
     _BACKEND = "horovod"
-    _OPS, _OPS_WHY = _operations()
+    _OPS, _OPS_WHY, _OPS_DEFAULT = _operations()
     _horovod_init = init  # noqa: F405
 
     def init(*args, **kwargs):  # type: ignore[no-redef]  # noqa: ANN002,ANN003
         """Horovod's init; with Gloo operations outside horovodrun, the ranks first serve
         Horovod's rendezvous among themselves (horovod_gloo)."""
+        global _OPS_WHY
         first = not is_initialized()  # noqa: F405
         if first and _OPS == "gloo" and "HOROVOD_GLOO_RENDEZVOUS_ADDR" not in os.environ:
             from .horovod_gloo import prepare
 
-            prepare()
+            fallback = prepare(asked=not _OPS_DEFAULT)
+            if fallback:
+                _OPS_WHY = f"{fallback}; DISTLAUNCH_HVD_OPS=gloo once it does"
         _horovod_init(*args, **kwargs)
         if first and rank() == 0:  # noqa: F405
             import horovod

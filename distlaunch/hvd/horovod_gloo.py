@@ -30,13 +30,34 @@ def _serve(address: str, plan: list[Any]) -> int:
     return int(server.server_address[1])
 
 
-def prepare() -> None:
-    """Set this rank's Horovod Gloo variables (collective over MPI's world)."""
+def _resolves(host: str) -> bool:
+    try:
+        return bool(socket.getaddrinfo(host, None))
+    except OSError:
+        return False
+
+
+def prepare(asked: bool) -> str | None:
+    """Set this rank's Horovod Gloo variables (collective over MPI's world); None when
+    done, else why Gloo cannot be used here and MPI's operations are (only when Gloo was
+    the default, not ``asked`` for: then that is an error, the same on every rank).
+
+    Horovod's Gloo process sets (the global set included) make their transport from this
+    host's own name, not from HOROVOD_GLOO_IFACE, so every host's name must resolve on it."""
     from horovod.runner.common.util.hosts import SlotInfo
 
     world, topo = mpi_topology()
     host = socket.gethostname()
-    places = world.allgather((host, topo.rank, topo.local_rank, topo.local_size, topo.cross_rank, topo.cross_size))
+    places = world.allgather((host, topo.rank, topo.local_rank, topo.local_size, topo.cross_rank, topo.cross_size,
+                              _resolves(host)))
+    unresolved = sorted({place[0] for place in places if not place[6]})
+    if unresolved:
+        why = (f"Horovod's Gloo operations need each host's name to resolve on that host, and "
+               f"{', '.join(unresolved)} {'does' if len(unresolved) == 1 else 'do'} not")
+        if asked:
+            raise RuntimeError(f"{why}: add it to /etc/hosts there, or use MPI's operations (--hvd-ops mpi)")
+        return why
+    places = [place[:6] for place in places]
     all_local = len({place[0] for place in places}) == 1
     where: tuple[str, int] | None = None
     if topo.rank == 0:
@@ -60,3 +81,4 @@ def prepare() -> None:
         "HOROVOD_CROSS_RANK": str(topo.cross_rank),
         "HOROVOD_CROSS_SIZE": str(topo.cross_size),
     })
+    return None
