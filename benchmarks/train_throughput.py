@@ -15,17 +15,23 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def given(args: list[str], option: str, default: str) -> str:
+    """The value of ``option`` in ``args`` (``--opt value`` or ``--opt=value``; the last wins)."""
+    value = default
+    for i, arg in enumerate(args):
+        if arg == option and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(option + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
 def main() -> int:
     args = sys.argv[1:]
-
-    def given(option: str, default: str) -> str:
-        return args[args.index(option) + 1] if option in args[:-1] else default
-
-    stem = RESULTS / f"train-{given('--model', 'resnet18')}-{given('--ranks', '2')}ranks"
-    if "--json" not in args:
-        args += ["--json", f"{stem}.json"]
-    if "--plot" not in args:
-        args += ["--plot", f"{stem}.png"]
+    stem = RESULTS / f"train-{given(args, '--model', 'resnet18')}-{given(args, '--ranks', '2')}ranks"
+    for option, suffix in (("--json", "json"), ("--plot", "png")):
+        if given(args, option, "") == "":
+            args += [option, f"{stem}.{suffix}"]
     return subprocess.call([sys.executable, "-m", "distlaunch", "bench", "train", *args])
 
 

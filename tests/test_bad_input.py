@@ -115,6 +115,8 @@ CASES = [
     ("hvd-ops-bad", ["run", "--hvd-ops", "nccl", S], {}, 2, "--hvd-ops"),
     ("hvd-ops-and-env-disagree", ["run", "--hvd-ops", "mpi", "--env", "DISTLAUNCH_HVD_OPS=gloo", S], {}, 2,
      "give one of the two"),
+    ("hvd-ops-with-torch-backend", ["run", "--hvd-backend", "torch", "--hvd-ops", "gloo", S], {}, 2,
+     "--hvd-backend torch does not use real Horovod"),
     ("bench-train-row-unknown", ["bench", "train", "--rows", "ddp,fast"], {}, 2, "the rows are ceiling"),
 ]
 

@@ -98,3 +98,42 @@ def test_bench_train_runs_every_row_and_says_how_they_compare(tmp_path):
     assert {row[0] for row in table} == expected, proc.stdout
     assert (tmp_path / "train.png").stat().st_size > 1000
     assert working_in(tmp_path) == []
+
+
+def test_bench_train_ratios_are_null_without_their_row():
+    """Without a DDP or ceiling row the ratios are None (JSON null), never NaN."""
+    from distlaunch.cli.bench_train import Row, format_table, summarize
+
+    summary = summarize([Row("hvd-torch", [], {}, rates=[10.0, 30.0, 20.0]), Row("ddp", [], {}, error="boom")])
+    assert summary == {"hvd-torch": {"median": 20.0, "min": 10.0, "max": 30.0, "x_ddp": None, "x_ceiling": None}}
+    assert "NaN" not in json.dumps(summary)
+    table = format_table([Row("hvd-torch", [], {}, rates=[10.0, 30.0, 20.0]), Row("ddp", [], {}, error="boom")],
+                         summary, "img")
+    assert table.splitlines()[1].split()[-2:] == ["-", "-"] and "failed: boom" in table
+
+
+def test_bench_train_row_overrunning_ends_with_what_it_started(tmp_path, monkeypatch):
+    """A row past its time ends with its descendants, even one in a session of its own
+    that ignores SIGTERM (as launchers put their ranks): killed by pid, none left."""
+    import time
+
+    import psutil
+
+    from distlaunch.cli import bench_train
+
+    monkeypatch.setattr(bench_train, "END_GRACE_S", 2.0)
+    pid_file = tmp_path / "child.pid"
+    child = ("import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+             f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)")
+    launcher = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}], "
+                "start_new_session=True); time.sleep(600)")
+    row = bench_train.Row("ddp", [sys.executable, "-c", launcher], {})
+    start = time.monotonic()
+    with pytest.raises(bench_train.BenchTrainError, match="ddp: no result after 3 s"):
+        bench_train.run_row(row, {}, str(tmp_path), timeout=3)
+    assert time.monotonic() - start < 15
+    child_pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(child_pid) and psutil.Process(child_pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, f"pid {child_pid} outlived its row"
+        time.sleep(0.1)

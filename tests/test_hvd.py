@@ -2,6 +2,7 @@
 runs under real mpirun (via distlaunch run) once per backend and rank count."""
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import re
 import subprocess
@@ -18,12 +19,17 @@ PARITY = REPO / "tests" / "mpi" / "test_hvd_parity.py"
 HOROVOD_ENV = {"HOROVOD_DYNAMIC_PROCESS_SETS": "1", "HOROVOD_TIMELINE": "DYNAMIC"}  # what the suite's tests need
 
 
-def run_job(tmp: Path, backend: str, ranks: int, *argv: str, env: dict[str, str] | None = None,
-            launcher: str = "distlaunch", timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, "DISTLAUNCH_HVD_BACKEND": backend, "OUT_DIR": str(tmp), **(env or {})}
+def run_job(tmp: Path, backend: str | None, ranks: int, *argv: str, env: dict[str, str] | None = None,
+            launcher: str = "distlaunch", timeout: float = 300,
+            options: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """``argv`` under distlaunch run (with ``options``) or plain mpirun; ``backend`` None
+    leaves DISTLAUNCH_HVD_BACKEND to the options."""
+    full_env = {**os.environ, "OUT_DIR": str(tmp), **(env or {})}
+    full_env.pop("DISTLAUNCH_HVD_BACKEND", None)
+    full_env.update({"DISTLAUNCH_HVD_BACKEND": backend} if backend else {})
     if launcher == "distlaunch":
         cmd = [sys.executable, "-m", "distlaunch", "run", "--ppn", str(ranks), *oversubscribe(ranks),
-               "--run-dir", str(tmp / "runs"),
+               "--run-dir", str(tmp / "runs"), *options,
                *argv]
     else:  # plain mpirun, as a user without distlaunch's launcher would
         from distlaunch.plan.mpi import find_mpirun
@@ -36,8 +42,8 @@ def run_job(tmp: Path, backend: str, ranks: int, *argv: str, env: dict[str, str]
 
 
 def runtimes() -> list:
-    """torch, and real Horovod with each of its CPU operations (Gloo's are its default on
-    CPU under distlaunch; MPI's are what plain mpirun gives)."""
+    """torch, and real Horovod with each of its CPU operations (Gloo's are its default
+    where no rank has CUDA, under distlaunch and plain mpirun alike)."""
     params = []
     for backend in BACKENDS:
         name = getattr(backend, "values", [backend])[0]
@@ -100,30 +106,58 @@ def losses(stdout: str) -> list[str]:
 
 
 def test_example_trains_identically_on_every_backend(tmp_path):
-    """Every backend, and real Horovod with its Gloo operations too (DISTLAUNCH_HVD_OPS=gloo:
-    the ranks serve Horovod's own rendezvous, as horovodrun --gloo does)."""
+    """Every backend, and real Horovod with its Gloo operations too (the ranks serve
+    Horovod's own rendezvous, as horovodrun --gloo does): chosen by default, by the
+    variable, and by distlaunch run's --hvd-backend/--hvd-ops."""
     seen = {}
-    runs = [(backend, "mpi") for backend in installed_backends()]
-    # real Horovod's default under distlaunch on a CPU-only host is Gloo's operations
-    runs += [("horovod", "gloo"), ("horovod", "")] if "horovod" in installed_backends() else []
-    for backend, ops in runs:
+    runs = [(backend, "mpi", ()) for backend in installed_backends()]
+    if "horovod" in installed_backends():
+        runs += [("horovod", "gloo", ()), ("horovod", "", ()),
+                 (None, "", ("--hvd-backend", "horovod", "--hvd-ops", "gloo"))]
+    cuda = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                          capture_output=True, text=True).stdout.strip() == "True"
+    for backend, ops, options in runs:
         result = run_job(tmp_path, backend, 2, str(REPO / "examples" / "train.py"), "--epochs", "2",
-                         env={"DISTLAUNCH_HVD_OPS": ops})
+                         env={"DISTLAUNCH_HVD_OPS": ops}, options=options)
         assert result.returncode == 0, result.stderr[-3000:]
-        assert f"with the {backend} backend" in result.stdout
+        runtime = backend or "horovod"
+        assert f"with the {runtime} backend" in result.stdout
         said = [line for line in (result.stdout + result.stderr).splitlines() if "distlaunch.hvd: " in line]
         assert len(said) == 1 and said[0].startswith("[0] "), said  # one start-up line, from rank 0
-        if backend == "horovod":
-            words = "Gloo" if ops in ("gloo", "") else "MPI"
+        if runtime == "horovod":
+            chosen = "gloo" if options else ops
+            words = "MPI" if chosen == "mpi" or (chosen == "" and cuda) else "Gloo"
             assert f"({words} operations)" in result.stdout, result.stdout[-2000:]
-            why = "the default on CPU" if ops == "" else f"DISTLAUNCH_HVD_OPS={ops}"
-            assert f"real Horovod 0.28.1 with {words} operations (DISTLAUNCH_HVD_BACKEND=horovod; {why}" in said[0]
+            why = (f"DISTLAUNCH_HVD_OPS={chosen}" if chosen else
+                   "the default where a rank has CUDA" if cuda else "the default where no rank has CUDA")
+            version = importlib.metadata.version("horovod")
+            assert f"real Horovod {version} with {words} operations (DISTLAUNCH_HVD_BACKEND=horovod; {why}" \
+                in said[0], said
         else:
             assert "distlaunch's torch backend, collectives through this node's shared memory" in said[0], said
-        key = f"{backend}/{ops}"
+        key = f"{runtime}/{ops}/{' '.join(options)}"
         seen[key] = losses(result.stdout)
         assert len(seen[key]) == 3 and float(seen[key][-1]) < float(seen[key][0])
     assert len({tuple(v) for v in seen.values()}) == 1, seen
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if getattr(b, "values", [b])[0] == "horovod"])
+def test_real_horovod_gloo_default_at_each_init(tmp_path, backend):
+    """Each hvd.init serves a fresh rendezvous (a re-init after shutdown does not reach
+    for the old one), hvd.shutdown's successor cleans up, and a communicator given to
+    hvd.init turns the default to MPI's operations, as the start-up line says."""
+    reinit = run_job(tmp_path, backend, 2, str(SCRIPTS / "hvd_gloo_init.py"), "reinit")
+    assert reinit.returncode == 0, reinit.stderr[-3000:]
+    rounds = re.findall(r"^\[0\] round (\d): gloo=(\w+) port=(\d+) sum=\[3.0, 3.0, 3.0\]$", reinit.stdout, re.M)
+    assert [(r, g) for r, g, _ in rounds] == [("0", "True"), ("1", "True")], reinit.stdout[-2000:]
+    assert rounds[0][2] != rounds[1][2], rounds  # a new rendezvous server for the second init
+    assert "[0] left nothing" in reinit.stdout and "[1] left nothing" in reinit.stdout  # shutdown cleans up
+    comm = run_job(tmp_path, backend, 2, str(SCRIPTS / "hvd_gloo_init.py"), "comm")
+    assert comm.returncode == 0, comm.stderr[-3000:]
+    assert re.search(r"^\[1\] round 0: gloo=False port=None sum=\[3.0, 3.0, 3.0\]$", comm.stdout, re.M), comm.stdout
+    assert "with MPI operations (DISTLAUNCH_HVD_BACKEND=horovod; hvd.init was given a communicator" in \
+        comm.stdout + comm.stderr
+    assert "[0] left nothing" in comm.stdout
 
 
 @pytest.mark.parametrize("launcher", ["distlaunch", "mpirun"])
@@ -138,3 +172,15 @@ def test_exception_mid_training_ends_the_job_fast(tmp_path, backend, launcher):
     crash = float((tmp_path / "crash-time").read_text())
     assert ended - crash < 10, f"job took {ended - crash:.1f} s to end after the crash"
     assert ended - start < 90
+
+
+def test_byte_tensor_owns_its_memory():
+    """What the rounds hand gloo is a copy with storage of its own (a frombuffer tensor
+    would share the Python buffer and release it through the GIL from gloo's thread)."""
+    from distlaunch.hvd.core import byte_tensor
+
+    data = bytearray(b"abc")
+    tensor = byte_tensor(data)
+    data[0] = ord("z")
+    assert bytes(tensor.numpy()) == b"abc" and tensor.dtype.is_floating_point is False
+    assert byte_tensor(b"").numel() == 0

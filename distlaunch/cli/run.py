@@ -106,8 +106,8 @@ _JOB_OPTIONS = [
                  help="distlaunch.hvd's runtime: real Horovod when installed (auto), or distlaunch's own on "
                       "torch.distributed; sets DISTLAUNCH_HVD_BACKEND on every rank."),
     click.option("--hvd-ops", type=click.Choice(["auto", "gloo", "mpi"]), default="auto", show_default=True,
-                 help="Real Horovod's CPU operations: auto is Gloo's on CPU-only hosts (faster here), MPI's "
-                      "with CUDA; sets DISTLAUNCH_HVD_OPS on every rank."),
+                 help="Real Horovod's CPU operations: auto is Gloo's where no rank has CUDA and every host's "
+                      "name resolves, else MPI's; Adasum needs mpi. Sets DISTLAUNCH_HVD_OPS on every rank."),
     click.option("--experiment", metavar="NAME", help="Group the run under this name [default: the source dir's]."),
     click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Tag the run (repeatable)."),
     click.option("--input", "inputs", multiple=True, metavar="NAME=PATH[:copy]",
@@ -129,6 +129,9 @@ def hvd_env(backend: str, ops: str, env: list[tuple[str, str]]) -> list[tuple[st
     that says otherwise, so the job never runs with a choice nobody made)."""
     chosen = [(name, value) for name, value in (("DISTLAUNCH_HVD_BACKEND", backend), ("DISTLAUNCH_HVD_OPS", ops))
               if value != "auto"]
+    if backend == "torch" and ops != "auto":
+        raise SpecError(f"--hvd-ops {ops} chooses real Horovod's operations, but --hvd-backend torch does not use "
+                        "real Horovod: drop one of the two")
     given = dict(env)
     for name, value in chosen:
         if given.get(name, value) != value:

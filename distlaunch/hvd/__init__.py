@@ -7,11 +7,14 @@ nccl with CUDA), which joins the world of whatever launched it: MPI, torchrun's
 rendezvous, or an srun step's (``rendezvous.join``). ``DISTLAUNCH_HVD_BACKEND=horovod|torch``
 forces one; ``hvd.backend()`` says which is active.
 
-Real Horovod runs its Gloo controller and operations on CPU-only machines (measured
-faster than its MPI ones under every launcher here: README, "Which runtime"), its MPI
-ones with CUDA; ``DISTLAUNCH_HVD_OPS=gloo|mpi`` (``distlaunch run --hvd-ops``) or
-Horovod's own ``HOROVOD_CPU_OPERATIONS`` choose. ``hvd.init()`` says on rank 0, in one
-line on stderr, which runtime is in use and why (``DISTLAUNCH_HVD_QUIET=1`` silences it).
+Real Horovod runs its Gloo controller and operations where no rank has CUDA (measured
+faster than its MPI ones on a CPU-only host: README, "Which runtime"), its MPI ones with
+CUDA, with a communicator given to ``hvd.init``, or where a host's name does not resolve;
+``DISTLAUNCH_HVD_OPS=gloo|mpi`` (``distlaunch run --hvd-ops``) or Horovod's own
+``HOROVOD_CPU_OPERATIONS`` / ``HOROVOD_CONTROLLER`` choose. horovodrun's MPI mode leaves
+no trace in the ranks' environment, so there too Gloo's are the default unless one of
+those says otherwise. ``hvd.init()`` says on rank 0, in one line on stderr, which runtime
+is in use and why (``DISTLAUNCH_HVD_QUIET=1`` silences it).
 """
 from __future__ import annotations
 
@@ -55,7 +58,9 @@ def _real_horovod() -> tuple[bool, str]:
                 f"DISTLAUNCH_HVD_BACKEND=horovod but horovod.torch cannot be imported ({exc}): "
                 "build it with 'distlaunch install-horovod', or unset the variable"
             ) from exc
-        return False, "horovod.torch is not installed; 'distlaunch install-horovod' builds it"
+        if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] == "horovod":
+            return False, "horovod.torch is not installed; 'distlaunch install-horovod' builds it"
+        return False, f"horovod.torch failed to import ({exc}); 'distlaunch install-horovod' rebuilds it"
     if not (real.mpi_built() or real.gloo_built()):
         if _choice == "horovod":
             raise ImportError("horovod.torch was built without MPI and Gloo: rebuild it with "
@@ -65,30 +70,35 @@ def _real_horovod() -> tuple[bool, str]:
 
 
 def _operations() -> tuple[str, str, bool]:
-    """Real Horovod's CPU operations, 'gloo' or 'mpi', why, and whether that is only the
-    default (which hvd.init may still turn to MPI's: horovod_gloo.prepare)."""
-    if "HOROVOD_GLOO_RENDEZVOUS_ADDR" in os.environ:
+    """Real Horovod's CPU operations ('gloo', 'mpi', or what HOROVOD_CPU_OPERATIONS names,
+    such as 'ccl'), why, and whether that is only the default, which hvd.init may still
+    turn to MPI's with every rank's say (horovod_gloo.prepare)."""
+    if _FROM_HOROVODRUN:
         return "gloo", "horovodrun --gloo set them up", False
+    import horovod.torch as real
+
     asked = os.environ.get("DISTLAUNCH_HVD_OPS", "").strip().lower()
     if asked:
         if asked not in ("mpi", "gloo"):
             raise ImportError(f"DISTLAUNCH_HVD_OPS={asked!r}: use 'mpi' (Horovod's MPI controller and operations) "
                               "or 'gloo' (its Gloo ones, as horovodrun --gloo)")
+        if not (real.gloo_built() if asked == "gloo" else real.mpi_built()):
+            other = "mpi" if asked == "gloo" else "gloo"
+            raise ImportError(f"DISTLAUNCH_HVD_OPS={asked}, but this Horovod was built without "
+                              f"{'Gloo' if asked == 'gloo' else 'MPI'}: use DISTLAUNCH_HVD_OPS={other}, or rebuild "
+                              "it with 'distlaunch install-horovod'")
         return asked, f"DISTLAUNCH_HVD_OPS={asked}", False
-    for name in ("HOROVOD_CPU_OPERATIONS", "HOROVOD_CONTROLLER"):
-        value = os.environ.get(name, "").strip().lower()
-        if value in ("mpi", "gloo"):
-            return value, f"{name}={value}", False
-    import horovod.torch as real
-    import torch
-
+    operations = os.environ.get("HOROVOD_CPU_OPERATIONS", "").strip().lower()
+    if operations:  # Horovod's own setting, whatever it names (mpi, gloo, ccl)
+        return operations, f"HOROVOD_CPU_OPERATIONS={operations}", False
+    controller = os.environ.get("HOROVOD_CONTROLLER", "").strip().lower()
+    if controller in ("mpi", "gloo"):
+        return controller, f"HOROVOD_CONTROLLER={controller}", False
     if not real.gloo_built():
         return "mpi", "this Horovod was built without Gloo", False
     if not real.mpi_built():
         return "gloo", "this Horovod was built without MPI", False
-    if torch.cuda.is_available():
-        return "mpi", "the default with CUDA; DISTLAUNCH_HVD_OPS=gloo for Gloo's", False
-    return "gloo", "the default on CPU, faster than MPI's here; DISTLAUNCH_HVD_OPS=mpi for MPI's", True
+    return "gloo", "the default where no rank has CUDA; DISTLAUNCH_HVD_OPS=mpi for MPI's", True
 
 
 def _announce(line: str) -> None:
@@ -105,26 +115,37 @@ if _REAL:
     from horovod.torch import Compression  # noqa: F401
 
     _BACKEND = "horovod"
+    # horovodrun --gloo's variables, as the process started (not those hvd.init sets)
+    _FROM_HOROVODRUN = "HOROVOD_GLOO_RENDEZVOUS_ADDR" in os.environ
     _OPS, _OPS_WHY, _OPS_DEFAULT = _operations()
     _horovod_init = init  # noqa: F405
 
-    def init(*args, **kwargs):  # type: ignore[no-redef]  # noqa: ANN002,ANN003
+    def init(comm=None, process_sets=None):  # type: ignore[no-redef]  # noqa: ANN001
         """Horovod's init; with Gloo operations outside horovodrun, the ranks first serve
         Horovod's rendezvous among themselves (horovod_gloo)."""
-        global _OPS_WHY
+        why = _OPS_WHY
         first = not is_initialized()  # noqa: F405
-        if first and _OPS == "gloo" and "HOROVOD_GLOO_RENDEZVOUS_ADDR" not in os.environ:
+        if first and _OPS == "gloo" and not _FROM_HOROVODRUN:
             from .horovod_gloo import prepare
 
-            fallback = prepare(asked=not _OPS_DEFAULT)
-            if fallback:
-                _OPS_WHY = f"{fallback}; DISTLAUNCH_HVD_OPS=gloo once it does"
-        _horovod_init(*args, **kwargs)
+            why = prepare(asked=not _OPS_DEFAULT, comm=comm) or why
+        _horovod_init(comm, process_sets)
         if first and rank() == 0:  # noqa: F405
             import horovod
 
-            ops = "Gloo" if gloo_enabled() else "MPI"  # noqa: F405
-            _announce(f"real Horovod {horovod.__version__} with {ops} operations ({_WHY}; {_OPS_WHY})")
+            ops = "Gloo" if gloo_enabled() else "MPI" if _OPS in ("gloo", "mpi") else _OPS.upper()  # noqa: F405
+            _announce(f"real Horovod {horovod.__version__} with {ops} operations ({_WHY}; {why})")
+
+    _horovod_shutdown = shutdown  # noqa: F405
+
+    def shutdown() -> None:  # type: ignore[no-redef]
+        """Horovod's shutdown; then the rendezvous init served stops and its variables
+        leave the environment (child processes must not take them for horovodrun's)."""
+        _horovod_shutdown()
+        if not _FROM_HOROVODRUN:
+            from .horovod_gloo import forget
+
+            forget()
 else:
     from .collectives import *  # noqa: F403
     from .compression import Compression  # noqa: F401

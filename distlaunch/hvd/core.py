@@ -153,4 +153,3 @@ def byte_tensor(data: bytes | bytearray) -> torch.Tensor:
     if len(data):
         out.numpy()[:] = memoryview(data).cast("B")
     return out
-

@@ -1,5 +1,6 @@
 """Real Horovod's Gloo controller and operations under an MPI launcher (``distlaunch
-run``, mpirun, srun with a PMI), as ``horovodrun --gloo`` runs them, chosen with
+run``, mpirun, srun with a PMI), as ``horovodrun --gloo`` runs them: real Horovod's
+default where no rank has CUDA and every host's name resolves, or chosen with
 ``DISTLAUNCH_HVD_OPS=gloo``.
 
 Horovod's Gloo mode needs what horovodrun provides: its HTTP rendezvous server and the
@@ -22,12 +23,13 @@ from .rendezvous import interface_towards, master_address, mpi_topology
 
 def _serve(address: str, plan: list[Any]) -> int:
     """Start Horovod's rendezvous server on ``address``; its port."""
+    global _server
     from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer
 
-    server = RendezvousHTTPServer((address, 0), RendezvousHandler, 0)
-    server.init(plan)
-    threading.Thread(target=server.serve_forever, name="horovod-rendezvous", daemon=True).start()
-    return int(server.server_address[1])
+    _server = RendezvousHTTPServer((address, 0), RendezvousHandler, 0)
+    _server.init(plan)
+    threading.Thread(target=_server.serve_forever, name="horovod-rendezvous", daemon=True).start()
+    return int(_server.server_address[1])
 
 
 def _resolves(host: str) -> bool:
@@ -37,26 +39,61 @@ def _resolves(host: str) -> bool:
         return False
 
 
-def prepare(asked: bool) -> str | None:
-    """Set this rank's Horovod Gloo variables (collective over MPI's world); None when
-    done, else why Gloo cannot be used here and MPI's operations are (only when Gloo was
-    the default, not ``asked`` for: then that is an error, the same on every rank).
+# What the last prepare set, so that a later hvd.init (after hvd.shutdown) starts from
+# the environment the process had, not from a rendezvous that is gone.
+_before: dict[str, str | None] = {}  # each variable prepare set: its value before
+_server: Any = None
 
-    Horovod's Gloo process sets (the global set included) make their transport from this
-    host's own name, not from HOROVOD_GLOO_IFACE, so every host's name must resolve on it."""
+
+def forget() -> None:
+    """Undo the last prepare: its variables leave the environment, its server stops."""
+    global _server
+    for name, value in _before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    _before.clear()
+    if _server is not None:
+        _server.shutdown()
+        _server.server_close()
+        _server = None
+
+
+def prepare(asked: bool, comm: Any = None) -> str | None:
+    """Set this rank's Horovod Gloo variables (collective over MPI's world); None when
+    done, else why MPI's operations are used instead: only when Gloo was the default and
+    not ``asked`` for (then it is an error, raised on every rank alike).
+
+    Gloo is not used when ``hvd.init`` is given a communicator (Horovod runs over that
+    MPI communicator), when any rank has CUDA (MPI's for CPU tensors there, as Horovod's
+    own default), or when a host's name does not resolve on it (Horovod's Gloo process
+    sets, the global set included, make their transport from the host's own name, not
+    from HOROVOD_GLOO_IFACE)."""
+    import torch
     from horovod.runner.common.util.hosts import SlotInfo
 
-    world, topo = mpi_topology()
+    from ..rank.rankinfo import from_environ
+
+    forget()
+    if comm is not None:
+        if asked:
+            raise ValueError("hvd.init(comm=...) runs Horovod over that MPI communicator, which needs MPI's "
+                             "operations: set DISTLAUNCH_HVD_OPS=mpi (distlaunch run --hvd-ops mpi)")
+        return "hvd.init was given a communicator, which needs MPI's operations"
+    world, topo = mpi_topology(from_environ())
     host = socket.gethostname()
     places = world.allgather((host, topo.rank, topo.local_rank, topo.local_size, topo.cross_rank, topo.cross_size,
-                              _resolves(host)))
+                              _resolves(host), torch.cuda.is_available()))
     unresolved = sorted({place[0] for place in places if not place[6]})
     if unresolved:
         why = (f"Horovod's Gloo operations need each host's name to resolve on that host, and "
                f"{', '.join(unresolved)} {'does' if len(unresolved) == 1 else 'do'} not")
         if asked:
             raise RuntimeError(f"{why}: add it to /etc/hosts there, or use MPI's operations (--hvd-ops mpi)")
-        return why
+        return f"{why}; DISTLAUNCH_HVD_OPS=gloo once it does"
+    if not asked and any(place[7] for place in places):
+        return "the default where a rank has CUDA; DISTLAUNCH_HVD_OPS=gloo for Gloo's"
     places = [place[:6] for place in places]
     all_local = len({place[0] for place in places}) == 1
     where: tuple[str, int] | None = None
@@ -66,7 +103,7 @@ def prepare(asked: bool) -> str | None:
                          cross_size=cs) for h, r, lr, ls, cr, cs in places]
         where = (address, _serve(address, plan))
     address, port = world.bcast(where, root=0)
-    os.environ.update({
+    variables = {
         "HOROVOD_GLOO_RENDEZVOUS_ADDR": address,
         "HOROVOD_GLOO_RENDEZVOUS_PORT": str(port),
         "HOROVOD_CONTROLLER": "gloo",
@@ -80,5 +117,7 @@ def prepare(asked: bool) -> str | None:
         "HOROVOD_LOCAL_SIZE": str(topo.local_size),
         "HOROVOD_CROSS_RANK": str(topo.cross_rank),
         "HOROVOD_CROSS_SIZE": str(topo.cross_size),
-    })
+    }
+    _before.update({name: os.environ.get(name) for name in variables})
+    os.environ.update(variables)
     return None

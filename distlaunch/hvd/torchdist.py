@@ -116,7 +116,7 @@ def shutdown() -> None:
         except Exception:  # noqa: BLE001 - a peer gone or still busy: leave anyway
             pass
     idle = state.engine is None or state.engine.drain(timeout=10.0)
-    if owned and idle and not state.mpi_world:
+    if idle:  # in every world: process sets' rounds go over gloo in MPI worlds too
         world.settle(timeout=5.0)
     state.reset()
     if owned and idle and dist.is_initialized():

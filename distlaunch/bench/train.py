@@ -3,20 +3,23 @@
 optimizer state broadcast from rank 0, timed iterations of forward, backward and step on
 random data) on a CIFAR-size ResNet-18 (no torchvision needed) or a small transformer.
 
-    python -m distlaunch.hvd.train_bench, with the environment:
+    python -m distlaunch.bench.train, with the environment:
     RUNTIME=hvd  MODEL=resnet18|transformer  (under distlaunch run, mpirun or horovodrun)
     RUNTIME=ddp  (under torchrun: torch DistributedDataParallel, gloo)
-    RUNTIME=none (under mpirun: every rank trains alone, no communication at all; the
-                  ceiling any runtime can reach with this many ranks on this host)
+    RUNTIME=none (under distlaunch run or mpirun: every rank trains alone, no
+                  communication after the start barrier; the ceiling any runtime can
+                  reach with this many ranks on this host)
 
-BATCH (32), ITERS (5 per timed batch), BATCHES (4 timed batches). Rank 0 prints
-``RESULT {json}`` with samples/s per timed batch of iterations.
+BATCH (32), ITERS (5 per timed batch), BATCHES (4 timed batches). Every runtime's
+ranks meet in a barrier after the warm-up step, so timing starts together. Rank 0
+prints ``RESULT {json}`` with samples/s per timed batch of iterations.
 """
 from __future__ import annotations
 
 import json
 import os
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +61,7 @@ class ResNet18(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Four pre-norm encoder blocks, width 256, 4 heads, on 128 tokens (≈ 3.4 M parameters)."""
+    """Four pre-norm encoder blocks, width 256, 4 heads, on 128 tokens (3.67 M parameters)."""
 
     def __init__(self, vocab: int = 1000, width: int = 256, depth: int = 4) -> None:
         super().__init__()
@@ -82,20 +85,25 @@ def main() -> None:
     else:
         data, target = torch.randint(0, 1000, (batch, 128)), torch.randint(0, 1000, (batch, 128))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    barrier: Callable[[], object]
     if runtime == "none":
-        rank, size = int(os.environ["OMPI_COMM_WORLD_RANK"]), int(os.environ["OMPI_COMM_WORLD_SIZE"])
-        what = "no communication"
+        from mpi4py import MPI  # only for the start barrier
+
+        from ..rank.rankinfo import from_environ
+
+        info = from_environ()
+        rank, size, what, barrier = info.rank, info.size, "no communication", MPI.COMM_WORLD.Barrier
     elif runtime == "ddp":
         import torch.distributed as dist
 
         dist.init_process_group("gloo")
-        rank, size, what = dist.get_rank(), dist.get_world_size(), "torch DDP (gloo)"
+        rank, size, what, barrier = dist.get_rank(), dist.get_world_size(), "torch DDP (gloo)", dist.barrier
         model = nn.parallel.DistributedDataParallel(model)
     else:
         import distlaunch.hvd as hvd
 
         hvd.init()
-        rank, size = hvd.rank(), hvd.size()
+        rank, size, barrier = hvd.rank(), hvd.size(), hvd.barrier
         what = f"distlaunch.hvd, {hvd.backend()} backend"
         optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
@@ -109,6 +117,7 @@ def main() -> None:
         optimizer.step()
 
     step()  # warm-up
+    barrier()
     rates = []
     for _ in range(batches):
         start = time.perf_counter()
