@@ -19,7 +19,7 @@ from distlaunch.plan.gpus import Inventory
 from distlaunch.plan.mpi import Flavour, MPIInstall
 from distlaunch.plan.mpirun import LaunchContext, plan
 from distlaunch.plan.placement import place
-from distlaunch.plan.spec import JobSpec, TargetSpec
+from distlaunch.plan.spec import JobSpec, TargetSpec, resolve_program
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,12 +31,13 @@ def measure(nodes: int, repeats: int) -> dict[str, float]:
     mpi = MPIInstall("/usr/bin/mpirun", Flavour.OPENMPI, "5.0.0")
     ctx = LaunchContext(is_root=False, local_cores=64)
     no_gpu = Inventory((), "none")
+    program = resolve_program(spec)
     stages: dict[str, list[float]] = {"place": [], "plan": [], "total": []}
     for _ in range(repeats):
         t0 = time.perf_counter()
         placed = place(TargetSpec(), env=env, inv=no_gpu)
         t1 = time.perf_counter()
-        the_plan = plan(spec, placed, mpi, "RUN", "/tmp/run", ctx)
+        the_plan = plan(spec, placed, mpi, "RUN", "/tmp/run", ctx, program)
         t2 = time.perf_counter()
         assert the_plan.nranks == 8 * nodes and the_plan.hostfile_text.count("\n") == nodes
         stages["place"].append(t1 - t0)
