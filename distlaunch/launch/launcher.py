@@ -184,7 +184,7 @@ def new_record(prepared: Prepared, the_plan: LaunchPlan, paths: RunPaths) -> Run
         ranks=len(prepared.slots),
         host_source=prepared.placed.source.origin,
         gpu_mode=prepared.placed.gpu_mode,
-        slots=[dataclasses.asdict(slot) for slot in prepared.slots],
+        slots=[slot._asdict() for slot in prepared.slots],
         argv=list(the_plan.argv),
         env_added=redact(the_plan.env),
         hostfile=the_plan.hostfile_text,

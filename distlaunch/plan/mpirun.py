@@ -54,12 +54,12 @@ class LaunchPlan:
         return len(self.slots)
 
 
-def hostfile_text(slots: Sequence[RankSlot], flavour: Flavour) -> str:
-    """Hostfile in the flavour's own syntax, one line per host in rank order."""
+def hostfile_text(hosts: Sequence[tuple[str, int]], flavour: Flavour) -> str:
+    """Hostfile in the flavour's own syntax, one line per host (``placement``'s) in rank order."""
     if flavour is Flavour.MPICH:
-        lines = [f"{host}:{count}" for host, count in placement(slots)]
+        lines = [f"{host}:{count}" for host, count in hosts]
     else:
-        lines = [f"{host} slots={count}" for host, count in placement(slots)]
+        lines = [f"{host} slots={count}" for host, count in hosts]
     return "\n".join(lines) + "\n"
 
 
@@ -76,7 +76,7 @@ def master_addr(slots: Sequence[RankSlot], local_names: frozenset[str]) -> str:
     """Address of rank 0's host as the other ranks can reach it: never a loopback alias
     when other hosts take part (they would reach themselves)."""
     first = slots[0].host
-    if len(placement(slots)) == 1:
+    if all(slot.host == first for slot in slots):  # one host (stops at the first other one)
         return "127.0.0.1" if is_local(first, local_names) else first
     if first in LOCAL_ALIASES:
         names = sorted(local_names - LOCAL_ALIASES, key=lambda name: (len(name), name))
@@ -224,4 +224,4 @@ def plan(
     argv += list(spec.mpi_args)
     argv += worker_argv(spec, placed, space, program, ctx)
     notes = tuple((shlex.join(flags), why) for flags, why in added)
-    return LaunchPlan(tuple(argv), env, hostfile_text(slots, mpi.flavour), hostfile_path, tuple(slots), notes)
+    return LaunchPlan(tuple(argv), env, hostfile_text(hosts, mpi.flavour), hostfile_path, tuple(slots), notes)

@@ -6,7 +6,6 @@ workers look for themselves (each worker maps its own rank on its own node).
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Mapping
@@ -58,6 +57,6 @@ def place(target: TargetSpec, env: Mapping[str, str] | None = None, inv: Invento
     slots = slots_for(ppn)
     for host, count in placement(slots):
         check_capacity(count, per_rank, allowed, host)
-    mapped = tuple(dataclasses.replace(s, gpus=devices_for(s.local_rank, per_rank, allowed)) for s in slots)
+    mapped = tuple(s._replace(gpus=devices_for(s.local_rank, per_rank, allowed)) for s in slots)
     restricted = allowed if (target.gpus or visible) else None
     return Placement(source, mapped, True, per_rank, restricted)
