@@ -249,3 +249,23 @@ def test_only_files_and_links_travel(tmp_path):
     (tmp_path / "link.py").symlink_to("train.py")
     os.mkfifo(tmp_path / "pipe")
     assert list_files(tmp_path).files == ("link.py", "train.py")
+
+
+def test_slots_made_on_demand_are_the_ranks_in_order():
+    """Slots keeps (host, ranks) per host and makes each RankSlot when asked: by index
+    (negative too), slice and iteration alike, GPUs by local rank, equal to the tuple."""
+    from distlaunch.plan.hosts import RankSlot, Slots, placement
+
+    slots = Slots([("a", 2), ("b", 3)], [("0",), ("1",), ("2",)])
+    expected = (RankSlot(0, "a", 0, 2, ("0",)), RankSlot(1, "a", 1, 2, ("1",)), RankSlot(2, "b", 0, 3, ("0",)),
+                RankSlot(3, "b", 1, 3, ("1",)), RankSlot(4, "b", 2, 3, ("2",)))
+    assert len(slots) == 5 and tuple(slots) == expected and slots == expected and list(expected) == slots
+    assert [slots[i] for i in range(-5, 5)] == list(expected) * 2
+    assert slots[1:4] == expected[1:4] and slots[::-2] == expected[::-2]
+    with pytest.raises(IndexError):
+        slots[5]
+    with pytest.raises(IndexError):
+        slots[-6]
+    assert placement(slots) == [("a", 2), ("b", 3)] == placement(expected)
+    assert Slots([("a", 2)]) != Slots([("a", 1), ("a", 1)]) and hash(slots) == hash(Slots(slots.groups, slots.gpu_map))
+    assert Slots([]) == () and len(Slots([])) == 0

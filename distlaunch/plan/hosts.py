@@ -2,7 +2,7 @@
 
 Host sources, first match wins: ``--hosts``, ``--hostfile``, the scheduler allocation
 distlaunch runs inside (Slurm, PBS/Torque, LSF), and finally localhost.
-``assign_slots`` turns hosts plus ``--nodes``/``--ppn`` into one ``RankSlot`` per rank.
+``assign_slots`` turns hosts plus ``--nodes``/``--ppn`` into ``Slots``: a ``RankSlot`` per rank.
 Everything here is pure apart from reading the hostfile and scheduler files named.
 """
 from __future__ import annotations
@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 import re
 import socket
-from collections.abc import Mapping, Sequence
+from bisect import bisect_right
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import NamedTuple
 
@@ -49,15 +51,61 @@ class HostSource:
 
 
 class RankSlot(NamedTuple):
-    """One rank's place: global rank, host, rank within the host, GPUs it gets. A
-    NamedTuple, immutable like a frozen dataclass and made 2.4x faster (an allocation of
-    80,000 ranks makes 80,000 of them: benchmarks/plan_scale.py)."""
+    """One rank's place: global rank, host, rank within the host, GPUs it gets (made on
+    demand by ``Slots``; a NamedTuple, 2.4x faster to make than a frozen dataclass)."""
 
     rank: int
     host: str
     local_rank: int
     local_size: int
     gpus: tuple[str, ...] = ()  # CUDA device ids (index or UUID) this rank gets
+
+
+class Slots(Sequence[RankSlot]):
+    """Every rank's ``RankSlot`` in rank order, kept per host (host, ranks on it; GPUs by
+    local rank) and made when asked for: an allocation of 80,000 ranks is placed and
+    planned without making 80,000 objects (benchmarks/plan_scale.py). Compares equal to
+    any sequence of the same slots."""
+
+    __slots__ = ("groups", "gpu_map", "_starts")
+
+    def __init__(self, groups: Sequence[tuple[str, int]], gpu_map: Sequence[tuple[str, ...]] = ()) -> None:
+        self.groups = tuple(groups)
+        self.gpu_map = tuple(gpu_map)  # the GPUs of local rank i, the same on every host; () on CPU
+        self._starts = list(accumulate((count for _, count in self.groups), initial=0))
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __iter__(self) -> Iterator[RankSlot]:
+        gpus = self.gpu_map
+        for (host, count), first in zip(self.groups, self._starts):
+            for local in range(count):
+                yield RankSlot(first + local, host, local, count, gpus[local] if gpus else ())
+
+    def __getitem__(self, index):  # type: ignore[override]  # noqa: ANN001,ANN204
+        if isinstance(index, slice):
+            return tuple(self[i] for i in range(*index.indices(len(self))))
+        rank = index + len(self) if index < 0 else index
+        if not 0 <= rank < len(self):
+            raise IndexError(f"rank {index} of {len(self)}")
+        group = bisect_right(self._starts, rank) - 1
+        host, count = self.groups[group]
+        local = rank - self._starts[group]
+        return RankSlot(rank, host, local, count, self.gpu_map[local] if self.gpu_map else ())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Slots):
+            return (self.groups, self.gpu_map) == (other.groups, other.gpu_map)
+        if isinstance(other, Sequence) and not isinstance(other, str):
+            return tuple(self) == tuple(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((self.groups, self.gpu_map))
+
+    def __repr__(self) -> str:
+        return f"Slots({len(self)} ranks on {len(self.groups)} host(s))"
 
 
 def check_hostname(name: str, where: str) -> str:
@@ -269,7 +317,7 @@ def assign_slots(
     ppn: int | None = None,
     oversubscribe: bool = False,
     np: int | None = None,
-) -> list[RankSlot]:
+) -> Slots:
     """Place ranks on the first ``nodes`` hosts: ``ppn`` on each (default: the host's
     slots, else 1), or ``np`` in all, filling each host up to its slots in turn."""
     available = source.hosts
@@ -285,12 +333,9 @@ def assign_slots(
         counts = _even_counts(np, ppn, chosen, source.origin)
     else:
         counts = _filled_counts(np, chosen, oversubscribe, source.origin)
-    slots: list[RankSlot] = []
     for host, count in zip(chosen, counts):
         _check_limits(host, count, oversubscribe, source.origin)
-        first, name = len(slots), host.name
-        slots += [RankSlot(first + local, name, local, count) for local in range(count)]
-    return slots
+    return Slots([(host.name, count) for host, count in zip(chosen, counts)])
 
 
 def _check_limits(host: Host, count: int, oversubscribe: bool, origin: str) -> None:
@@ -339,6 +384,11 @@ def _filled_counts(np: int, hosts: Sequence[Host], oversubscribe: bool, origin: 
 
 def placement(slots: Sequence[RankSlot]) -> list[tuple[str, int]]:
     """(host, ranks on it) in rank order: what a hostfile needs."""
+    if isinstance(slots, Slots):
+        merged: dict[str, int] = {}
+        for host, count in slots.groups:
+            merged[host] = merged.get(host, 0) + count
+        return list(merged.items())
     counts: dict[str, int] = {}
     for slot in slots:
         counts[slot.host] = counts.get(slot.host, 0) + 1

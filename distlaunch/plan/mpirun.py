@@ -45,7 +45,7 @@ class LaunchPlan:
     env: Mapping[str, str]  # added to mpirun's environment and exported to every rank
     hostfile_text: str
     hostfile_path: str
-    slots: tuple[RankSlot, ...] = field(default=())
+    slots: Sequence[RankSlot] = field(default=())
     added: tuple[tuple[str, str], ...] = ()  # (flags distlaunch added on its own, why)
     interrupt_as: int | None = None  # the signal a forwarded Ctrl-C is sent as (None: SIGINT)
 
@@ -76,7 +76,7 @@ def master_addr(slots: Sequence[RankSlot], local_names: frozenset[str]) -> str:
     """Address of rank 0's host as the other ranks can reach it: never a loopback alias
     when other hosts take part (they would reach themselves)."""
     first = slots[0].host
-    if all(slot.host == first for slot in slots):  # one host (stops at the first other one)
+    if len(placement(slots)) == 1:
         return "127.0.0.1" if is_local(first, local_names) else first
     if first in LOCAL_ALIASES:
         names = sorted(local_names - LOCAL_ALIASES, key=lambda name: (len(name), name))
@@ -224,4 +224,4 @@ def plan(
     argv += list(spec.mpi_args)
     argv += worker_argv(spec, placed, space, program, ctx)
     notes = tuple((shlex.join(flags), why) for flags, why in added)
-    return LaunchPlan(tuple(argv), env, hostfile_text(hosts, mpi.flavour), hostfile_path, tuple(slots), notes)
+    return LaunchPlan(tuple(argv), env, hostfile_text(hosts, mpi.flavour), hostfile_path, slots, notes)

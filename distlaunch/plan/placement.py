@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .gpus import Inventory, allowed_devices, check_capacity, devices_for, inventory
-from .hosts import HostSource, RankSlot, assign_slots, placement, resolve
+from .hosts import HostSource, Slots, assign_slots, placement, resolve
 from .spec import TargetSpec
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Placement:
     source: HostSource
-    slots: tuple[RankSlot, ...]
+    slots: Slots
     gpu_mode: bool = False
     gpus_per_rank: int = 1
     restricted: tuple[str, ...] | None = None  # devices the user narrowed to (--gpus / CUDA_VISIBLE_DEVICES)
@@ -38,8 +38,8 @@ def place(target: TargetSpec, env: Mapping[str, str] | None = None, inv: Invento
     env = os.environ if env is None else env
     source = resolve(target.hosts, target.hostfile, env, local_cores)
 
-    def slots_for(ppn: int | None) -> tuple[RankSlot, ...]:
-        return tuple(assign_slots(source, target.nodes, ppn, target.oversubscribe, target.np))
+    def slots_for(ppn: int | None) -> Slots:
+        return assign_slots(source, target.nodes, ppn, target.oversubscribe, target.np)
 
     if target.use_gpu is False:
         return Placement(source, slots_for(target.ppn))
@@ -57,6 +57,7 @@ def place(target: TargetSpec, env: Mapping[str, str] | None = None, inv: Invento
     slots = slots_for(ppn)
     for host, count in placement(slots):
         check_capacity(count, per_rank, allowed, host)
-    mapped = tuple(s._replace(gpus=devices_for(s.local_rank, per_rank, allowed)) for s in slots)
+    most = max((count for _, count in slots.groups), default=0)
+    mapped = Slots(slots.groups, [devices_for(local, per_rank, allowed) for local in range(most)])
     restricted = allowed if (target.gpus or visible) else None
     return Placement(source, mapped, True, per_rank, restricted)

@@ -116,5 +116,5 @@ def srun_plan(spec: JobSpec, placed: Placement, srun: str, run_id: str, run_dir:
     argv += list(spec.mpi_args)
     argv += worker_argv(spec, placed, space, program, ctx)
     notes = tuple((shlex.join(flags), why) for flags, why in added)
-    return LaunchPlan(tuple(argv), env, srun_hostfile(placed), hostfile_path, tuple(slots), notes,
+    return LaunchPlan(tuple(argv), env, srun_hostfile(placed), hostfile_path, slots, notes,
                       interrupt_as=signal.SIGTERM)
