@@ -125,15 +125,21 @@ def test_bench_train_row_overrunning_ends_with_what_it_started(tmp_path, monkeyp
     pid_file = tmp_path / "child.pid"
     child = ("import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
              f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)")
-    launcher = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}], "
-                "start_new_session=True); time.sleep(600)")
+    launcher = (f"import os, subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}], "
+                f"start_new_session=True)\nwhile not os.path.exists({str(pid_file)!r}): time.sleep(0.05)\n"
+                "time.sleep(600)")
     row = bench_train.Row("ddp", [sys.executable, "-c", launcher], {})
     start = time.monotonic()
-    with pytest.raises(bench_train.BenchTrainError, match="ddp: no result after 3 s"):
-        bench_train.run_row(row, {}, str(tmp_path), timeout=3)
-    assert time.monotonic() - start < 15
-    child_pid = int(pid_file.read_text())
+    with pytest.raises(bench_train.BenchTrainError, match="ddp: no result after 10 s"):
+        bench_train.run_row(row, {}, str(tmp_path), timeout=10)
+    assert time.monotonic() - start < 25
+    child_pid = int(pid_file.read_text())  # the launcher waited for it before its timeout could start
     deadline = time.monotonic() + 10
-    while psutil.pid_exists(child_pid) and psutil.Process(child_pid).status() != psutil.STATUS_ZOMBIE:
+    while True:
+        try:
+            if psutil.Process(child_pid).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
         assert time.monotonic() < deadline, f"pid {child_pid} outlived its row"
         time.sleep(0.1)

@@ -145,8 +145,10 @@ def test_example_trains_identically_on_every_backend(tmp_path):
 def test_real_horovod_gloo_default_at_each_init(tmp_path, backend):
     """Each hvd.init serves a fresh rendezvous (a re-init after shutdown does not reach
     for the old one), hvd.shutdown's successor cleans up, and a communicator given to
-    hvd.init turns the default to MPI's operations, as the start-up line says."""
-    reinit = run_job(tmp_path, backend, 2, str(SCRIPTS / "hvd_gloo_init.py"), "reinit")
+    hvd.init turns the default to MPI's operations, as the start-up line says (before any
+    CUDA or host-name check, so on every host)."""
+    reinit = run_job(tmp_path, backend, 2, str(SCRIPTS / "hvd_gloo_init.py"), "reinit",
+                     env={"DISTLAUNCH_HVD_OPS": "gloo"})  # asked for: the same on hosts with CUDA
     assert reinit.returncode == 0, reinit.stderr[-3000:]
     rounds = re.findall(r"^\[0\] round (\d): gloo=(\w+) port=(\d+) sum=\[3.0, 3.0, 3.0\]$", reinit.stdout, re.M)
     assert [(r, g) for r, g, _ in rounds] == [("0", "True"), ("1", "True")], reinit.stdout[-2000:]

@@ -13,10 +13,12 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,7 +95,7 @@ def make_rows(ranks: int, runs: str, wanted: set[str]) -> list[Row]:
     def want(key: str) -> bool:
         return every or key in wanted
 
-    crowded = ["--oversubscribe"] if ranks > (os.cpu_count() or 1) else []
+    crowded = ["--oversubscribe"] if ranks > usable_cores() else []
     distlaunch = [python, "-m", "distlaunch", "run", "--ppn", str(ranks), *crowded, "--kill-grace", "2",
                   "--run-dir", runs, "--in-place", python, *PAYLOAD]
     rows = [Row("ceiling", distlaunch, {"RUNTIME": "none"}),
@@ -119,6 +121,11 @@ def make_rows(ranks: int, runs: str, wanted: set[str]) -> list[Row]:
     return rows
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (a container's or cpuset's, not the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def plain_mpirun(ranks: int) -> tuple[list[str], dict[str, str]]:
     """mpirun as a user would start ranks on this host by hand, for Open MPI or MPICH; the
     ranks inherit its environment (local launch), so nothing needs -x."""
@@ -130,7 +137,7 @@ def plain_mpirun(ranks: int) -> tuple[list[str], dict[str, str]]:
         return [mpi.path, "-n", str(ranks), "-bind-to", "none"], env
     if os.geteuid() == 0:
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    crowded = ["--oversubscribe"] if ranks > (os.cpu_count() or 1) else []
+    crowded = ["--oversubscribe"] if ranks > usable_cores() else []
     return [mpi.path, "-n", str(ranks), "--bind-to", "none", *crowded], env
 
 
@@ -164,14 +171,22 @@ def end_row(proc: subprocess.Popen[str]) -> None:
     SIGTERM (each launcher then ends its ranks its own way), and whatever of them is still
     there after END_GRACE_S gets SIGKILL, by pid (psutil checks each is still the process
     noted). The row's output is drained meanwhile, so no launcher blocks writing it."""
-    import signal
-    import time
+    # a second Ctrl-C (or SIGTERM) waits until this is done, instead of cutting it short
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+    try:
+        _end_row(proc)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
+
+def _end_row(proc: subprocess.Popen[str]) -> None:
     import psutil
 
     noted: dict[int, psutil.Process] = {}
 
     def note() -> None:
+        if proc.returncode is not None:  # reaped: its pid may be another process's now
+            return
         try:
             noted.update({child.pid: child for child in psutil.Process(proc.pid).children(recursive=True)})
         except psutil.NoSuchProcess:
@@ -338,8 +353,6 @@ def _import_path() -> dict[str, str]:
 def _signals_interrupt() -> Iterator[None]:
     """SIGTERM and SIGHUP end the benchmark as Ctrl-C does: through run_row's clean-up,
     which ends the running row's processes."""
-    import signal
-
     def interrupt(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 

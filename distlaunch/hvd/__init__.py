@@ -88,12 +88,17 @@ def _operations() -> tuple[str, str, bool]:
                               f"{'Gloo' if asked == 'gloo' else 'MPI'}: use DISTLAUNCH_HVD_OPS={other}, or rebuild "
                               "it with 'distlaunch install-horovod'")
         return asked, f"DISTLAUNCH_HVD_OPS={asked}", False
+    controller = os.environ.get("HOROVOD_CONTROLLER", "").strip().lower()
     operations = os.environ.get("HOROVOD_CPU_OPERATIONS", "").strip().lower()
+    if controller == "gloo":  # Horovod's Gloo controller needs the rendezvous, whatever the operations
+        if operations == "mpi":  # measured with 0.28.1: gloo's MPI context aborts in MPI_Comm_size
+            raise ImportError("HOROVOD_CONTROLLER=gloo with HOROVOD_CPU_OPERATIONS=mpi aborts in Horovod: unset "
+                              "one of them (DISTLAUNCH_HVD_OPS=gloo|mpi chooses both)")
+        return "gloo", "HOROVOD_CONTROLLER=gloo", False
     if operations:  # Horovod's own setting, whatever it names (mpi, gloo, ccl)
         return operations, f"HOROVOD_CPU_OPERATIONS={operations}", False
-    controller = os.environ.get("HOROVOD_CONTROLLER", "").strip().lower()
-    if controller in ("mpi", "gloo"):
-        return controller, f"HOROVOD_CONTROLLER={controller}", False
+    if controller == "mpi":
+        return "mpi", "HOROVOD_CONTROLLER=mpi", False
     if not real.gloo_built():
         return "mpi", "this Horovod was built without Gloo", False
     if not real.mpi_built():

@@ -26,10 +26,11 @@ def _serve(address: str, plan: list[Any]) -> int:
     global _server
     from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer
 
-    _server = RendezvousHTTPServer((address, 0), RendezvousHandler, 0)
-    _server.init(plan)
-    threading.Thread(target=_server.serve_forever, name="horovod-rendezvous", daemon=True).start()
-    return int(_server.server_address[1])
+    server = RendezvousHTTPServer((address, 0), RendezvousHandler, 0)
+    server.init(plan)
+    threading.Thread(target=server.serve_forever, name="horovod-rendezvous", daemon=True).start()
+    _server = server  # only once it serves: forget()'s shutdown waits for serve_forever
+    return int(server.server_address[1])
 
 
 def _resolves(host: str) -> bool:
@@ -76,7 +77,7 @@ def prepare(asked: bool, comm: Any = None) -> str | None:
     from ..rank.rankinfo import from_environ
 
     forget()
-    if comm is not None:
+    if comm is not None and not (isinstance(comm, (list, tuple)) and not comm):  # [] is the world, as None
         if asked:
             raise ValueError("hvd.init(comm=...) runs Horovod over that MPI communicator, which needs MPI's "
                              "operations: set DISTLAUNCH_HVD_OPS=mpi (distlaunch run --hvd-ops mpi)")
@@ -96,18 +97,24 @@ def prepare(asked: bool, comm: Any = None) -> str | None:
         return "the default where a rank has CUDA; DISTLAUNCH_HVD_OPS=gloo for Gloo's"
     places = [place[:6] for place in places]
     all_local = len({place[0] for place in places}) == 1
-    where: tuple[str, int] | None = None
+    where: tuple[str, Any] | None = None
     if topo.rank == 0:
-        address = master_address(all_local)
-        plan = [SlotInfo(hostname=h, rank=r, local_rank=lr, cross_rank=cr, size=topo.size, local_size=ls,
-                         cross_size=cs) for h, r, lr, ls, cr, cs in places]
-        where = (address, _serve(address, plan))
+        try:
+            address = master_address(all_local)
+            plan = [SlotInfo(hostname=h, rank=r, local_rank=lr, cross_rank=cr, size=topo.size, local_size=ls,
+                             cross_size=cs) for h, r, lr, ls, cr, cs in places]
+            where = (address, _serve(address, plan))
+        except Exception as exc:  # noqa: BLE001 - every rank must hear of it, not wait in bcast
+            where = ("", f"{type(exc).__name__}: {exc}")
     address, port = world.bcast(where, root=0)
+    if not address:
+        raise RuntimeError(f"rank 0 could not serve Horovod's Gloo rendezvous ({port}): use MPI's operations "
+                           "(--hvd-ops mpi) or fix the cause")
     variables = {
         "HOROVOD_GLOO_RENDEZVOUS_ADDR": address,
         "HOROVOD_GLOO_RENDEZVOUS_PORT": str(port),
         "HOROVOD_CONTROLLER": "gloo",
-        "HOROVOD_CPU_OPERATIONS": "gloo",
+        "HOROVOD_CPU_OPERATIONS": os.environ.get("HOROVOD_CPU_OPERATIONS") or "gloo",  # ccl, say, stays
         "HOROVOD_GLOO_IFACE": os.environ.get("GLOO_SOCKET_IFNAME", "").split(",")[0] or
         (interface_towards(address) or "lo"),
         "HOROVOD_HOSTNAME": host,
