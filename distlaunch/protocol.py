@@ -20,6 +20,7 @@ import signal
 RUN_ID = "DISTLAUNCH_RUN_ID"  # tags every process of a run: the leftover scan finds them by it
 RUN_DIR = "DISTLAUNCH_RUN_DIR"  # where the rank keeps its log, exit record and metrics
 OUTPUT_DIR = "DISTLAUNCH_OUTPUT_DIR"  # the run's outputs folder as this rank sees it
+RESTART_COUNT = "DISTLAUNCH_RESTART_COUNT"  # 0 on the first attempt, K on the K-th restart (--max-restarts)
 MASTER_ADDR = "DISTLAUNCH_MASTER_ADDR"  # rank 0's host, as the other ranks reach it
 RANK = "DISTLAUNCH_RANK"  # set by the worker on the user's program only: marks a rank process
 EXCEPTION_FILE = "DISTLAUNCH_EXCEPTION_FILE"  # where the bootstrap records an uncaught exception

@@ -13,6 +13,8 @@ Layout of ``<runs_root>/<run-id>/`` (``RunPaths`` holds every path rule)::
     code/               the snapshot of the source dir the ranks ran in (read-only files)
     code.json           the snapshot's file list with a digest per file, and its tree hash
     tags.json           tags added after the launch (Run.tag, distlaunch runs tag)
+    attempts/<K>/       a restarted run's earlier attempt K (1, 2, ...): its logs/, ranks/
+                        and hostfile; the top-level ones are always the last attempt's
 
 ``RunRecord`` carries the state machine of a run (queued → running → completed,
 failed, cancelled or timeout) and is versioned on disk. ``write_json`` never leaves a
@@ -80,6 +82,28 @@ class RunPaths:
     code = property(lambda self: self.root / "code", doc="the snapshot of the source dir the run ran")
     code_digests = property(lambda self: self.root / "code.json", doc="the snapshot's files and their digests")
     tags_file = property(lambda self: self.root / "tags.json", doc="tags added while or after the run ran")
+    attempts = property(lambda self: self.root / "attempts", doc="earlier attempts of a restarted run")
+
+    def attempt(self, number: int) -> Path:
+        """Where attempt ``number`` (1-based) keeps its logs and records once it is over."""
+        return self.attempts / str(number)
+
+    def archive_attempt(self, number: int) -> Path:
+        """Move the ended attempt's logs/, ranks/ and hostfile to ``attempts/<number>/`` and
+        start the next one with empty ones (metrics and outputs carry on across attempts)."""
+        target = self.attempt(number)
+        try:
+            self.attempts.mkdir(mode=PRIVATE_DIR, exist_ok=True)
+            target.mkdir(mode=PRIVATE_DIR)
+            for path in (self.logs, self.ranks, self.hostfile):
+                if path.exists():
+                    os.replace(path, target / path.name)
+            for sub in (self.logs, self.ranks):
+                sub.mkdir(mode=PRIVATE_DIR)
+        except OSError as exc:
+            raise RunDirError(f"cannot keep attempt {number} in {target}: {exc.strerror or exc}: "
+                              "free space or pick another --run-dir") from None
+        return target
 
     def rank_log(self, rank: int) -> Path:
         return self.logs / f"rank-{rank}.log"
@@ -260,6 +284,41 @@ class Failure:
 
 
 @dataclass
+class Attempt:
+    """One launch of a run that may be restarted (``--max-restarts``): where it ran, how
+    it ended, and which nodes it blamed (``distlaunch nodes``)."""
+
+    number: int  # 1-based
+    started: float
+    ended: float
+    status: Status
+    exit_code: int
+    hosts: list[str] = field(default_factory=list)
+    ranks: int = 0
+    failure: Failure | None = None
+    reason: str = ""
+    blamed: dict[str, str] = field(default_factory=dict)  # host -> why it is left out
+    next: str = ""  # what the launcher did next: "restarted after 2 s", or why it did not
+
+    def describe(self) -> str:
+        how = self.reason or (self.failure.describe() if self.failure else self.status.value)
+        return f"attempt {self.number} {self.status.value} after {self.ended - self.started:.1f} s: {how}"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["status"] = self.status.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Attempt:
+        values = _fields(cls, data)
+        values["status"] = Status(values["status"])
+        if values.get("failure"):
+            values["failure"] = Failure.from_dict(values["failure"])
+        return cls(**values)
+
+
+@dataclass
 class RunRecord:
     """Everything known about one run, saved as ``run.json`` at every change of state.
 
@@ -302,6 +361,7 @@ class RunRecord:
     tags: dict[str, str] = field(default_factory=dict)  # given at launch (``tags.json`` holds later ones)
     code: dict[str, Any] | None = None  # the snapshot: {"files", "bytes", "hash", "linked", "copied"}
     inputs: list[dict[str, Any]] = field(default_factory=list)  # --input: name, source, mode, path, hash
+    attempts: list[Attempt] = field(default_factory=list)  # every launch of a restarted run, last one included
     version: int = RECORD_VERSION
 
     # -- transitions
@@ -328,6 +388,7 @@ class RunRecord:
         data = dataclasses.asdict(self)
         data["status"] = self.status.value
         data["rank_exits"] = {str(rank): item.to_dict() for rank, item in self.rank_exits.items()}
+        data["attempts"] = [item.to_dict() for item in self.attempts]
         return data
 
     def save(self, paths: RunPaths) -> None:
@@ -344,6 +405,7 @@ class RunRecord:
         values["rank_exits"] = {int(rank): RankExit.from_dict(item)
                                 for rank, item in (values.get("rank_exits") or {}).items()}
         values["collect_missing"] = list(values.get("collect_missing") or [])
+        values["attempts"] = [Attempt.from_dict(item) for item in values.get("attempts") or []]
         values["version"] = int(data.get("version", 1))
         return cls(**values)
 

@@ -252,7 +252,8 @@ def sample_options(tmp_path: Path, src: Path, data: Path) -> dict[str, Any]:
         "requirements": str(reqs), "env_pass": ["MY_*"], "runs_root": str(tmp_path / "elsewhere"),
         "iface": "eth0", "launcher": "srun", "in_place": True, "experiment": "exp1", "tags": {"a": "b"},
         "inputs": {"data": str(data)}, "kill_grace": 1.5, "timeout": 30, "hang_timeout": "2m",
-        "hvd_backend": "torch", "hvd_ops": "mpi",
+        "hvd_backend": "torch", "hvd_ops": "mpi", "max_restarts": 2, "restart_delay": 0.5, "min_nodes": 1,
+        "quarantine_ttl": "10m",
     }
 
 
@@ -267,7 +268,8 @@ FIELDS = {
     "requirements": "requirements", "env_pass": "env_pass", "runs_root": "runs_root", "iface": "iface",
     "launcher": "launcher", "in_place": "in_place", "experiment": "experiment", "tags": "tags", "inputs": "inputs",
     "kill_grace": "watch.kill_grace", "timeout": "watch.timeout", "hang_timeout": "watch.hang_timeout",
-    "hvd_backend": "env", "hvd_ops": "env",
+    "hvd_backend": "env", "hvd_ops": "env", "max_restarts": "max_restarts", "restart_delay": "restart_delay",
+    "min_nodes": "min_nodes", "quarantine_ttl": "quarantine_ttl",
 }
 
 

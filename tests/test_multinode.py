@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -443,3 +444,86 @@ def test_an_input_only_this_machine_has_is_named_before_launch(cluster, tmp_path
     assert proc.returncode == 70, proc.stderr
     assert f"--input data={only_here} does not exist on {cluster.hosts[0]}" in proc.stderr
     assert ":copy" in proc.stderr and record["status"] == "failed"
+
+
+def test_a_node_killed_mid_run_is_left_out_and_training_resumes(cluster, project, tmp_path):
+    """Node 2's ranks are SIGKILLed mid-training: the job restarts on node 1 alone (node 2
+    kept out, --min-nodes 1), resumes from the last checkpoint and completes; 'distlaunch
+    nodes' names node 2 and why. Sets DISTLAUNCH_MATRIX_REPORT's fault-to-resume time."""
+    import psutil
+
+    state = tmp_path / "state"
+    env = {**os.environ, "DISTLAUNCH_STATE_DIR": str(state)}
+    argv = [sys.executable, "-m", "distlaunch", "run", "--hosts", ",".join(f"{h}:2" for h in cluster.hosts),
+            "--ssh-config", str(cluster.ssh_config), *UNBIND, "--max-restarts", "2", "--restart-delay", "0.5",
+            "--min-nodes", "1", str(project / "train.py"), "--epochs", "12", "--samples", "16384"]
+    out_file, err_file = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with open(out_file, "w") as out_handle, open(err_file, "w") as err_handle:
+        proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=out_handle, stderr=err_handle, text=True)
+    try:
+        def node2_ranks() -> list[psutil.Process]:
+            """Ranks 2 and 3 (the user's program, not the worker shim) once epoch 2 is saved."""
+            runs = list((tmp_path / "runs").glob("*/run.json"))
+            if not runs:
+                return []
+            record = json.loads(runs[0].read_text())
+            if not record.get("sync"):
+                return []
+            saved = sorted((node_copy(cluster, 0, record) / "outputs" / "checkpoints").glob("ckpt-*.pt"))
+            if not saved or int(saved[-1].stem.split("-")[1]) < 2:
+                return []
+            found = []
+            for item in psutil.process_iter(["pid"]):
+                try:
+                    environ = item.environ()
+                except psutil.Error:
+                    continue
+                if environ.get("DISTLAUNCH_RUN_ID") == record["id"] and environ.get("DISTLAUNCH_RANK") in ("2", "3"):
+                    found.append(item)
+            return found if len(found) == 2 else []
+
+        deadline = time.monotonic() + 180
+        victims: list[psutil.Process] = []
+        while not victims:
+            assert proc.poll() is None and time.monotonic() < deadline, err_file.read_text()[-3000:]
+            time.sleep(0.05)
+            victims = node2_ranks()
+        killed_at = time.time()
+        for victim in victims:
+            victim.kill()
+        proc.wait(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=60)
+    out, err = out_file.read_text(), err_file.read_text()
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    record = json.loads((run_dir / "run.json").read_text())
+    first, second = record["attempts"]
+    assert first["status"] == "failed" and first["hosts"] == cluster.hosts and first["ranks"] == 4
+    assert first["failure"]["signal"] == "SIGKILL" and first["failure"]["rank"] in (2, 3)
+    assert list(first["blamed"]) == [cluster.hosts[1]]
+    assert second["status"] == "completed" and second["hosts"] == [cluster.hosts[0]] and second["ranks"] == 2
+    assert f"without {cluster.hosts[1]}" in first["next"]
+    resumed = re.search(r"resumed from epoch (\d+)", out)
+    assert resumed and int(resumed.group(1)) >= 2, out[-3000:]
+    assert "training on 2 rank(s)" in out and "epoch 12: loss" in out
+    assert f"epoch {int(resumed.group(1))}: loss" not in out.split("resumed from epoch")[1]  # not trained again
+    metrics = [json.loads(line) for line in (run_dir / "metrics" / "rank-0.jsonl").read_text().splitlines()]
+    resumed_at = min(item["time"] for item in metrics if item["name"] == "loss" and item["time"] > killed_at)
+    report = os.environ.get("DISTLAUNCH_MATRIX_REPORT")
+    if report:
+        with open(report, "a") as handle:
+            handle.write(json.dumps({"cell": "node killed -> resumed", "fault_to_first_epoch_s":
+                                     round(resumed_at - killed_at, 2)}) + "\n")
+    nodes = subprocess.run([sys.executable, "-m", "distlaunch", "nodes"], env=env, capture_output=True, text=True)
+    assert nodes.stdout.splitlines()[1].startswith(f"{cluster.hosts[1]} ") and "killed by SIGKILL" in nodes.stdout
+    assert record["id"] in nodes.stdout
+    # kept out now: a new run over both hosts, node 2 named first, still goes to node 1
+    dry = subprocess.run([sys.executable, "-m", "distlaunch", "run", "--dry-run", "--hosts",
+                          ",".join(reversed(cluster.hosts)), "--nodes", "1", "--ssh-config", str(cluster.ssh_config),
+                          str(project / "rank_file.py")], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert dry.returncode == 0 and f"leaving out {cluster.hosts[1]}" in dry.stderr, dry.stderr
+    hostfile = dry.stdout.split("# command")[0]
+    assert cluster.hosts[0] in hostfile and cluster.hosts[1] not in hostfile

@@ -12,6 +12,7 @@ from .bench import bench_group
 from .doctor import doctor_command
 from .hosts import hosts_command
 from .install_horovod import install_horovod_command
+from .nodes import nodes_group
 from .run import run_command
 from .runs import cancel_command, download_command, logs_command, runs_group
 from .submit import submit_command
@@ -41,7 +42,7 @@ cli.add_command(submit_command)
 cli.add_command(hosts_command)
 cli.add_command(install_horovod_command)
 cli.add_command(doctor_command)
-for _command in (runs_group, logs_command, download_command, cancel_command, bench_group):
+for _command in (runs_group, logs_command, download_command, cancel_command, bench_group, nodes_group):
     cli.add_command(_command)
 
 

@@ -16,7 +16,7 @@ from ..plan.inputs import parse_input
 from ..plan.mpirun import LaunchPlan
 from ..plan.spec import LAUNCHERS, JobSpec, parse_env_file, parse_env_items, parse_tags
 from ..plan.units import parse_duration
-from ..records import RunPaths, new_run_id
+from ..records import RunPaths, RunRecord, new_run_id
 from .hosts import placement_table
 from .options import (
     mpi_options,
@@ -48,6 +48,8 @@ Examples:
   distlaunch run --input train=/shared/data/train --input vocab=~/vocab.txt:copy train.py --data {inputs.train}
   distlaunch run --experiment resnet --tag lr=0.1 --tag baseline train.py
   distlaunch run --ppn 4 --hvd-ops mpi train.py     # real Horovod with its MPI operations
+  distlaunch run -H n1:4,n2:4,n3:4 --nodes 2 --max-restarts 3 train.py   # relaunch on failure, spare node
+  distlaunch run -H n1:4,n2:4 --max-restarts 2 --min-nodes 1 train.py    # go on without a node at fault
 
 \b
 Hosts come from --hosts, else --hostfile, else the Slurm/PBS/LSF allocation, else
@@ -69,6 +71,13 @@ the ranks run in that copy, and afterwards every rank's log and rank 0's ./outpu
 \b
 Inside a Slurm allocation (salloc, sbatch) hosts come from it, and the nodes are reached
 through srun steps, so no ssh is needed.
+
+\b
+With --max-restarts N, a failed job is relaunched whole (a fresh MPI job: ranks
+re-placed, hvd initialised again), up to N times, after --restart-delay (doubled each
+time). Nodes at fault (ranks killed by a signal, a node lost) are recorded for
+--quarantine-ttl and left out while enough others remain ('distlaunch nodes'); with
+--min-nodes the job may go on with fewer. run.json lists every attempt and why it ended.
 
 \b
 Exit code: the job's (the first failing rank's code, 128+N for signal N); 2 for bad
@@ -114,6 +123,18 @@ _JOB_OPTIONS = [
                  help="Data for the script: PATH in place (a filesystem every node sees), or with ':copy' "
                       "staged once per node into a cache; the script gets $DISTLAUNCH_INPUT_<NAME> and "
                       "{inputs.NAME} in its arguments (repeatable)."),
+    click.option("--max-restarts", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+                 help="After a failure, relaunch the whole job, up to N times (never after Ctrl-C, cancel or "
+                      "--timeout); each attempt's logs stay under attempts/<K>/, and the ranks see "
+                      "$DISTLAUNCH_RESTART_COUNT (resume with distlaunch.checkpoint)."),
+    click.option("--restart-delay", type=click.FloatRange(min=0), default=1.0, show_default=True, metavar="SECONDS",
+                 help="Wait this long before the first restart, twice as long before each next one (at most 60 s)."),
+    click.option("--min-nodes", type=click.IntRange(min=1), metavar="M",
+                 help="A restart may go on with as few as M nodes when nodes were found at fault "
+                      "[default: all the nodes asked for]."),
+    click.option("--quarantine-ttl", default="1h", show_default=True, metavar="DURATION",
+                 help="How long a node found at fault (ranks killed by a signal, node lost) stays out of "
+                      "placement while enough others remain; 'distlaunch nodes' lists them; 0: do not record."),
 ]
 
 
@@ -168,7 +189,18 @@ def spec_from_options(kwargs: dict[str, Any]) -> JobSpec:
         experiment=kwargs["experiment"],
         tags=parse_tags(kwargs["tags"]),
         inputs=tuple(parse_input(item) for item in kwargs["inputs"]),
+        max_restarts=kwargs["max_restarts"],
+        restart_delay=kwargs["restart_delay"],
+        min_nodes=kwargs["min_nodes"],
+        quarantine_ttl=parse_ttl(kwargs["quarantine_ttl"]),
     )
+
+
+def parse_ttl(text: str | float) -> float:
+    """--quarantine-ttl: a duration, or 0 (do not record nodes at fault)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    return 0.0 if str(text).strip() in ("0", "0s") else parse_duration(str(text), "--quarantine-ttl")
 
 
 @click.command("run", help=RUN_HELP, context_settings={"allow_interspersed_args": False})
@@ -210,7 +242,9 @@ def run_command(**kwargs: Any) -> None:
             click.echo(explain(the_plan), err=True, nl=False)
 
     paths, outcome = launch(prepared, console, watch, on_ready=ready, progress=progress)
-    summarize(paths.run_id, str(paths.root), outcome, len(placed.slots), placed.nhosts)
+    record = RunRecord.load(paths)
+    summarize(paths.run_id, str(paths.root), outcome, record.ranks, record.nodes, len(record.attempts) - 1,
+              record.duration_s)
     sys.exit(outcome.exit_code)
 
 
@@ -277,8 +311,12 @@ def show_dry_run(prepared: Prepared) -> None:
     click.echo(placement_table(prepared.placed), nl=False)
 
 
-def summarize(run_id: str, root: str, outcome: Outcome, ranks: int, nhosts: int) -> None:
-    head = f"distlaunch: run {run_id} {outcome.status.value} in {outcome.duration:.2f} s"
+def summarize(run_id: str, root: str, outcome: Outcome, ranks: int, nhosts: int, restarts: int = 0,
+              duration: float | None = None) -> None:
+    took = outcome.duration if duration is None else duration
+    head = f"distlaunch: run {run_id} {outcome.status.value} in {took:.2f} s"
+    if restarts > 0:
+        head += f" after {restarts} restart{'s' if restarts > 1 else ''}"
     if outcome.reason:
         click.echo(f"{head}: {outcome.reason}; exit code {outcome.exit_code}; run folder {root}", err=True)
         return

@@ -101,6 +101,10 @@ def show_command(run_id: str, runs_root: str, plot_to: str | None, list_files: b
         click.echo(f"failure   {who}: {how}")
         for line in failure.last_lines:
             click.echo(f"          | {line}")
+    for attempt in record.attempts:
+        blamed = "; ".join(f"{host} at fault: {why}" for host, why in attempt.blamed.items())
+        click.echo(f"attempt   {attempt.describe()[len('attempt '):]} on {', '.join(attempt.hosts)}"
+                   + (f"; {blamed}" if blamed else "") + (f"; {attempt.next}" if attempt.next else ""))
     metrics = read_metrics(paths.root)
     if metrics:
         click.echo("metrics   name: last (min .. max, count)")

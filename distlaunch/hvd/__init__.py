@@ -15,6 +15,10 @@ CUDA, with a communicator given to ``hvd.init``, or where a host's name does not
 no trace in the ranks' environment, so there too Gloo's are the default unless one of
 those says otherwise. ``hvd.init()`` says on rank 0, in one line on stderr, which runtime
 is in use and why (``DISTLAUNCH_HVD_QUIET=1`` silences it).
+
+``hvd.elastic`` is Horovod's elastic API (``TorchState``, ``run``) for jobs that
+``distlaunch run --max-restarts`` relaunches whole: commits go to disk and the relaunched
+job resumes from the newest (``distlaunch.hvd.elastic``).
 """
 from __future__ import annotations
 
@@ -190,3 +194,10 @@ def launcher() -> str:
     from ..rank.rankinfo import from_environ
 
     return from_environ().source
+
+
+# distlaunch's elastic API with both runtimes: real Horovod's (horovod.torch.elastic) needs
+# horovodrun's elastic driver to re-form the job. The star import above brought Horovod's in,
+# and "from . import" would keep a name that is already there: drop it first.
+globals().pop("elastic", None)
+from . import elastic  # noqa: E402,F401

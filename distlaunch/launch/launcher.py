@@ -14,14 +14,17 @@ import logging
 import os
 import platform
 import shutil
+import signal
 import socket
 import sys
+import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
-from ..errors import DistlaunchError, HostError, RunDirError, SpecError
+from ..errors import DistlaunchError, ExitCode, HostError, RunDirError, SpecError
 from ..nodes import inputs as node_inputs
 from ..nodes.doctor import preflight
 from ..nodes.pipinstall import ensure_packages
@@ -36,11 +39,12 @@ from ..plan.placement import Placement, place
 from ..plan.slurm import srun_plan
 from ..plan.spec import JobSpec, inside, resolve_program
 from ..plan.ssh import SSHOptions
-from ..records import RunPaths, RunRecord, allocate
+from ..records import Attempt, RunPaths, RunRecord, Status, allocate
 from . import snapshot
+from .health import NodeHealth, blamed_hosts
 from .metrics import write_tensorboard
 from .slurm import check_allocation
-from .supervise import Console, Outcome, Supervisor, Watch
+from .supervise import STOP_SIGNALS, Console, Outcome, Supervisor, Watch
 
 log = logging.getLogger(__name__)
 RESOLVE_LIMIT = 1024
@@ -82,15 +86,18 @@ class Prepared:
     def nodes(self) -> Nodes:
         return Nodes(self.transport, self.spec.python)
 
-    def remote_layout(self, run_id: str) -> RemoteLayout | None:
+    def remote_layout(self, run_id: str, restart: int = 0) -> RemoteLayout | None:
         """Where the code goes on the nodes; None when nothing is synced."""
         if not (self.multi_node and self.spec.sync and not self.spec.runs_in_place):
             return None
-        return RemoteLayout.for_source(self.spec.remote_root, self.spec.source, run_id)
+        return RemoteLayout.for_source(self.spec.remote_root, self.spec.source, run_id, restart)
 
-    def plan(self, run_id: str, run_dir: str, host_cores: Mapping[str, int] | None = None) -> LaunchPlan:
-        context = dataclasses.replace(self.context, host_cores=dict(host_cores)) if host_cores else self.context
-        layout = self.remote_layout(run_id)
+    def plan(self, run_id: str, run_dir: str, host_cores: Mapping[str, int] | None = None,
+             restart: int = 0) -> LaunchPlan:
+        context = dataclasses.replace(self.context, restart=restart)
+        if host_cores:
+            context = dataclasses.replace(context, host_cores=dict(host_cores))
+        layout = self.remote_layout(run_id, restart)
         if self.srun is not None:
             return srun_plan(self.spec, self.placed, self.srun, run_id, run_dir, context, self.program, self.mpi,
                              layout)
@@ -136,10 +143,31 @@ def choose_transport(ssh: SSHOptions, local_names: frozenset[str] | None = None,
     return SSHTransport(ssh, names)
 
 
+def _place_healthy(spec: JobSpec, cores: int, progress: Callable[[str], None]) -> Placement:
+    """``place`` leaving out the nodes the user's runs found at fault (node health) while
+    enough others remain; says which were left out, or used although kept out."""
+    placed = place(spec.target, local_cores=cores)
+    if len(placed.source.hosts) < 2:
+        return placed  # nothing to leave out: the health file is not even read
+    kept_out = NodeHealth().entries()
+    avoid = {host: entry.reason for host, entry in kept_out.items() if host in {h.name for h in placed.source.hosts}}
+    if not avoid:
+        return placed
+    placed = place(spec.target, local_cores=cores, avoid=avoid)
+    for host in placed.left_out:
+        progress(f"leaving out {host}, kept out for another {kept_out[host].left_s() / 60:.0f} min: "
+                 f"{kept_out[host].reason} ('distlaunch nodes clear {host}' takes it back)")
+    used = sorted(set(avoid) & {host for host, _ in placement(placed.slots)})
+    if used:
+        progress(f"warning: running on {', '.join(used)} although kept out after a fault ('distlaunch nodes'): "
+                 "too few other hosts")
+    return placed
+
+
 def prepare(spec: JobSpec, progress: Callable[[str], None] = log.info) -> Prepared:
     names = this_host_names()
     cores = local_cores()
-    placed = place(spec.target, local_cores=cores)
+    placed = _place_healthy(spec, cores, progress)
     origin = placed.source.origin
     if in_allocation(origin):
         check_allocation(os.environ)
@@ -230,17 +258,24 @@ class NodeSide:
         return sum((answer or {}).get("dumped", 0) for answer, _proc in answers)
 
     def after_exit(self) -> None:
+        """Kill what is left on the nodes and bring their logs and outputs back (``release``
+        follows once no attempt comes after this one)."""
         nodes, hosts = self.prepared.nodes, self.prepared.remote_hosts
         for host, (answer, proc) in zip(hosts, nodes.call_all(hosts, "cleanup", self.paths.run_id, timeout=60)):
             if answer is None:
                 log.warning("cleanup on %s failed: %s", host, proc.stderr.strip()[-200:])
         if self.layout is not None:
-            everywhere = self.prepared.hosts
-            self.missing = collect(nodes, everywhere, self.prepared.slots[0].host, self.layout,
+            self.missing = collect(nodes, self.prepared.hosts, self.prepared.slots[0].host, self.layout,
                                    self.paths.root, self.prepared.spec.collect_all_ranks)
-            failed = {item.split(":", 1)[0] for item in self.missing}
-            done = [host for host in everywhere if host not in failed]  # only those may prune it later
-            nodes.call_all(done, "release", self.layout.workdir, timeout=60)
+
+    def release(self, hosts: list[str]) -> None:
+        """The run's copies on ``hosts`` may be pruned by later runs: the ones everything
+        came back from (a node whose collection failed keeps its copy)."""
+        if self.layout is None:
+            return
+        failed = {item.split(":", 1)[0] for item in self.missing}
+        done = [host for host in hosts if host not in failed]
+        self.prepared.nodes.call_all(done, "release", self.layout.workdir, timeout=60)
 
 
 def _before_launch(prepared: Prepared, paths: RunPaths, record: RunRecord, progress: Callable[[str], None]) -> None:
@@ -296,6 +331,158 @@ def _first_blind(prepared: Prepared, path: str) -> str | None:
     return None
 
 
+MAX_RESTART_DELAY_S = 60.0
+
+
+def _attempts(prepared: Prepared, the_plan: LaunchPlan, paths: RunPaths, record: RunRecord, watch: Watch,
+              console: Console, progress: Callable[[str], None],
+              host_cores: Mapping[str, int] | None) -> tuple[Outcome, Prepared]:
+    """Run the plan under a Supervisor; with --max-restarts, relaunch it after a failure
+    (nodes at fault recorded and left out, ranks re-placed) until it succeeds, fails for
+    a reason a restart cannot help, or the budget is spent. The last outcome, and the
+    Prepared it ran with."""
+    spec = prepared.spec
+    deadline = None if watch.timeout is None else time.monotonic() + watch.timeout
+    restart = 0
+    node_side = None
+    try:
+        while True:
+            node_side = NodeSide(prepared, paths, prepared.remote_layout(paths.run_id, restart)) \
+                if prepared.multi_node else None
+            left = None if deadline is None else max(0.1, deadline - time.monotonic())
+            supervisor = Supervisor(the_plan, paths, dataclasses.replace(watch, timeout=left), console, node_side)
+            try:
+                pid = supervisor.start()
+                record.running(pid, supervisor.started if restart == 0 else record.started)
+                record.save(paths)
+                outcome = supervisor.wait()
+            except BaseException as exc:
+                record.failed(f"the launcher stopped: {type(exc).__name__}: {exc}")
+                record.save(paths)
+                raise
+            if node_side is not None:
+                record.collect_missing = node_side.missing
+            if spec.max_restarts == 0:
+                return outcome, prepared
+            attempt = Attempt(restart + 1, outcome.started, outcome.ended, outcome.status, outcome.exit_code,
+                              [host for host, _ in placement(prepared.slots)], len(prepared.slots),
+                              outcome.failure, outcome.reason)
+            record.attempts.append(attempt)
+            why_not = _no_restart(outcome, restart, spec.max_restarts, deadline)
+            if why_not is None:
+                attempt.blamed = blamed_hosts(outcome.ranks, {slot.rank: slot.host for slot in prepared.slots})
+                if len(attempt.hosts) > 1:  # on one host there is nothing to leave out
+                    _quarantine(attempt.blamed, paths.run_id, spec.quarantine_ttl, progress)
+                prepared = _replaced(prepared, attempt.blamed)
+            if why_not is not None:
+                attempt.next = why_not
+                record.save(paths)
+                if outcome.status is not Status.COMPLETED:
+                    progress(f"{attempt.describe()}; {why_not}")
+                return outcome, prepared
+            restart += 1
+            delay = min(spec.restart_delay * 2 ** (restart - 1), MAX_RESTART_DELAY_S)
+            where = f" without {', '.join(prepared.placed.left_out)}" if prepared.placed.left_out else ""
+            again = sorted(set(attempt.blamed) & set(prepared.hosts))
+            if again and len(attempt.hosts) > 1:
+                where += (f" (again on {', '.join(again)}: too few other hosts; --min-nodes lets it go on "
+                          "with fewer)")
+            attempt.next = f"restarted after {delay:g} s{where}"
+            paths.archive_attempt(restart)
+            record.save(paths)
+            progress(f"{attempt.describe()}; restart {restart} of {spec.max_restarts} in {delay:g} s{where} "
+                     f"(its logs: {paths.attempt(restart)})")
+            stopped = _wait_to_restart(delay, paths)
+            if stopped is not None:  # nothing of the job runs now: the run ends here
+                now = time.time()
+                return Outcome(Status.CANCELLED, stopped[0], None, now, now, reason=stopped[1]), prepared
+            the_plan = prepared.plan(paths.run_id, str(paths.root), host_cores, restart)
+            _replan_record(record, prepared, the_plan)
+    finally:
+        if node_side is not None:
+            node_side.release(prepared.remote_hosts)
+
+
+def _wait_to_restart(delay: float, paths: RunPaths) -> tuple[int, str] | None:
+    """Sleep ``delay`` seconds before a restart; a Ctrl-C, SIGTERM, SIGHUP or cancel request
+    meanwhile ends the run instead: (exit code, why), else None."""
+    asked: list[int] = []
+    done = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        asked.append(signum)
+        done.set()
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {signum: signal.signal(signum, on_signal) for signum in STOP_SIGNALS}
+    try:
+        end = time.monotonic() + delay
+        while not done.wait(min(0.2, max(0.0, end - time.monotonic()))):
+            if paths.cancel_marker.exists():
+                return 128 + signal.SIGTERM, "cancelled on request (distlaunch cancel / Run.cancel) before a restart"
+            if time.monotonic() >= end:
+                return None
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    name = signal.Signals(asked[0]).name
+    return 128 + asked[0], f"cancelled by {name} while waiting to restart"
+
+
+def _no_restart(outcome: Outcome, restart: int, budget: int, deadline: float | None) -> str | None:
+    """Why this attempt is the last one, or None to restart."""
+    if outcome.status is Status.COMPLETED:
+        return "completed"
+    if outcome.status is Status.CANCELLED:
+        return "no restart after a cancel or Ctrl-C"
+    if outcome.status is Status.TIMEOUT and "--hang-timeout" not in outcome.reason:
+        return "no restart after --timeout"
+    if outcome.exit_code == ExitCode.RUN_DIR:
+        return "no restart: the run folder cannot be written"
+    if restart >= budget:
+        return f"no restart left (--max-restarts {budget})"
+    if deadline is not None and time.monotonic() >= deadline:
+        return "no restart: --timeout is spent"
+    return None
+
+
+def _quarantine(blamed: Mapping[str, str], run_id: str, ttl: float, progress: Callable[[str], None]) -> None:
+    if not blamed or ttl <= 0:
+        return
+    health = NodeHealth()
+    for host, why in blamed.items():
+        try:
+            health.blame(host, why, run_id, ttl)
+        except RunDirError as exc:
+            log.warning("%s", exc)
+            return
+        progress(f"node {host} kept out for {ttl:g} s: {why} ('distlaunch nodes clear {host}' to take it back)")
+
+
+def _replaced(prepared: Prepared, blamed: Mapping[str, str]) -> Prepared:
+    """The job placed again without the nodes at fault (this attempt's and the user's
+    other recorded ones) while enough others remain, or down to --min-nodes; else on the
+    same nodes (the fault may have passed)."""
+    spec = prepared.spec
+    avoid = {host: entry.reason for host, entry in NodeHealth().entries().items()} if spec.quarantine_ttl > 0 else {}
+    avoid.update(blamed)
+    if len(prepared.placed.source.hosts) < 2 or not set(avoid) & set(prepared.hosts):
+        return prepared
+    placed = place(spec.target, local_cores=prepared.context.local_cores, avoid=avoid, min_nodes=spec.min_nodes)
+    return dataclasses.replace(prepared, placed=placed)
+
+
+def _replan_record(record: RunRecord, prepared: Prepared, the_plan: LaunchPlan) -> None:
+    """What the next attempt runs, in the record (the earlier ones are in record.attempts)."""
+    record.nodes = len({slot.host for slot in prepared.slots})
+    record.ranks = len(prepared.slots)
+    record.slots = [slot._asdict() for slot in prepared.slots]
+    record.argv = list(the_plan.argv)
+    record.env_added = redact(the_plan.env)
+    record.hostfile = the_plan.hostfile_text
+
+
 def launch(
     prepared: Prepared,
     console: Console = NO_CONSOLE,
@@ -335,26 +522,15 @@ def launch(
                       f"{type(exc).__name__}: {exc}", code)
         record.save(paths)
         raise
-    node_side = NodeSide(prepared, paths, prepared.remote_layout(paths.run_id)) if prepared.multi_node else None
-    supervisor = Supervisor(the_plan, paths, watch, console, node_side)
-    try:
-        pid = supervisor.start()
-        record.running(pid, supervisor.started)
-        record.save(paths)
-        outcome = supervisor.wait()
-    except BaseException as exc:
-        record.failed(f"the launcher stopped: {type(exc).__name__}: {exc}")
-        record.save(paths)
-        raise
-    record.finished(outcome.status, outcome.exit_code, outcome.mpirun_exit_code, outcome.started, outcome.ended,
+    outcome, prepared = _attempts(prepared, the_plan, paths, record, watch, console, progress, host_cores)
+    first_start = record.attempts[0].started if record.attempts else outcome.started
+    record.finished(outcome.status, outcome.exit_code, outcome.mpirun_exit_code, first_start, outcome.ended,
                     outcome.failure, outcome.ranks, outcome.leftovers_killed, outcome.reason)
     if not spec.runs_in_place and prepared.remote_layout(paths.run_id) is None:
         try:
             snapshot.gather(paths)  # the ranks ran in the snapshot: ./outputs and ./logs into the run folder
         except OSError as exc:
             log.warning("could not move ./outputs and ./logs out of %s: %s", paths.code, exc)
-    if node_side is not None:
-        record.collect_missing = node_side.missing
     try:
         events = write_tensorboard(paths.root)
     except Exception as exc:  # noqa: BLE001 - metrics stay in JSON lines; the run is done

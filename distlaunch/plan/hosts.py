@@ -311,6 +311,23 @@ def resolve(
     return HostSource((Host(LOCALHOST, cores=local_cores),), "localhost")
 
 
+def leave_out(source: HostSource, nodes: int | None, avoid: Mapping[str, str],
+              min_nodes: int | None = None) -> tuple[HostSource, int | None, tuple[str, ...]]:
+    """``source`` without the hosts in ``avoid`` (host -> why), when enough others remain:
+    ``nodes`` of them (every host when None), or at least ``min_nodes``; then the node
+    count to place on, and the hosts left out. Otherwise ``source`` as it is. Pure."""
+    dropped = tuple(host.name for host in source.hosts if host.name in avoid)
+    if not dropped:
+        return source, nodes, ()
+    kept = tuple(host for host in source.hosts if host.name not in avoid)
+    needed = len(source.hosts) if nodes is None else nodes
+    if len(kept) >= needed:
+        return HostSource(kept, source.origin), nodes, dropped
+    if kept and min_nodes is not None and len(kept) >= min_nodes:
+        return HostSource(kept, source.origin), len(kept) if nodes is not None else None, dropped
+    return source, nodes, ()
+
+
 def assign_slots(
     source: HostSource,
     nodes: int | None = None,

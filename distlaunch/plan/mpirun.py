@@ -15,7 +15,7 @@ import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ..protocol import MASTER_ADDR, OUTPUT_DIR, RUN_DIR, RUN_ID
+from ..protocol import MASTER_ADDR, OUTPUT_DIR, RESTART_COUNT, RUN_DIR, RUN_ID
 from .envpolicy import exported_names
 from .hosts import LOCAL_ALIASES, RankSlot, is_local, placement
 from .inputs import substitute
@@ -35,6 +35,7 @@ class LaunchContext:
     host_cores: Mapping[str, int] = field(default_factory=dict)  # other nodes' CPUs, when probed
     local_names: frozenset[str] = LOCAL_ALIASES  # the names of this machine (hosts.this_host_names)
     input_paths: Mapping[str, str] = field(default_factory=dict)  # --input NAME: its path on the nodes
+    restart: int = 0  # restarts so far (--max-restarts): $DISTLAUNCH_RESTART_COUNT on every rank
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ def rank_env(spec: JobSpec, slots: Sequence[RankSlot], run_id: str, rank_dir: st
         RUN_DIR: rank_dir,
         MASTER_ADDR: master_addr(slots, ctx.local_names),
         OUTPUT_DIR: outputs,
+        RESTART_COUNT: str(ctx.restart),
         "PYTHONUNBUFFERED": "1",
     }
     for item in spec.inputs:

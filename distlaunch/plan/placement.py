@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .gpus import Inventory, allowed_devices, check_capacity, devices_for, inventory
-from .hosts import HostSource, Slots, assign_slots, placement, resolve
+from .hosts import HostSource, Slots, assign_slots, leave_out, placement, resolve
 from .spec import TargetSpec
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,7 @@ class Placement:
     gpus_per_rank: int = 1
     restricted: tuple[str, ...] | None = None  # devices the user narrowed to (--gpus / CUDA_VISIBLE_DEVICES)
     note: str = ""  # one line worth telling the user (e.g. why we run on CPU)
+    left_out: tuple[str, ...] = ()  # hosts kept out for their health (``avoid``)
 
     @property
     def nhosts(self) -> int:
@@ -33,16 +34,22 @@ class Placement:
 
 
 def place(target: TargetSpec, env: Mapping[str, str] | None = None, inv: Inventory | None = None,
-          local_cores: int | None = None) -> Placement:
-    """Resolve the hosts and place every rank; ``local_cores`` limits localhost's slots."""
+          local_cores: int | None = None, avoid: Mapping[str, str] | None = None,
+          min_nodes: int | None = None) -> Placement:
+    """Resolve the hosts and place every rank; ``local_cores`` limits localhost's slots.
+    Hosts in ``avoid`` (host -> why: node health) are left out while enough others remain
+    (``hosts.leave_out``), down to ``min_nodes``."""
     env = os.environ if env is None else env
     source = resolve(target.hosts, target.hostfile, env, local_cores)
+    source, nodes, left_out = leave_out(source, target.nodes, avoid or {}, min_nodes)
+    if left_out:
+        log.info("leaving out %s: %s", ", ".join(left_out), "; ".join(f"{h}: {(avoid or {})[h]}" for h in left_out))
 
     def slots_for(ppn: int | None) -> Slots:
-        return assign_slots(source, target.nodes, ppn, target.oversubscribe, target.np)
+        return assign_slots(source, nodes, ppn, target.oversubscribe, target.np)
 
     if target.use_gpu is False:
-        return Placement(source, slots_for(target.ppn))
+        return Placement(source, slots_for(target.ppn), left_out=left_out)
     inv = inventory(env) if inv is None else inv
     visible = env.get("CUDA_VISIBLE_DEVICES") or None
     allowed = allowed_devices(inv, target.gpus, visible)
@@ -51,7 +58,7 @@ def place(target: TargetSpec, env: Mapping[str, str] | None = None, inv: Invento
         if target.use_gpu or target.gpus:
             note = f"no GPU found ({inv.problem or 'none listed'}): running on CPU"
             log.info(note)
-        return Placement(source, slots_for(target.ppn), note=note)
+        return Placement(source, slots_for(target.ppn), note=note, left_out=left_out)
     per_rank = target.gpus_per_rank
     ppn = target.ppn or max(1, len(allowed) // per_rank)
     slots = slots_for(ppn)
@@ -60,4 +67,4 @@ def place(target: TargetSpec, env: Mapping[str, str] | None = None, inv: Invento
     most = max((count for _, count in slots.groups), default=0)
     mapped = Slots(slots.groups, [devices_for(local, per_rank, allowed) for local in range(most)])
     restricted = allowed if (target.gpus or visible) else None
-    return Placement(source, mapped, True, per_rank, restricted)
+    return Placement(source, mapped, True, per_rank, restricted, left_out=left_out)

@@ -132,6 +132,11 @@ class JobSpec:
     experiment: str | None = None  # default: the source directory's name
     tags: tuple[tuple[str, str], ...] = ()
     inputs: tuple[InputSpec, ...] = ()
+    # fault tolerance: relaunch after a failure, leaving out the nodes it blamed
+    max_restarts: int = 0
+    restart_delay: float = 1.0  # seconds before the first restart, doubled each time (at most 60)
+    min_nodes: int | None = None  # a restart may go on with this few nodes (default: as many as asked)
+    quarantine_ttl: float = 3600.0  # seconds a blamed node stays out of placement (0: not recorded)
 
     def __post_init__(self) -> None:
         if self.launcher not in LAUNCHERS:
@@ -161,7 +166,22 @@ class JobSpec:
             raise SpecError(f"--experiment {self.experiment!r}: use letters, digits, '.', '_' and '-' "
                             "(at most 100), starting with a letter or digit")
         check_inputs(self.inputs, self.script_args)
+        self._check_restarts()
         resolve_program(self)  # the script must exist now, not when the ranks start
+
+    def _check_restarts(self) -> None:
+        if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) or self.max_restarts < 0:
+            raise SpecError(f"--max-restarts {self.max_restarts!r} must be a whole number, 0 or more")
+        for name in ("restart_delay", "quarantine_ttl"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise SpecError(f"--{name.replace('_', '-')} {value!r} must be a number of seconds, 0 or more")
+        if self.min_nodes is not None:
+            if isinstance(self.min_nodes, bool) or not isinstance(self.min_nodes, int) or self.min_nodes < 1:
+                raise SpecError(f"--min-nodes {self.min_nodes!r} must be a whole number of at least 1")
+            if self.target.nodes is not None and self.min_nodes > self.target.nodes:
+                raise SpecError(f"--min-nodes {self.min_nodes} is more than --nodes {self.target.nodes}: "
+                                "lower --min-nodes")
 
     @property
     def is_python(self) -> bool:

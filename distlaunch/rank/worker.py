@@ -248,7 +248,8 @@ def _exit_like(record: RankExit) -> None:
     """Leave the way the child left: same signal, or same exit code."""
     if record.signal:
         signum = signal.Signals[record.signal]
-        signal.signal(signum, signal.SIG_DFL)
+        if signum not in (signal.SIGKILL, signal.SIGSTOP):  # those two cannot be handled anyway
+            signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         time.sleep(1)
     sys.exit(int(record.exit_code or 0))
