@@ -13,8 +13,8 @@ Layout of ``<runs_root>/<run-id>/`` (``RunPaths`` holds every path rule)::
     code/               the snapshot of the source dir the ranks ran in (read-only files)
     code.json           the snapshot's file list with a digest per file, and its tree hash
     tags.json           tags added after the launch (Run.tag, distlaunch runs tag)
-    attempts/<K>/       a restarted run's earlier attempt K (1, 2, ...): its logs/, ranks/
-                        and hostfile; the top-level ones are always the last attempt's
+    attempts/<K>/       a restarted run's earlier attempt K (1, 2, ...): its logs/, ranks/,
+                        hostfile and a copy of metrics/; the top-level ones are the last attempt's
 
 ``RunRecord`` carries the state machine of a run (queued → running → completed,
 failed, cancelled or timeout) and is versioned on disk. ``write_json`` never leaves a
@@ -27,6 +27,7 @@ import enum
 import json
 import os
 import secrets
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -89,8 +90,8 @@ class RunPaths:
         return self.attempts / str(number)
 
     def archive_attempt(self, number: int) -> Path:
-        """Move the ended attempt's logs/, ranks/ and hostfile to ``attempts/<number>/`` and
-        start the next one with empty ones (metrics and outputs carry on across attempts)."""
+        """Move the ended attempt's logs/, ranks/ and hostfile to ``attempts/<number>/``, copy
+        its metrics/ there, and start the next one with empty logs/ and ranks/."""
         target = self.attempt(number)
         try:
             self.attempts.mkdir(mode=PRIVATE_DIR, exist_ok=True)
@@ -98,6 +99,8 @@ class RunPaths:
             for path in (self.logs, self.ranks, self.hostfile):
                 if path.exists():
                     os.replace(path, target / path.name)
+            if self.metrics.is_dir():  # kept going, but a multi-node collect replaces the files: keep a copy
+                shutil.copytree(self.metrics, target / "metrics")
             for sub in (self.logs, self.ranks):
                 sub.mkdir(mode=PRIVATE_DIR)
         except OSError as exc:

@@ -15,6 +15,17 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_node_health(tmp_path_factory: pytest.TempPathFactory):
+    """Nodes the tests find at fault go to a file of the test session, never the user's."""
+    if "DISTLAUNCH_STATE_DIR" in os.environ:
+        yield
+        return
+    os.environ["DISTLAUNCH_STATE_DIR"] = str(tmp_path_factory.mktemp("state"))
+    yield
+    os.environ.pop("DISTLAUNCH_STATE_DIR", None)
+
+
 class Launched:
     """The result of one ``distlaunch`` invocation."""
 

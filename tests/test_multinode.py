@@ -527,3 +527,23 @@ def test_a_node_killed_mid_run_is_left_out_and_training_resumes(cluster, project
     assert dry.returncode == 0 and f"leaving out {cluster.hosts[1]}" in dry.stderr, dry.stderr
     hostfile = dry.stdout.split("# command")[0]
     assert cluster.hosts[0] in hostfile and cluster.hosts[1] not in hostfile
+
+
+def test_a_restart_moves_to_a_spare_node_never_used_before(cluster, tmp_path):
+    """--nodes 1 of two hosts: the first attempt's node is at fault (a rank SIGKILLed), so the
+    restart runs on the spare, which gets the node check and the code first."""
+    script = tmp_path / "src" / "restarts.py"
+    script.parent.mkdir()
+    shutil.copy(SCRIPTS / "restarts.py", script)
+    env = {"DISTLAUNCH_STATE_DIR": str(tmp_path / "state"), "OUT_DIR": str(tmp_path), "FAULT": "sigkill"}
+    proc, run_dir, record = launch(cluster, tmp_path, "--nodes", "1", "--max-restarts", "1", "--restart-delay", "0.2",
+                                   "--env", "OUT_DIR", "--env", "FAULT", str(script), env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    first, second = record["attempts"]
+    assert first["hosts"] == [cluster.hosts[0]] and second["hosts"] == [cluster.hosts[1]]
+    assert first["blamed"] == {cluster.hosts[0]: "rank 1 was killed by SIGKILL"}
+    assert f"setting up {cluster.hosts[1]} for the restart" in proc.stderr
+    starts = sorted(line.split()[0::2] for line in (tmp_path / "starts").read_text().splitlines())
+    assert starts == [["0", "node2"], ["0", "node2"], ["1", "node3"], ["1", "node3"]]
+    assert (run_dir / "attempts" / "1" / "logs" / "rank-1.log").is_file()
+    assert "done" in (run_dir / "logs" / "rank-1.log").read_text()

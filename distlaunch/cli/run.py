@@ -1,6 +1,7 @@
 """``distlaunch run``: options → JobSpec (once, here), then the launch pipeline."""
 from __future__ import annotations
 
+import re
 import shlex
 import sys
 from collections.abc import Callable
@@ -200,7 +201,9 @@ def parse_ttl(text: str | float) -> float:
     """--quarantine-ttl: a duration, or 0 (do not record nodes at fault)."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         return float(text)
-    return 0.0 if str(text).strip() in ("0", "0s") else parse_duration(str(text), "--quarantine-ttl")
+    if re.fullmatch(r"\s*(0+(\.0*)?\s*(ms|s|m|h|d)?\s*)+", str(text), re.IGNORECASE):
+        return 0.0  # any zero duration: 0, 0s, 0m, 0h
+    return parse_duration(str(text), "--quarantine-ttl")
 
 
 @click.command("run", help=RUN_HELP, context_settings={"allow_interspersed_args": False})

@@ -1,6 +1,7 @@
 """Run history commands: ``runs list|show|rm``, ``logs``, ``download``, ``cancel``."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -180,6 +181,8 @@ def logs_command(run_id: str, rank: int | None, raw: bool, follow: bool, runs_ro
         finished = current(paths).status.finished
         if source.exists():
             with open(source, "rb") as handle:
+                if os.fstat(handle.fileno()).st_size < offset:
+                    offset = 0  # a restart began a new log (the old one is in attempts/)
                 handle.seek(offset)
                 data = handle.read()
             offset += len(data)

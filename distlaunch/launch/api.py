@@ -247,6 +247,8 @@ class Run:
     def _print_new_output(self, offset: int) -> int:
         try:
             with open(self.paths.output_log, "rb") as handle:
+                if os.fstat(handle.fileno()).st_size < offset:
+                    offset = 0  # a restart began a new output.log (the old one is in attempts/)
                 handle.seek(offset)
                 data = handle.read()
         except OSError:

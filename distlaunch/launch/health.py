@@ -25,8 +25,11 @@ from ..records import PRIVATE_DIR, PRIVATE_FILE, RankExit, read_json, write_json
 
 DEFAULT_TTL_S = 3600.0
 STATE_DIR = "DISTLAUNCH_STATE_DIR"
-# a rank killed by one of these was stopped on purpose (by us, mpirun or the user), not by its node
-STOPPED_ON_PURPOSE = frozenset({"SIGINT", "SIGTERM", "SIGHUP"})
+# a rank whose own process died of one of these, as the root cause, points at its node: the
+# OOM killer or a dying node (SIGKILL), bad memory or a vanished file mapping (SIGSEGV, SIGBUS).
+# SIGABRT (a library's assert, NCCL's watchdog after a peer died) and the signals people and
+# launchers send on purpose are not the node's fault.
+NODE_SIGNALS = frozenset({"SIGKILL", "SIGSEGV", "SIGBUS"})
 
 
 def state_dir(env: Mapping[str, str] | None = None) -> Path:
@@ -92,11 +95,13 @@ class NodeHealth:
             return {}
         except (OSError, ValueError) as exc:
             raise RunDirError(f"cannot read {self.path}: {exc}: remove it (it only lists nodes kept out)") from None
+        if not isinstance(data, dict) or not isinstance(data.get("nodes") or {}, dict):
+            raise RunDirError(f"{self.path} is not a node-health file: remove it (it only lists nodes kept out)")
         found = {}
         for host, item in (data.get("nodes") or {}).items():
             try:
                 found[host] = Entry(**{**item, "host": host})
-            except TypeError:
+            except (TypeError, ValueError):
                 continue  # written by another version: skip that entry, keep the rest
         return found
 
@@ -121,22 +126,16 @@ class NodeHealth:
             os.close(lock)  # releases the lock
 
 
-def blamed_hosts(ranks: Mapping[int, RankExit], host_of: Mapping[int, str]) -> dict[str, str]:
-    """The nodes an attempt's fault points at, with why: a rank killed by a signal that no
-    one sends on purpose (SIGKILL from the OOM killer or a dying node, SIGSEGV, SIGBUS), or
-    ranks that never wrote how they ended while others did (their node went away).
-    ``host_of``: each rank's host as placed (the name the launcher reaches it by)."""
-    blamed: dict[str, str] = {}
-    for item in sorted(ranks.values(), key=lambda r: r.rank):
-        host = host_of.get(item.rank)
-        if host and item.signal and item.signal not in STOPPED_ON_PURPOSE and host not in blamed:
-            blamed[host] = f"rank {item.rank} was killed by {item.signal}"
-    if any(item.exit_code is not None for item in ranks.values()):
-        by_host: dict[str, list[int]] = {}
-        for rank, host in host_of.items():
-            by_host.setdefault(host, []).append(rank)
-        for host, members in by_host.items():
-            if host not in blamed and all(ranks.get(rank) is None or ranks[rank].exit_code is None
-                                          for rank in members):
-                blamed[host] = "its ranks ended without an exit record (node lost or its processes killed)"
+def blamed_hosts(ranks: Mapping[int, RankExit], host_of: Mapping[int, str], first: int | None,
+                 unreachable: Iterable[str] = ()) -> dict[str, str]:
+    """The nodes an attempt's fault points at, with why: the root-cause rank ``first``
+    (the first that failed) killed by a signal in ``NODE_SIGNALS``, and the nodes that
+    could not be reached after the job (``unreachable``: the node lost). Ranks that mpirun
+    tore down after that are consequences and blame nobody. ``host_of``: each rank's
+    host as placed (the name the launcher reaches it by)."""
+    blamed = {host: "unreachable after the failure (node lost?)" for host in unreachable}
+    item = ranks.get(first) if first is not None else None
+    host = host_of.get(first) if first is not None else None
+    if item is not None and host and item.signal in NODE_SIGNALS and host not in blamed:
+        blamed[host] = f"rank {item.rank} was killed by {item.signal}"
     return blamed

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .. import __version__
 from ..errors import DistlaunchError, ExitCode, HostError, RunDirError, SpecError
@@ -44,7 +45,7 @@ from . import snapshot
 from .health import NodeHealth, blamed_hosts
 from .metrics import write_tensorboard
 from .slurm import check_allocation
-from .supervise import STOP_SIGNALS, Console, Outcome, Supervisor, Watch
+from .supervise import PASS_SIGNALS, STOP_SIGNALS, Console, Outcome, Supervisor, Watch
 
 log = logging.getLogger(__name__)
 RESOLVE_LIMIT = 1024
@@ -149,7 +150,11 @@ def _place_healthy(spec: JobSpec, cores: int, progress: Callable[[str], None]) -
     placed = place(spec.target, local_cores=cores)
     if len(placed.source.hosts) < 2:
         return placed  # nothing to leave out: the health file is not even read
-    kept_out = NodeHealth().entries()
+    try:
+        kept_out = NodeHealth().entries()
+    except RunDirError as exc:  # a broken health file must not stop a launch
+        progress(f"warning: no node is left out: {exc}")
+        return placed
     avoid = {host: entry.reason for host, entry in kept_out.items() if host in {h.name for h in placed.source.hosts}}
     if not avoid:
         return placed
@@ -252,6 +257,7 @@ class NodeSide:
     paths: RunPaths
     layout: RemoteLayout | None
     missing: list[str] = field(default_factory=list)
+    unreachable: list[str] = field(default_factory=list)  # nodes that did not answer the cleanup
 
     def dump(self, run_id: str) -> int:
         answers = self.prepared.nodes.call_all(self.prepared.remote_hosts, "dump", run_id, timeout=60)
@@ -264,6 +270,8 @@ class NodeSide:
         for host, (answer, proc) in zip(hosts, nodes.call_all(hosts, "cleanup", self.paths.run_id, timeout=60)):
             if answer is None:
                 log.warning("cleanup on %s failed: %s", host, proc.stderr.strip()[-200:])
+                if proc.returncode == 255:  # ssh's own failure: the node did not answer
+                    self.unreachable.append(host)
         if self.layout is not None:
             self.missing = collect(nodes, self.prepared.hosts, self.prepared.slots[0].host, self.layout,
                                    self.paths.root, self.prepared.spec.collect_all_ranks)
@@ -334,116 +342,178 @@ def _first_blind(prepared: Prepared, path: str) -> str | None:
 MAX_RESTART_DELAY_S = 60.0
 
 
+class _Between:
+    """Signal handlers for the time between attempts, when no Supervisor has its own: a
+    Ctrl-C, SIGTERM or SIGHUP is kept and ends the run before another attempt starts;
+    SIGUSR1/SIGUSR2 have no rank to go to and are dropped."""
+
+    def __init__(self) -> None:
+        self.stop: int | None = None
+        self.woken = threading.Event()
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Between:
+        if threading.current_thread() is threading.main_thread():
+            self._old = {signum: signal.signal(signum, self._on_signal) for signum in (*STOP_SIGNALS, *PASS_SIGNALS)}
+        return self
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if signum in STOP_SIGNALS and self.stop is None:
+            self.stop = signum
+            self.woken.set()
+
+    def __exit__(self, *_exc: object) -> None:
+        for signum, handler in self._old.items():
+            signal.signal(signum, handler)
+
+
 def _attempts(prepared: Prepared, the_plan: LaunchPlan, paths: RunPaths, record: RunRecord, watch: Watch,
               console: Console, progress: Callable[[str], None],
               host_cores: Mapping[str, int] | None) -> tuple[Outcome, Prepared]:
     """Run the plan under a Supervisor; with --max-restarts, relaunch it after a failure
     (nodes at fault recorded and left out, ranks re-placed) until it succeeds, fails for
     a reason a restart cannot help, or the budget is spent. The last outcome, and the
-    Prepared it ran with."""
+    Prepared it ran with. The record never stays 'running' when this raises."""
     spec = prepared.spec
     deadline = None if watch.timeout is None else time.monotonic() + watch.timeout
+    cores = dict(host_cores or {})
     restart = 0
-    node_side = None
-    try:
-        while True:
-            node_side = NodeSide(prepared, paths, prepared.remote_layout(paths.run_id, restart)) \
-                if prepared.multi_node else None
-            left = None if deadline is None else max(0.1, deadline - time.monotonic())
-            supervisor = Supervisor(the_plan, paths, dataclasses.replace(watch, timeout=left), console, node_side)
-            try:
-                pid = supervisor.start()
-                record.running(pid, supervisor.started if restart == 0 else record.started)
-                record.save(paths)
-                outcome = supervisor.wait()
-            except BaseException as exc:
-                record.failed(f"the launcher stopped: {type(exc).__name__}: {exc}")
-                record.save(paths)
-                raise
-            if node_side is not None:
-                record.collect_missing = node_side.missing
-            if spec.max_restarts == 0:
-                return outcome, prepared
-            attempt = Attempt(restart + 1, outcome.started, outcome.ended, outcome.status, outcome.exit_code,
-                              [host for host, _ in placement(prepared.slots)], len(prepared.slots),
-                              outcome.failure, outcome.reason)
-            record.attempts.append(attempt)
-            why_not = _no_restart(outcome, restart, spec.max_restarts, deadline)
-            if why_not is None:
-                attempt.blamed = blamed_hosts(outcome.ranks, {slot.rank: slot.host for slot in prepared.slots})
-                if len(attempt.hosts) > 1:  # on one host there is nothing to leave out
-                    _quarantine(attempt.blamed, paths.run_id, spec.quarantine_ttl, progress)
-                prepared = _replaced(prepared, attempt.blamed)
-            if why_not is not None:
-                attempt.next = why_not
-                record.save(paths)
+    sides: list[NodeSide] = []
+    with _Between() as between:
+        try:
+            while True:
+                node_side = NodeSide(prepared, paths, prepared.remote_layout(paths.run_id, restart)) \
+                    if prepared.multi_node else None
+                sides += [node_side] if node_side is not None else []
+                left = None if deadline is None else max(0.1, deadline - time.monotonic())
+                supervisor = Supervisor(the_plan, paths, dataclasses.replace(watch, timeout=left), console, node_side)
+                try:
+                    pid = supervisor.start()
+                    record.running(pid, supervisor.started if restart == 0 else record.started)
+                    record.save(paths)
+                    outcome = supervisor.wait()
+                except BaseException as exc:
+                    record.failed(f"the launcher stopped: {type(exc).__name__}: {exc}")
+                    record.save(paths)
+                    raise
+                if node_side is not None:
+                    record.collect_missing = node_side.missing
+                if spec.max_restarts == 0:
+                    return outcome, prepared
+                attempt = Attempt(restart + 1, outcome.started, outcome.ended, outcome.status, outcome.exit_code,
+                                  [host for host, _ in placement(prepared.slots)], len(prepared.slots),
+                                  outcome.failure, outcome.reason)
+                record.attempts.append(attempt)
                 if outcome.status is not Status.COMPLETED:
-                    progress(f"{attempt.describe()}; {why_not}")
-                return outcome, prepared
-            restart += 1
-            delay = min(spec.restart_delay * 2 ** (restart - 1), MAX_RESTART_DELAY_S)
-            where = f" without {', '.join(prepared.placed.left_out)}" if prepared.placed.left_out else ""
-            again = sorted(set(attempt.blamed) & set(prepared.hosts))
-            if again and len(attempt.hosts) > 1:
-                where += (f" (again on {', '.join(again)}: too few other hosts; --min-nodes lets it go on "
-                          "with fewer)")
-            attempt.next = f"restarted after {delay:g} s{where}"
-            paths.archive_attempt(restart)
-            record.save(paths)
-            progress(f"{attempt.describe()}; restart {restart} of {spec.max_restarts} in {delay:g} s{where} "
-                     f"(its logs: {paths.attempt(restart)})")
-            stopped = _wait_to_restart(delay, paths)
-            if stopped is not None:  # nothing of the job runs now: the run ends here
-                now = time.time()
-                return Outcome(Status.CANCELLED, stopped[0], None, now, now, reason=stopped[1]), prepared
-            the_plan = prepared.plan(paths.run_id, str(paths.root), host_cores, restart)
-            _replan_record(record, prepared, the_plan)
-    finally:
-        if node_side is not None:
-            node_side.release(prepared.remote_hosts)
+                    attempt.blamed = blamed_hosts(outcome.ranks, {slot.rank: slot.host for slot in prepared.slots},
+                                                  outcome.failure.rank if outcome.failure else None,
+                                                  node_side.unreachable if node_side is not None else ())
+                    if len(prepared.placed.source.hosts) > 1:  # with one host there is nothing to leave out
+                        _quarantine(attempt.blamed, paths.run_id, spec.quarantine_ttl, progress)
+                delay = min(spec.restart_delay * 2 ** restart, MAX_RESTART_DELAY_S)
+                stop = supervisor.late_stop or between.stop
+                why_not = _no_restart(outcome, restart, spec.max_restarts, deadline, delay, stop)
+                following = prepared
+                if why_not is None:
+                    following = _replaced(prepared, attempt.blamed, progress)
+                    if outcome.exit_code == ExitCode.LAUNCH and following is prepared:
+                        why_not = "no restart: the job could not start, and a restart would not change that"
+                if why_not is not None:
+                    attempt.next = why_not
+                    record.save(paths)
+                    if outcome.status is not Status.COMPLETED:
+                        progress(f"{attempt.describe()}; {why_not}")
+                    if stop is not None and outcome.status is Status.FAILED:
+                        return dataclasses.replace(outcome, status=Status.CANCELLED, exit_code=128 + stop,
+                                                   reason=why_not), prepared
+                    return outcome, prepared
+                restart += 1
+                where = f" without {', '.join(following.placed.left_out)}" if following.placed.left_out else ""
+                again = sorted(set(attempt.blamed) & set(following.hosts))
+                if again and len(prepared.placed.source.hosts) > 1:
+                    where += (f" (again on {', '.join(again)}: too few other hosts; --min-nodes lets it go on "
+                              "with fewer)")
+                record.save(paths)
+                progress(f"{attempt.describe()}; restart {restart} of {spec.max_restarts} in {delay:g} s{where}")
+                stopped = _wait_to_restart(delay, paths, between)
+                if stopped is not None:  # nothing of the job runs now: the run ends here, its logs where they are
+                    attempt.next = stopped[1]
+                    record.save(paths)
+                    return dataclasses.replace(outcome, status=Status.CANCELLED, exit_code=stopped[0],
+                                               reason=stopped[1]), prepared
+                attempt.next = f"restarted after {delay:g} s{where}"
+                paths.archive_attempt(restart)
+                progress(f"attempt {restart}'s logs and exit records: {paths.attempt(restart)}")
+                _set_up_new_hosts(following, prepared, paths, record, cores, progress)
+                prepared = following
+                the_plan = prepared.plan(paths.run_id, str(paths.root), cores or None, restart)
+                _replan_record(record, prepared, the_plan)
+                record.save(paths)
+        except BaseException as exc:
+            if record.status is Status.RUNNING:
+                record.failed(f"the launcher stopped between attempts: {type(exc).__name__}: {exc}",
+                              exc.exit_code if isinstance(exc, DistlaunchError) else None)
+                record.save(paths)
+            raise
+        finally:
+            _release(sides)
 
 
-def _wait_to_restart(delay: float, paths: RunPaths) -> tuple[int, str] | None:
+def _release(sides: list[NodeSide]) -> None:
+    """The run's copies on every host any attempt used may be pruned by later runs, but
+    not where a collection failed (that copy is all there is)."""
+    if not sides:
+        return
+    failed = {item.split(":", 1)[0] for side in sides for item in side.missing}
+    hosts = list(dict.fromkeys(host for side in sides for host in side.prepared.hosts))
+    sides[-1].release([host for host in hosts if host not in failed])
+
+
+def _set_up_new_hosts(following: Prepared, before: Prepared, paths: RunPaths, record: RunRecord,
+                      cores: dict[str, int], progress: Callable[[str], None]) -> None:
+    """Hosts a restart uses for the first time (spare nodes) get what the first ones got:
+    the node check, the code, the inputs and the packages."""
+    new = [host for host in following.hosts if host not in before.hosts]
+    if not new or not following.multi_node:
+        return
+    progress(f"setting up {', '.join(new)} for the restart")
+    spec = following.spec
+    remote = [host for host in new if host in following.remote_hosts]
+    if remote and not spec.skip_checks:
+        cores.update(preflight(following.nodes, remote, spec.remote_root, need_rsync=spec.sync))
+    _before_launch(following, paths, record, progress)
+
+
+def _wait_to_restart(delay: float, paths: RunPaths, between: _Between) -> tuple[int, str] | None:
     """Sleep ``delay`` seconds before a restart; a Ctrl-C, SIGTERM, SIGHUP or cancel request
     meanwhile ends the run instead: (exit code, why), else None."""
-    asked: list[int] = []
-    done = threading.Event()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        asked.append(signum)
-        done.set()
-
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        handlers = {signum: signal.signal(signum, on_signal) for signum in STOP_SIGNALS}
-    try:
-        end = time.monotonic() + delay
-        while not done.wait(min(0.2, max(0.0, end - time.monotonic()))):
-            if paths.cancel_marker.exists():
-                return 128 + signal.SIGTERM, "cancelled on request (distlaunch cancel / Run.cancel) before a restart"
-            if time.monotonic() >= end:
-                return None
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-    name = signal.Signals(asked[0]).name
-    return 128 + asked[0], f"cancelled by {name} while waiting to restart"
+    end = time.monotonic() + delay
+    while not between.woken.wait(min(0.2, max(0.0, end - time.monotonic()))):
+        if paths.cancel_marker.exists():
+            return 128 + signal.SIGTERM, "cancelled on request (distlaunch cancel / Run.cancel) before a restart"
+        if time.monotonic() >= end:
+            return None
+    assert between.stop is not None
+    return 128 + between.stop, f"cancelled by {signal.Signals(between.stop).name} while waiting to restart"
 
 
-def _no_restart(outcome: Outcome, restart: int, budget: int, deadline: float | None) -> str | None:
+def _no_restart(outcome: Outcome, restart: int, budget: int, deadline: float | None, delay: float,
+                stop: int | None) -> str | None:
     """Why this attempt is the last one, or None to restart."""
     if outcome.status is Status.COMPLETED:
         return "completed"
     if outcome.status is Status.CANCELLED:
         return "no restart after a cancel or Ctrl-C"
+    if stop is not None:
+        return f"no restart: {signal.Signals(stop).name} came while the attempt was ending"
     if outcome.status is Status.TIMEOUT and "--hang-timeout" not in outcome.reason:
         return "no restart after --timeout"
-    if outcome.exit_code == ExitCode.RUN_DIR:
+    if outcome.exit_code == ExitCode.RUN_DIR and outcome.reason.startswith("cannot write to the run folder"):
         return "no restart: the run folder cannot be written"
     if restart >= budget:
         return f"no restart left (--max-restarts {budget})"
-    if deadline is not None and time.monotonic() >= deadline:
-        return "no restart: --timeout is spent"
+    if deadline is not None and time.monotonic() + delay >= deadline:
+        return "no restart: --timeout would run out before it"
     return None
 
 
@@ -455,22 +525,39 @@ def _quarantine(blamed: Mapping[str, str], run_id: str, ttl: float, progress: Ca
         try:
             health.blame(host, why, run_id, ttl)
         except RunDirError as exc:
-            log.warning("%s", exc)
+            progress(f"warning: {exc}")
             return
         progress(f"node {host} kept out for {ttl:g} s: {why} ('distlaunch nodes clear {host}' to take it back)")
 
 
-def _replaced(prepared: Prepared, blamed: Mapping[str, str]) -> Prepared:
+def _replaced(prepared: Prepared, blamed: Mapping[str, str], progress: Callable[[str], None]) -> Prepared:
     """The job placed again without the nodes at fault (this attempt's and the user's
     other recorded ones) while enough others remain, or down to --min-nodes; else on the
     same nodes (the fault may have passed)."""
     spec = prepared.spec
-    avoid = {host: entry.reason for host, entry in NodeHealth().entries().items()} if spec.quarantine_ttl > 0 else {}
+    avoid: dict[str, str] = {}
+    if spec.quarantine_ttl > 0:
+        try:
+            avoid = {host: entry.reason for host, entry in NodeHealth().entries().items()}
+        except RunDirError as exc:
+            progress(f"warning: {exc}")
     avoid.update(blamed)
     if len(prepared.placed.source.hosts) < 2 or not set(avoid) & set(prepared.hosts):
         return prepared
-    placed = place(spec.target, local_cores=prepared.context.local_cores, avoid=avoid, min_nodes=spec.min_nodes)
-    return dataclasses.replace(prepared, placed=placed)
+    try:
+        placed = place(spec.target, local_cores=prepared.context.local_cores, avoid=avoid, min_nodes=spec.min_nodes)
+    except HostError as exc:
+        progress(f"restarting on the same hosts: without the ones at fault, {exc}")
+        return prepared
+    following = dataclasses.replace(prepared, placed=placed)
+    if prepared.multi_node and not following.multi_node:  # the ranks' working copy would move: keep it
+        progress("restarting on the same hosts: only this machine would be left, and the ranks would lose "
+                 "their working copy (and checkpoints) on the nodes")
+        return prepared
+    if following.slots[0].host != prepared.slots[0].host:
+        progress(f"rank 0 moves from {prepared.slots[0].host} to {following.slots[0].host}: checkpoints in its "
+                 "outputs stay behind unless DISTLAUNCH_CHECKPOINT_DIR is on a filesystem both see")
+    return following
 
 
 def _replan_record(record: RunRecord, prepared: Prepared, the_plan: LaunchPlan) -> None:

@@ -214,6 +214,7 @@ class Supervisor:
         self.started = 0.0
         self.code: int | None = None
         self.ended = False  # mpirun has exited: stop requests come too late from here on
+        self.late_stop: int | None = None  # a stop signal that came after mpirun ended (no restart then)
         self._handlers: dict[int, Any] = {}
 
     # -- lifecycle
@@ -336,6 +337,8 @@ class Supervisor:
         if signum in PASS_SIGNALS:
             if self.proc is not None and not self.ended and _exited(self.proc.pid) is None:
                 os.kill(self.proc.pid, signum)
+        elif self.ended or (self.proc is not None and _exited(self.proc.pid) is not None):
+            self.late_stop = signum  # the job has ended already; whoever restarts it must not
         else:
             self.stop(signum)
 
