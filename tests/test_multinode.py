@@ -206,6 +206,16 @@ def test_unreachable_node_is_named_before_launch(cluster, project, tmp_path):
         line = proc.stderr.strip().splitlines()[-1]
         assert line.startswith("distlaunch: error: node check failed: 127.0.0.3: ssh failed")
         assert run_dir is None  # nothing was created
+        # with --max-restarts the sick node is recorded and left out, and the job runs without it
+        env = {"DISTLAUNCH_STATE_DIR": str(tmp_path / "state"), "OUT_DIR": "."}
+        proc, run_dir, record = launch(cluster, tmp_path, "--max-restarts", "1", "--min-nodes", "1",
+                                       str(project / "rank_file.py"), env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "leaving out 127.0.0.3 before the launch: node check failed: 127.0.0.3: ssh failed" in proc.stderr
+        assert [slot["host"] for slot in record["slots"]] == ["127.0.0.2", "127.0.0.2"]
+        nodes = subprocess.run([sys.executable, "-m", "distlaunch", "nodes"], env={**os.environ, **env},
+                               capture_output=True, text=True)
+        assert nodes.stdout.splitlines()[1].startswith("127.0.0.3 ") and "ssh failed" in nodes.stdout
     finally:
         cluster.start_node(node)
 
@@ -446,23 +456,20 @@ def test_an_input_only_this_machine_has_is_named_before_launch(cluster, tmp_path
     assert ":copy" in proc.stderr and record["status"] == "failed"
 
 
-def test_a_node_killed_mid_run_is_left_out_and_training_resumes(cluster, project, tmp_path):
-    """Node 2's ranks are SIGKILLed mid-training: the job restarts on node 1 alone (node 2
-    kept out, --min-nodes 1), resumes from the last checkpoint and completes; 'distlaunch
-    nodes' names node 2 and why. Sets DISTLAUNCH_MATRIX_REPORT's fault-to-resume time."""
+def train_and_kill(cluster, tmp_path: Path, args: list[str], ranks: tuple[str, ...]):
+    """``distlaunch run`` of the example with ``args``; once rank 0 (on node 1) has saved
+    epoch 2's checkpoint, SIGKILL the given ranks' processes (the user's program, not the
+    worker shim). Returns the finished process, stdout, stderr, and when they were killed."""
     import psutil
 
-    state = tmp_path / "state"
-    env = {**os.environ, "DISTLAUNCH_STATE_DIR": str(state)}
-    argv = [sys.executable, "-m", "distlaunch", "run", "--hosts", ",".join(f"{h}:2" for h in cluster.hosts),
-            "--ssh-config", str(cluster.ssh_config), *UNBIND, "--max-restarts", "2", "--restart-delay", "0.5",
-            "--min-nodes", "1", str(project / "train.py"), "--epochs", "12", "--samples", "16384"]
+    env = {**os.environ, "DISTLAUNCH_STATE_DIR": str(tmp_path / "state")}
+    argv = [sys.executable, "-m", "distlaunch", "run", "--ssh-config", str(cluster.ssh_config), *UNBIND,
+            "--restart-delay", "0.5", *args]
     out_file, err_file = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with open(out_file, "w") as out_handle, open(err_file, "w") as err_handle:
         proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=out_handle, stderr=err_handle, text=True)
     try:
-        def node2_ranks() -> list[psutil.Process]:
-            """Ranks 2 and 3 (the user's program, not the worker shim) once epoch 2 is saved."""
+        def victims() -> list[psutil.Process]:
             runs = list((tmp_path / "runs").glob("*/run.json"))
             if not runs:
                 return []
@@ -478,25 +485,37 @@ def test_a_node_killed_mid_run_is_left_out_and_training_resumes(cluster, project
                     environ = item.environ()
                 except psutil.Error:
                     continue
-                if environ.get("DISTLAUNCH_RUN_ID") == record["id"] and environ.get("DISTLAUNCH_RANK") in ("2", "3"):
+                if environ.get("DISTLAUNCH_RUN_ID") == record["id"] and environ.get("DISTLAUNCH_RANK") in ranks:
                     found.append(item)
-            return found if len(found) == 2 else []
+            return found if len(found) == len(ranks) else []
 
         deadline = time.monotonic() + 180
-        victims: list[psutil.Process] = []
-        while not victims:
+        chosen: list[psutil.Process] = []
+        while not chosen:
             assert proc.poll() is None and time.monotonic() < deadline, err_file.read_text()[-3000:]
             time.sleep(0.05)
-            victims = node2_ranks()
+            chosen = victims()
         killed_at = time.time()
-        for victim in victims:
+        for victim in chosen:
             victim.kill()
         proc.wait(timeout=240)
     finally:
         if proc.poll() is None:
             proc.terminate()
             proc.wait(timeout=60)
-    out, err = out_file.read_text(), err_file.read_text()
+    return proc, out_file.read_text(), err_file.read_text(), killed_at
+
+
+def test_a_node_killed_mid_run_is_left_out_and_training_resumes(cluster, project, tmp_path):
+    """Node 2's ranks are SIGKILLed mid-training: the job restarts on node 1 alone (node 2
+    kept out, --min-nodes 1), resumes from the last checkpoint and completes; 'distlaunch
+    nodes' names node 2 and why. Sets DISTLAUNCH_MATRIX_REPORT's fault-to-resume time."""
+    state = tmp_path / "state"
+    env = {**os.environ, "DISTLAUNCH_STATE_DIR": str(state)}
+    proc, out, err, killed_at = train_and_kill(
+        cluster, tmp_path, ["--hosts", ",".join(f"{h}:2" for h in cluster.hosts), "--max-restarts", "2",
+                            "--min-nodes", "1", str(project / "train.py"), "--epochs", "12", "--samples", "16384"],
+        ("2", "3"))
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     record = json.loads((run_dir / "run.json").read_text())
@@ -547,3 +566,20 @@ def test_a_restart_moves_to_a_spare_node_never_used_before(cluster, tmp_path):
     assert starts == [["0", "node2"], ["0", "node2"], ["1", "node3"], ["1", "node3"]]
     assert (run_dir / "attempts" / "1" / "logs" / "rank-1.log").is_file()
     assert "done" in (run_dir / "logs" / "rank-1.log").read_text()
+
+
+def test_rank_0_moved_to_a_spare_node_takes_the_checkpoints_along(cluster, project, tmp_path):
+    """--nodes 1 of two hosts, rank 1 SIGKILLed on node 1: the restart runs on node 2 (never
+    used, set up first), where rank 0 finds node 1's checkpoints and resumes."""
+    proc, out, err, _killed_at = train_and_kill(
+        cluster, tmp_path, ["--hosts", ",".join(f"{h}:2" for h in cluster.hosts), "--nodes", "1",
+                            "--max-restarts", "1", str(project / "train.py"), "--epochs", "6", "--samples", "32768"],
+        ("1",))
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    first, second = json.loads((run_dir / "run.json").read_text())["attempts"]
+    assert first["hosts"] == [cluster.hosts[0]] and second["hosts"] == [cluster.hosts[1]]
+    assert f"rank 0 moves from {cluster.hosts[0]} to {cluster.hosts[1]}: the last attempt's ./outputs went" in err
+    resumed = re.search(r"resumed from epoch (\d+)", out)
+    assert resumed and int(resumed.group(1)) >= 2 and "epoch 6: loss" in out, out[-3000:]
+    assert (run_dir / "outputs" / "model.pt").is_file()

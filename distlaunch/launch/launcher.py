@@ -27,10 +27,10 @@ from typing import Any
 from .. import __version__
 from ..errors import DistlaunchError, ExitCode, HostError, RunDirError, SpecError
 from ..nodes import inputs as node_inputs
-from ..nodes.doctor import preflight
+from ..nodes.doctor import NodeCheckFailed, preflight
 from ..nodes.pipinstall import ensure_packages
 from ..nodes.transport import Nodes, SrunTransport, SSHTransport, Transport, for_each
-from ..nodes.treesync import collect, sync
+from ..nodes.treesync import collect, hand_over, sync
 from ..plan.envpolicy import redact, redact_argv, redact_pairs
 from ..plan.hosts import SLURM_JOB, SLURM_STEP, RankSlot, is_local, placement, this_host_names
 from ..plan.layout import RemoteLayout
@@ -347,13 +347,14 @@ class _Between:
     Ctrl-C, SIGTERM or SIGHUP is kept and ends the run before another attempt starts;
     SIGUSR1/SIGUSR2 have no rank to go to and are dropped."""
 
-    def __init__(self) -> None:
+    def __init__(self, active: bool) -> None:
+        self.active = active  # without restarts there is no "between": signals keep their usual meaning
         self.stop: int | None = None
         self.woken = threading.Event()
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _Between:
-        if threading.current_thread() is threading.main_thread():
+        if self.active and threading.current_thread() is threading.main_thread():
             self._old = {signum: signal.signal(signum, self._on_signal) for signum in (*STOP_SIGNALS, *PASS_SIGNALS)}
         return self
 
@@ -379,9 +380,16 @@ def _attempts(prepared: Prepared, the_plan: LaunchPlan, paths: RunPaths, record:
     cores = dict(host_cores or {})
     restart = 0
     sides: list[NodeSide] = []
-    with _Between() as between:
+    outcome: Outcome | None = None
+    with _Between(spec.max_restarts > 0) as between:
         try:
             while True:
+                if outcome is not None and between.stop is not None:  # came while the restart was being prepared
+                    why = f"cancelled by {signal.Signals(between.stop).name} before the restart started"
+                    record.attempts[-1].next = why
+                    record.save(paths)
+                    return dataclasses.replace(outcome, status=Status.CANCELLED, exit_code=128 + between.stop,
+                                               reason=why), prepared
                 node_side = NodeSide(prepared, paths, prepared.remote_layout(paths.run_id, restart)) \
                     if prepared.multi_node else None
                 sides += [node_side] if node_side is not None else []
@@ -445,6 +453,7 @@ def _attempts(prepared: Prepared, the_plan: LaunchPlan, paths: RunPaths, record:
                 paths.archive_attempt(restart)
                 progress(f"attempt {restart}'s logs and exit records: {paths.attempt(restart)}")
                 _set_up_new_hosts(following, prepared, paths, record, cores, progress)
+                _move_outputs(following, prepared, paths, progress)
                 prepared = following
                 the_plan = prepared.plan(paths.run_id, str(paths.root), cores or None, restart)
                 _replan_record(record, prepared, the_plan)
@@ -457,6 +466,28 @@ def _attempts(prepared: Prepared, the_plan: LaunchPlan, paths: RunPaths, record:
             raise
         finally:
             _release(sides)
+
+
+def _checked(prepared: Prepared, progress: Callable[[str], None]) -> tuple[dict[str, int], Prepared]:
+    """The node check before a multi-node launch, and each node's CPU count. With
+    --max-restarts, nodes with a critical problem are recorded as at fault and left out
+    (as a restart would) while enough others remain; else the check's error stands."""
+    spec = prepared.spec
+    for _ in range(3):
+        progress(f"checking {len(prepared.hosts)} node(s)")
+        try:
+            return preflight(prepared.nodes, prepared.hosts, spec.remote_root, need_rsync=spec.sync), prepared
+        except NodeCheckFailed as exc:
+            if spec.max_restarts == 0:
+                raise
+            if len(prepared.placed.source.hosts) > 1:
+                _quarantine(exc.hosts, "", spec.quarantine_ttl, progress)
+            following = _replaced(prepared, exc.hosts, progress)
+            if set(exc.hosts) & set(following.hosts) or not following.multi_node:
+                raise
+            progress(f"leaving out {', '.join(following.placed.left_out)} before the launch: {exc}")
+            prepared = following
+    raise HostError("node check: nodes kept failing it: run 'distlaunch doctor'")
 
 
 def _release(sides: list[NodeSide]) -> None:
@@ -482,6 +513,21 @@ def _set_up_new_hosts(following: Prepared, before: Prepared, paths: RunPaths, re
     if remote and not spec.skip_checks:
         cores.update(preflight(following.nodes, remote, spec.remote_root, need_rsync=spec.sync))
     _before_launch(following, paths, record, progress)
+
+
+def _move_outputs(following: Prepared, before: Prepared, paths: RunPaths, progress: Callable[[str], None]) -> None:
+    """When a restart moves rank 0 to another node, the ./outputs the last attempt left
+    (brought back into the run folder: checkpoints included) go to the new rank 0's copy."""
+    layout = following.remote_layout(paths.run_id)
+    old, new = before.slots[0].host, following.slots[0].host
+    if layout is None or old == new or not paths.outputs.is_dir() or not any(paths.outputs.iterdir()):
+        return
+    if hand_over(following.nodes, new, paths.outputs, f"{layout.workdir}/outputs", exclude=before.hosts):
+        progress(f"rank 0 moves from {old} to {new}: the last attempt's ./outputs went with it")
+    else:
+        progress(f"warning: rank 0 moves from {old} to {new}, and the last attempt's ./outputs could not be copied "
+                 "there: a checkpoint in them is not found (DISTLAUNCH_CHECKPOINT_DIR on a shared filesystem avoids "
+                 "this)")
 
 
 def _wait_to_restart(delay: float, paths: RunPaths, between: _Between) -> tuple[int, str] | None:
@@ -554,9 +600,6 @@ def _replaced(prepared: Prepared, blamed: Mapping[str, str], progress: Callable[
         progress("restarting on the same hosts: only this machine would be left, and the ranks would lose "
                  "their working copy (and checkpoints) on the nodes")
         return prepared
-    if following.slots[0].host != prepared.slots[0].host:
-        progress(f"rank 0 moves from {prepared.slots[0].host} to {following.slots[0].host}: checkpoints in its "
-                 "outputs stay behind unless DISTLAUNCH_CHECKPOINT_DIR is on a filesystem both see")
     return following
 
 
@@ -585,8 +628,7 @@ def launch(
     spec = prepared.spec
     host_cores = None
     if prepared.multi_node and not spec.skip_checks:
-        progress(f"checking {len(prepared.hosts)} node(s)")
-        host_cores = preflight(prepared.nodes, prepared.hosts, spec.remote_root, need_rsync=spec.sync)
+        host_cores, prepared = _checked(prepared, progress)
     queued = RunRecord.load(paths) if paths is not None else None
     paths = paths or allocate(spec.runs_root)
     the_plan = prepared.plan(paths.run_id, str(paths.root), host_cores)

@@ -19,6 +19,14 @@ from .transport import Nodes, last_error
 MIN_FREE_BYTES = 1 << 30
 
 
+class NodeCheckFailed(HostError):
+    """A critical problem on some nodes; ``hosts``: each such node and its first problem."""
+
+    def __init__(self, message: str, hosts: dict[str, str]) -> None:
+        super().__init__(message)
+        self.hosts = hosts
+
+
 @dataclass
 class NodeReport:
     host: str
@@ -104,5 +112,7 @@ def preflight(nodes: Nodes, hosts: Sequence[str], remote_root: str, need_rsync: 
     critical = [line for report in reports for line in report.critical]
     if critical:
         more = f" (and {len(critical) - 1} more; run 'distlaunch doctor')" if len(critical) > 1 else ""
-        raise HostError(f"node check failed: {critical[0]}{more}; or pass --skip-checks")
+        raise NodeCheckFailed(f"node check failed: {critical[0]}{more}; or pass --skip-checks",
+                              {report.host: f"node check failed: {report.critical[0]}"
+                               for report in reports if report.critical})
     return {r.host: int(r.facts["cpus"]) for r in reports if r.facts and r.facts.get("cpus")}

@@ -245,6 +245,17 @@ def pull(nodes: Nodes, host: str, remote: str, local: Path) -> bool:
     return proc.returncode == 0 or absent
 
 
+def hand_over(nodes: Nodes, host: str, local: Path, remote: str, exclude: Sequence[str] = ()) -> bool:
+    """Copy local folder ``local`` into ``remote`` on ``host`` (merging; owner-only), leaving
+    out the top-level names in ``exclude``: the way back of ``pull``. True when it arrived."""
+    argv = ["rsync", "-a", "--mkpath", "--chmod=go-rwx", *(f"--exclude=/{name}" for name in exclude)]
+    if not is_local(host, nodes.transport.local_names):
+        argv += ["-e", nodes.transport.rsync_shell()]
+    proc = subprocess.run([*argv, f"{local}/", _target(nodes, host, f"{remote}/")], capture_output=True,
+                          env=nodes.transport.environment())
+    return proc.returncode == 0
+
+
 def collect(nodes: Nodes, hosts: Sequence[str], rank0_host: str, layout: RemoteLayout, run_root: Path,
             all_ranks: bool) -> list[str]:
     """Bring rank logs, exit records and metrics from every node, and rank 0's ./outputs and
