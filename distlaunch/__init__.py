@@ -5,6 +5,7 @@ mpi4py and pynvml only by the parts that need them.
 
 - ``Job``, ``Run``: the Python API (``Job(...).submit()`` returns a ``Run``)
 - ``Slurm``: a compute target, ``Job(..., compute_target=Slurm(partition=..., time=...))``
+- ``Sweep``: hyperparameter sweeps over a Job (``Sweep.create(job, space, metric).run()``)
 - ``log_metric``, ``log_metrics``: metric tracking from a training script
 - ``export_onnx``: export a trained model to ONNX from rank 0, checked
 """
@@ -22,6 +23,7 @@ _LAZY = {
     "log_metrics": "distlaunch.rank.metrics",
     "export_onnx": "distlaunch.rank.onnx_export",
     "Slurm": "distlaunch.plan.slurm",
+    "Sweep": "distlaunch.sweep.study",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -16,6 +16,7 @@ from .nodes import nodes_group
 from .run import run_command
 from .runs import cancel_command, download_command, logs_command, runs_group
 from .submit import submit_command
+from .sweep import sweep_group
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -42,7 +43,8 @@ cli.add_command(submit_command)
 cli.add_command(hosts_command)
 cli.add_command(install_horovod_command)
 cli.add_command(doctor_command)
-for _command in (runs_group, logs_command, download_command, cancel_command, bench_group, nodes_group):
+for _command in (runs_group, logs_command, download_command, cancel_command, bench_group, nodes_group,
+                 sweep_group):
     cli.add_command(_command)
 
 

@@ -36,9 +36,11 @@ def runs_group() -> None:
 @runs_group.command("list")
 @click.option("--experiment", metavar="NAME", help="Only the runs of this experiment.")
 @click.option("--tag", "tags", multiple=True, metavar="KEY[=VALUE]", help="Only runs with this tag (repeatable).")
+@click.option("--sweep", metavar="NAME", help="Only the trials of this sweep ('distlaunch sweep').")
 @RUN_DIR_OPTION
-def list_command(runs_root: str, experiment: str | None, tags: tuple[str, ...]) -> None:
+def list_command(runs_root: str, experiment: str | None, tags: tuple[str, ...], sweep: str | None) -> None:
     """One line per run, oldest first."""
+    tags = (*tags, f"sweep={sweep}") if sweep else tags
     records = [current(RunPaths(p)) for p in run_folders(runs_root)]
     rows = [summary(record) for record in records if matches(record, experiment, tags)]
     if not rows:

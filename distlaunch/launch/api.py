@@ -149,33 +149,39 @@ class Job:
             target = self.spec.target
             nodes, ppn = target.nodes or 1, target.ppn or 1
             return Run(submit(self.spec, self.compute_target, target.np or nodes * ppn, nodes, ppn))
-        prepared = prepare(self.spec)
-        ready = threading.Event()
-        box: dict[str, Any] = {}
+        return start(self.spec, self.watch)
 
-        def on_ready(paths: RunPaths) -> None:
-            box["run"] = Run(paths, thread, box)  # before the job can end: its end reaches the Run
+
+def start(spec: JobSpec, watch: Watch | None = None) -> Run:
+    """Launch ``spec`` here, in a background thread; its Run as soon as its folder exists
+    (``Job.submit`` without a compute target; a sweep starts its trials so)."""
+    prepared = prepare(spec)
+    ready = threading.Event()
+    box: dict[str, Any] = {}
+
+    def on_ready(paths: RunPaths) -> None:
+        box["run"] = Run(paths, thread, box)  # before the job can end: its end reaches the Run
+        ready.set()
+
+    def body() -> None:
+        try:
+            launch(prepared, watch=watch or Watch(), on_ready=on_ready)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box["error"] = exc
+        finally:
             ready.set()
+            if "run" in box:
+                box["run"]._fire()
 
-        def body() -> None:
-            try:
-                launch(prepared, watch=self.watch, on_ready=on_ready)
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                box["error"] = exc
-            finally:
-                ready.set()
-                if "run" in box:
-                    box["run"]._fire()
-
-        # not a daemon: the interpreter waits for the job instead of leaving mpirun behind
-        thread = threading.Thread(target=body, name="distlaunch-run")
-        thread.start()
-        ready.wait()
-        if "run" not in box:
-            thread.join()
-            raise box["error"]
-        run: Run = box["run"]
-        return run
+    # not a daemon: the interpreter waits for the job instead of leaving mpirun behind
+    thread = threading.Thread(target=body, name="distlaunch-run")
+    thread.start()
+    ready.wait()
+    if "run" not in box:
+        thread.join()
+        raise box["error"]
+    run: Run = box["run"]
+    return run
 
 
 class RunFailed(DistlaunchError):
