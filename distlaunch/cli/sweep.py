@@ -188,7 +188,7 @@ def show_command(name: str, plot_to: str | None, no_plot: bool, as_json: bool, r
     """The trials of a sweep, best first, and a plot: the metric by trial with the best so
     far, and against each parameter."""
     from ..sweep.report import plot, rows
-    from ..sweep.study import Sweep
+    from ..sweep.study import Sweep, counted
 
     sweep = Sweep.load(name, runs_root)
     trials = sweep.trials()
@@ -198,7 +198,7 @@ def show_command(name: str, plot_to: str | None, no_plot: bool, as_json: bool, r
         return
     spec = sweep.spec
     click.echo(f"sweep {spec.name}: {spec.goal} {spec.metric}, {spec.sampler} sampling, early stop "
-               f"{spec.early_stop}; {sum(1 for t in trials if t.state.is_finished())} of {spec.total} trials")
+               f"{spec.early_stop}; {sum(1 for t in trials if counted(t))} of {spec.total} trials")
     if table:
         click.echo(format_table([list(table[0]), *(list(row.values()) for row in table)]), nl=False)
     if no_plot or not table:
@@ -215,7 +215,7 @@ def show_command(name: str, plot_to: str | None, no_plot: bool, as_json: bool, r
 def list_command(runs_root: str) -> None:
     """The sweeps under the run folder: trials done, and the best value."""
     from ..sweep.report import rows
-    from ..sweep.study import Sweep
+    from ..sweep.study import Sweep, counted
 
     folders = sorted(p for p in (Path(runs_root) / "sweeps").glob("*") if (p / "sweep.json").is_file())
     if not folders:
@@ -229,6 +229,6 @@ def list_command(runs_root: str) -> None:
         best = found[0] if found and found[0]["state"] == "completed" else None
         table.append([sweep.spec.name, os.path.basename(sweep.spec.job.script),
                       f"{sweep.spec.goal[:3]} {sweep.spec.metric}", sweep.spec.sampler,
-                      f"{sum(1 for t in trials if t.state.is_finished())}/{sweep.spec.total}",
+                      f"{sum(1 for t in trials if counted(t))}/{sweep.spec.total}",
                       best[sweep.spec.metric] if best else "", best["trial"] if best else ""])
     click.echo(format_table(table), nl=False)

@@ -268,7 +268,7 @@ class Sweep:
                           f"{', '.join(f'{h}:{n}' for h, n in pool.total.items())}: running {fit} at a time")
             concurrent = fit
         pack = concurrent > 1
-        done = sum(1 for t in study.get_trials(deepcopy=False) if _counted(t))
+        done = sum(1 for t in study.get_trials(deepcopy=False) if counted(t))
         self.progress(f"sweep {spec.name}: {total} trial(s) of {spec.job.script}, {concurrent} at a time, "
                       f"{spec.sampler} sampling, {spec.goal} {spec.metric}, early stop {spec.early_stop}"
                       + (f"; {done} done before" if done else ""))
@@ -470,7 +470,7 @@ class Sweep:
         from optuna.trial import TrialState
 
         trials = study.get_trials(deepcopy=False)
-        counts = {state: sum(1 for t in trials if t.state == state and _counted(t))
+        counts = {state: sum(1 for t in trials if t.state == state and counted(t))
                   for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
         head = (f"sweep {self.spec.name}: {sum(counts.values())} trials ({counts[TrialState.COMPLETE]} completed, "
                 f"{counts[TrialState.PRUNED]} stopped early, {counts[TrialState.FAIL]} failed) in {took:.1f} s")
@@ -485,7 +485,7 @@ class Sweep:
         return best
 
 
-def _counted(trial: Any) -> bool:
+def counted(trial: Any) -> bool:
     """Whether a trial counts towards the budget: finished, and not stopped by the sweep."""
     from optuna.trial import TrialState
 
