@@ -9,6 +9,7 @@ slots; rank 0's primary metric read as it is logged, so early termination acts l
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -18,7 +19,7 @@ import re
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,23 +237,16 @@ class Sweep:
         with self._locked():
             return self._run(pool, nodes, ppn)
 
-    def _locked(self) -> Any:
-        folder = self.folder
-
-        class Lock:
-            def __enter__(self) -> None:
-                self.handle = open_private(folder / "lock", "a")
-                try:
-                    fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    self.handle.close()
-                    raise SweepError(f"sweep {folder.name} is being run by another process: wait for it, "
-                                     "or stop it first") from None
-
-            def __exit__(self, *exc: object) -> None:
-                self.handle.close()
-
-        return Lock()
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Held while the sweep runs: a second process running it is refused."""
+        with open_private(self.folder / "lock", "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise SweepError(f"sweep {self.spec.name} is being run by another process: wait for it, "
+                                 "or stop it first") from None
+            yield
 
     def _run(self, pool: SlotPool, nodes: int, ppn: int) -> Any:
         import optuna
@@ -339,7 +333,9 @@ class Sweep:
         try:
             run = start(job, Watch(**self.spec.watch))
         except BaseException:
-            study.tell(trial, state=_state("FAIL"))
+            from optuna.trial import TrialState
+
+            study.tell(trial, state=TrialState.FAIL)
             raise
         trial.set_user_attr("run_id", run.id)
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
@@ -373,9 +369,7 @@ class Sweep:
 
         ended = item.run.done()
         for value in self._new_values(item):
-            item.trial.report(value, item.steps)
-            item.steps += 1
-            item.last = value
+            self._report(item, value)
             if not ended and item.trial.should_prune():
                 item.run.cancel()
                 item.run.tag("pruned", f"step {item.steps - 1}")
@@ -388,9 +382,7 @@ class Sweep:
             return None
         item.run.wait()  # its thread has ended and the record is final
         for value in self._new_values(item):  # the last lines, and metrics collected from other nodes
-            item.trial.report(value, item.steps)
-            item.steps += 1
-            item.last = value
+            self._report(item, value)
         item.trial.set_user_attr("steps", item.steps)
         record = item.run.record
         status = record.status.value
@@ -411,6 +403,13 @@ class Sweep:
         study.tell(item.trial, state=TrialState.FAIL)
         self.progress(f"trial {item.trial.number} failed: {why}")
         return TrialState.FAIL
+
+    @staticmethod
+    def _report(item: _Live, value: float) -> None:
+        """One value of the metric, as the trial's next step."""
+        item.trial.report(value, item.steps)
+        item.steps += 1
+        item.last = value
 
     def _new_values(self, item: _Live) -> list[float]:
         """The metric's values rank 0 appended to its metrics file since the last read."""
@@ -491,12 +490,6 @@ def counted(trial: Any) -> bool:
 
     return trial.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
         trial.state == TrialState.FAIL and not trial.user_attrs.get("interrupted"))
-
-
-def _state(name: str) -> Any:
-    from optuna.trial import TrialState
-
-    return TrialState[name]
 
 
 def default_name(job: JobSpec) -> str:
