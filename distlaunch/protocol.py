@@ -26,12 +26,25 @@ RANK = "DISTLAUNCH_RANK"  # set by the worker on the user's program only: marks 
 EXCEPTION_FILE = "DISTLAUNCH_EXCEPTION_FILE"  # where the bootstrap records an uncaught exception
 DUMP_SIGNAL = "DISTLAUNCH_DUMP_SIGNAL"  # overrides the stack-dump signal
 GPU_INVENTORY = "DISTLAUNCH_GPU_INVENTORY"  # a JSON device list instead of NVML
+RELAY_METRICS = "DISTLAUNCH_RELAY_METRICS"  # "1": rank 0 is on another node; its worker relays its metrics live
 
 # -- where ranks on other nodes keep their logs and records until they are collected
 AGENT_DIR = ".distlaunch-run"
 
+# -- a metrics line rank 0's worker relays from another node: ``[0] <METRIC_MARK><json>``;
+# the launcher keeps it in the run folder's metrics as it comes, never on the console
+METRIC_MARK = b"\x1edistlaunch-metric "
+
 _RANK_LINE = re.compile(r"^\[ *(\d+)\] ?(.*)$", re.DOTALL)
 _RANK_LINE_BYTES = re.compile(rb"^\[ *(\d+)\] ")
+
+
+def metric_payload(line: bytes) -> bytes | None:
+    """The JSON of a relayed metrics line (``[0] <METRIC_MARK>{...}``); None for others."""
+    match = _RANK_LINE_BYTES.match(line)
+    if match is None or not line.startswith(METRIC_MARK, match.end()):
+        return None
+    return line[match.end() + len(METRIC_MARK):]
 
 
 def dump_signal() -> int:

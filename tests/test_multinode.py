@@ -583,3 +583,36 @@ def test_rank_0_moved_to_a_spare_node_takes_the_checkpoints_along(cluster, proje
     resumed = re.search(r"resumed from epoch (\d+)", out)
     assert resumed and int(resumed.group(1)) >= 2 and "epoch 6: loss" in out, out[-3000:]
     assert (run_dir / "outputs" / "model.pt").is_file()
+
+
+def test_a_sweep_of_two_node_trials_stops_bad_ones_live(cluster, tmp_path):
+    """Each trial spans both nodes and rank 0 runs on another node than the sweep: its
+    metrics are relayed as they are logged, so median pruning still cuts trials short."""
+    hosts = ",".join(f"{h}:1" for h in cluster.hosts)
+    argv = [sys.executable, "-m", "distlaunch", "sweep", "run", "--name", "two", "--sampler", "random", "--seed",
+            "0", "--param", "x=uniform(0, 1)", "--metric", "loss", "--max-trials", "6", "--early-stop", "median",
+            "--hosts", hosts, "--nodes", "2", "--ppn", "1", "--ssh-config", str(cluster.ssh_config), *UNBIND,
+            "--env", "OUT_DIR", str(SCRIPTS / "sweep_target.py"), "--steps", "10", "--step-time", "0.3"]
+    proc = subprocess.run(argv, cwd=tmp_path, env={**os.environ, "OUT_DIR": str(tmp_path)}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shown = subprocess.run([sys.executable, "-m", "distlaunch", "sweep", "show", "two", "--json"], cwd=tmp_path,
+                           capture_output=True, text=True, check=True)
+    found = json.loads(shown.stdout)
+    assert len(found) == 6 and {row["state"] for row in found} <= {"completed", "stopped early"}
+    ran: dict[str, int] = {}
+    for line in (tmp_path / "steps").read_text().splitlines():
+        ran[line.split()[0]] = ran.get(line.split()[0], 0) + 1
+    pruned = [row for row in found if row["state"] == "stopped early"]
+    assert pruned, found
+    assert all(ran[row["trial"]] < 10 for row in pruned)  # cut short while running on the nodes
+    assert all(ran[row["trial"]] == 10 for row in found if row["state"] == "completed")
+    for row in found:
+        run_dir = tmp_path / "runs" / row["run"]
+        record = json.loads((run_dir / "run.json").read_text())
+        assert record["nodes"] == 2 and {r["host"] for r in record["rank_exits"].values()} == {"node2", "node3"}
+        assert record["rank_exits"]["0"]["host"] == "node2"
+        assert record["env_added"]["DISTLAUNCH_RELAY_METRICS"] == "1"
+        logged = [json.loads(line) for line in (run_dir / "metrics" / "rank-0.jsonl").read_text().splitlines()]
+        assert [item["step"] for item in logged] == list(range(len(logged))) and logged  # no line twice
+        assert "distlaunch-metric" not in (run_dir / "logs" / "output.log").read_text()

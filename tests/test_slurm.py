@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -278,3 +279,28 @@ def test_a_batch_run_runs_the_code_as_submitted(box, workdir):
     assert wait_status(box, workdir, run_id, {"completed", "failed"}, 120) == "completed"
     output = (workdir / "runs" / run_id / "logs" / "output.log").read_text()
     assert "VERSION as submitted" in output and "edited" not in output
+
+
+def test_sweep_trials_are_steps_of_the_allocation(box, workdir):
+    """A sweep inside ``salloc -N2``: each trial an srun step on its own node, two at a
+    time, no ssh; the grid's optimum found."""
+    shutil.copy(SCRIPTS / "sweep_target.py", workdir)
+    argv = ["salloc", "-N2", "-n2", *distlaunch(
+        "sweep", "run", "--name", "steps", "--sampler", "grid", "--param", "x=choice(0.1, 0.3, 0.5, 0.7)",
+        "--metric", "loss", "--max-concurrent", "2", "--launcher", "srun", "--ppn", "1", "--env", "OUT_DIR",
+        str(workdir / "sweep_target.py"), "--steps", "4", "--step-time", "0.3")]
+    proc = slurm(box, argv, workdir, env={**no_ssh(workdir), "OUT_DIR": str(workdir)}, timeout=400)
+    logs = "".join(p.read_text()[-1500:] for p in (workdir / "runs").glob("*/logs/*.log"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:] + logs
+    assert not (workdir / "ssh-was-called").exists()
+    shown = subprocess.run(distlaunch("sweep", "show", "steps", "--json"), cwd=workdir, capture_output=True,
+                           text=True, check=True)
+    found = json.loads(shown.stdout)
+    assert [row["state"] for row in found] == ["completed"] * 4 and found[0]["x"] == "0.3"
+    nodes_used = set()
+    for row in found:
+        record = json.loads((workdir / "runs" / row["run"] / "run.json").read_text())
+        assert os.path.basename(record["argv"][0]) == "srun" and record["host_source"] != ""
+        (host,) = {r["host"] for r in record["rank_exits"].values()}
+        nodes_used.add(host)
+    assert nodes_used == set(box.nodes)  # packed: the two trials at a time ran on the two nodes

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from conftest import SCRIPTS
+from test_failures import survivors
 
 from distlaunch.errors import SpecError
 from distlaunch.sweep.packing import SlotPool
@@ -131,3 +135,108 @@ def test_bad_sweeps_are_one_line_errors(tmp_path, args, message):
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("distlaunch: error: ") and message in line
     assert not (tmp_path / "runs").exists()
+
+
+def spans(tmp_path: Path) -> dict[str, tuple[float, float]]:
+    """Each trial's first and last step time (rank 0's lines in $OUT_DIR/steps)."""
+    found: dict[str, tuple[float, float]] = {}
+    for line in (tmp_path / "steps").read_text().splitlines():
+        trial, when = line.split()[0], float(line.split()[4])
+        first, last = found.get(trial, (when, when))
+        found[trial] = (min(first, when), max(last, when))
+    return found
+
+
+def read_lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.is_file() else []
+
+
+def most_at_once(intervals: list[tuple[float, float]]) -> int:
+    events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals],
+                    key=lambda item: (item[0], item[1]))
+    now = most = 0
+    for _when, change in events:
+        now += change
+        most = max(most, now)
+    return most
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_random_and_tpe_run_twelve_trials_two_at_a_time(tmp_path, sampler):
+    proc = sweep(tmp_path, "run", "--name", sampler, "--sampler", sampler, "--seed", "1", "--param",
+                 "x=uniform(0, 1)", "--param", "kind=choice(a, b)", "--metric", "loss", "--max-trials", "12",
+                 "--max-concurrent", "2", "--ppn", "1", "--env", "OUT_DIR", TARGET, "--steps", "4",
+                 "--step-time", "0.2", timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = trials(tmp_path, sampler)
+    assert len(found) == 12 and {row["state"] for row in found} == {"completed"}
+    losses = [float(row["loss"]) for row in found]
+    assert losses == sorted(losses)  # best first
+    for row in found:
+        expected = (float(row["x"]) - 0.3) ** 2 + (0.5 if row["kind"] == "b" else 0) + 1 / 4
+        assert float(row["loss"]) == pytest.approx(expected)
+    assert len({row["x"] for row in found}) == 12  # sampled, not repeated
+    # two trials ran side by side, never more: the host has two slots, each trial takes one
+    assert most_at_once(list(spans(tmp_path).values())) == 2
+    for row in found:
+        record = json.loads((tmp_path / "runs" / row["run"] / "run.json").read_text())
+        assert record["experiment"] == sampler and record["tags"]["trial"] == row["trial"]
+        assert record["ranks"] == 1 and record["tags"]["x"] == row["x"]
+
+
+def test_a_sweep_stopped_mid_way_resumes_to_the_same_total(tmp_path):
+    args = ["--name", "r", "--sampler", "random", "--seed", "3", "--param", "x=uniform(0, 1)", "--metric", "loss",
+            "--max-trials", "5", "--ppn", "1", "--env", "OUT_DIR", TARGET, "--steps", "6", "--step-time", "0.3"]
+    env = {**os.environ, "OUT_DIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "distlaunch", "sweep", "run", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        # stop it while its third trial runs: two done, one cut short
+        while not any(line.startswith("2 ") for line in read_lines(tmp_path / "steps")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.1)
+        time.sleep(1.0)
+        os.kill(proc.pid, signal.SIGINT)  # the sweep's own pid, as Ctrl-C would (the trial gets it from the sweep)
+        _out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1] == ("distlaunch: error: sweep r stopped: 2 of 5 trials done; "
+                                            "'distlaunch sweep resume r' goes on")
+    stopped = trials(tmp_path, "r")
+    assert [row["state"] for row in stopped] == ["completed", "completed", "interrupted"]
+    cut = json.loads(next(p for p in (tmp_path / "runs").glob("*/run.json")
+                          if json.loads(p.read_text())["tags"].get("trial") == "2").read_text())
+    assert cut["status"] == "cancelled" and not survivors(cut["id"])
+    resumed = sweep(tmp_path, "resume", "r", timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "trial 2 was not finished: it runs again" in resumed.stderr
+    found = trials(tmp_path, "r")
+    assert [row["state"] for row in found] == ["completed"] * 5 + ["interrupted"]
+    cut_x = cut["tags"]["x"]
+    assert cut_x in {row["x"] for row in found}  # the trial cut short ran again with its parameters
+    assert steps_run(tmp_path)  # and the sweep's runs are all there, 6 (5 trials and the one cut short)
+    assert len(subprocess.run([sys.executable, "-m", "distlaunch", "runs", "list", "--sweep", "r"], cwd=tmp_path,
+                              capture_output=True, text=True).stdout.splitlines()) == 7
+
+
+def test_python_api_sweep(tmp_path, monkeypatch):
+    from distlaunch import Job, Sweep
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OUT_DIR", str(tmp_path))
+    said: list[str] = []
+    (tmp_path / "src").mkdir()
+    shutil.copy(TARGET, tmp_path / "src")
+    job = Job("sweep_target.py", "src", script_params={"--steps": 2, "--step-time": 0.05}, ppn=1,
+              env={"OUT_DIR": str(tmp_path)})
+    sweep_ = Sweep.create(job, {"x": "choice(0.0, 0.3)", "kind": "choice(a, b)"}, "loss", name="api",
+                          sampler="grid", progress=said.append)
+    best = sweep_.run()
+    assert best.params == {"x": 0.3, "kind": "a"} and best.value == pytest.approx(0.5)
+    assert len(Sweep.load("api").trials()) == 4 and said[-1].startswith("sweep api: 4 trials (4 completed")
+    run_folder = tmp_path / "runs" / best.user_attrs["run_id"]
+    assert json.loads((run_folder / "run.json").read_text())["tags"]["sweep"] == "api"

@@ -182,7 +182,7 @@ def resume_command(name: str, runs_root: str) -> None:
 @click.option("--plot", "plot_to", type=click.Path(dir_okay=False), metavar="FILE",
               help="Where to draw the plot [default: runs/sweeps/NAME/sweep.png].")
 @click.option("--no-plot", is_flag=True, help="Only the table.")
-@click.option("--json", "as_json", is_flag=True, help="The trials as JSON instead.")
+@click.option("--json", "as_json", is_flag=True, help="The trials as JSON instead, numbers unrounded.")
 @RUN_DIR
 def show_command(name: str, plot_to: str | None, no_plot: bool, as_json: bool, runs_root: str) -> None:
     """The trials of a sweep, best first, and a plot: the metric by trial with the best so
@@ -192,10 +192,10 @@ def show_command(name: str, plot_to: str | None, no_plot: bool, as_json: bool, r
 
     sweep = Sweep.load(name, runs_root)
     trials = sweep.trials()
-    table = rows(sweep.spec, trials)
     if as_json:
-        click.echo(json.dumps(table, indent=1))
+        click.echo(json.dumps(rows(sweep.spec, trials, exact=True), indent=1))
         return
+    table = rows(sweep.spec, trials)
     spec = sweep.spec
     click.echo(f"sweep {spec.name}: {spec.goal} {spec.metric}, {spec.sampler} sampling, early stop "
                f"{spec.early_stop}; {sum(1 for t in trials if counted(t))} of {spec.total} trials")

@@ -32,7 +32,7 @@ from ..nodes.pipinstall import ensure_packages
 from ..nodes.transport import Nodes, SrunTransport, SSHTransport, Transport, for_each
 from ..nodes.treesync import collect, hand_over, sync
 from ..plan.envpolicy import redact, redact_argv, redact_pairs
-from ..plan.hosts import SLURM_JOB, SLURM_STEP, RankSlot, is_local, placement, this_host_names
+from ..plan.hosts import SLURM_HOSTS, SLURM_JOB, SLURM_STEP, RankSlot, is_local, placement, this_host_names
 from ..plan.layout import RemoteLayout
 from ..plan.mpi import MPIInstall, detect, find_mpirun
 from ..plan.mpirun import LaunchContext, LaunchPlan, plan
@@ -130,7 +130,7 @@ def check_resolvable(names: list[str], origin: str) -> None:
 
 
 def in_allocation(origin: str) -> bool:
-    return origin in (SLURM_STEP, SLURM_JOB)
+    return origin in (SLURM_STEP, SLURM_JOB, SLURM_HOSTS)
 
 
 def choose_transport(ssh: SSHOptions, local_names: frozenset[str] | None = None, origin: str = "",

@@ -26,7 +26,7 @@ from typing import IO, Any, Protocol
 from ..errors import ExitCode, RunDirError
 from ..nodes.procs import dump_stacks, kill_run
 from ..plan.mpirun import LaunchPlan
-from ..protocol import line_rank
+from ..protocol import RELAY_METRICS, line_rank, metric_payload
 from ..records import Failure, RankExit, RunPaths, Status, open_private, read_rank_exits, tail_lines
 
 log = logging.getLogger(__name__)
@@ -87,12 +87,15 @@ class Outcome:
 
 class OutputPump(threading.Thread):
     """Copy one of mpirun's streams to the console; keep every line in output.log and
-    mpirun's own lines in mpirun.log. A full disk stops the logs, never the draining."""
+    mpirun's own lines in mpirun.log; with ``relayed``, rank 0's metrics lines relayed from
+    another node go to the run's metrics instead. A full disk stops the logs, never the
+    draining."""
 
     def __init__(self, stream: IO[bytes], sink: IO[bytes] | None, ranks: frozenset[int] | None,
-                 logs: LogFiles) -> None:
+                 logs: LogFiles, relayed: bool = False) -> None:
         super().__init__(daemon=True)
         self.stream, self.sink, self.ranks, self.logs = stream, sink, ranks, logs
+        self.relayed = relayed
         self.last_data = time.monotonic()
 
     def run(self) -> None:
@@ -100,7 +103,9 @@ class OutputPump(threading.Thread):
         while data := self.stream.read1(65536):  # type: ignore[attr-defined]
             self.last_data = time.monotonic()
             *lines, pending = (pending + data).split(b"\n")
-            if self.ranks is None:
+            if self.relayed:
+                lines = self._metrics_out(lines)
+            if self.ranks is None and not self.relayed:
                 self._to_sink(data)
             else:
                 self._to_sink(b"".join(line + b"\n" for line in lines if self._shown(line)))
@@ -109,6 +114,18 @@ class OutputPump(threading.Thread):
             if self.ranks is not None and self._shown(pending):
                 self._to_sink(pending + b"\n")
             self.logs.keep([pending])
+
+    def _metrics_out(self, lines: list[bytes]) -> list[bytes]:
+        """Keep the relayed metrics lines; the others."""
+        rest, metrics = [], []
+        for line in lines:
+            payload = metric_payload(line)
+            if payload is None:
+                rest.append(line)
+            else:
+                metrics.append(payload)
+        self.logs.metrics(metrics)
+        return rest
 
     def _shown(self, line: bytes) -> bool:
         rank = line_rank(line)
@@ -125,11 +142,14 @@ class OutputPump(threading.Thread):
 
 
 class LogFiles:
-    """output.log and mpirun.log, shared by both pumps; remembers a full disk."""
+    """output.log and mpirun.log, shared by both pumps, and rank 0's relayed metrics;
+    remembers a full disk."""
 
     def __init__(self, paths: RunPaths) -> None:
         self.lock = threading.Lock()
         self.problem: str | None = None
+        self.paths = paths
+        self.relayed: IO[bytes] | None = None
         try:
             self.everything: IO[bytes] | None = open_private(paths.output_log)
             self.own: IO[bytes] | None = open_private(paths.mpirun_log)
@@ -153,14 +173,30 @@ class LogFiles:
                 self.problem = exc.strerror or str(exc)
                 self.close()
 
+    def metrics(self, lines: list[bytes]) -> None:
+        """Rank 0's metrics lines, relayed from its node: appended to its metrics file here
+        (which the collection at the end replaces with the node's own, the same lines)."""
+        if not lines:
+            return
+        with self.lock:
+            try:
+                if self.relayed is None:
+                    self.paths.metrics.mkdir(mode=0o700, parents=True, exist_ok=True)
+                    self.relayed = open_private(self.paths.rank_metrics(0), "ab")
+                self.relayed.write(b"".join(line + b"\n" for line in lines))
+                self.relayed.flush()
+            except OSError as exc:
+                self.problem = exc.strerror or str(exc)
+                self.close()
+
     def close(self) -> None:
-        for handle in (self.everything, self.own):
+        for handle in (self.everything, self.own, self.relayed):
             try:
                 if handle is not None:
                     handle.close()
             except OSError:
                 pass
-        self.everything = self.own = None
+        self.everything = self.own = self.relayed = None
 
 
 # what a rank's MPI prints when it aborts because a PEER went away: a consequence, not a cause
@@ -239,7 +275,8 @@ class Supervisor:
             self.logs.close()
             raise
         assert self.proc.stdout is not None and self.proc.stderr is not None
-        self.pumps = [OutputPump(self.proc.stdout, self.console.out, self.console.ranks, self.logs),
+        relayed = self.plan.env.get(RELAY_METRICS) == "1"
+        self.pumps = [OutputPump(self.proc.stdout, self.console.out, self.console.ranks, self.logs, relayed),
                       OutputPump(self.proc.stderr, self.console.err, self.console.ranks, self.logs)]
         for pump in self.pumps:
             pump.start()

@@ -241,6 +241,7 @@ def parse_tasks_per_node(text: str, count: int, name: str = "SLURM_TASKS_PER_NOD
 
 SLURM_STEP = "slurm step"
 SLURM_JOB = "slurm allocation"
+SLURM_HOSTS = "--hosts of the slurm allocation"  # some of its nodes, named (a sweep's packed trials)
 
 
 def from_slurm(env: Mapping[str, str]) -> HostSource:
@@ -299,7 +300,8 @@ def resolve(
     usable cores of this machine) is the slot limit of the localhost default."""
     env = os.environ if env is None else env
     if hosts:
-        return HostSource(parse_hosts_arg(hosts), "--hosts")
+        given = parse_hosts_arg(hosts)
+        return HostSource(given, SLURM_HOSTS if _allocation_has(env, given) else "--hosts")
     if hostfile:
         return HostSource(parse_hostfile(hostfile), f"hostfile {hostfile}")
     if env.get("SLURM_JOB_ID") and (env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")):
@@ -309,6 +311,18 @@ def resolve(
     if env.get("LSB_DJOB_HOSTFILE") or env.get("LSB_MCPU_HOSTS"):
         return HostSource(from_lsf(env), "lsf")
     return HostSource((Host(LOCALHOST, cores=local_cores),), "localhost")
+
+
+def _allocation_has(env: Mapping[str, str], hosts: Sequence[Host]) -> bool:
+    """Whether we run inside a Slurm allocation and every one of ``hosts`` is its node:
+    they are then reached as steps of it, as the whole allocation would be."""
+    if not (env.get("SLURM_JOB_ID") and (env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST"))):
+        return False
+    try:
+        nodes = {host.name for host in from_slurm(env).hosts}
+    except HostError:
+        return False
+    return all(host.name in nodes for host in hosts)
 
 
 def leave_out(source: HostSource, nodes: int | None, avoid: Mapping[str, str],

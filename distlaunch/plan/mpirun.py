@@ -15,7 +15,7 @@ import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ..protocol import MASTER_ADDR, OUTPUT_DIR, RESTART_COUNT, RUN_DIR, RUN_ID
+from ..protocol import MASTER_ADDR, OUTPUT_DIR, RELAY_METRICS, RESTART_COUNT, RUN_DIR, RUN_ID
 from .envpolicy import exported_names
 from .hosts import LOCAL_ALIASES, RankSlot, is_local, placement
 from .inputs import substitute
@@ -119,6 +119,8 @@ def rank_env(spec: JobSpec, slots: Sequence[RankSlot], run_id: str, rank_dir: st
         RESTART_COUNT: str(ctx.restart),
         "PYTHONUNBUFFERED": "1",
     }
+    if not is_local(slots[0].host, ctx.local_names):  # rank 0's metrics are wanted here as they come
+        env[RELAY_METRICS] = "1"
     for item in spec.inputs:
         env[item.env_name] = ctx.input_paths.get(item.name, item.path)
     if spec.iface:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DistlaunchError
-from ..protocol import EXCEPTION_FILE, RANK
+from ..protocol import EXCEPTION_FILE, METRIC_MARK, RANK, RELAY_METRICS
 from ..records import RankExit, RunPaths
 from .rankinfo import RankInfo, from_environ
 
@@ -116,8 +116,42 @@ class LineRelay:
         _write_all(self.out_fd, b"".join(self.prefix + line + b"\n" for line in lines))
 
 
-def relay(child: subprocess.Popen[bytes], info: RankInfo, log: RankLog) -> None:
-    """Pump the child's stdout and stderr until both close."""
+class MetricsTail:
+    """Rank 0 on another node than the launcher's: pass the lines its program appends to
+    its metrics file on to the launcher, marked, as they come (a sweep prunes on them);
+    the file itself is still collected at the end."""
+
+    EVERY_S = 0.25
+
+    def __init__(self, path: Path, prefix: bytes, out_fd: int) -> None:
+        self.path, self.prefix, self.out_fd = path, prefix, out_fd
+        try:
+            self.offset = path.stat().st_size  # an earlier attempt's lines came back with its logs
+        except OSError:
+            self.offset = 0
+        self.pending = b""
+        self.last = 0.0
+
+    def poll(self, now: bool = False) -> None:
+        if not now and time.monotonic() - self.last < self.EVERY_S:
+            return
+        self.last = time.monotonic()
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self.offset)
+                data = handle.read()
+        except OSError:
+            return  # nothing logged yet
+        if not data:
+            return
+        self.offset += len(data)
+        *lines, self.pending = (self.pending + data).split(b"\n")
+        if lines:
+            _write_all(self.out_fd, b"".join(self.prefix + METRIC_MARK + line + b"\n" for line in lines if line))
+
+
+def relay(child: subprocess.Popen[bytes], info: RankInfo, log: RankLog, tail: MetricsTail | None = None) -> None:
+    """Pump the child's stdout and stderr until both close (and its metrics, with a tail)."""
     assert child.stdout is not None and child.stderr is not None
     selector = selectors.DefaultSelector()
     relays = {
@@ -138,6 +172,8 @@ def relay(child: subprocess.Popen[bytes], info: RankInfo, log: RankLog) -> None:
                 selector.unregister(fd)
         for line_relay in relays.values():
             line_relay.flush(idle_only=True)
+        if tail is not None:
+            tail.poll()
     selector.close()
 
 
@@ -212,8 +248,13 @@ def run_rank(command: list[str], paths: RunPaths, info: RankInfo, gpus: tuple[st
 
         for signum in FORWARDED:
             signal.signal(signum, forward)
-        relay(child, info, log)
+        tail = None
+        if info.rank == 0 and os.environ.get(RELAY_METRICS) == "1":
+            tail = MetricsTail(paths.rank_metrics(0), info.prefix, sys.stdout.fileno())
+        relay(child, info, log, tail)
         code = child.wait()
+        if tail is not None:
+            tail.poll(now=True)  # the last lines
     finally:
         log.close()
     record.ended = time.time()

@@ -30,9 +30,9 @@ def value_of(trial: Any) -> float | None:
     return None
 
 
-def rows(spec: SweepSpec, trials: Sequence[Any]) -> list[dict[str, str]]:
+def rows(spec: SweepSpec, trials: Sequence[Any], exact: bool = False) -> list[dict[str, str]]:
     """One row per trial: completed ones best first, then those stopped early (by their
-    last value), then the rest."""
+    last value), then the rest. Numbers rounded for a table, or ``exact`` (for JSON)."""
     sign = 1.0 if spec.goal == "minimize" else -1.0
 
     def key(trial: Any) -> tuple[int, float, int]:
@@ -44,12 +44,13 @@ def rows(spec: SweepSpec, trials: Sequence[Any]) -> list[dict[str, str]]:
     for trial in sorted(trials, key=key):
         value = value_of(trial)
         row = {"trial": str(trial.number), "state": state_word(trial),
-               spec.metric: "" if value is None else f"{value:.6g}",
+               spec.metric: "" if value is None else (repr(value) if exact else f"{value:.6g}"),
                "steps": str(trial.user_attrs.get("steps", len(trial.intermediate_values))),
                "run": trial.user_attrs.get("run_id", "")}
         for param in spec.space:
             value = trial.params.get(param.name)
-            row[param.name] = "" if value is None else (f"{value:.4g}" if isinstance(value, float) else str(value))
+            shown = repr(value) if exact else f"{value:.4g}"
+            row[param.name] = "" if value is None else (shown if isinstance(value, float) else str(value))
         found.append(row)
     return found
 

@@ -357,7 +357,8 @@ class Sweep:
             hosts = ",".join(f"{host}:{count}" for host, count in slots)
             changes["target"] = dataclasses.replace(job.target, hosts=hosts, hostfile=None, nodes=nodes, ppn=ppn,
                                                     np=None)
-            if "--bind-to" not in job.mpi_args:  # trials share hosts: two mpiruns would bind to the same cores
+            if job.launcher == "mpirun" and "--bind-to" not in job.mpi_args:
+                # trials share hosts: two mpiruns would bind to the same cores (srun steps get their own)
                 changes["mpi_args"] = (*job.mpi_args, "--bind-to", "none")
         return dataclasses.replace(job, **changes)
 
