@@ -281,13 +281,14 @@ def test_a_batch_run_runs_the_code_as_submitted(box, workdir):
     assert "VERSION as submitted" in output and "edited" not in output
 
 
-def test_sweep_trials_are_steps_of_the_allocation(box, workdir):
-    """A sweep inside ``salloc -N2``: each trial an srun step on its own node, two at a
-    time, no ssh; the grid's optimum found."""
+@pytest.mark.parametrize("launcher", ["srun", "mpirun"])
+def test_sweep_trials_are_steps_of_the_allocation(box, workdir, launcher):
+    """A sweep inside ``salloc -N2``: each trial on its own node, two at a time, as an srun
+    step (or an mpirun whose daemon is one), no ssh; the grid's optimum found."""
     shutil.copy(SCRIPTS / "sweep_target.py", workdir)
     argv = ["salloc", "-N2", "-n2", *distlaunch(
         "sweep", "run", "--name", "steps", "--sampler", "grid", "--param", "x=choice(0.1, 0.3, 0.5, 0.7)",
-        "--metric", "loss", "--max-concurrent", "2", "--launcher", "srun", "--ppn", "1", "--env", "OUT_DIR",
+        "--metric", "loss", "--max-concurrent", "2", "--launcher", launcher, "--ppn", "1", "--env", "OUT_DIR",
         str(workdir / "sweep_target.py"), "--steps", "4", "--step-time", "0.3")]
     proc = slurm(box, argv, workdir, env={**no_ssh(workdir), "OUT_DIR": str(workdir)}, timeout=400)
     logs = "".join(p.read_text()[-1500:] for p in (workdir / "runs").glob("*/logs/*.log"))
@@ -300,7 +301,7 @@ def test_sweep_trials_are_steps_of_the_allocation(box, workdir):
     nodes_used = set()
     for row in found:
         record = json.loads((workdir / "runs" / row["run"] / "run.json").read_text())
-        assert os.path.basename(record["argv"][0]) == "srun" and record["host_source"] != ""
+        assert os.path.basename(record["argv"][0]) == launcher and record["launcher"]["transport"] == "srun"
         (host,) = {r["host"] for r in record["rank_exits"].values()}
         nodes_used.add(host)
     assert nodes_used == set(box.nodes)  # packed: the two trials at a time ran on the two nodes
