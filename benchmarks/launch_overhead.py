@@ -10,6 +10,8 @@ mpi4py payloads for 1, 2 and 4 ranks.
     python benchmarks/launch_overhead.py --ranks 2 --repeats 5
     python benchmarks/launch_overhead.py --matrix --repeats 5 --json launch.json
     python benchmarks/launch_overhead.py --payload train --repeats 3
+    python -m tests.containerimage /tmp/image &&
+        python benchmarks/launch_overhead.py --payload train --container /tmp/image   # + inside an image
 """
 from __future__ import annotations
 
@@ -54,8 +56,9 @@ def timed(argv: list[str], cwd: str) -> float | None:
     return elapsed
 
 
-def launchers(ranks: int, payload: list[str]) -> dict[str, list[str]]:
-    """Every launcher present, set up to run ``payload`` on ``ranks`` local ranks."""
+def launchers(ranks: int, payload: list[str], container: str | None = None) -> dict[str, list[str]]:
+    """Every launcher present, set up to run ``payload`` on ``ranks`` local ranks (and
+    distlaunch with ``--container`` too, given an image)."""
     import shutil
 
     over = ["--oversubscribe"] if ranks > (os.cpu_count() or 1) else []
@@ -63,6 +66,10 @@ def launchers(ranks: int, payload: list[str]) -> dict[str, list[str]]:
         "mpirun": bare_mpirun_argv(ranks, payload),
         "distlaunch": [sys.executable, "-m", "distlaunch", "run", "--ppn", str(ranks), *over, *payload],
     }
+    if container:  # like for like: the same distlaunch run (a .py script is snapshotted), then in the image
+        script = payload[2:] if payload[:2] == [sys.executable, "-u"] else payload
+        found["dl-script"] = [sys.executable, "-m", "distlaunch", "run", "--ppn", str(ranks), *over, *script]
+        found["dl+image"] = [*found["dl-script"][:-len(script)], "--container", container, *script]
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     if Path(torchrun).exists():
         found["torchrun"] = [torchrun, "--standalone", f"--nproc-per-node={ranks}", "--no-python", *payload]
@@ -74,8 +81,9 @@ def launchers(ranks: int, payload: list[str]) -> dict[str, list[str]]:
     return found
 
 
-def measure(ranks: int, payload: list[str], repeats: int, cwd: str) -> dict[str, list[float]]:
-    variants = launchers(ranks, payload)
+def measure(ranks: int, payload: list[str], repeats: int, cwd: str,
+            container: str | None = None) -> dict[str, list[float]]:
+    variants = launchers(ranks, payload, container)
     for name, argv in list(variants.items()):  # warm-up: page cache, pyc files; drop what cannot run
         if timed(argv, cwd) is None:
             del variants[name]
@@ -95,17 +103,21 @@ def main() -> None:
     parser.add_argument("--payload", choices=sorted(PAYLOADS), default="noop")
     parser.add_argument("--json", default=None, help="write raw times here")
     parser.add_argument("--matrix", action="store_true", help="noop and mpi4py payloads, 1, 2 and 4 ranks")
+    parser.add_argument("--container", metavar="IMAGE", help="also time distlaunch run --container IMAGE")
     args = parser.parse_args()
     if args.matrix:
         matrix(args)
         return
 
     with tempfile.TemporaryDirectory() as cwd:
-        times = measure(args.ranks, PAYLOADS[args.payload], args.repeats, cwd)
+        times = measure(args.ranks, PAYLOADS[args.payload], args.repeats, cwd, args.container)
     med = {name: statistics.median(t) for name, t in times.items()}
     print(f"payload {args.payload}, {args.ranks} ranks, {args.repeats} interleaved repeats (medians)")
     for name, value in med.items():
         print(f"  {name:<11} {value:.3f} s  x{value / med['mpirun']:.2f} of mpirun (+{value - med['mpirun']:.3f} s)")
+    if "dl+image" in med:
+        print(f"  in the image: x{med['dl+image'] / med['dl-script']:.3f} of the same distlaunch run without one "
+              f"(+{med['dl+image'] - med['dl-script']:.3f} s)")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "times": times, "medians": med}, indent=2))
 

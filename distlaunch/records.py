@@ -365,6 +365,7 @@ class RunRecord:
     code: dict[str, Any] | None = None  # the snapshot: {"files", "bytes", "hash", "linked", "copied"}
     inputs: list[dict[str, Any]] = field(default_factory=list)  # --input: name, source, mode, path, hash
     attempts: list[Attempt] = field(default_factory=list)  # every launch of a restarted run, last one included
+    container: dict[str, Any] | None = None  # --container: runtime, image, its identity (digest/hash), binds
     version: int = RECORD_VERSION
 
     # -- transitions

@@ -616,3 +616,43 @@ def test_a_sweep_of_two_node_trials_stops_bad_ones_live(cluster, tmp_path):
         logged = [json.loads(line) for line in (run_dir / "metrics" / "rank-0.jsonl").read_text().splitlines()]
         assert [item["step"] for item in logged] == list(range(len(logged))) and logged  # no line twice
         assert "distlaunch-metric" not in (run_dir / "logs" / "output.log").read_text()
+
+
+def test_ranks_inside_a_container_on_two_nodes(cluster, project, tmp_path, tmp_path_factory):
+    """--container across nodes: every node runs its ranks in the image (the same path on
+    each), the nodes' probe checks the runtime and the image first."""
+    import shutil as _shutil
+
+    from containerimage import build
+
+    if _shutil.which("ch-run") is None:
+        pytest.fail("Charliecloud is missing: apt-get install -y charliecloud")
+    image = build(tmp_path_factory.mktemp("images") / "train")
+    shutil.copy(SCRIPTS / "where_am_i.py", project)
+    proc, run_dir, record = launch(cluster, tmp_path, "--container", str(image), str(project / "where_am_i.py"),
+                                   str(REPO / "README.md"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    seen = [json.loads(line.split("WHERE ", 1)[1]) for line in proc.stdout.splitlines() if "WHERE " in line]
+    assert len(seen) == 4 and all(item["marker"] and not item["host_file"] and item["sum"] == 10 for item in seen)
+    assert {r["host"] for r in record["rank_exits"].values()} == {"node2", "node3"}
+    assert record["container"]["runtime"] == "charliecloud"
+    proc, run_dir, record = launch(cluster, tmp_path, "--container", str(image), str(project / "train.py"),
+                                   "--epochs", "1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "training on 4 rank(s)" in proc.stdout and (run_dir / "outputs" / "model.pt").is_file()
+    # an image this machine has but the nodes do not (their /tmp is their own): the nodes'
+    # check names it before anything starts
+    import tempfile
+
+    here_only = Path(tempfile.mkdtemp(prefix="image-here-only-", dir="/tmp"))
+    try:
+        python = here_only / sys.executable.lstrip("/")
+        python.parent.mkdir(parents=True)
+        python.symlink_to(sys.executable)
+        (here_only / "usr").mkdir()
+        proc, _run_dir, record = launch(cluster, tmp_path, "--container", str(here_only), str(project / "train.py"))
+    finally:
+        shutil.rmtree(here_only)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert f"node check failed: {cluster.hosts[0]}: image {here_only} does not exist: check the path" in last, last

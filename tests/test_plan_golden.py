@@ -144,3 +144,37 @@ def test_master_address_is_never_a_loopback_alias_across_hosts():
     alone = place(TargetSpec(ppn=2), env={}, inv=NO_GPU)
     assert plan(spec, alone, MPIS["ompi5"], "R", "/r", ctx, resolve_program(spec)).env["DISTLAUNCH_MASTER_ADDR"] \
         == "127.0.0.1"
+
+
+CONTAINER_CASES = {
+    # name: (TargetSpec, GPU inventory, remote layout?, extra JobSpec fields)
+    "local-2": (TargetSpec(ppn=2), NO_GPU, False, {}),
+    "two-nodes-gpus": (TargetSpec(hosts="node1:4,node2:4", gpus_per_rank=2), FOUR_GPUS, True,
+                       {"inputs": (InputSpec("train", "/shared/train"),)}),
+    "in-place": (TargetSpec(ppn=2), NO_GPU, False, {"in_place": True}),
+}
+CONTAINER_IMAGES = {"charliecloud": "/images/train", "apptainer": "/images/train.sif",
+                    "singularity": "/images/train.sif", "podman": "localhost/train:1"}
+
+
+@pytest.mark.parametrize("case", sorted(CONTAINER_CASES))
+@pytest.mark.parametrize("runtime", sorted(CONTAINER_IMAGES))
+def test_container_plan_matches_golden(runtime, case):
+    """--container: the runtime's argv in front of each rank's worker, binds and all."""
+    from distlaunch.plan.container import Container
+
+    target, inv, synced, extra = CONTAINER_CASES[case]
+    spec = JobSpec(str(REPO / "examples" / "train.py"), ("--epochs", "1"), target=target, python="/usr/bin/python3",
+                   **extra)
+    container = Container(runtime, f"/usr/bin/{runtime if runtime != 'charliecloud' else 'ch-run'}",
+                          CONTAINER_IMAGES[runtime], ("/shared/cache:/cache",),
+                          "/opt/venv/bin/python" if runtime == "podman" else None)
+    ctx = LaunchContext(is_root=False, local_cores=4, input_paths={"train": "/shared/train"} if synced else {},
+                        container=container, cwd="/home/me/project")
+    remote = RemoteLayout("/scratch", "/scratch/examples-12345678", "RUNID") if synced else None
+    the_plan = plan(spec, place(target, env={}, inv=inv), MPIS["ompi5"], "RUNID", "/runs/RUNID", ctx,
+                    resolve_program(spec), remote)
+    argv = [a.replace(str(REPO), "<repo>") for a in the_plan.argv]
+    start = argv.index(container.exe)
+    check_golden(f"container-{runtime}-{case}.txt", "\n".join(["# mpirun", *argv[:start], "# rank",
+                                                                 *argv[start:]]) + "\n")

@@ -1,6 +1,7 @@
 """``distlaunch run``: options → JobSpec (once, here), then the launch pipeline."""
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import sys
@@ -12,6 +13,7 @@ import click
 from ..errors import SpecError
 from ..launch.launcher import Prepared, launch, prepare
 from ..launch.supervise import Console, Outcome, Watch
+from ..plan.container import RUNTIMES, ContainerSpec
 from ..plan.envpolicy import is_secret, redact
 from ..plan.inputs import parse_input
 from ..plan.mpirun import LaunchPlan
@@ -51,6 +53,7 @@ Examples:
   distlaunch run --ppn 4 --hvd-ops mpi train.py     # real Horovod with its MPI operations
   distlaunch run -H n1:4,n2:4,n3:4 --nodes 2 --max-restarts 3 train.py   # relaunch on failure, spare node
   distlaunch run -H n1:4,n2:4 --max-restarts 2 --min-nodes 1 train.py    # go on without a node at fault
+  distlaunch run --ppn 2 --container /images/train train.py   # each rank inside the image (Charliecloud)
 
 \b
 Hosts come from --hosts, else --hostfile, else the Slurm/PBS/LSF allocation, else
@@ -124,6 +127,18 @@ _JOB_OPTIONS = [
                  help="Data for the script: PATH in place (a filesystem every node sees), or with ':copy' "
                       "staged once per node into a cache; the script gets $DISTLAUNCH_INPUT_<NAME> and "
                       "{inputs.NAME} in its arguments (repeatable)."),
+    click.option("--container", metavar="IMAGE",
+                 help="Run every rank inside this image: a directory or .sqfs (Charliecloud), a .sif (Apptainer, "
+                      "Singularity) or a podman image name; mpirun stays outside. The image needs this Python "
+                      "(same path, or --container-python) with distlaunch and the job's packages."),
+    click.option("--container-runtime", type=click.Choice(list(RUNTIMES)),
+                 help="The runtime for --container [default: by the image: charliecloud for a directory or .sqfs, "
+                      "apptainer for a .sif, podman for a name]."),
+    click.option("--container-bind", "container_binds", multiple=True, metavar="SRC[:DST]",
+                 help="Also bind this path into the container (repeatable); the run's working copy, run folder "
+                      "and inputs are bound already."),
+    click.option("--container-python", metavar="PATH",
+                 help="The Python inside the image [default: this one's path, as on every node]."),
     click.option("--max-restarts", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
                  help="After a failure, relaunch the whole job, up to N times (never after Ctrl-C, cancel or "
                       "--timeout); each attempt's logs stay under attempts/<K>/, and the ranks see "
@@ -194,7 +209,25 @@ def spec_from_options(kwargs: dict[str, Any]) -> JobSpec:
         restart_delay=kwargs["restart_delay"],
         min_nodes=kwargs["min_nodes"],
         quarantine_ttl=parse_ttl(kwargs["quarantine_ttl"]),
+        container=pop_container(kwargs),
     )
+
+
+def pop_container(kwargs: dict[str, Any]) -> ContainerSpec | None:
+    """--container and its companions (which mean nothing without it)."""
+    image = kwargs.pop("container")
+    runtime, binds, python = (kwargs.pop("container_runtime"), tuple(kwargs.pop("container_binds")),
+                              kwargs.pop("container_python"))
+    if image is None:
+        given = [name for name, value in (("--container-runtime", runtime), ("--container-bind", binds),
+                                          ("--container-python", python)) if value]
+        if given:
+            raise SpecError(f"{given[0]} without --container IMAGE: name the image, or drop {given[0]}")
+        return None
+    image = os.path.expanduser(image)
+    if os.path.exists(image):
+        image = os.path.abspath(image)  # the same path on every node, whatever the working directory
+    return ContainerSpec(image, runtime, binds, python)
 
 
 def parse_ttl(text: str | float) -> float:

@@ -76,6 +76,9 @@ def show_command(run_id: str, runs_root: str, plot_to: str | None, list_files: b
     click.echo(f"started   {row['started']}")
     click.echo(f"ranks     {record.ranks} on {record.nodes} host(s) ({record.host_source})")
     click.echo(f"mpi       {record.versions.get('mpi')}")
+    if record.container:
+        box = record.container
+        click.echo(f"container {box['image']} ({box['runtime']}, {box.get('identity') or 'identity not recorded'})")
     if record.scheduler:
         click.echo(f"slurm     job {record.scheduler.get('job_id')} (submitted "
                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(record.scheduler['submitted']))})")

@@ -55,7 +55,7 @@ def params_to_args(params: Mapping[str, Any] | Sequence[str] | None) -> tuple[st
 CLI_ONLY = frozenset({"verbose", "dry_run", "output_ranks", "script", "args"})
 # estimator-style spellings of options, as the keyword and the option's name
 ALIASES = {"env": "env_items", "env_file": "env_files", "remote_dir": "remote_root", "pip": "pip_packages",
-           "tag": "tags", "input": "inputs", "sync": "no_sync"}
+           "tag": "tags", "input": "inputs", "sync": "no_sync", "container_bind": "container_binds"}
 
 
 def _option_table() -> dict[str, Any]:

@@ -31,6 +31,7 @@ from ..nodes.doctor import NodeCheckFailed, preflight
 from ..nodes.pipinstall import ensure_packages
 from ..nodes.transport import Nodes, SrunTransport, SSHTransport, Transport, for_each
 from ..nodes.treesync import collect, hand_over, sync
+from ..plan.container import Container
 from ..plan.envpolicy import redact, redact_argv, redact_pairs
 from ..plan.hosts import SLURM_HOSTS, SLURM_JOB, SLURM_STEP, RankSlot, is_local, placement, this_host_names
 from ..plan.layout import RemoteLayout
@@ -70,6 +71,14 @@ class Prepared:
     @property
     def slots(self) -> tuple[RankSlot, ...]:
         return self.placed.slots
+
+    @property
+    def container_check(self) -> tuple[str, ...]:
+        """RUNTIME IMAGE PYTHON for the nodes' probe, or () without a container."""
+        found = self.context.container
+        if found is None:
+            return ()
+        return found.runtime, found.image, found.python or self.spec.python
 
     @property
     def hosts(self) -> list[str]:
@@ -187,8 +196,14 @@ def prepare(spec: JobSpec, progress: Callable[[str], None] = log.info) -> Prepar
         if srun is None:
             raise SpecError("--launcher srun: srun is not on PATH: install slurm-client or use --launcher mpirun")
     resolved = node_inputs.resolve(spec.inputs, spec.remote_root, progress)
+    container = None
+    if spec.container is not None:
+        from .container import resolve as resolve_container
+
+        container = resolve_container(spec.container, spec.python)
     context = LaunchContext(is_root=os.geteuid() == 0, local_cores=cores, ambient_env=frozenset(os.environ),
-                            local_names=names, input_paths={item.spec.name: item.node_path for item in resolved})
+                            local_names=names, input_paths={item.spec.name: item.node_path for item in resolved},
+                            container=container, cwd=os.getcwd())
     prepared = Prepared(spec, placed, mpi, context, resolve_program(spec),
                         choose_transport(spec.ssh, names, origin), srun, resolved)
     if prepared.remote_layout("check") is not None:
@@ -227,7 +242,37 @@ def new_record(prepared: Prepared, the_plan: LaunchPlan, paths: RunPaths) -> Run
         experiment=spec.experiment_name,
         tags=dict(spec.tags),
         inputs=[item.record() for item in prepared.inputs],
+        container=container_record(prepared.context.container),
     )
+
+
+def container_record(container: Container | None) -> dict[str, Any] | None:
+    """run.json's container: its identity (a hash of the image) is filled in by
+    ``_image_identity`` while the job runs, not before it starts."""
+    if container is None:
+        return None
+    from .container import record
+
+    return record(container)
+
+
+def _image_identity(record: RunRecord, container: Container | None) -> Callable[[], None]:
+    """Hash the image in the background; the returned call waits for it and puts it in
+    the record."""
+    if container is None or record.container is None:
+        return lambda: None
+    from .container import identity
+
+    found: dict[str, str] = {}
+    worker = threading.Thread(target=lambda: found.setdefault("identity", identity(container)), daemon=True)
+    worker.start()
+
+    def fill() -> None:
+        worker.join()
+        if record.container is not None:
+            record.container["identity"] = found.get("identity", "unknown")
+
+    return fill
 
 
 def shared_source_check(prepared: Prepared, progress: Callable[[str], None]) -> Prepared:
@@ -476,7 +521,8 @@ def _checked(prepared: Prepared, progress: Callable[[str], None]) -> tuple[dict[
     for _ in range(3):
         progress(f"checking {len(prepared.hosts)} node(s)")
         try:
-            return preflight(prepared.nodes, prepared.hosts, spec.remote_root, need_rsync=spec.sync), prepared
+            return preflight(prepared.nodes, prepared.hosts, spec.remote_root, need_rsync=spec.sync,
+                             container=prepared.container_check), prepared
         except NodeCheckFailed as exc:
             if spec.max_restarts == 0:
                 raise
@@ -511,7 +557,8 @@ def _set_up_new_hosts(following: Prepared, before: Prepared, paths: RunPaths, re
     spec = following.spec
     remote = [host for host in new if host in following.remote_hosts]
     if remote and not spec.skip_checks:
-        cores.update(preflight(following.nodes, remote, spec.remote_root, need_rsync=spec.sync))
+        cores.update(preflight(following.nodes, remote, spec.remote_root, need_rsync=spec.sync,
+                               container=following.container_check))
     _before_launch(following, paths, record, progress)
 
 
@@ -633,6 +680,7 @@ def launch(
     paths = paths or allocate(spec.runs_root)
     the_plan = prepared.plan(paths.run_id, str(paths.root), host_cores)
     record = new_record(prepared, the_plan, paths)
+    identified = _image_identity(record, prepared.context.container)
     if queued is not None:  # keep what the submission knew
         record.created, record.scheduler, record.code = queued.created, queued.scheduler, queued.code
     try:
@@ -666,5 +714,6 @@ def launch(
         log.warning("could not write TensorBoard events: %s", exc)
         events = None
     record.tensorboard = str(events) if events is not None else None
+    identified()
     record.save(paths)
     return paths, outcome

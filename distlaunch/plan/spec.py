@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import SpecError
+from .container import ContainerSpec
 from .inputs import InputSpec, check_inputs
 from .ssh import SSHOptions
 
@@ -137,6 +138,7 @@ class JobSpec:
     restart_delay: float = 1.0  # seconds before the first restart, doubled each time (at most 60)
     min_nodes: int | None = None  # a restart may go on with this few nodes (default: as many as asked)
     quarantine_ttl: float = 3600.0  # seconds a blamed node stays out of placement (0: not recorded)
+    container: ContainerSpec | None = None  # each rank's worker and program run inside this image
 
     def __post_init__(self) -> None:
         if self.launcher not in LAUNCHERS:
@@ -226,6 +228,9 @@ def spec_from_dict(data: dict[str, Any]) -> JobSpec:
     values["env"] = tuple((str(name), str(value)) for name, value in values.get("env", ()))
     values["tags"] = tuple((str(key), str(value)) for key, value in values.get("tags", ()))
     values["inputs"] = tuple(InputSpec(**item) for item in values.get("inputs", ()))
+    if values.get("container"):
+        item = dict(values["container"])
+        values["container"] = ContainerSpec(**{**item, "binds": tuple(item.get("binds", ()))})
     for name in ("script_args", "env_pass", "mpi_args", "pip_packages"):
         values[name] = tuple(values.get(name, ()))
     names = {f.name for f in dataclasses.fields(JobSpec)}

@@ -1,4 +1,4 @@
-"""The first process of a simulated node: hostname, private /tmp, then a tiny init.
+"""The first process of a simulated node: hostname, private /tmp and /dev/shm, then a tiny init.
 
     unshare --uts --mount --pid --fork --mount-proc --propagation private -- \\
         python -m tests.cluster.nodeinit --hostname node2 --tmp DIR [--share PATH] [--hide PATH] -- CMD...
@@ -54,6 +54,9 @@ def main() -> None:
         empty.close()
         mount_bind(empty.name, path)
     private_tmp(args.tmp, args.share)
+    # and a /dev/shm of its own, as a real node has (shared-memory segments, and
+    # Charliecloud's --join peer groups, must not meet another node's)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=1777,size=1g", "tmpfs", "/dev/shm"], check=True)
     child = subprocess.Popen(command)
     signal.signal(signal.SIGTERM, lambda signum, _frame: child.send_signal(signum))
     while True:  # PID 1: reap every orphan until the command itself is gone
