@@ -40,9 +40,10 @@ _RANK_LINE_BYTES = re.compile(rb"^\[ *(\d+)\] ")
 
 
 def metric_payload(line: bytes) -> bytes | None:
-    """The JSON of a relayed metrics line (``[0] <METRIC_MARK>{...}``); None for others."""
+    """The JSON of a metrics line rank 0's worker relayed (``[0] <METRIC_MARK>{...}``);
+    None for any other line (another rank's, whatever it prints)."""
     match = _RANK_LINE_BYTES.match(line)
-    if match is None or not line.startswith(METRIC_MARK, match.end()):
+    if match is None or match.group(1) != b"0" or not line.startswith(METRIC_MARK, match.end()):
         return None
     return line[match.end() + len(METRIC_MARK):]
 

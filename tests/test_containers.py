@@ -37,8 +37,20 @@ def where(stdout: str) -> list[dict]:
                   key=lambda item: item["rank"])
 
 
-def mounts_of(path: Path) -> list[str]:
-    return [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if str(path) in line]
+def in_image(path: Path) -> list[int]:
+    """Processes still inside the image: ch-run's mounts live in their namespaces, so none
+    of these means no mount is left either."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            root = os.readlink(f"/proc/{proc.pid}/root")
+        except OSError:
+            root = ""
+        if root.startswith(str(path)) or str(path) in (proc.info["cmdline"] or []):
+            found.append(proc.pid)
+    return found
 
 
 def test_ranks_run_inside_the_image_and_train(image, tmp_path):
@@ -60,7 +72,7 @@ def test_ranks_run_inside_the_image_and_train(image, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "training on 2 rank(s)" in proc.stdout
     assert (tmp_path / "runs" / record["id"] / "outputs" / "model.pt").is_file()
-    assert not survivors(record["id"]) and not mounts_of(image)
+    assert not survivors(record["id"]) and not in_image(image)
 
 
 def test_a_rank_failing_inside_is_named_and_nothing_is_left(image, tmp_path):
@@ -71,7 +83,7 @@ def test_a_rank_failing_inside_is_named_and_nothing_is_left(image, tmp_path):
     assert record["first_failure"]["rank"] == 1 and record["first_failure"]["exit_code"] == 6
     assert "rank 1 on" in proc.stderr and "exited with code 6" in proc.stderr
     assert record["duration_s"] < 25  # rank 0, asleep inside, was stopped with the job
-    assert not survivors(record["id"]) and not mounts_of(image)
+    assert not survivors(record["id"]) and not in_image(image)
 
 
 def test_the_python_api_takes_a_container(image, tmp_path, monkeypatch):

@@ -606,7 +606,7 @@ def test_a_sweep_of_two_node_trials_stops_bad_ones_live(cluster, tmp_path):
     pruned = [row for row in found if row["state"] == "stopped early"]
     assert pruned, found
     assert all(ran[row["trial"]] < 10 for row in pruned)  # cut short while running on the nodes
-    assert all(ran[row["trial"]] == 10 for row in found if row["state"] == "completed")
+    assert all(ran[row["trial"]] == 10 and row["steps"] == "10" for row in found if row["state"] == "completed")
     for row in found:
         run_dir = tmp_path / "runs" / row["run"]
         record = json.loads((run_dir / "run.json").read_text())

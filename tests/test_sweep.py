@@ -82,6 +82,11 @@ def test_grid_finds_the_exact_optimum_two_trials_at_a_time(tmp_path):
         assert float(row["loss"]) == pytest.approx(expected)
     assert sorted((row["x"], row["kind"]) for row in found) == sorted(
         (x, k) for x in ("0.1", "0.3", "0.5") for k in ("a", "b"))
+    table = sweep(tmp_path, "show", "g", "--no-plot")  # the table: numbers rounded, words as they are
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["trial", "state"])
+    assert lines[header].split()[-2:] == ["x", "kind"] and lines[header + 1].split()[-2:] == ["0.3", "a"]
     listed = subprocess.run([sys.executable, "-m", "distlaunch", "runs", "list", "--sweep", "g"], cwd=tmp_path,
                             capture_output=True, text=True)
     assert len(listed.stdout.splitlines()) == 7 and "sweep=g" in listed.stdout
@@ -240,3 +245,12 @@ def test_python_api_sweep(tmp_path, monkeypatch):
     assert len(Sweep.load("api").trials()) == 4 and said[-1].startswith("sweep api: 4 trials (4 completed")
     run_folder = tmp_path / "runs" / best.user_attrs["run_id"]
     assert json.loads((run_folder / "run.json").read_text())["tags"]["sweep"] == "api"
+
+
+def test_only_rank_0s_relayed_metrics_lines_are_taken():
+    from distlaunch.protocol import METRIC_MARK, metric_payload
+
+    assert metric_payload(b"[0] " + METRIC_MARK + b'{"name": "loss"}') == b'{"name": "loss"}'
+    assert metric_payload(b"[ 0] " + METRIC_MARK + b"{}") == b"{}"
+    assert metric_payload(b"[3] " + METRIC_MARK + b"{}") is None  # another rank cannot write rank 0's metrics
+    assert metric_payload(b"[0] loss 0.5") is None and metric_payload(METRIC_MARK + b"{}") is None

@@ -59,7 +59,7 @@ def doctor_command(**kwargs: Any) -> None:
     if image is not None:
         image = os.path.abspath(os.path.expanduser(image)) if os.path.exists(os.path.expanduser(image)) else image
         spec = ContainerSpec(image, runtime, (), python)
-        container = (choose_runtime(spec, shutil.which)[0], image, python or sys.executable)
+        container = (*choose_runtime(spec, shutil.which), image, python or sys.executable)
     ssh = pop_ssh(kwargs)
     remote_root = kwargs.pop("remote_root") or default_remote_root()
     placed = place(pop_target(kwargs), local_cores=local_cores())

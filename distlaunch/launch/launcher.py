@@ -74,11 +74,11 @@ class Prepared:
 
     @property
     def container_check(self) -> tuple[str, ...]:
-        """RUNTIME IMAGE PYTHON for the nodes' probe, or () without a container."""
+        """RUNTIME EXE IMAGE PYTHON for the nodes' probe, or () without a container."""
         found = self.context.container
         if found is None:
             return ()
-        return found.runtime, found.image, found.python or self.spec.python
+        return found.runtime, found.exe, found.image, found.python or self.spec.python
 
     @property
     def hosts(self) -> list[str]:
@@ -178,11 +178,24 @@ def _place_healthy(spec: JobSpec, cores: int, progress: Callable[[str], None]) -
     return placed
 
 
+def _allocation_alive() -> bool:
+    try:
+        check_allocation(os.environ)
+    except HostError:
+        return False
+    return True
+
+
 def prepare(spec: JobSpec, progress: Callable[[str], None] = log.info) -> Prepared:
     names = this_host_names()
     cores = local_cores()
     placed = _place_healthy(spec, cores, progress)
     origin = placed.source.origin
+    if origin == SLURM_HOSTS and (spec.ssh != SSHOptions() or not _allocation_alive()):
+        # --hosts naming nodes of the allocation we seem to be in: steps of it, unless ssh
+        # options say otherwise or the SLURM_* variables are stale; then plain --hosts
+        origin = "--hosts"
+        placed = dataclasses.replace(placed, source=dataclasses.replace(placed.source, origin=origin))
     if in_allocation(origin):
         check_allocation(os.environ)
     elif spec.launcher == "srun":
@@ -264,7 +277,14 @@ def _image_identity(record: RunRecord, container: Container | None) -> Callable[
     from .container import identity
 
     found: dict[str, str] = {}
-    worker = threading.Thread(target=lambda: found.setdefault("identity", identity(container)), daemon=True)
+
+    def work() -> None:
+        try:
+            found["identity"] = identity(container)
+        except Exception as exc:  # noqa: BLE001 - the run goes on; the record says why
+            found["identity"] = f"unknown: {exc}"
+
+    worker = threading.Thread(target=work, daemon=True)
     worker.start()
 
     def fill() -> None:

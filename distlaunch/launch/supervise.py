@@ -111,7 +111,7 @@ class OutputPump(threading.Thread):
                 self._to_sink(b"".join(line + b"\n" for line in lines if self._shown(line)))
             self.logs.keep(lines)
         if pending:
-            if self.ranks is not None and self._shown(pending):
+            if (self.ranks is not None or self.relayed) and self._shown(pending):
                 self._to_sink(pending + b"\n")
             self.logs.keep([pending])
 
@@ -150,6 +150,7 @@ class LogFiles:
         self.problem: str | None = None
         self.paths = paths
         self.relayed: IO[bytes] | None = None
+        self.closed = False
         try:
             self.everything: IO[bytes] | None = open_private(paths.output_log)
             self.own: IO[bytes] | None = open_private(paths.mpirun_log)
@@ -179,6 +180,8 @@ class LogFiles:
         if not lines:
             return
         with self.lock:
+            if self.closed:
+                return  # the job has ended: the node's own file is collected now
             try:
                 if self.relayed is None:
                     self.paths.metrics.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -190,6 +193,7 @@ class LogFiles:
                 self.close()
 
     def close(self) -> None:
+        self.closed = True
         for handle in (self.everything, self.own, self.relayed):
             try:
                 if handle is not None:

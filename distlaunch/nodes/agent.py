@@ -1,6 +1,6 @@
 """What distlaunch runs on a node: ``python -P -m distlaunch.nodes.agent COMMAND ...``.
 
-probe [ROOT [RUNTIME IMAGE PYTHON]]
+probe [ROOT [RUNTIME EXE IMAGE PYTHON]]
                                JSON facts for ``doctor`` and the pre-launch checks (with
                                a container: its runtime, image and the Python inside)
 prepare ROOT BASE              make (or check) the user's private scratch ROOT and the
@@ -133,16 +133,17 @@ def probe(remote_root: str | None, container: list[str] | None = None) -> dict[s
     return facts
 
 
-def probe_container(runtime: str, image: str, python: str) -> dict[str, Any]:
-    """Whether this node can run the image: the runtime's executable, the image, and (for
-    an image directory) the Python inside."""
-    from ..plan.container import RUNTIMES
+def probe_container(runtime: str, exe: str, image: str, python: str) -> dict[str, Any]:
+    """Whether this node can run the image: the runtime's executable at the path the ranks
+    will start it by, the image, and (for an image directory) the Python inside."""
     from .imagecheck import image_problem, python_in_image
 
-    exe = shutil.which(RUNTIMES[runtime])
     found: dict[str, Any] = {"exe": exe, "problem": None}
-    if exe is None:
-        found["problem"] = f"{RUNTIMES[runtime]} is missing: install {runtime} there"
+    if not os.access(exe, os.X_OK):
+        elsewhere = shutil.which(os.path.basename(exe))
+        found["problem"] = (f"{exe} is missing: install {runtime} there at that path" if elsewhere is None else
+                            f"{exe} is missing (it is at {elsewhere} there): install {runtime} at the same path "
+                            "on every node")
     else:
         found["problem"] = image_problem(runtime, exe, image)
     if found["problem"] is None and not python_in_image(image, python):
@@ -372,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(__doc__)
     command, rest = args[0], args[1:]
     if command == "probe":
-        result: dict[str, Any] = probe(rest[0] if rest else None, rest[1:4] if len(rest) >= 4 else None)
+        result: dict[str, Any] = probe(rest[0] if rest else None, rest[1:5] if len(rest) >= 5 else None)
     elif command == "prepare":
         result = prepare(rest[0], rest[1])
     elif command == "tree-hash":

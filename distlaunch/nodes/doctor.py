@@ -103,7 +103,7 @@ def compare(local: dict[str, Any], reports: Sequence[NodeReport], need_rsync: bo
 
 def run_doctor(nodes: Nodes, hosts: Sequence[str], remote_root: str, need_rsync: bool = True,
                container: Sequence[str] = ()) -> tuple[dict[str, Any], list[NodeReport]]:
-    """Probe every host (and this one) and compare; ``container``: RUNTIME IMAGE PYTHON
+    """Probe every host (and this one) and compare; ``container``: RUNTIME EXE IMAGE PYTHON
     that each node must be able to run."""
     from .transport import for_each
 

@@ -40,7 +40,7 @@ class ContainerSpec:
     python: str | None = None
 
     def __post_init__(self) -> None:
-        if not self.image or self.image != self.image.strip():
+        if not self.image or self.image != self.image.strip() or self.image.startswith("-"):
             raise SpecError(f"--container {self.image!r}: name an image (a directory, a .sif/.sqfs file, or a "
                             "podman image name)")
         if self.runtime is not None and self.runtime not in RUNTIMES:
@@ -97,15 +97,16 @@ def bind_roots(paths: Iterable[str]) -> list[str]:
 
 
 def container_argv(runtime: str, exe: str, image: str, binds: Sequence[tuple[str, str]], cwd: str | None,
-                   gpus: bool, is_root: bool = False) -> list[str]:
+                   gpus: bool, is_root: bool = False, per_node: int | None = None) -> list[str]:
     """The argv in front of the rank's worker: ``exe ... IMAGE [--]``. Every runtime gets
     the binds at their paths, the working directory, and the environment mpirun gave the
-    rank (the env policy applies inside as outside); GPUs where mapped."""
+    rank (the env policy applies inside as outside); GPUs where mapped. ``per_node``: the
+    ranks on each node, when every node has as many."""
     if runtime == "charliecloud":
-        # --join: the ranks of a node share one container (namespaces), so MPI's shared
-        # memory and single-copy transfers work between them; ch-run counts the peers
-        # from the MPI environment
-        argv = [exe, "--join"]
+        # the ranks of a node share one container (namespaces), so MPI's shared memory and
+        # single-copy transfers work between them: --join, with the count given (ch-run
+        # would guess it from the MPI or Slurm environment, and not for every MPI)
+        argv = [exe, "--join", f"--join-ct={per_node}"] if per_node else [exe]
         for src, dst in binds:
             argv += ["-b", f"{src}:{dst}"]
         if cwd:
@@ -150,8 +151,12 @@ class Container:
 
 
 def rank_prefix(container: Container, paths: Iterable[str], cwd: str | None, gpus: bool,
-                is_root: bool = False) -> list[str]:
+                is_root: bool = False, per_node: int | None = None) -> list[str]:
     """The runtime's argv in front of a rank's worker: ``paths`` (the rank's working copy,
     run folder, inputs) bound at their own places, then the user's ``--container-bind``s."""
-    binds = [(path, path) for path in bind_roots(paths)] + [parse_bind(item) for item in container.binds]
-    return container_argv(container.runtime, container.exe, container.image, binds, cwd, gpus, is_root)
+    roots = bind_roots(paths)
+    if "/" in roots:
+        raise SpecError("--container would bind the whole host over the image (a run in place from /): run from "
+                        "a project folder, or without --in-place")
+    binds = [(path, path) for path in roots] + [parse_bind(item) for item in container.binds]
+    return container_argv(container.runtime, container.exe, container.image, binds, cwd, gpus, is_root, per_node)

@@ -112,8 +112,9 @@ class Workspace:
 
 
 def rank_env(spec: JobSpec, slots: Sequence[RankSlot], run_id: str, rank_dir: str, outputs: str,
-             ctx: LaunchContext, mpi: MPIInstall) -> dict[str, str]:
-    """Variables every rank gets (the user's --env last, so it wins)."""
+             ctx: LaunchContext, mpi: MPIInstall, synced: bool = False) -> dict[str, str]:
+    """Variables every rank gets (the user's --env last, so it wins). ``synced``: the
+    ranks keep their records in the nodes' own copies (not in the run folder here)."""
     env = {
         RUN_ID: run_id,
         RUN_DIR: rank_dir,
@@ -122,7 +123,7 @@ def rank_env(spec: JobSpec, slots: Sequence[RankSlot], run_id: str, rank_dir: st
         RESTART_COUNT: str(ctx.restart),
         "PYTHONUNBUFFERED": "1",
     }
-    if not is_local(slots[0].host, ctx.local_names):  # rank 0's metrics are wanted here as they come
+    if synced and not is_local(slots[0].host, ctx.local_names):  # rank 0's metrics are wanted here as they come
         env[RELAY_METRICS] = "1"
     for item in spec.inputs:
         env[item.env_name] = ctx.input_paths.get(item.name, item.path)
@@ -147,7 +148,9 @@ def worker_argv(spec: JobSpec, placed: Placement, space: Workspace, program: Seq
         paths = [space.rank_dir, space.workdir or "", *ctx.input_paths.values()]
         if space.workdir is None:  # in place: the launcher's directory and the source dir
             paths += [ctx.cwd, spec.source]
-        prefix = rank_prefix(ctx.container, paths, space.workdir or ctx.cwd, placed.gpu_mode, ctx.is_root)
+        counts = {count for _host, count in placement(placed.slots)}
+        prefix = rank_prefix(ctx.container, paths, space.workdir or ctx.cwd, placed.gpu_mode, ctx.is_root,
+                             counts.pop() if len(counts) == 1 else None)
     argv = [*prefix, python, *SAFE_PATH, "-m", "distlaunch.rank.worker", "--run-dir", space.rank_dir]
     if placed.gpu_mode:
         argv += ["--gpus-per-rank", str(placed.gpus_per_rank)]
@@ -210,7 +213,7 @@ def plan(
     hostfile_path = f"{run_dir}/hostfile"
     space = Workspace.of(spec, run_dir, remote)
     workdir = space.workdir
-    env = rank_env(spec, slots, run_id, space.rank_dir, space.outputs, ctx, mpi)
+    env = rank_env(spec, slots, run_id, space.rank_dir, space.outputs, ctx, mpi, synced=remote is not None)
     exported = sorted(set(env) | set(exported_names(ctx.ambient_env, spec.env_pass)))
     hosts = placement(slots)
     multi = any(not is_local(host, ctx.local_names) for host, _ in hosts)

@@ -98,7 +98,7 @@ def srun_plan(spec: JobSpec, placed: Placement, srun: str, run_id: str, run_dir:
     hosts = [host for host, _ in placement(slots)]
     hostfile_path = f"{run_dir}/hostfile"
     space = Workspace.of(spec, run_dir, remote)
-    env = rank_env(spec, slots, run_id, space.rank_dir, space.outputs, ctx, mpi)
+    env = rank_env(spec, slots, run_id, space.rank_dir, space.outputs, ctx, mpi, synced=remote is not None)
     env["SLURM_HOSTFILE"] = hostfile_path
     # srun starts tasks without a login: who the user is must travel too (MPI needs HOME)
     identity = {"HOME", "USER", "LOGNAME"} & set(ctx.ambient_env)

@@ -126,7 +126,7 @@ class MetricsTail:
     def __init__(self, path: Path, prefix: bytes, out_fd: int) -> None:
         self.path, self.prefix, self.out_fd = path, prefix, out_fd
         try:
-            self.offset = path.stat().st_size  # an earlier attempt's lines came back with its logs
+            self.offset = path.stat().st_size  # lines already there were not logged by this rank
         except OSError:
             self.offset = 0
         self.pending = b""

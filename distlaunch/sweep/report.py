@@ -49,8 +49,12 @@ def rows(spec: SweepSpec, trials: Sequence[Any], exact: bool = False) -> list[di
                "run": trial.user_attrs.get("run_id", "")}
         for param in spec.space:
             value = trial.params.get(param.name)
-            shown = repr(value) if exact else f"{value:.4g}"
-            row[param.name] = "" if value is None else (shown if isinstance(value, float) else str(value))
+            if value is None:
+                row[param.name] = ""
+            elif isinstance(value, float):
+                row[param.name] = repr(value) if exact else f"{value:.4g}"
+            else:
+                row[param.name] = str(value)
         found.append(row)
     return found
 

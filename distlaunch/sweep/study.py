@@ -357,9 +357,11 @@ class Sweep:
             hosts = ",".join(f"{host}:{count}" for host, count in slots)
             changes["target"] = dataclasses.replace(job.target, hosts=hosts, hostfile=None, nodes=nodes, ppn=ppn,
                                                     np=None)
+            # trials share hosts: two jobs would bind their ranks to the same cores
             if job.launcher == "mpirun" and "--bind-to" not in job.mpi_args:
-                # trials share hosts: two mpiruns would bind to the same cores (srun steps get their own)
                 changes["mpi_args"] = (*job.mpi_args, "--bind-to", "none")
+            elif job.launcher == "srun" and not any(arg.startswith("--cpu-bind") for arg in job.mpi_args):
+                changes["mpi_args"] = (*job.mpi_args, "--cpu-bind=none")
         return dataclasses.replace(job, **changes)
 
     def _follow(self, study: Any, item: _Live) -> Any:
