@@ -253,8 +253,14 @@ def sample_options(tmp_path: Path, src: Path, data: Path) -> dict[str, Any]:
         "iface": "eth0", "launcher": "srun", "in_place": True, "experiment": "exp1", "tags": {"a": "b"},
         "inputs": {"data": str(data)}, "kill_grace": 1.5, "timeout": 30, "hang_timeout": "2m",
         "hvd_backend": "torch", "hvd_ops": "mpi", "max_restarts": 2, "restart_delay": 0.5, "min_nodes": 1,
-        "quarantine_ttl": "10m",
+        "quarantine_ttl": "10m", "container": str(tmp_path / "image"), "container_runtime": "apptainer",
+        "container_binds": ["/data:/mnt/data"], "container_python": "/opt/venv/bin/python",
     }
+
+
+# options that mean something only beside another: each is tried on a Job that has that one
+COMPANIONS = {"container_runtime": {"container": "/images/train"}, "container_binds": {"container": "/images/train"},
+              "container_python": {"container": "/images/train"}}
 
 
 # which field of the JobSpec (or of the Watch) each option must set, and nothing else
@@ -269,7 +275,8 @@ FIELDS = {
     "launcher": "launcher", "in_place": "in_place", "experiment": "experiment", "tags": "tags", "inputs": "inputs",
     "kill_grace": "watch.kill_grace", "timeout": "watch.timeout", "hang_timeout": "watch.hang_timeout",
     "hvd_backend": "env", "hvd_ops": "env", "max_restarts": "max_restarts", "restart_delay": "restart_delay",
-    "min_nodes": "min_nodes", "quarantine_ttl": "quarantine_ttl",
+    "min_nodes": "min_nodes", "quarantine_ttl": "quarantine_ttl", "container": "container",
+    "container_runtime": "container", "container_binds": "container", "container_python": "container",
 }
 
 
@@ -293,12 +300,12 @@ def test_the_api_takes_every_option_of_the_cli(tmp_path):
     src, data = make_project(tmp_path)
     samples = sample_options(tmp_path, src, data)
     assert sorted(samples) == option_names() == sorted(FIELDS)  # a new option of 'distlaunch run' must reach Job
-    base = Job("job.py", str(src))
     for name, value in samples.items():
+        base = Job("job.py", str(src), **COMPANIONS.get(name, {}))
         if name == "source_dir":  # the estimator's own argument, given as an option
             job = Job(str(src / "job.py"), source_dir=value)
         else:
-            job = Job("job.py", str(src), **{name: value})
+            job = Job("job.py", str(src), **{**COMPANIONS.get(name, {}), name: value})
         changed = sorted(set(fields(job)) ^ set(fields(base)))
         assert changed and {item[0] for item in changed} == {FIELDS[name]}, (name, changed)
     job = Job("job.py", str(src), env={"A": "1", "B": "two words"}, mpi_args=["--mca", "btl", "tcp,self"],

@@ -629,8 +629,10 @@ def test_ranks_inside_a_container_on_two_nodes(cluster, project, tmp_path, tmp_p
         pytest.fail("Charliecloud is missing: apt-get install -y charliecloud")
     image = build(tmp_path_factory.mktemp("images") / "train")
     shutil.copy(SCRIPTS / "where_am_i.py", project)
+    from test_containers import HOST_ONLY
+
     proc, run_dir, record = launch(cluster, tmp_path, "--container", str(image), str(project / "where_am_i.py"),
-                                   str(REPO / "README.md"))
+                                   HOST_ONLY)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     seen = [json.loads(line.split("WHERE ", 1)[1]) for line in proc.stdout.splitlines() if "WHERE " in line]
     assert len(seen) == 4 and all(item["marker"] and not item["host_file"] and item["sum"] == 10 for item in seen)

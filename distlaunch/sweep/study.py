@@ -501,7 +501,8 @@ def default_name(job: JobSpec) -> str:
 
 
 class _StopSignals:
-    """While a sweep runs in the main thread: SIGTERM and SIGHUP stop it as Ctrl-C does."""
+    """While a sweep runs in the main thread: Ctrl-C, SIGTERM and SIGHUP stop it between two
+    polls (also where SIGINT came ignored, as for a job started in the background)."""
 
     def __init__(self, sweep: Sweep) -> None:
         self.sweep = sweep
@@ -516,7 +517,8 @@ class _StopSignals:
         def on_signal(signum: int, _frame: Any) -> None:
             self.sweep._stop = signum
 
-        self.old = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGHUP)}
+        self.old = {signum: signal.signal(signum, on_signal)
+                    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
 
     def __exit__(self, *exc: object) -> None:
         import signal
