@@ -88,12 +88,16 @@ def choose_runtime(spec: ContainerSpec, which: Callable[[str], str | None]) -> t
 
 
 def bind_roots(paths: Iterable[str]) -> list[str]:
-    """The fewest folders that cover ``paths`` (a path inside another is left out), sorted."""
+    """The fewest folders that cover ``paths`` (a path inside another is left out), in the
+    order the paths were given."""
+    given = [posixpath.normpath(p) for p in paths if p]
     roots: list[str] = []
-    for path in sorted({posixpath.normpath(p) for p in paths if p}):
+    for path in sorted(set(given)):  # a folder sorts before what is inside it
         if not any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots):
             roots.append(path)
-    return roots
+    order = {root: min(i for i, path in enumerate(given) if path == root or path.startswith(root.rstrip("/") + "/"))
+             for root in roots}
+    return sorted(roots, key=order.__getitem__)
 
 
 def container_argv(runtime: str, exe: str, image: str, binds: Sequence[tuple[str, str]], cwd: str | None,
