@@ -425,6 +425,33 @@ class RunRecord:
         return cls.from_dict(data)
 
 
+class AppendedLines:
+    """The whole lines appended to a file since the last ``read()`` (one still being
+    written waits for its end); a file not there yet reads as nothing. ``from_end``:
+    what the file holds already is not read."""
+
+    def __init__(self, path: Path, from_end: bool = False) -> None:
+        self.path = path
+        self.offset = 0
+        self.rest = b""
+        if from_end:
+            try:
+                self.offset = path.stat().st_size
+            except OSError:
+                pass
+
+    def read(self) -> list[bytes]:
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self.offset)
+                data = handle.read()
+        except OSError:
+            return []
+        self.offset += len(data)
+        *lines, self.rest = (self.rest + data).split(b"\n")
+        return lines
+
+
 def tail_lines(path: Path, count: int = 10, max_bytes: int = 16384) -> list[str]:
     """The last ``count`` lines of a log file, decoded leniently."""
     try:

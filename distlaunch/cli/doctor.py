@@ -1,7 +1,6 @@
 """``distlaunch doctor``: check every node before a multi-node run."""
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from typing import Any
@@ -11,7 +10,7 @@ import click
 from ..launch.launcher import choose_transport, local_cores
 from ..nodes.doctor import run_doctor
 from ..nodes.transport import Nodes
-from ..plan.container import RUNTIMES, ContainerSpec, choose_runtime
+from ..plan.container import RUNTIMES, ContainerSpec, choose_runtime, image_arg
 from ..plan.hosts import placement
 from ..plan.placement import place
 from ..plan.spec import default_remote_root
@@ -57,7 +56,7 @@ def doctor_command(**kwargs: Any) -> None:
     image = kwargs.pop("container")
     runtime, python = kwargs.pop("container_runtime"), kwargs.pop("container_python")
     if image is not None:
-        image = os.path.abspath(os.path.expanduser(image)) if os.path.exists(os.path.expanduser(image)) else image
+        image = image_arg(image)
         spec = ContainerSpec(image, runtime, (), python)
         container = (*choose_runtime(spec, shutil.which), image, python or sys.executable)
     ssh = pop_ssh(kwargs)

@@ -1,7 +1,6 @@
 """``distlaunch run``: options → JobSpec (once, here), then the launch pipeline."""
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import sys
@@ -13,7 +12,7 @@ import click
 from ..errors import SpecError
 from ..launch.launcher import Prepared, launch, prepare
 from ..launch.supervise import Console, Outcome, Watch
-from ..plan.container import RUNTIMES, ContainerSpec
+from ..plan.container import RUNTIMES, ContainerSpec, image_arg
 from ..plan.envpolicy import is_secret, redact
 from ..plan.inputs import parse_input
 from ..plan.mpirun import LaunchPlan
@@ -224,10 +223,7 @@ def pop_container(kwargs: dict[str, Any]) -> ContainerSpec | None:
         if given:
             raise SpecError(f"{given[0]} without --container IMAGE: name the image, or drop {given[0]}")
         return None
-    image = os.path.expanduser(image)
-    if os.path.exists(image):
-        image = os.path.abspath(image)  # the same path on every node, whatever the working directory
-    return ContainerSpec(image, runtime, binds, python)
+    return ContainerSpec(image_arg(image), runtime, binds, python)
 
 
 def parse_ttl(text: str | float) -> float:

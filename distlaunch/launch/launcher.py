@@ -178,27 +178,25 @@ def _place_healthy(spec: JobSpec, cores: int, progress: Callable[[str], None]) -
     return placed
 
 
-def _allocation_alive() -> bool:
-    try:
-        check_allocation(os.environ)
-    except HostError:
-        return False
-    return True
-
-
 def prepare(spec: JobSpec, progress: Callable[[str], None] = log.info) -> Prepared:
     names = this_host_names()
     cores = local_cores()
     placed = _place_healthy(spec, cores, progress)
     origin = placed.source.origin
-    if origin == SLURM_HOSTS and (spec.ssh != SSHOptions() or not _allocation_alive()):
-        # --hosts naming nodes of the allocation we seem to be in: steps of it, unless ssh
-        # options say otherwise or the SLURM_* variables are stale; then plain --hosts
+    # --hosts naming nodes of the allocation we seem to be in: steps of it, unless ssh
+    # options say otherwise or the SLURM_* variables are stale; then plain --hosts
+    plain = origin == SLURM_HOSTS and spec.ssh != SSHOptions()
+    if in_allocation(origin) and not plain:
+        try:
+            check_allocation(os.environ)
+        except HostError:
+            if origin != SLURM_HOSTS:
+                raise
+            plain = True
+    if plain:
         origin = "--hosts"
         placed = dataclasses.replace(placed, source=dataclasses.replace(placed.source, origin=origin))
-    if in_allocation(origin):
-        check_allocation(os.environ)
-    elif spec.launcher == "srun":
+    if not in_allocation(origin) and spec.launcher == "srun":
         raise SpecError("--launcher srun starts a step of the Slurm allocation you run in, and there is none: "
                         "run inside salloc/sbatch, or use 'distlaunch submit'")
     check_resolvable([host for host, _ in placement(placed.slots) if not is_local(host, names)], origin)

@@ -57,6 +57,13 @@ class ContainerSpec:
             _FILE_IMAGE.search(self.image))
 
 
+def image_arg(image: str) -> str:
+    """--container as given: a path that exists made absolute (the same on every node,
+    whatever the working directory), else as it is (a podman image name)."""
+    path = os.path.expanduser(image)
+    return os.path.abspath(path) if os.path.exists(path) else image
+
+
 def parse_bind(item: str) -> tuple[str, str]:
     """``SRC`` or ``SRC:DST`` (both absolute) → ``(SRC, DST)``."""
     src, _colon, dst = item.partition(":")

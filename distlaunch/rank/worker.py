@@ -27,7 +27,7 @@ from typing import Any
 
 from ..errors import DistlaunchError
 from ..protocol import EXCEPTION_FILE, METRIC_MARK, RANK, RELAY_METRICS
-from ..records import RankExit, RunPaths
+from ..records import AppendedLines, RankExit, RunPaths
 from .rankinfo import RankInfo, from_environ
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
@@ -124,28 +124,15 @@ class MetricsTail:
     EVERY_S = 0.25
 
     def __init__(self, path: Path, prefix: bytes, out_fd: int) -> None:
-        self.path, self.prefix, self.out_fd = path, prefix, out_fd
-        try:
-            self.offset = path.stat().st_size  # lines already there were not logged by this rank
-        except OSError:
-            self.offset = 0
-        self.pending = b""
+        self.prefix, self.out_fd = prefix, out_fd
+        self.lines = AppendedLines(path, from_end=True)  # lines already there were not logged by this rank
         self.last = 0.0
 
     def poll(self, now: bool = False) -> None:
         if not now and time.monotonic() - self.last < self.EVERY_S:
             return
         self.last = time.monotonic()
-        try:
-            with open(self.path, "rb") as handle:
-                handle.seek(self.offset)
-                data = handle.read()
-        except OSError:
-            return  # nothing logged yet
-        if not data:
-            return
-        self.offset += len(data)
-        *lines, self.pending = (self.pending + data).split(b"\n")
+        lines = self.lines.read()
         if lines:
             _write_all(self.out_fd, b"".join(self.prefix + METRIC_MARK + line + b"\n" for line in lines if line))
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from ..errors import DistlaunchError, SpecError
 from ..plan.spec import JobSpec, TargetSpec, spec_from_dict, spec_to_dict
-from ..records import open_private
+from ..records import AppendedLines, open_private
 from .packing import SlotPool
 from .policy import SAMPLERS, EarlyStop, make_pruner, make_sampler, parse_early_stop
 from .space import Param, as_args, grid, parse_space
@@ -153,11 +153,13 @@ class _Live:
     run: Any
     slots: list[tuple[str, int]] | None
     params: dict[str, Any]
-    offset: int = 0
-    rest: bytes = b""
+    metrics: AppendedLines = field(init=False)  # rank 0's metrics file, read as it grows
     steps: int = 0
     last: float | None = None
     started: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.metrics = AppendedLines(self.run.paths.rank_metrics(0))
 
 
 class Sweep:
@@ -416,19 +418,8 @@ class Sweep:
 
     def _new_values(self, item: _Live) -> list[float]:
         """The metric's values rank 0 appended to its metrics file since the last read."""
-        path = item.run.paths.metrics / "rank-0.jsonl"
-        try:
-            with open(path, "rb") as handle:
-                handle.seek(item.offset)
-                data = handle.read()
-        except OSError:
-            return []
-        item.offset += len(data)
-        data, item.rest = item.rest + data, b""
-        lines = data.split(b"\n")
-        item.rest = lines.pop()  # a line not finished yet
         values = []
-        for line in lines:
+        for line in item.metrics.read():
             try:
                 entry = json.loads(line)
             except ValueError:
