@@ -2,9 +2,10 @@
 
 Runs ``distlaunch bench allreduce`` --repeats times (each run times every backend on the
 same buffers); for every size and backend takes the median over the repeats of the
-per-repeat ratio time(backend) / time(mpi4py) (< 1 means faster than MPI), and the
-median busbw and its fraction of the same-run one-core memcpy rate. Writes JSON and a
-busbw-vs-size plot.
+per-repeat ratio time(backend) / time(mpi4py) (< 1 means faster than MPI) with its
+range, and the median busbw and its fraction of the same-run one-core memcpy rate. A
+run's time per size is the median of its iterations; the plot's band spans the runs'
+fastest and slowest. Writes JSON and the busbw-vs-size plot with a latency panel.
 
     python benchmarks/allreduce.py --ranks 2 --repeats 5 --sizes 8B:256MiB --out benchmarks/results
 """
@@ -58,9 +59,11 @@ def main() -> None:
         for backend in backends:
             times = [time_of(r, backend, size) for r in results]
             busbw = size / (statistics.median(times) * 1e-6) * 2 * (args.ranks - 1) / args.ranks / 1e9
+            ratios = [t / b for t, b in zip(times, base)]
             summary.append({"size": size, "backend": backend, "median_time_us": statistics.median(times),
-                            "ratio_to_mpi4py": statistics.median(t / b for t, b in zip(times, base)),
-                            "busbw_GBps": busbw, "busbw_fraction_of_memcpy": busbw / ceiling})
+                            "min_time_us": min(times), "max_time_us": max(times),
+                            "ratio_to_mpi4py": statistics.median(ratios), "ratio_min": min(ratios),
+                            "ratio_max": max(ratios), "busbw_GBps": busbw, "busbw_fraction_of_memcpy": busbw / ceiling})
     print(f"{args.ranks} ranks, {args.repeats} repeats; memcpy one core (median) {ceiling:.2f} GB/s")
     print(f"{'size':>10} " + " ".join(f"{b + ' us':>12} {'x mpi':>6}" for b in backends))
     from distlaunch.plan.units import format_size
@@ -75,8 +78,9 @@ def main() -> None:
                                                        "runs": results}, indent=1))
     from distlaunch.cli.bench import plot_busbw
 
-    rows = [{"backend": s["backend"], "size": s["size"], "busbw_GBps": s["busbw_GBps"]} for s in summary]
-    plot_busbw(rows, ceiling, f"allreduce float32 sum, {args.ranks} ranks, one node (median busbw)",
+    rows = [{"backend": s["backend"], "size": s["size"], "busbw_GBps": s["busbw_GBps"], "time_us": s["median_time_us"],
+             "min_us": s["min_time_us"], "max_us": s["max_time_us"]} for s in summary]
+    plot_busbw(rows, ceiling, f"allreduce float32 sum, {args.ranks} ranks, one node, {args.repeats} runs",
                str(args.out / f"{name}.png"))
     print(f"wrote {args.out / name}.json and .png")
 

@@ -2,8 +2,9 @@
 
 Needs root, sshd, rsync and unshare. Brings up 2 nodes, then measures:
 - sync of a 1,000-file tree to both nodes: first time, and again with nothing changed;
-- wall time of ``distlaunch run`` for a trivial 2-rank job on 1 node (2 ranks) against
-  2 nodes (1 rank each), interleaved, medians of --repeats;
+- wall time of ``distlaunch run`` for a trivial 2-rank job on localhost, on 1 node (2
+  ranks) and on 2 nodes (1 rank each), with ssh connections shared (one per node, the
+  default) and not (DISTLAUNCH_SSH_SHARE=0), interleaved, medians of --repeats;
 - with --allreduce: ``distlaunch bench allreduce`` on 2 nodes x 2 ranks, every backend
   (shm being hierarchical there), each backend's time as a ratio to mpi4py's.
 
@@ -68,31 +69,41 @@ def main() -> None:
                 times.append((time.perf_counter() - start, sum(r.sent for r in results)))
             print(f"sync {args.files} files to 2 nodes: first {times[0][0]:.2f} s ({times[0][1]} files sent), "
                   f"no-change re-sync {times[1][0]:.2f} s ({times[1][1]} files sent)")
-            script = src / "noop.py"
-            script.write_text("pass\n")
-            variants = {
-                "1 node x 2 ranks": ["--hosts", f"{box.hosts[0]}:2"],
-                "2 nodes x 1 rank": ["--hosts", f"{box.hosts[0]}:1,{box.hosts[1]}:1"],
-            }
-            walls: dict[str, list[float]] = {name: [] for name in variants}
-            for _ in range(args.repeats):
-                for name, hosts in variants.items():
-                    start = time.perf_counter()
-                    proc = subprocess.run([sys.executable, "-m", "distlaunch", "run", *hosts, "--ssh-config",
-                                           str(box.ssh_config), "--run-dir", str(root / "runs"), str(script)],
-                                          capture_output=True, text=True)
-                    walls[name].append(time.perf_counter() - start)
-                    if proc.returncode:
-                        raise SystemExit(proc.stderr[-2000:])
-            med = {name: statistics.median(values) for name, values in walls.items()}
+            med = launch_times(box, root, src, args.repeats)
             for name, value in med.items():
                 print(f"distlaunch run, {name}: {value:.2f} s (median of {args.repeats})")
-            one, two = med["1 node x 2 ranks"], med["2 nodes x 1 rank"]
-            print(f"2-node / 1-node = {two / one:.2f} (+{two - one:.2f} s)")
+            local, one, both, plain = (med[name] for name in med)
+            print(f"2-node / 1-node = {both / one:.2f} (+{both - one:.2f} s); 2-node / localhost = {both / local:.2f} "
+                  f"(+{both - local:.2f} s); shared / not shared ssh = {both / plain:.2f} ({both - plain:+.2f} s)")
             if args.allreduce:
                 allreduce_across(box, root, args.sizes)
         finally:
             box.down()
+
+
+def launch_times(box, root: Path, src: Path, repeats: int) -> dict[str, float]:
+    """Medians of ``distlaunch run`` of a no-op script: localhost, 1 node, 2 nodes with
+    ssh shared and not (interleaved)."""
+    script = src / "noop.py"
+    script.write_text("pass\n")
+    two = ["--hosts", f"{box.hosts[0]}:1,{box.hosts[1]}:1"]
+    variants = {  # name: (hosts, extra environment)
+        "localhost x 2 ranks": (["--ppn", "2"], {}),
+        "1 node x 2 ranks": (["--hosts", f"{box.hosts[0]}:2"], {}),
+        "2 nodes x 1 rank": (two, {}),
+        "2 nodes, ssh not shared": (two, {"DISTLAUNCH_SSH_SHARE": "0"}),
+    }
+    walls: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, (hosts, extra) in variants.items():
+            start = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-m", "distlaunch", "run", *hosts, "--ssh-config",
+                                   str(box.ssh_config), "--run-dir", str(root / "runs"), str(script)],
+                                  capture_output=True, text=True, env={**os.environ, **extra})
+            walls[name].append(time.perf_counter() - start)
+            if proc.returncode:
+                raise SystemExit(proc.stderr[-2000:])
+    return {name: statistics.median(values) for name, values in walls.items()}
 
 
 def allreduce_across(box, root: Path, sizes: str) -> None:

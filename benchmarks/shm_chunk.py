@@ -15,8 +15,8 @@ from mpi4py import MPI
 
 from distlaunch.hvd.shm_allreduce import ShmAllreduce
 
-CHUNKS = (256 << 10, 512 << 10, 1 << 20, 4 << 20)
-SIZES = (1 << 20, 4 << 20, 16 << 20, 64 << 20)
+CHUNKS = (64 << 10, 128 << 10, 256 << 10, 512 << 10, 1 << 20)
+SIZES = (1 << 20, 2 << 20, 4 << 20, 8 << 20, 16 << 20, 64 << 20)
 ITERS, WARMUP = 15, 3
 
 

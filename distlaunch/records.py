@@ -26,9 +26,6 @@ import dataclasses
 import enum
 import json
 import os
-import secrets
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +55,7 @@ def new_run_id(now: float | None = None) -> str:
     """Unique and sortable by start time, to the millisecond: ``20261122-213502-123-3f9a``."""
     now = time.time() if now is None else now
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
-    return f"{stamp}-{int(now * 1000) % 1000:03d}-{secrets.token_hex(2)}"
+    return f"{stamp}-{int(now * 1000) % 1000:03d}-{os.urandom(2).hex()}"
 
 
 @dataclass(frozen=True)
@@ -100,6 +97,8 @@ class RunPaths:
                 if path.exists():
                     os.replace(path, target / path.name)
             if self.metrics.is_dir():  # kept going, but a multi-node collect replaces the files: keep a copy
+                import shutil
+
                 shutil.copytree(self.metrics, target / "metrics")
             for sub in (self.logs, self.ranks):
                 sub.mkdir(mode=PRIVATE_DIR)
@@ -169,7 +168,9 @@ def write_json(path: Path, data: Any, reserve: int = 0) -> None:
     """
     text = (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n" + " " * reserve).encode()
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 0600
+        # a private temporary beside it (not tempfile: its import is most of a rank worker's start)
+        tmp = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(text)

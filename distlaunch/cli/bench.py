@@ -145,26 +145,56 @@ class BenchError(DistlaunchError):
     exit_code = 1
 
 
+LATENCY_PANEL_MAX = 64 << 10  # sizes up to this go into the latency panel too
+
+
 def plot_busbw(rows: list[dict[str, Any]], ceiling: float, title: str, target: str) -> None:
-    """busbw vs size per backend (log x axis), with the one-core memcpy rate as a line."""
+    """Two panels, log-log, sizes in KiB/MiB: busbw vs size per backend (the row's median,
+    a band from its fastest to its slowest time, the one-core memcpy rate as the ceiling),
+    and time vs size for the small sizes, where latency is what counts."""
     try:
         import matplotlib
     except ImportError:
         raise click.ClickException("--plot needs matplotlib: pip install matplotlib") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (bandwidth, latency) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
     for backend in dict.fromkeys(r["backend"] for r in rows):
-        mine = [r for r in rows if r["backend"] == backend]
-        ax.plot([r["size"] for r in mine], [r["busbw_GBps"] for r in mine], marker="o", label=backend)
-    ax.axhline(ceiling, color="grey", linestyle="--", label="memcpy, one core")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("message size (bytes)")
-    ax.set_ylabel("busbw (GB/s)")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
+        mine = sorted((r for r in rows if r["backend"] == backend), key=lambda r: r["size"])
+        sizes = [r["size"] for r in mine]
+        line = bandwidth.plot(sizes, [r["busbw_GBps"] for r in mine], marker="o", markersize=3, label=backend)[0]
+        if all("min_us" in r and "max_us" in r for r in mine):  # busbw scales as 1/time
+            scale = [r["busbw_GBps"] * r["time_us"] for r in mine]
+            bandwidth.fill_between(sizes, [k / r["max_us"] for k, r in zip(scale, mine)],
+                                   [k / r["min_us"] for k, r in zip(scale, mine)], color=line.get_color(),
+                                   alpha=0.2, linewidth=0)
+        small = [r for r in mine if r["size"] <= LATENCY_PANEL_MAX]
+        if small:
+            latency.plot([r["size"] for r in small], [r["time_us"] for r in small], marker="o", markersize=3,
+                         color=line.get_color(), label=backend)
+            if all("min_us" in r and "max_us" in r for r in small):
+                latency.fill_between([r["size"] for r in small], [r["min_us"] for r in small],
+                                     [r["max_us"] for r in small], color=line.get_color(), alpha=0.2, linewidth=0)
+    bandwidth.axhline(ceiling, color="grey", linestyle="--", label="memcpy, one core")
+    size_ticks = FuncFormatter(lambda value, _pos: format_size(int(round(value))))
+    for ax, ylabel in ((bandwidth, "busbw (GB/s), median; band: fastest-slowest"),
+                       (latency, "time (us), median; band: fastest-slowest")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=4))
+        ax.xaxis.set_major_formatter(size_ticks)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.tick_params(axis="x", labelrotation=45)
+        ax.set_xlabel("message size")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="major", alpha=0.3)
+    bandwidth.set_title(title, fontsize=10)
+    latency.set_title(f"small messages (up to {format_size(LATENCY_PANEL_MAX)})", fontsize=10)
+    bandwidth.legend(fontsize=8)
+    if latency.lines:
+        latency.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(target, dpi=70)
+    fig.savefig(target, dpi=80)
     plt.close(fig)

@@ -3,7 +3,8 @@
 ``distlaunch bench allreduce`` launches this through the normal run path. For each size
 the send and receive buffers are allocated once and every backend uses the SAME
 buffers. Each timed iteration starts after a barrier and counts as the slowest rank's
-time; warm-up iterations are not timed. After timing, the result is checked element
+time; a row's time is the median of its iterations (min, max and mean beside it);
+warm-up iterations are not timed. After timing, the result is checked element
 by element (``#wrong``, as in nccl-tests). Figures are nccl-tests' algbw = bytes/time
 and busbw = algbw · 2(n−1)/n. The same run measures memcpy on one core and on all
 ranks at once, the ceiling busbw is compared with. Rank 0 writes JSON.
@@ -14,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -26,6 +28,7 @@ from ..protocol import OUTPUT_DIR
 from .shm_allreduce import MPI_OPS
 
 BACKENDS = ("mpi4py", "shm", "torch", "horovod")
+QUIET_BACKENDS = ("mpi4py", "shm")  # no thread of their own: they may take turns size by size
 
 
 def sizes_from(text: str, factor: int) -> list[int]:
@@ -198,10 +201,11 @@ def measure(comm: Any, name: str, fn: Callable[[np.ndarray, np.ndarray], None], 
     recv.fill(0)
     times = time_backend(comm, fn, send, recv, iters, warmup)
     wrong = comm.allreduce(count_wrong(recv, want, op))
-    mean = sum(times) / len(times)
-    algbw = count * dtype.itemsize / mean
+    median = statistics.median(times)  # not the mean: one descheduled iteration would move it
+    algbw = count * dtype.itemsize / median
     return {"backend": name, "size": count * dtype.itemsize, "count": count, "type": dtype.name,
-            "redop": op, "time_us": mean * 1e6, "min_us": min(times) * 1e6, "max_us": max(times) * 1e6,
+            "redop": op, "time_us": median * 1e6, "min_us": min(times) * 1e6, "max_us": max(times) * 1e6,
+            "mean_us": sum(times) / len(times) * 1e6,
             "algbw_GBps": algbw / 1e9, "busbw_GBps": algbw * 2 * (n - 1) / n / 1e9, "wrong": wrong}
 
 
@@ -219,16 +223,28 @@ def run_allreduce(args: argparse.Namespace) -> dict[str, Any]:
     buffers = {count: (pattern(count, comm.rank, dtype), np.empty(count, dtype)) for count in counts}
     checks = {count: expected(count, n, args.op, dtype) for count in counts}
     rows = []
-    for name in names:  # backend by backend: a backend's threads never disturb another's timing
-        fn = backends.fn(name)
-        for count in counts:
-            send, recv = buffers[count]
-            iters = args.iters if count * dtype.itemsize < (64 << 20) else max(3, args.iters // 4)
-            rows.append(measure(comm, name, fn, send, recv, checks[count], args.op, iters, args.warmup))
-            if comm.rank == 0:
-                print(f"{name:>8} {format_size(count * dtype.itemsize):>8}: {rows[-1]['time_us']:10.1f} us, "
-                      f"busbw {rows[-1]['busbw_GBps']:.2f} GB/s", flush=True)
+
+    def one(name: str, count: int) -> None:
+        send, recv = buffers[count]
+        iters = args.iters if count * dtype.itemsize < (64 << 20) else max(3, args.iters // 4)
+        rows.append(measure(comm, name, backends.fn(name), send, recv, checks[count], args.op, iters, args.warmup))
+        if comm.rank == 0:
+            print(f"{name:>8} {format_size(count * dtype.itemsize):>8}: {rows[-1]['time_us']:10.1f} us, "
+                  f"busbw {rows[-1]['busbw_GBps']:.2f} GB/s", flush=True)
+
+    # backends without threads of their own take turns size by size, so that a slow spell
+    # of the machine hits them alike; the others run one after another, never beside them
+    quiet = [name for name in names if name in QUIET_BACKENDS]
+    for count in counts:
+        for name in quiet:
+            one(name, count)
+    for name in names:
+        if name not in QUIET_BACKENDS:
+            for count in counts:
+                one(name, count)
     backends.close()
+    order = {name: index for index, name in enumerate(names)}
+    rows.sort(key=lambda row: order[row["backend"]])  # the table reads backend by backend, as asked
     hosts = comm.gather(platform.node())
     return {"ranks": n, "hosts": sorted(set(hosts)) if hosts else [], "dtype": dtype.name, "op": args.op,
             "iters": args.iters, "warmup": args.warmup, "memcpy_one_core_GBps": one_core / 1e9,

@@ -20,6 +20,8 @@ from typing import Any
 
 from .rendezvous import interface_towards, master_address, mpi_topology
 
+SERVER_POLL_S = 0.02
+
 
 def _serve(address: str, plan: list[Any]) -> int:
     """Start Horovod's rendezvous server on ``address``; its port."""
@@ -28,7 +30,10 @@ def _serve(address: str, plan: list[Any]) -> int:
 
     server = RendezvousHTTPServer((address, 0), RendezvousHandler, 0)
     server.init(plan)
-    threading.Thread(target=server.serve_forever, name="horovod-rendezvous", daemon=True).start()
+    # serve_forever notices a shutdown only between polls: its default 0.5 s poll kept
+    # every rank 0 waiting up to that long in hvd.shutdown()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": SERVER_POLL_S}, name="horovod-rendezvous",
+                     daemon=True).start()
     _server = server  # only once it serves: forget()'s shutdown waits for serve_forever
     return int(server.server_address[1])
 

@@ -9,17 +9,17 @@ and the Python API both come through here.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
-import platform
 import shutil
 import signal
 import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -225,9 +225,9 @@ def prepare(spec: JobSpec, progress: Callable[[str], None] = log.info) -> Prepar
 def versions(mpi: MPIInstall) -> dict[str, str]:
     return {
         "distlaunch": __version__,
-        "python": platform.python_version(),
+        "python": ".".join(map(str, sys.version_info[:3])),
         "mpi": mpi.label,
-        "platform": platform.platform(),
+        "platform": "-".join(os.uname()[i] for i in (0, 2, 4)),  # platform.platform() would run `uname -p`
     }
 
 
@@ -678,6 +678,24 @@ def _replan_record(record: RunRecord, prepared: Prepared, the_plan: LaunchPlan) 
     record.hostfile = the_plan.hostfile_text
 
 
+@contextlib.contextmanager
+def _shared_connections(prepared: Prepared) -> Iterator[Prepared]:
+    """``prepared`` reaching its other nodes over one ssh connection each, for as long
+    as the block runs (nodes/sshshare.py); as it is without ssh to other nodes."""
+    transport = prepared.transport
+    if not (prepared.multi_node and isinstance(transport, SSHTransport)):
+        yield prepared
+        return
+    from ..nodes.sshshare import SharedConnections
+
+    with SharedConnections(prepared.spec.ssh, prepared.remote_hosts) as ssh:
+        if ssh.control_path is None:
+            yield prepared
+            return
+        yield dataclasses.replace(prepared, spec=dataclasses.replace(prepared.spec, ssh=ssh),
+                                  transport=dataclasses.replace(transport, options=ssh))
+
+
 def launch(
     prepared: Prepared,
     console: Console = NO_CONSOLE,
@@ -689,6 +707,12 @@ def launch(
     """Run the job to its end; the run folder records every step. ``on_ready`` is called
     once the run folder exists, before the code is synced and mpirun starts. ``paths``:
     the run folder of a submitted (queued) run, which this launch carries out."""
+    with _shared_connections(prepared) as shared:
+        return _launch(shared, console, watch, on_ready, progress, paths)
+
+
+def _launch(prepared: Prepared, console: Console, watch: Watch, on_ready: Callable[[RunPaths], None] | None,
+            progress: Callable[[str], None], paths: RunPaths | None) -> tuple[RunPaths, Outcome]:
     prepared = shared_source_check(prepared, progress)
     spec = prepared.spec
     host_cores = None

@@ -35,7 +35,6 @@ import socket
 import stat
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +93,8 @@ def _names(stdin: str) -> list[str]:
 
 
 def probe(remote_root: str | None, container: list[str] | None = None) -> dict[str, Any]:
+    from importlib import metadata  # slow to import; the launcher's local path never needs it
+
     from ..plan.gpus import inventory
 
     facts: dict[str, Any] = {

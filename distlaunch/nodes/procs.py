@@ -23,22 +23,65 @@ def _pid_namespace(pid: int | str) -> str | None:
         return None
 
 
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rpartition(b")")[2].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return True  # gone
+
+
+def _candidate_pids(run_id: str, session: int | None, any_namespace: bool) -> list[int] | None:
+    """Pids that may belong to run ``run_id``: in mpirun's ``session``, or with the run's id
+    in their environment, read straight from ``/proc`` (one read per process, no process
+    objects; most of the machine is not ours to read and is skipped at once). None where
+    there is no ``/proc``."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    tag = f"\0{RUN_ID}={run_id}\0".encode()
+    me = os.getpid()
+    mine = None if any_namespace else _pid_namespace("self")
+    found = []
+    for entry in entries:
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        pid = int(entry)
+        if mine is not None and _pid_namespace(pid) not in (mine, None):
+            continue
+        try:
+            if session is not None and os.getsid(pid) == session:
+                if not _is_zombie(pid):  # mpirun itself, not yet reaped, is one
+                    found.append(pid)
+                continue
+            with open(f"/proc/{pid}/environ", "rb") as handle:
+                if tag in b"\0" + handle.read() + b"\0":
+                    found.append(pid)
+        except OSError:  # gone, or another user's
+            continue
+    return found
+
+
 def run_processes(run_id: str, session: int | None = None, python_ranks_only: bool = False,
                   any_namespace: bool = False) -> list[Any]:
     """Live processes of run ``run_id`` here: tagged with its id in their environment, or
     in mpirun's ``session``. Zombies are dead and left out, and so is this process.
     ``any_namespace``: also those in other PID namespaces (a test's view of every node)."""
+    pids = _candidate_pids(run_id, session, any_namespace)
+    if pids == []:
+        return []  # the usual end of a run: nothing left, and psutil not even imported
     import psutil
 
-    mine = None if any_namespace else _pid_namespace("self")
+    if pids is None:  # no /proc: ask psutil about every process
+        mine = None if any_namespace else _pid_namespace("self")
+        pids = [pid for pid in psutil.pids()
+                if pid != os.getpid() and (mine is None or _pid_namespace(pid) in (mine, None))]
     found = []
-    for proc in psutil.process_iter():
-        if proc.pid == os.getpid():
-            continue
+    for pid in pids:
         try:
-            if mine is not None and _pid_namespace(proc.pid) not in (mine, None):
-                continue
-            in_session = session is not None and os.getsid(proc.pid) == session
+            proc = psutil.Process(pid)
+            in_session = session is not None and os.getsid(pid) == session
             env = proc.environ() if not in_session or python_ranks_only else {}
             if not (in_session or env.get(RUN_ID) == run_id):
                 continue
@@ -53,6 +96,8 @@ def run_processes(run_id: str, session: int | None = None, python_ranks_only: bo
 
 def wait_gone(procs: list[Any], timeout: float) -> list[Any]:
     """Poll until every process has exited (or is a zombie); return those still alive."""
+    if not procs:
+        return []
     import psutil
 
     deadline = time.monotonic() + timeout

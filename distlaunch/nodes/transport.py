@@ -14,7 +14,6 @@ import os
 import shlex
 import subprocess
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -33,6 +32,8 @@ def for_each(items: Iterable[T], fn: Callable[[T], R], max_parallel: int = MAX_P
     items = list(items)
     if len(items) <= 1:
         return [fn(item) for item in items]
+    from concurrent.futures import ThreadPoolExecutor  # not needed by a one-host run
+
     with ThreadPoolExecutor(max_workers=min(max_parallel, len(items))) as pool:
         return list(pool.map(fn, items))
 

@@ -233,18 +233,6 @@ def sync(nodes: Nodes, hosts: Sequence[str], tree: SourceTree, layout: RemoteLay
         finished.set()
 
 
-def pull(nodes: Nodes, host: str, remote: str, local: Path) -> bool:
-    """Copy remote folder ``remote`` into ``local`` (merging). True when it came back, or
-    when there was nothing to bring (the job made no such folder); False if it failed."""
-    argv = ["rsync", "-a", "--mkpath", "--chmod=go-rwx"]
-    if not is_local(host, nodes.transport.local_names):
-        argv += ["-e", nodes.transport.rsync_shell()]
-    proc = subprocess.run([*argv, _target(nodes, host, f"{remote}/"), f"{local}/"], capture_output=True,
-                          env=nodes.transport.environment())
-    absent = proc.returncode == 23 and b"change_dir" in proc.stderr and b"No such file or directory" in proc.stderr
-    return proc.returncode == 0 or absent
-
-
 def hand_over(nodes: Nodes, host: str, local: Path, remote: str, exclude: Sequence[str] = ()) -> bool:
     """Copy local folder ``local`` into ``remote`` on ``host`` (merging; owner-only), leaving
     out the top-level names in ``exclude``: the way back of ``pull``. True when it arrived."""
@@ -256,19 +244,45 @@ def hand_over(nodes: Nodes, host: str, local: Path, remote: str, exclude: Sequen
     return proc.returncode == 0
 
 
+# rsync's word for a source that is not there (the job never made that folder)
+ABSENT = re.compile(rb'(?:link_stat|change_dir) "([^"]*)" failed: No such file or directory')
+
+
+def pull_into(nodes: Nodes, host: str, sources: Sequence[tuple[str, str]], local: Path) -> list[str]:
+    """Copy each remote folder ``base/name`` into ``local/name`` (merging; name "": its
+    contents into ``local``), all in ONE rsync (``--relative``, each source cut at
+    ``/./``). Returns the remote folders that did not come back; one the job never made
+    is not among them."""
+    argv = ["rsync", "-a", "--relative", "--mkpath", "--chmod=go-rwx"]
+    if not is_local(host, nodes.transport.local_names):
+        argv += ["-e", nodes.transport.rsync_shell()]
+    wanted = [f"{base}/./{name}/" if name else f"{base}/./" for base, name in sources]
+    proc = subprocess.run([*argv, *(_target(nodes, host, path) for path in wanted), f"{local}/"],
+                          capture_output=True, env=nodes.transport.environment())
+    if proc.returncode == 0:
+        return []
+    absent = {os.path.normpath(path.decode(errors="replace")) for path in ABSENT.findall(proc.stderr)}
+    errors = [line for line in proc.stderr.splitlines() if line.startswith(b"rsync")
+              and not ABSENT.search(line) and b"some files/attrs were not transferred" not in line]
+    if proc.returncode == 23 and not errors:  # only absent folders: the rest came back
+        return []
+    return [f"{base}/{name}".rstrip("/") for base, name in sources
+            if os.path.normpath(f"{base}/{name}") not in absent]
+
+
 def collect(nodes: Nodes, hosts: Sequence[str], rank0_host: str, layout: RemoteLayout, run_root: Path,
             all_ranks: bool) -> list[str]:
     """Bring rank logs, exit records and metrics from every node, and rank 0's ./outputs and
-    ./logs (every node's outputs under outputs/<host>/ with ``all_ranks``). Returns what
-    failed (a folder the job never made is not a failure)."""
-    jobs: list[tuple[str, str, Path]] = []
+    ./logs (every node's outputs under outputs/<host>/ with ``all_ranks``): one rsync per
+    node (two with ``all_ranks``), all nodes at once. Returns what failed, as
+    ``host:folder`` (a folder the job never made is not a failure)."""
+    jobs: list[tuple[str, list[tuple[str, str]], Path]] = []
     for host in hosts:
-        jobs += [(host, f"{layout.agent_dir}/logs", run_root / "logs"),
-                 (host, f"{layout.agent_dir}/ranks", run_root / "ranks"),
-                 (host, f"{layout.agent_dir}/metrics", run_root / "metrics")]
+        sources = [(layout.agent_dir, "logs"), (layout.agent_dir, "ranks"), (layout.agent_dir, "metrics")]
+        if host == rank0_host:
+            sources += [(layout.workdir, "outputs"), (layout.workdir, "logs")]
+        jobs.append((host, sources, run_root))
         if all_ranks:
-            jobs.append((host, f"{layout.workdir}/outputs", run_root / "outputs" / host))
-    jobs += [(rank0_host, f"{layout.workdir}/outputs", run_root / "outputs"),
-             (rank0_host, f"{layout.workdir}/logs", run_root / "logs")]
-    done = for_each(jobs, lambda job: pull(nodes, job[0], job[1], job[2]), max_parallel=16)
-    return [f"{host}:{remote}" for (host, remote, _), ok in zip(jobs, done) if not ok]
+            jobs.append((host, [(f"{layout.workdir}/outputs", "")], run_root / "outputs" / host))
+    failed = for_each(jobs, lambda job: pull_into(nodes, job[0], job[1], job[2]), max_parallel=16)
+    return [f"{host}:{remote}" for (host, _, _), missing in zip(jobs, failed) for remote in missing]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSW|CREDENTIAL|AUTH", re.IGNORECASE)
 REDACTED = "<redacted>"
@@ -52,17 +52,29 @@ def redact_argv(argv: Iterable[str]) -> list[str]:
     return out
 
 
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+def _matcher(patterns: Iterable[str]) -> Callable[[str], bool]:
+    """One test for a list of shell-style patterns (case-sensitive): a match of any of
+    them. Exact names and ``PREFIX*`` (all of the lists above) need no pattern matching."""
+    exact, prefixes, other = set(), [], []
+    for pattern in patterns:
+        if not any(char in pattern for char in "*?["):
+            exact.add(pattern)
+        elif pattern.endswith("*") and not any(char in pattern[:-1] for char in "*?["):
+            prefixes.append(pattern[:-1])
+        else:
+            other.append(pattern)
+    starts = tuple(prefixes)
+    return lambda name: (name in exact or name.startswith(starts)
+                         or any(fnmatch.fnmatchcase(name, pattern) for pattern in other))
 
 
 def exported_names(names: Iterable[str], passes: Iterable[str] = ()) -> list[str]:
     """Which of the launcher's variable names to export to every rank, sorted."""
-    passes = tuple(passes)
+    passed, allowed, denied = _matcher(passes), _matcher(ALLOW), _matcher(DENY)
     chosen = []
     for name in names:
-        if _matches(name, passes):
+        if passed(name):
             chosen.append(name)  # an explicit --env-pass beats the deny list
-        elif _matches(name, ALLOW) and not _matches(name, DENY):
+        elif allowed(name) and not denied(name):
             chosen.append(name)
     return sorted(chosen)

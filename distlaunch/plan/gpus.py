@@ -54,7 +54,13 @@ def _from_file(path: str) -> Inventory:
     return Inventory(gpus, f"file {path}", driver="(from file)")
 
 
+# where an NVIDIA driver shows itself: host or container (/proc/driver/nvidia, /dev/nvidiactl), WSL (/dev/dxg)
+DRIVER_SIGNS = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/dxg")
+
+
 def _from_nvml() -> Inventory:
+    if not any(os.path.exists(sign) for sign in DRIVER_SIGNS):  # spares NVML's import and probe on CPU machines
+        return Inventory((), "none", problem="no NVIDIA driver here (no /proc/driver/nvidia, /dev/nvidiactl)")
     try:
         import pynvml
     except ImportError:

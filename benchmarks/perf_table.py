@@ -1,0 +1,225 @@
+"""Every performance ratio distlaunch is held to, measured side by side in one run.
+
+Rows (each against its reference, measured in the same sitting, runs interleaved
+A B C A B C so that machine noise hits all alike; medians):
+
+- launch of a no-op, 2 ranks: ``distlaunch run --ppn 2 python -c pass`` against bare
+  ``mpirun -n 2`` with the flags distlaunch adds;
+- launch to the first allreduce, 2 ranks, ``distlaunch.hvd`` on torch.distributed
+  against ``torchrun --standalone`` + gloo ``init_process_group`` + ``all_reduce``;
+- the same with real Horovod (where installed) against ``horovodrun --gloo`` and
+  against plain ``mpirun`` starting a Horovod script;
+- placement and plan for 10,000 hosts / 80,000 ranks, in process;
+- the shared-memory allreduce against MPI_Allreduce (mpi4py), 2 ranks, time ratio per
+  size from 1 to 256 MiB (median and range over --shm-repeats runs, the two backends
+  taking turns size by size in each), and its busbw over one-core memcpy at 16 MiB;
+- with --multinode (root, sshd, rsync, unshare): a no-op on 2 simulated nodes against
+  the same on localhost.
+
+    python benchmarks/perf_table.py                      # about 3 minutes here
+    python benchmarks/perf_table.py --repeats 9 --shm-repeats 5 --multinode --json perf.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from launch_overhead import bare_mpirun_argv, timed  # noqa: E402
+
+FIRST_HVD = """import torch
+import distlaunch.hvd as hvd
+hvd.init()
+out = hvd.allreduce(torch.ones(4), op=hvd.Sum, name="first")
+assert out[0].item() == hvd.size(), out
+hvd.shutdown()
+"""
+FIRST_TORCH = """import torch
+import torch.distributed as dist
+dist.init_process_group("gloo")
+t = torch.ones(4)
+dist.all_reduce(t)
+assert t[0].item() == dist.get_world_size(), t
+dist.destroy_process_group()
+"""
+FIRST_HOROVOD = """import torch
+import horovod.torch as hvd
+hvd.init()
+out = hvd.allreduce(torch.ones(4), op=hvd.Sum, name="first")
+assert out[0].item() == hvd.size(), out
+hvd.shutdown()
+"""
+
+
+def tool(name: str) -> str | None:
+    found = shutil.which(name) or str(Path(sys.executable).parent / name)
+    return found if Path(found).exists() else None
+
+
+def launch_variants(folder: Path) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """name: (argv, extra environment) for every launch row that can run here."""
+    for name, text in (("first_hvd.py", FIRST_HVD), ("first_torch.py", FIRST_TORCH),
+                       ("first_horovod.py", FIRST_HOROVOD)):
+        (folder / name).write_text(text)
+    py = sys.executable
+    dl = [py, "-m", "distlaunch", "run", "--ppn", "2", "--run-dir", str(folder.parent / "runs")]
+    variants = {
+        "noop: distlaunch": ([*dl, py, "-c", "pass"], {}),
+        "noop: mpirun": (bare_mpirun_argv(2, [py, "-c", "pass"]), {}),
+        "first allreduce: distlaunch, hvd on torch": ([*dl, "first_hvd.py"], {"DISTLAUNCH_HVD_BACKEND": "torch"}),
+    }
+    torchrun = tool("torchrun")
+    if torchrun:
+        variants["first allreduce: torchrun + gloo"] = (
+            [torchrun, "--standalone", "--nproc-per-node=2", "first_torch.py"], {})
+    try:
+        import horovod.torch  # noqa: F401
+    except ImportError:
+        return variants
+    variants["first allreduce: distlaunch, real Horovod"] = (
+        [*dl, "first_hvd.py"], {"DISTLAUNCH_HVD_BACKEND": "horovod"})
+    horovodrun = tool("horovodrun")
+    if horovodrun:
+        variants["first allreduce: horovodrun --gloo"] = ([horovodrun, "--gloo", "-np", "2", py, "first_horovod.py"],
+                                                          {})
+    variants["first allreduce: mpirun + Horovod"] = (bare_mpirun_argv(2, [py, "first_horovod.py"]), {})
+    return variants
+
+
+def measure_launches(repeats: int, folder: Path) -> dict[str, list[float]]:
+    variants = launch_variants(folder)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for round_ in range(repeats + 1):  # round 0 warms the page cache and is dropped
+        for name, (argv, extra) in variants.items():
+            os.environ.update(extra)
+            try:
+                elapsed = timed(argv, str(folder))
+            finally:
+                for key in extra:
+                    os.environ.pop(key, None)
+            if elapsed is None:
+                raise SystemExit(f"{name} failed: see above")
+            if round_:
+                times[name].append(elapsed)
+        print(f"launch round {round_}/{repeats} done", file=sys.stderr)
+    return times
+
+
+def measure_shm(repeats: int, sizes: str, folder: Path) -> dict:
+    """Per size: shm/mpi4py time ratio in each run; busbw fraction of memcpy at 16 MiB."""
+    ratios: dict[int, list[float]] = {}
+    fractions = []
+    for i in range(repeats):
+        out = folder / f"shm-{i}.json"
+        proc = subprocess.run([sys.executable, "-m", "distlaunch", "run", "--ppn", "2", "--run-dir",
+                               str(folder / "runs"), sys.executable, "-m", "distlaunch.hvd.bench", "allreduce",
+                               "--backends", "mpi4py,shm", "--sizes", sizes, "--iters", "10", "--warmup", "3",
+                               "--out", str(out)],
+                              capture_output=True, text=True, env={**os.environ, "OMPI_MCA_osc": "^ucx"})
+        if proc.returncode:
+            raise SystemExit(proc.stdout[-2000:] + proc.stderr[-2000:])
+        result = json.loads(out.read_text())
+        times = {(row["backend"], row["size"]): row for row in result["rows"]}
+        for (backend, size), row in times.items():
+            if backend == "shm":
+                ratios.setdefault(size, []).append(times[("mpi4py", size)]["time_us"] / row["time_us"])
+        if ("shm", 16 << 20) in times:
+            fractions.append(times[("shm", 16 << 20)]["busbw_GBps"] / result["memcpy_one_core_GBps"])
+        print(f"shm run {i + 1}/{repeats} done", file=sys.stderr)
+    return {"speedup_by_size": ratios, "busbw_over_memcpy_16MiB": fractions}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved launch rounds")
+    parser.add_argument("--shm-repeats", type=int, default=3, help="allreduce runs")
+    parser.add_argument("--sizes", default="1MiB:256MiB", help="allreduce sizes")
+    parser.add_argument("--multinode", action="store_true", help="also 2 simulated nodes (root)")
+    parser.add_argument("--json", default=None, help="write every raw figure here")
+    args = parser.parse_args()
+    from plan_scale import measure as plan_measure
+
+    from distlaunch.plan.units import format_size
+
+    report: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "payload"
+        folder.mkdir()
+        launches = measure_launches(args.repeats, folder)
+        report["launch"] = launches
+        report["plan_10k"] = plan_measure(10_000, 5)
+        report["shm"] = measure_shm(args.shm_repeats, args.sizes, Path(tmp))
+        if args.multinode:
+            report["multinode"] = multinode(Path(tmp), args.repeats)
+
+    med = {name: statistics.median(values) for name, values in launches.items()}
+    rows = [("what", "distlaunch", "reference", "ratio", "target")]
+    rows.append(("noop, 2 ranks, vs mpirun", f"{med['noop: distlaunch']:.3f} s", f"{med['noop: mpirun']:.3f} s",
+                 f"+{med['noop: distlaunch'] - med['noop: mpirun']:.3f} s", "<= +0.10 s"))
+
+    def pair(what: str, mine: str, theirs: str, target: str) -> None:
+        if mine in med and theirs in med:
+            rows.append((what, f"{med[mine]:.2f} s", f"{med[theirs]:.2f} s", f"{med[mine] / med[theirs]:.2f}x",
+                         target))
+
+    pair("first allreduce, hvd on torch, vs torchrun + gloo", "first allreduce: distlaunch, hvd on torch",
+         "first allreduce: torchrun + gloo", "<= 0.40x")
+    pair("first allreduce, real Horovod, vs horovodrun --gloo", "first allreduce: distlaunch, real Horovod",
+         "first allreduce: horovodrun --gloo", "<= 0.45x")
+    pair("first allreduce, real Horovod, vs mpirun + Horovod", "first allreduce: distlaunch, real Horovod",
+         "first allreduce: mpirun + Horovod", "<= 1.05x")
+    if "multinode" in report:
+        nodes = report["multinode"]
+        rows.append(("noop on 2 simulated nodes vs localhost", f"{nodes['2 nodes x 1 rank']:.2f} s",
+                     f"{nodes['localhost x 2 ranks']:.2f} s",
+                     f"+{nodes['2 nodes x 1 rank'] - nodes['localhost x 2 ranks']:.2f} s", "2 nodes <= 1.5 s"))
+        rows.append(("  the same, ssh connections not shared", f"{nodes['2 nodes, ssh not shared']:.2f} s", "", "",
+                     ""))
+    plan_ms = report["plan_10k"]["total"] * 1e3
+    rows.append(("place + plan, 10,000 hosts / 80,000 ranks", f"{plan_ms:.0f} ms", "", "", "< 50 ms"))
+    for size, values in sorted(report["shm"]["speedup_by_size"].items()):
+        rows.append((f"shm allreduce speed-up over MPI, {format_size(size)}", f"{statistics.median(values):.2f}x",
+                     "", f"{min(values):.2f}-{max(values):.2f}", ">= 1.3x"))
+    fractions = report["shm"]["busbw_over_memcpy_16MiB"]
+    if fractions:
+        rows.append(("shm busbw / one-core memcpy, 16 MiB", f"{statistics.median(fractions):.2f}", "",
+                     f"{min(fractions):.2f}-{max(fractions):.2f}", ">= 0.5"))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    print(f"{args.repeats} interleaved launch rounds, {args.shm_repeats} allreduce runs; medians "
+          "(the ratio column of the shm rows is the range over runs)")
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+
+
+def multinode(tmp: Path, repeats: int) -> dict[str, float]:
+    from multinode import launch_times
+
+    from tests.cluster.cluster import make, missing_tools
+
+    if missing_tools():
+        raise SystemExit(f"--multinode needs {', '.join(missing_tools())}")
+    (tmp / "cluster").mkdir()
+    box = make(tmp / "cluster", 2, shared=[str(tmp), sys.prefix, str(REPO)])
+    box.up()
+    try:
+        src = tmp / "src"
+        src.mkdir()
+        return launch_times(box, tmp, src, repeats)
+    finally:
+        box.down()
+
+
+if __name__ == "__main__":
+    main()
