@@ -361,6 +361,31 @@ def test_a_clean_two_node_run_prints_nothing_else(cluster, project, tmp_path):
     assert chatter == [], chatter
 
 
+def test_each_node_is_reached_over_one_ssh_connection_and_none_is_left(cluster, project, tmp_path):
+    """Node check, sync, mpirun's daemons, cleanup and collection all ride on one login per
+    node; afterwards no master ssh and no socket folder is left. Without the sharing the
+    same run logs in several times per node, so the count is not one by chance."""
+    import psutil
+
+    before = cluster.logins()
+    proc, run_dir, record = launch(cluster, tmp_path, str(project / "train.py"), "--epochs", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [after - was for after, was in zip(cluster.logins(), before)] == [1, 1]
+    assert (run_dir / "outputs").is_dir() and (run_dir / "ranks" / "rank-3.json").is_file()  # collected
+    sockets = re.search(r"ControlPath=(\S+)/%C", " ".join(record["argv"]))
+    assert sockets is not None, record["argv"]
+    assert not Path(sockets.group(1)).exists()
+    masters = [p.pid for p in psutil.process_iter(["cmdline"]) if sockets.group(1) in " ".join(p.info["cmdline"] or [])]
+    assert masters == []
+
+    before = cluster.logins()
+    proc, _run_dir, record = launch(cluster, tmp_path, str(project / "train.py"), "--epochs", "1",
+                                    env={"DISTLAUNCH_SSH_SHARE": "0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert all(after - was >= 4 for after, was in zip(cluster.logins(), before)), (cluster.logins(), before)
+    assert "ControlPath" not in " ".join(record["argv"])
+
+
 @pytest.mark.parametrize("flavour", ["ompi5", "ompi4", "mpich"])
 def test_env_policy_on_other_nodes(cluster, tmp_path, flavour):
     """What reaches ranks on other nodes: --env, the allow list (OMP_*), --env-pass; never

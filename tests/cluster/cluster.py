@@ -131,9 +131,19 @@ class Cluster:
             f"Port {self.port}", f"ListenAddress {node.address}", f"HostKey {keys / 'host_key'}",
             f"AuthorizedKeysFile {keys}/authorized_keys.%u", "PermitRootLogin prohibit-password",
             "PasswordAuthentication no", "StrictModes no", "UsePAM no", f"PidFile {self.root}/{node.hostname}.pid",
-            "LogLevel ERROR", *([f"SetEnv {env}"] if env else []), "",
+            "LogLevel INFO", *([f"SetEnv {env}"] if env else []), "",  # INFO: one line per login (logins())
         ]))
         return path
+
+    def logins(self) -> list[int]:
+        """How many ssh logins each node's sshd has accepted so far (from its log)."""
+        counts = []
+        for node in self.nodes:
+            try:
+                counts.append((self.root / f"{node.hostname}.log").read_text(errors="replace").count("Accepted "))
+            except OSError:
+                counts.append(0)
+        return counts
 
     # -- lifecycle
     def start_node(self, node: Node) -> None:

