@@ -3,6 +3,7 @@ leftover scan, collecting in one rsync, the environment lists, the wheel check a
 GPU inventory on a machine without a driver."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -112,3 +113,50 @@ def test_no_nvml_without_a_driver(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
+
+
+AGENT = [sys.executable, "-P", "-m", "distlaunch.nodes.agent"]
+
+
+def test_an_agent_session_answers_as_one_off_agents_do(tmp_path):
+    from distlaunch.nodes.sshshare import AgentSession
+
+    (tmp_path / "a.txt").write_text("a")
+    (tmp_path / "b.txt").write_text("b")
+    one_off = subprocess.run([*AGENT, "tree-hash", str(tmp_path)], input="a.txt\0b.txt\0", capture_output=True,
+                             text=True, check=True)
+    session = AgentSession([*AGENT, "serve"], sys.executable)
+    try:
+        answer, proc = session.call(["tree-hash", str(tmp_path)], "a.txt\0b.txt\0", timeout=60)
+        assert proc.returncode == 0 and answer == json.loads(one_off.stdout)
+        answer, _ = session.call(["sees", str(tmp_path / "a.txt")], None, timeout=60)
+        assert answer == {"exists": True}
+        answer, proc = session.call(["no-such-command"], None, timeout=60)  # fails, the session goes on
+        assert answer is None and proc.returncode == 1 and "unknown command" in proc.stderr
+        answer, _ = session.call(["sees", str(tmp_path / "c.txt")], None, timeout=60)
+        assert answer == {"exists": False}
+    finally:
+        session.close()
+    assert session.proc is None
+
+
+def test_a_session_that_is_gone_leaves_the_call_to_a_one_off_agent(tmp_path):
+    from distlaunch.nodes.sshshare import AgentSession
+
+    gone = AgentSession([sys.executable, "-c", "pass"], sys.executable)  # an agent without 'serve', say
+    assert gone.call(["sees", str(tmp_path)], None, timeout=30) is None
+    nodes = Nodes(SSHTransport(SSHOptions(), this_host_names(), agents={"localhost": gone}), sys.executable)
+    answer, proc = nodes.call("localhost", "sees", str(tmp_path))
+    assert answer == {"exists": True}, proc.stderr
+
+
+def test_a_session_that_does_not_answer_in_time_times_out():
+    from distlaunch.nodes.sshshare import AgentSession
+
+    code = "import sys, time; print('{\"ready\": true}', flush=True); sys.stdin.readline(); time.sleep(60)"
+    session = AgentSession([sys.executable, "-c", code], sys.executable)
+    start = time.monotonic()
+    answer, proc = session.call(["sees", "/"], None, timeout=1.0)
+    assert answer is None and proc.returncode == 255 and "timed out" in proc.stderr
+    assert time.monotonic() - start < 30
+    assert session.proc is None  # closed: the next call goes one-off

@@ -363,7 +363,8 @@ def test_a_clean_two_node_run_prints_nothing_else(cluster, project, tmp_path):
 
 def test_each_node_is_reached_over_one_ssh_connection_and_none_is_left(cluster, project, tmp_path):
     """Node check, sync, mpirun's daemons, cleanup and collection all ride on one login per
-    node; afterwards no master ssh and no socket folder is left. Without the sharing the
+    node (the agent's calls on one session); afterwards no master ssh, no socket folder and
+    no agent session is left. Without the sharing the
     same run logs in several times per node, so the count is not one by chance."""
     import psutil
 
@@ -377,6 +378,10 @@ def test_each_node_is_reached_over_one_ssh_connection_and_none_is_left(cluster, 
     assert not Path(sockets.group(1)).exists()
     masters = [p.pid for p in psutil.process_iter(["cmdline"]) if sockets.group(1) in " ".join(p.info["cmdline"] or [])]
     assert masters == []
+    time.sleep(1)  # the nodes' agents leave as their input closes
+    agents = [p.pid for p in psutil.process_iter(["cmdline"]) if "distlaunch.nodes.agent serve" in " ".join(
+        p.info["cmdline"] or [])]
+    assert agents == []  # every node's agent session ended with the run (seen from here: root sees every node)
 
     before = cluster.logins()
     proc, _run_dir, record = launch(cluster, tmp_path, str(project / "train.py"), "--epochs", "1",

@@ -8,18 +8,36 @@ import click
 
 from .. import __version__
 from ..errors import DistlaunchError, ExitCode
-from .bench import bench_group
-from .doctor import doctor_command
-from .hosts import hosts_command
-from .install_horovod import install_horovod_command
-from .nodes import nodes_group
-from .run import run_command
-from .runs import cancel_command, download_command, logs_command, runs_group
-from .submit import submit_command
-from .sweep import sweep_group
+
+# each command's module, imported only when that command runs (or --help lists them
+# all): 'distlaunch run' does not pay for the sweep's, the benchmarks' or history's code
+COMMANDS = {
+    "run": "run:run_command", "submit": "submit:submit_command", "hosts": "hosts:hosts_command",
+    "install-horovod": "install_horovod:install_horovod_command", "doctor": "doctor:doctor_command",
+    "runs": "runs:runs_group", "logs": "runs:logs_command", "download": "runs:download_command",
+    "cancel": "runs:cancel_command", "bench": "bench:bench_group", "nodes": "nodes:nodes_group",
+    "sweep": "sweep:sweep_group",
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """A group whose subcommands are imported from ``COMMANDS`` on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.commands or cmd_name not in COMMANDS:
+            return super().get_command(ctx, cmd_name)
+        import importlib
+
+        module, _, name = COMMANDS[cmd_name].partition(":")
+        command = getattr(importlib.import_module(f"{__package__}.{module}"), name)
+        self.add_command(command, cmd_name)
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="distlaunch")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def cli(verbose: int) -> None:
@@ -36,16 +54,6 @@ def cli(verbose: int) -> None:
     """
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=level, format="distlaunch: %(message)s", stream=sys.stderr)
-
-
-cli.add_command(run_command)
-cli.add_command(submit_command)
-cli.add_command(hosts_command)
-cli.add_command(install_horovod_command)
-cli.add_command(doctor_command)
-for _command in (runs_group, logs_command, download_command, cancel_command, bench_group, nodes_group,
-                 sweep_group):
-    cli.add_command(_command)
 
 
 # what users of other launchers type, and what it is called here

@@ -27,8 +27,6 @@ from typing import Any
 from .. import __version__
 from ..errors import DistlaunchError, ExitCode, HostError, RunDirError, SpecError
 from ..nodes import inputs as node_inputs
-from ..nodes.doctor import NodeCheckFailed, preflight
-from ..nodes.pipinstall import ensure_packages
 from ..nodes.transport import Nodes, SrunTransport, SSHTransport, Transport, for_each
 from ..nodes.treesync import collect, hand_over, sync
 from ..plan.container import Container
@@ -388,6 +386,8 @@ def _before_launch(prepared: Prepared, paths: RunPaths, record: RunRecord, progr
                                 "program that is not a .py script without --source-dir): use a filesystem every "
                                 "node shares, or give --source-dir to copy the code to the nodes")
     if spec.pip_packages or spec.requirements:
+        from ..nodes.pipinstall import ensure_packages
+
         requirements = Path(spec.requirements).read_text(encoding="utf-8") if spec.requirements else ""
         ensure_packages(prepared.nodes, prepared.hosts, spec.pip_packages, requirements, paths.logs / "pip.log",
                         progress)
@@ -535,6 +535,8 @@ def _checked(prepared: Prepared, progress: Callable[[str], None]) -> tuple[dict[
     """The node check before a multi-node launch, and each node's CPU count. With
     --max-restarts, nodes with a critical problem are recorded as at fault and left out
     (as a restart would) while enough others remain; else the check's error stands."""
+    from ..nodes.doctor import NodeCheckFailed, preflight  # multi-node runs only
+
     spec = prepared.spec
     for _ in range(3):
         progress(f"checking {len(prepared.hosts)} node(s)")
@@ -575,6 +577,8 @@ def _set_up_new_hosts(following: Prepared, before: Prepared, paths: RunPaths, re
     spec = following.spec
     remote = [host for host in new if host in following.remote_hosts]
     if remote and not spec.skip_checks:
+        from ..nodes.doctor import preflight
+
         cores.update(preflight(following.nodes, remote, spec.remote_root, need_rsync=spec.sync,
                                container=following.container_check))
     _before_launch(following, paths, record, progress)
@@ -680,20 +684,22 @@ def _replan_record(record: RunRecord, prepared: Prepared, the_plan: LaunchPlan) 
 
 @contextlib.contextmanager
 def _shared_connections(prepared: Prepared) -> Iterator[Prepared]:
-    """``prepared`` reaching its other nodes over one ssh connection each, for as long
-    as the block runs (nodes/sshshare.py); as it is without ssh to other nodes."""
+    """``prepared`` reaching its other nodes over one ssh connection and one agent session
+    each, for as long as the block runs (nodes/sshshare.py); as it is without ssh to
+    other nodes."""
     transport = prepared.transport
     if not (prepared.multi_node and isinstance(transport, SSHTransport)):
         yield prepared
         return
     from ..nodes.sshshare import SharedConnections
 
-    with SharedConnections(prepared.spec.ssh, prepared.remote_hosts) as ssh:
-        if ssh.control_path is None:
+    with SharedConnections(prepared.spec.ssh, prepared.remote_hosts, prepared.spec.python) as shared:
+        if shared.options.control_path is None:
             yield prepared
             return
-        yield dataclasses.replace(prepared, spec=dataclasses.replace(prepared.spec, ssh=ssh),
-                                  transport=dataclasses.replace(transport, options=ssh))
+        yield dataclasses.replace(prepared, spec=dataclasses.replace(prepared.spec, ssh=shared.options),
+                                  transport=dataclasses.replace(transport, options=shared.options,
+                                                                agents=shared.agents))
 
 
 def launch(

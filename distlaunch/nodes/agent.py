@@ -22,6 +22,8 @@ input-discard ROOT TMP         remove a partial copy TMP of an input (in ROOT/in
 cleanup RUN_ID                 SIGKILL this node's processes of RUN_ID
 release RUN_DIR                mark RUN_DIR collected, so that a later prune may delete it
 dump RUN_ID                    ask this node's Python ranks of RUN_ID for their stacks
+serve                          all of the above for a whole run over one connection: a
+                               JSON request per line in, a JSON answer per line out
 
 It prints one JSON object on stdout. Kept light: no torch, no mpi4py imports.
 """
@@ -35,6 +37,7 @@ import socket
 import stat
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -368,23 +371,20 @@ def release(run_dir: str) -> dict[str, Any]:
     return {"released": False}
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    if not args:
-        raise SystemExit(__doc__)
-    command, rest = args[0], args[1:]
+def dispatch(command: str, rest: list[str], stdin: Callable[[], str]) -> dict[str, Any]:
+    """Carry out one command; ``stdin()`` gives its input text where it takes one."""
     if command == "probe":
         result: dict[str, Any] = probe(rest[0] if rest else None, rest[1:5] if len(rest) >= 5 else None)
     elif command == "prepare":
         result = prepare(rest[0], rest[1])
     elif command == "tree-hash":
-        names = _names(_stdin())
+        names = _names(stdin())
         result = {"hash": tree_hash(Path(rest[0]), names), "files": len(names)}
     elif command == "tree-digests":
-        result = {"digests": tree_digests(Path(rest[0]), _names(_stdin()))}
+        result = {"digests": tree_digests(Path(rest[0]), _names(stdin()))}
     elif command == "finish":
         base, run_dir, expected = Path(rest[0]), Path(rest[1]), rest[2]
-        names = _names(_stdin())
+        names = _names(stdin())
         result = {"hash": tree_hash(run_dir, names), "files": len(names)}
         if result["hash"] == expected:
             records = run_dir / AGENT_DIR
@@ -393,11 +393,11 @@ def main(argv: list[str] | None = None) -> None:
             point_latest(base, run_dir)
             result["pruned"] = prune(base, run_dir)
     elif command == "pip":
-        result = pip_install(rest[0], rest[1:], _stdin())
+        result = pip_install(rest[0], rest[1:], stdin())
     elif command == "input-entry":
         result = input_entry(rest[0], rest[1], rest[2])
     elif command == "input-done":
-        result = input_done(rest[0], rest[1], rest[2], _names(_stdin()))
+        result = input_done(rest[0], rest[1], rest[2], _names(stdin()))
     elif command == "input-discard":
         result = input_discard(rest[0], rest[1])
     elif command == "sees":
@@ -414,7 +414,36 @@ def main(argv: list[str] | None = None) -> None:
         result = {"dumped": dump_stacks(rest[0])}
     else:
         raise SystemExit(f"unknown command {command!r}\n{__doc__}")
-    print(json.dumps(result))
+    return result
+
+
+def serve() -> None:
+    """One session for a whole run: a JSON request per line on stdin (``{"args": [COMMAND,
+    ...], "stdin": TEXT}``), a JSON answer per line on stdout, until stdin closes. A
+    command that fails answers ``{"_failed": "its last line"}``; whatever a command or its
+    children print goes to stderr, never into the answers."""
+    answers = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)  # fd 1 (pip, a child process) is stderr from now on
+    print(json.dumps({"ready": True}), file=answers, flush=True)
+    for line in sys.stdin:
+        try:
+            request = json.loads(line)
+            args = [str(arg) for arg in request["args"]]
+            text = str(request.get("stdin") or "")
+            result = dispatch(args[0], args[1:], lambda text=text: text)
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - answered, the session goes on
+            result = {"_failed": f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]}
+        print(json.dumps(result), file=answers, flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        raise SystemExit(__doc__)
+    if args[0] == "serve":
+        serve()
+        return
+    print(json.dumps(dispatch(args[0], args[1:], _stdin)))
 
 
 if __name__ == "__main__":

@@ -16,22 +16,32 @@ a channel on it instead.
   removed: no ssh is left behind.
 - Clients keep ``ControlMaster=no``: where a master could not start, they connect on
   their own as before, and the error they meet is the one the user sees.
+- Over that connection each node also runs ONE agent for the whole run
+  (``agent serve``): the node check, the sync's prepare and finish, the cleanup and
+  the release are a line each way on it instead of an ssh session and a Python start
+  each. A session that is gone (or an agent without ``serve``) leaves the call to a
+  one-off agent as before, which reports the real error.
 - ``DISTLAUNCH_SSH_SHARE=0`` turns it off (an sshd that refuses sessions on a shared
   connection, ``MaxSessions 1``).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import selectors
 import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from ..plan.ssh import CONNECT_TIMEOUT_S, SSHOptions
+from .transport import SSHTransport, agent_argv
 
 log = logging.getLogger("distlaunch")
 
@@ -41,7 +51,8 @@ STOP_GRACE_S = 5.0
 
 
 def _die_with_parent() -> None:
-    """In the master: SIGTERM when the launcher dies, whatever kills it."""
+    """In a master or agent session: SIGTERM when the thread that started it (the
+    launcher's main thread) ends, whatever ends it."""
     try:
         import ctypes
 
@@ -50,18 +61,113 @@ def _die_with_parent() -> None:
         pass
 
 
-class SharedConnections:
-    """``with SharedConnections(options, hosts) as shared:`` — ``shared`` is ``options``
-    pointing at the masters' sockets (``options`` itself when sharing is off or not
-    possible here)."""
+Answer = tuple[dict[str, Any] | None, subprocess.CompletedProcess[str]]
 
-    def __init__(self, options: SSHOptions, hosts: Sequence[str]) -> None:
+
+class AgentSession:
+    """One node's agent for the whole run (``agent serve`` over the shared connection);
+    calls from several threads take turns."""
+
+    def __init__(self, argv: list[str], python: str) -> None:
+        self.python = python
+        self.lock = threading.Lock()
+        self.buffer = b""
+        self.ready = False
+        self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            start_new_session=True, preexec_fn=_die_with_parent)
+
+    def call(self, args: Sequence[str], stdin: str | None, timeout: float) -> Answer | None:
+        """The agent's answer to one command, as a one-off call gives it; None when this
+        session cannot take it (gone, or never came up): the caller makes a one-off call."""
+        with self.lock:
+            proc = self.proc
+            if proc is None or proc.poll() is not None:
+                return None
+            deadline = time.monotonic() + timeout
+            if not self.ready:
+                if self._line(deadline) is None:
+                    self.close()
+                    return None
+                self.ready = True
+            request = json.dumps({"args": list(args), "stdin": stdin or ""}) + "\n"
+            try:
+                assert proc.stdin is not None
+                proc.stdin.write(request.encode("utf-8", "surrogateescape"))
+                proc.stdin.flush()
+            except OSError:
+                self.close()
+                return None
+            line = self._line(deadline)
+            if line is None:
+                timed_out = time.monotonic() >= deadline
+                self.close()
+                if not timed_out:
+                    return None  # the connection or the agent went away: a one-off call says why
+                return None, subprocess.CompletedProcess(list(args), 255, "", f"timed out after {timeout:.0f} s")
+        try:
+            answer = json.loads(line)
+        except ValueError:
+            return None, subprocess.CompletedProcess(list(args), 1, line, "the agent answered no JSON")
+        if not isinstance(answer, dict):
+            return None, subprocess.CompletedProcess(list(args), 1, line, "the agent answered no JSON object")
+        if "_failed" in answer:
+            return None, subprocess.CompletedProcess(list(args), 1, "", str(answer["_failed"]))
+        return answer, subprocess.CompletedProcess(list(args), 0, line, "")
+
+    def _line(self, deadline: float) -> str | None:
+        """The next line the agent writes, or None at its end or at ``deadline``."""
+        assert self.proc is not None and self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        with selectors.DefaultSelector() as selector:
+            selector.register(fd, selectors.EVENT_READ)
+            while b"\n" not in self.buffer:
+                left = deadline - time.monotonic()
+                if left <= 0 or not selector.select(left):
+                    return None
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    return None
+                self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line.decode("utf-8", "surrogateescape")
+
+    def close(self, grace: float = STOP_GRACE_S) -> None:
+        """End the session: its agent leaves when its input closes; killed if it does not."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        for stream in (proc.stdin, proc.stdout):
+            try:
+                if stream is not None:
+                    stream.close()
+            except OSError:
+                pass
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class SharedConnections:
+    """``with SharedConnections(options, hosts, python) as shared:`` — ``shared.options``
+    are ``options`` pointing at the masters' sockets and ``shared.agents`` the nodes'
+    agent sessions (``options`` itself and none when sharing is off or not possible)."""
+
+    def __init__(self, options: SSHOptions, hosts: Sequence[str], python: str) -> None:
         self.options = options
+        self.python = python
         self.hosts = list(dict.fromkeys(hosts))
         self.folder: str | None = None
         self.masters: dict[str, subprocess.Popen[bytes]] = {}
+        self.agents: dict[str, AgentSession] = {}
 
-    def __enter__(self) -> SSHOptions:
+    def __enter__(self) -> SharedConnections:
+        self.options = self._open()
+        return self
+
+    def _open(self) -> SSHOptions:
         if not self.hosts or os.environ.get(SHARE_ENV, "1") == "0":
             return self.options
         try:
@@ -81,6 +187,10 @@ class SharedConnections:
                     [*shared.master_argv(), host], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
             self._wait_ready()
+            for host, master in self.masters.items():
+                if master.poll() is None:  # started here, in this thread: see _die_with_parent
+                    argv = SSHTransport(shared, frozenset()).remote_argv(host, agent_argv(self.python, "serve"))
+                    self.agents[host] = AgentSession(argv, self.python)
         except BaseException:
             self.close()
             raise
@@ -104,7 +214,11 @@ class SharedConnections:
             log.info("no shared ssh connection to %s: each ssh there connects on its own", ", ".join(failed))
 
     def close(self) -> None:
-        """Stop the masters (by pid: they are our children) and remove their folder."""
+        """End the agent sessions, stop the masters (by pid: they are our children) and
+        remove their folder."""
+        for agent in self.agents.values():
+            agent.close()
+        self.agents = {}
         for proc in self.masters.values():
             if proc.poll() is None:
                 proc.terminate()

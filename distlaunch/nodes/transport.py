@@ -13,8 +13,8 @@ import json
 import os
 import shlex
 import subprocess
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from ..plan.hosts import is_local
@@ -62,6 +62,8 @@ class SSHTransport:
     options: SSHOptions
     local_names: frozenset[str]
     name: str = "ssh"
+    # host -> the run's agent session on it (nodes/sshshare.py), while the run lasts
+    agents: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def remote_argv(self, host: str, argv: Sequence[str]) -> list[str]:
         # ssh hands the remote shell one string: every word quoted, never pasted together
@@ -136,7 +138,13 @@ class Nodes:
 
     def call(self, host: str, *args: str, stdin: str | None = None,
              timeout: float = 120) -> tuple[dict[str, Any] | None, subprocess.CompletedProcess[str]]:
-        """The agent's JSON answer (None if it gave none) and the finished process."""
+        """The agent's JSON answer (None if it gave none) and the finished process: from
+        the run's agent session on ``host`` where there is one, else a one-off agent."""
+        session = getattr(self.transport, "agents", {}).get(host)
+        if session is not None and session.python == self.python:
+            answered = session.call(args, stdin, timeout)
+            if answered is not None:
+                return answered
         proc = run_on(self.transport, host, agent_argv(self.python, *args), timeout=timeout, stdin=stdin)
         try:
             answer = json.loads(proc.stdout.strip().splitlines()[-1])
