@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 from distlaunch.launch.supervise import ExitWait
@@ -160,3 +161,15 @@ def test_a_session_that_does_not_answer_in_time_times_out():
     assert answer is None and proc.returncode == 255 and "timed out" in proc.stderr
     assert time.monotonic() - start < 30
     assert session.proc is None  # closed: the next call goes one-off
+
+
+def test_no_ssh_to_share_means_no_sharing_and_nothing_left(tmp_path, monkeypatch):
+    from distlaunch.nodes.sshshare import SharedConnections
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no ssh to be found: the masters cannot start
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # look at TMPDIR again
+    options = SSHOptions()
+    with SharedConnections(options, ["node1", "node2"], sys.executable) as shared:
+        assert shared.options is options and shared.agents == {}
+    assert list(tmp_path.glob("distlaunch-ssh-*")) == []

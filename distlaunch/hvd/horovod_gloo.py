@@ -20,7 +20,7 @@ from typing import Any
 
 from .rendezvous import interface_towards, master_address, mpi_topology
 
-SERVER_POLL_S = 0.02
+SERVER_POLL_S = 0.05
 
 
 def _serve(address: str, plan: list[Any]) -> int:

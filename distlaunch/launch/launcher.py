@@ -37,8 +37,8 @@ from ..plan.mpi import MPIInstall, detect, find_mpirun
 from ..plan.mpirun import LaunchContext, LaunchPlan, plan
 from ..plan.placement import Placement, place
 from ..plan.slurm import srun_plan
-from ..plan.spec import JobSpec, inside, resolve_program
-from ..plan.ssh import SSHOptions
+from ..plan.spec import JobSpec, inside, resolve_program, spec_to_dict
+from ..plan.ssh import SSHOptions, unshared
 from ..records import Attempt, RunPaths, RunRecord, Status, allocate
 from . import snapshot
 from .health import NodeHealth, blamed_hosts
@@ -223,7 +223,7 @@ def prepare(spec: JobSpec, progress: Callable[[str], None] = log.info) -> Prepar
 def versions(mpi: MPIInstall) -> dict[str, str]:
     return {
         "distlaunch": __version__,
-        "python": ".".join(map(str, sys.version_info[:3])),
+        "python": sys.version.split()[0],
         "mpi": mpi.label,
         "platform": "-".join(os.uname()[i] for i in (0, 2, 4)),  # platform.platform() would run `uname -p`
     }
@@ -231,7 +231,7 @@ def versions(mpi: MPIInstall) -> dict[str, str]:
 
 def new_record(prepared: Prepared, the_plan: LaunchPlan, paths: RunPaths) -> RunRecord:
     spec = prepared.spec
-    spec_dict = dataclasses.asdict(spec)
+    spec_dict = spec_to_dict(spec)
     spec_dict["env"] = redact_pairs(spec.env)  # values of secret-looking names never reach the record
     return RunRecord(
         id=paths.run_id,
@@ -242,8 +242,8 @@ def new_record(prepared: Prepared, the_plan: LaunchPlan, paths: RunPaths) -> Run
         host_source=prepared.placed.source.origin,
         gpu_mode=prepared.placed.gpu_mode,
         slots=[slot._asdict() for slot in prepared.slots],
-        argv=list(the_plan.argv),
-        env_added=redact(the_plan.env),
+        argv=[unshared(word) for word in the_plan.argv],
+        env_added={name: unshared(value) for name, value in redact(the_plan.env).items()},
         hostfile=the_plan.hostfile_text,
         launcher={"host": socket.gethostname(), "pid": os.getpid(), "cwd": os.getcwd(),
                   "argv": redact_argv(sys.argv), "transport": prepared.transport.name},
@@ -677,8 +677,8 @@ def _replan_record(record: RunRecord, prepared: Prepared, the_plan: LaunchPlan) 
     record.nodes = len({slot.host for slot in prepared.slots})
     record.ranks = len(prepared.slots)
     record.slots = [slot._asdict() for slot in prepared.slots]
-    record.argv = list(the_plan.argv)
-    record.env_added = redact(the_plan.env)
+    record.argv = [unshared(word) for word in the_plan.argv]
+    record.env_added = {name: unshared(value) for name, value in redact(the_plan.env).items()}
     record.hostfile = the_plan.hostfile_text
 
 

@@ -244,8 +244,10 @@ class ExitWait:
     readable then (Linux 5.3+); a plain sleep where there is none."""
 
     def __init__(self, pid: int) -> None:
+        self.poller = select.poll()  # not select.select: it refuses descriptors past 1023
         try:
             self.fd: int | None = os.pidfd_open(pid)
+            self.poller.register(self.fd, select.POLLIN)
         except (AttributeError, OSError):
             self.fd = None
 
@@ -253,7 +255,7 @@ class ExitWait:
         if self.fd is None:
             time.sleep(seconds)
         else:
-            select.select([self.fd], [], [], seconds)
+            self.poller.poll(seconds * 1000)
 
     def close(self) -> None:
         if self.fd is not None:

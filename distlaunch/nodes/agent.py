@@ -422,10 +422,14 @@ def serve() -> None:
     ...], "stdin": TEXT}``), a JSON answer per line on stdout, until stdin closes. A
     command that fails answers ``{"_failed": "its last line"}``; whatever a command or its
     children print goes to stderr, never into the answers."""
+    requests = os.fdopen(os.dup(0), "r", encoding="utf-8", errors="surrogateescape")
     answers = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)  # fd 1 (pip, a child process) is stderr from now on
+    nothing = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(nothing, 0)  # and no child reads the requests meant for this loop
+    os.close(nothing)
     print(json.dumps({"ready": True}), file=answers, flush=True)
-    for line in sys.stdin:
+    for line in requests:
         try:
             request = json.loads(line)
             args = [str(arg) for arg in request["args"]]

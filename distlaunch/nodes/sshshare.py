@@ -37,7 +37,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..plan.ssh import CONNECT_TIMEOUT_S, SSHOptions
@@ -50,15 +50,25 @@ MAX_SOCKET_DIR = 60  # the dir, '/', and ssh's 40-character %C hash stay well un
 STOP_GRACE_S = 5.0
 
 
-def _die_with_parent() -> None:
-    """In a master or agent session: SIGTERM when the thread that started it (the
-    launcher's main thread) ends, whatever ends it."""
+def _death_signal() -> Callable[[], None] | None:
+    """For a master or agent session, run in the child before it starts: SIGTERM when the
+    thread that started it (the launcher's main thread) ends, whatever ends it, and an
+    exit at once if the launcher is already gone. Looked up here, in the parent: the child
+    of a threaded process should do as little as possible between fork and exec."""
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (ImportError, OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def set_up() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return set_up
 
 
 Answer = tuple[dict[str, Any] | None, subprocess.CompletedProcess[str]]
@@ -75,7 +85,7 @@ class AgentSession:
         self.ready = False
         self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            start_new_session=True, preexec_fn=_die_with_parent)
+            start_new_session=True, preexec_fn=_death_signal())
 
     def call(self, args: Sequence[str], stdin: str | None, timeout: float) -> Answer | None:
         """The agent's answer to one command, as a one-off call gives it; None when this
@@ -95,10 +105,13 @@ class AgentSession:
                 assert proc.stdin is not None
                 proc.stdin.write(request.encode("utf-8", "surrogateescape"))
                 proc.stdin.flush()
+                line = self._line(deadline)
             except OSError:
                 self.close()
                 return None
-            line = self._line(deadline)
+            except BaseException:  # Ctrl-C between a request and its answer: never read that answer later
+                self.close(grace=0)
+                raise
             if line is None:
                 timed_out = time.monotonic() >= deadline
                 self.close()
@@ -134,20 +147,30 @@ class AgentSession:
 
     def close(self, grace: float = STOP_GRACE_S) -> None:
         """End the session: its agent leaves when its input closes; killed if it does not."""
+        self.end_input()
+        self.wait(time.monotonic() + grace)
+
+    def end_input(self) -> None:
+        """Close the agent's input (it leaves when it has read the rest)."""
+        if self.proc is not None and self.proc.stdin is not None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+
+    def wait(self, deadline: float) -> None:
+        """Until the session's ssh has ended (killed at ``deadline``); then it is gone."""
         proc, self.proc = self.proc, None
         if proc is None:
             return
-        for stream in (proc.stdin, proc.stdout):
-            try:
-                if stream is not None:
-                    stream.close()
-            except OSError:
-                pass
         try:
-            proc.wait(timeout=grace)
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        finally:
+            if proc.stdout is not None:
+                proc.stdout.close()
 
 
 class SharedConnections:
@@ -181,16 +204,22 @@ class SharedConnections:
             return self.options
         self.folder = folder
         shared = dataclasses.replace(self.options, control_path=os.path.join(folder, "%C"))
+        # started in this (the launching) thread: PR_SET_PDEATHSIG follows the thread, so
+        # never start these from a pool thread that ends before the run does
         try:
             for host in self.hosts:
                 self.masters[host] = subprocess.Popen(
                     [*shared.master_argv(), host], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+                    stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=_death_signal())
             self._wait_ready()
             for host, master in self.masters.items():
-                if master.poll() is None:  # started here, in this thread: see _die_with_parent
+                if master.poll() is None:
                     argv = SSHTransport(shared, frozenset()).remote_argv(host, agent_argv(self.python, "serve"))
                     self.agents[host] = AgentSession(argv, self.python)
+        except (OSError, subprocess.SubprocessError) as exc:  # no ssh, no file descriptors left, ...
+            log.info("ssh connections not shared: %s", exc)
+            self.close()
+            return self.options
         except BaseException:
             self.close()
             raise
@@ -215,21 +244,30 @@ class SharedConnections:
 
     def close(self) -> None:
         """End the agent sessions, stop the masters (by pid: they are our children) and
-        remove their folder."""
-        for agent in self.agents.values():
-            agent.close()
-        self.agents = {}
-        for proc in self.masters.values():
-            if proc.poll() is None:
-                proc.terminate()
-        deadline = time.monotonic() + STOP_GRACE_S
-        for proc in self.masters.values():
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.masters = {}
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            self.folder = None
+        remove their folder; all at once, so that nodes that are gone cost one grace
+        period, not one each."""
+        agents, masters, self.agents, self.masters = list(self.agents.values()), list(self.masters.values()), {}, {}
+        try:
+            deadline = time.monotonic() + STOP_GRACE_S
+            for agent in agents:
+                agent.end_input()
+            for agent in agents:
+                agent.wait(deadline)
+            for proc in masters:
+                if proc.poll() is None:
+                    proc.terminate()
+            deadline = time.monotonic() + STOP_GRACE_S
+            for proc in masters:
+                try:
+                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        finally:
+            for proc in masters:  # a second Ctrl-C above: none is left running all the same
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            if self.folder is not None:
+                shutil.rmtree(self.folder, ignore_errors=True)
+                self.folder = None

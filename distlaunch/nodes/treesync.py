@@ -244,6 +244,7 @@ def hand_over(nodes: Nodes, host: str, local: Path, remote: str, exclude: Sequen
     return proc.returncode == 0
 
 
+COLLECT_IO_TIMEOUT_S = 120  # a node that stops answering mid-collection fails it, not the launcher
 # rsync's word for a source that is not there (the job never made that folder)
 ABSENT = re.compile(rb'(?:link_stat|change_dir) "([^"]*)" failed: No such file or directory')
 
@@ -253,7 +254,7 @@ def pull_into(nodes: Nodes, host: str, sources: Sequence[tuple[str, str]], local
     contents into ``local``), all in ONE rsync (``--relative``, each source cut at
     ``/./``). Returns the remote folders that did not come back; one the job never made
     is not among them."""
-    argv = ["rsync", "-a", "--relative", "--mkpath", "--chmod=go-rwx"]
+    argv = ["rsync", "-a", "--relative", "--mkpath", "--chmod=go-rwx", f"--timeout={COLLECT_IO_TIMEOUT_S}"]
     if not is_local(host, nodes.transport.local_names):
         argv += ["-e", nodes.transport.rsync_shell()]
     wanted = [f"{base}/./{name}/" if name else f"{base}/./" for base, name in sources]

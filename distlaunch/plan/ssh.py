@@ -8,12 +8,21 @@ whitespace cannot travel safely: they are refused with a clear message instead.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from dataclasses import dataclass, field
 
 from ..errors import SpecError
 
 CONNECT_TIMEOUT_S = 10
+ALIVE_INTERVAL_S, ALIVE_COUNT = 5, 3  # a run's master gives up on a silent node after 15 s
+_CONTROL_PATH = re.compile(r"(?:^| )-o ControlPath=\S+")
+
+
+def unshared(text: str) -> str:
+    """``text`` (an argv word, a variable's value) without the run's ``-o ControlPath=...``:
+    the record says what ran, not where a connection's socket lived for a while."""
+    return _CONTROL_PATH.sub("", text)
 
 
 @dataclass(frozen=True)
@@ -48,8 +57,11 @@ class SSHOptions:
         """``ssh`` as the master of ``control_path``, holding the connection open (no
         command) until it is stopped; without the host."""
         assert self.control_path is not None
+        # keep-alives: a master on a node that died leaves (and its clients connect on
+        # their own, under ConnectTimeout) instead of holding them on a dead connection
         return ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={CONNECT_TIMEOUT_S}",
                 "-o", "ControlMaster=yes", "-o", "ControlPersist=no", "-o", f"ControlPath={self.control_path}",
+                "-o", f"ServerAliveInterval={ALIVE_INTERVAL_S}", "-o", f"ServerAliveCountMax={ALIVE_COUNT}",
                 "-N", *self._user_options()]
 
     def _user_options(self) -> list[str]:
