@@ -71,6 +71,15 @@ def _death_signal() -> Callable[[], None] | None:
     return set_up
 
 
+def _reap(proc: subprocess.Popen[bytes], deadline: float) -> None:
+    """Wait for our child ``proc`` until ``deadline`` (monotonic), then SIGKILL it; reaped."""
+    try:
+        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 Answer = tuple[dict[str, Any] | None, subprocess.CompletedProcess[str]]
 
 
@@ -164,10 +173,7 @@ class AgentSession:
         if proc is None:
             return
         try:
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            _reap(proc, deadline)
         finally:
             if proc.stdout is not None:
                 proc.stdout.close()
@@ -258,16 +264,10 @@ class SharedConnections:
                     proc.terminate()
             deadline = time.monotonic() + STOP_GRACE_S
             for proc in masters:
-                try:
-                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                _reap(proc, deadline)
         finally:
             for proc in masters:  # a second Ctrl-C above: none is left running all the same
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+                _reap(proc, 0.0)
             if self.folder is not None:
                 shutil.rmtree(self.folder, ignore_errors=True)
                 self.folder = None
