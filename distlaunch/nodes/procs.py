@@ -13,7 +13,7 @@ import signal
 import time
 from typing import Any
 
-from ..protocol import RANK, RUN_ID
+from ..protocol import RUN_ID
 
 
 def _pid_namespace(pid: int | str) -> str | None:
@@ -63,6 +63,24 @@ def _candidate_pids(run_id: str, session: int | None, any_namespace: bool) -> li
     return found
 
 
+def _module(argv: list[str]) -> str | None:
+    """The module a ``python ... -m MODULE ...`` command line runs."""
+    return argv[argv.index("-m") + 1] if "-m" in argv[:-1] else None
+
+
+def _python_rank(proc: Any) -> bool:
+    """Whether ``proc`` runs a rank's Python program: the bootstrap in an interpreter of its
+    own, or a worker's fork running it (the worker's command line, and a worker as parent;
+    a worker itself has mpirun's daemon or srun above it)."""
+    argv = proc.cmdline()
+    if _module(argv) == "distlaunch.rank.bootstrap":
+        return True
+    if _module(argv) != "distlaunch.rank.worker" or "distlaunch.rank.bootstrap" not in argv:
+        return False
+    parent = proc.parent()
+    return parent is not None and parent.cmdline() == argv
+
+
 def run_processes(run_id: str, session: int | None = None, python_ranks_only: bool = False,
                   any_namespace: bool = False) -> list[Any]:
     """Live processes of run ``run_id`` here: tagged with its id in their environment, or
@@ -82,10 +100,10 @@ def run_processes(run_id: str, session: int | None = None, python_ranks_only: bo
         try:
             proc = psutil.Process(pid)
             in_session = session is not None and os.getsid(pid) == session
-            env = proc.environ() if not in_session or python_ranks_only else {}
+            env = proc.environ() if not in_session else {}
             if not (in_session or env.get(RUN_ID) == run_id):
                 continue
-            if python_ranks_only and not (RANK in env and "distlaunch.rank.bootstrap" in proc.cmdline()):
+            if python_ranks_only and not _python_rank(proc):
                 continue
             if proc.status() != psutil.STATUS_ZOMBIE:
                 found.append(proc)

