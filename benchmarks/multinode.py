@@ -4,7 +4,9 @@ Needs root, sshd, rsync and unshare. Brings up 2 nodes, then measures:
 - sync of a 1,000-file tree to both nodes: first time, and again with nothing changed;
 - wall time of ``distlaunch run`` for a trivial 2-rank job on localhost, on 1 node (2
   ranks) and on 2 nodes (1 rank each), with ssh connections shared (one per node, the
-  default) and not (DISTLAUNCH_SSH_SHARE=0), interleaved, medians of --repeats;
+  default) and not (DISTLAUNCH_SSH_SHARE=0), and with the script changed before each
+  run (the code sent by rsync, not linked from the nodes' last copy), interleaved,
+  medians of --repeats;
 - with --allreduce: ``distlaunch bench allreduce`` on 2 nodes x 2 ranks, every backend
   (shm being hierarchical there), each backend's time as a ratio to mpi4py's.
 
@@ -83,22 +85,28 @@ def main() -> None:
 
 def launch_times(box, root: Path, src: Path, repeats: int) -> dict[str, float]:
     """Medians of ``distlaunch run`` of a no-op script: localhost, 1 node, 2 nodes with
-    ssh shared and not (interleaved)."""
+    ssh shared and not, and 2 nodes with the script changed before every run (so the
+    code is sent, not linked from the nodes' last copy); interleaved."""
     script = src / "noop.py"
     script.write_text("pass\n")
+    changing = src.parent / f"{src.name}-changing" / "noop.py"
+    changing.parent.mkdir(exist_ok=True)
     two = ["--hosts", f"{box.hosts[0]}:1,{box.hosts[1]}:1"]
-    variants = {  # name: (hosts, extra environment)
-        "localhost x 2 ranks": (["--ppn", "2"], {}),
-        "1 node x 2 ranks": (["--hosts", f"{box.hosts[0]}:2"], {}),
-        "2 nodes x 1 rank": (two, {}),
-        "2 nodes, ssh not shared": (two, {"DISTLAUNCH_SSH_SHARE": "0"}),
+    variants = {  # name: (hosts, extra environment, script)
+        "localhost x 2 ranks": (["--ppn", "2"], {}, script),
+        "1 node x 2 ranks": (["--hosts", f"{box.hosts[0]}:2"], {}, script),
+        "2 nodes x 1 rank": (two, {}, script),
+        "2 nodes, code changed": (two, {}, changing),
+        "2 nodes, ssh not shared": (two, {"DISTLAUNCH_SSH_SHARE": "0"}, script),
     }
     walls: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, (hosts, extra) in variants.items():
+    for round_ in range(repeats):
+        for name, (hosts, extra, path) in variants.items():
+            if path == changing:
+                path.write_text(f"# round {round_}\npass\n")
             start = time.perf_counter()
             proc = subprocess.run([sys.executable, "-m", "distlaunch", "run", *hosts, "--ssh-config",
-                                   str(box.ssh_config), "--run-dir", str(root / "runs"), str(script)],
+                                   str(box.ssh_config), "--run-dir", str(root / "runs"), str(path)],
                                   capture_output=True, text=True, env={**os.environ, **extra})
             walls[name].append(time.perf_counter() - start)
             if proc.returncode:

@@ -14,7 +14,7 @@ A B C A B C so that machine noise hits all alike; medians):
   size from 1 to 256 MiB (median and range over --shm-repeats runs, the two backends
   taking turns size by size in each), and its busbw over one-core memcpy at 16 MiB;
 - with --multinode (root, sshd, rsync, unshare): a no-op on 2 simulated nodes against
-  the same on localhost.
+  the same on localhost (the same code each run, and changed before each run).
 
     python benchmarks/perf_table.py                      # about 3 minutes here
     python benchmarks/perf_table.py --repeats 9 --shm-repeats 5 --multinode --json perf.json
@@ -183,6 +183,8 @@ def main() -> None:
         rows.append(("noop on 2 simulated nodes vs localhost", f"{nodes['2 nodes x 1 rank']:.2f} s",
                      f"{nodes['localhost x 2 ranks']:.2f} s",
                      f"+{nodes['2 nodes x 1 rank'] - nodes['localhost x 2 ranks']:.2f} s", "2 nodes <= 1.5 s"))
+        rows.append(("  the same, the code changed before each run", f"{nodes['2 nodes, code changed']:.2f} s", "",
+                     "", ""))
         rows.append(("  the same, ssh connections not shared", f"{nodes['2 nodes, ssh not shared']:.2f} s", "", "",
                      ""))
     plan_ms = report["plan_10k"]["total"] * 1e3

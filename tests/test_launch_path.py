@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -210,3 +211,141 @@ def test_a_forked_rank_sees_what_a_new_interpreter_would(distlaunch, tmp_path):
         assert forked["env"]["RANK"] == forked["env"]["DISTLAUNCH_RANK"] == forked["c_env_rank"] == str(rank)
         assert forked["fds"] == [0, 1, 2, 3] and forked["stdin"] == "" and forked["thread_joined"]
         assert forked["stdout_write_through"] and forked["path0"] and forked["name"] == "__main__"
+
+
+def test_installed_versions_agree_with_importlib_metadata(tmp_path, monkeypatch):
+    """The node check reads versions from the .dist-info names; importlib.metadata must
+    agree on every package, and a name the listing misses still goes to it."""
+    from importlib import metadata
+
+    from distlaunch.plan.installed import dist_infos, versions
+
+    names = ["distlaunch", "torch", "mpi4py", "horovod", "pytest-mpi", "psutil", "nvidia-ml-py", "not-installed-xyz"]
+    expected = {}
+    for name in names:
+        try:
+            expected[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            expected[name] = None
+    assert versions(names) == expected
+    assert expected["distlaunch"] and expected["pytest-mpi"] and expected["not-installed-xyz"] is None
+    (tmp_path / "a" / "Some_Pkg-1.0.dist-info").mkdir(parents=True)
+    (tmp_path / "b" / "some.pkg-2.0.dist-info").mkdir(parents=True)
+    first = [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert [(p, v) for p, v, _ in dist_infos(first)] == [("some_pkg", "1.0")]  # the later one is shadowed
+    assert [(p, v) for p, v, _ in dist_infos(first, shadowed=True)] == [("some_pkg", "1.0"), ("some_pkg", "2.0")]
+
+
+def session_nodes(host: str) -> tuple[Nodes, object]:
+    """Nodes whose ``host`` is reached through a local agent session (no ssh): what a
+    run's shared connection gives a remote node."""
+    from distlaunch.nodes.sshshare import AgentSession
+
+    session = AgentSession([*AGENT, "serve"], sys.executable)
+    return Nodes(SSHTransport(SSHOptions(), this_host_names(), agents={host: session}), sys.executable), session
+
+
+def tree_of(folder) -> dict[str, tuple]:
+    """Every entry under ``folder``: a file's content and mode, a link's target, a folder's mode."""
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        mode = path.lstat().st_mode & 0o777
+        found[str(path.relative_to(folder))] = (
+            ("link", os.readlink(path)) if path.is_symlink() else ("dir", mode) if path.is_dir()
+            else ("file", path.read_bytes(), mode))
+    return found
+
+
+def test_small_folders_come_back_in_the_agents_answer_as_rsync_brings_them(tmp_path):
+    from distlaunch.nodes.treesync import unpack_into
+
+    agent, work = tmp_path / "agent", tmp_path / "work"
+    (agent / "logs").mkdir(parents=True)
+    (agent / "logs" / "rank-0.log").write_text("log\n")
+    (work / "outputs" / "sub").mkdir(parents=True)
+    (work / "outputs" / "sub" / "model.txt").write_text("weights\n")
+    (work / "outputs" / "run.sh").write_text("#!/bin/sh\n")
+    (work / "outputs" / "run.sh").chmod(0o755)
+    (work / "outputs" / "latest").symlink_to("sub/model.txt")
+    sources = [(str(agent), "logs"), (str(agent), "metrics"), (str(work), "outputs")]
+    by_rsync, inline = tmp_path / "rsync", tmp_path / "inline"
+    for dest in (by_rsync, inline):
+        (dest / "outputs").mkdir(parents=True)
+        (dest / "outputs" / "run.sh").write_text("an older copy, replaced\n")
+    assert pull_into(local_nodes(), "localhost", sources, by_rsync) == []
+    nodes, session = session_nodes("node9")
+    try:
+        assert unpack_into(nodes, "node9", sources, inline)
+        assert tree_of(inline) == tree_of(by_rsync)
+        assert tree_of(inline)["outputs/run.sh"] == ("file", b"#!/bin/sh\n", 0o700)
+        assert not (inline / "metrics").exists()
+        # a folder's contents into a folder of its own (every rank's outputs under outputs/<host>)
+        assert unpack_into(nodes, "node9", [(str(work / "outputs"), "")], inline / "outputs" / "h")
+        assert (inline / "outputs" / "h" / "sub" / "model.txt").read_text() == "weights\n"
+        # what the agent leaves to rsync: a link out of the folder, more than the limit
+        (work / "outputs" / "escape").symlink_to("/etc/passwd")
+        assert not unpack_into(nodes, "node9", [(str(work), "outputs")], tmp_path / "refused")
+        (work / "outputs" / "escape").unlink()
+        (work / "outputs" / "big.bin").write_bytes(b"\0" * ((4 << 20) + 1))
+        assert not unpack_into(nodes, "node9", [(str(work), "outputs")], tmp_path / "big")
+        assert not (tmp_path / "big" / "outputs" / "big.bin").exists()
+    finally:
+        session.close()
+
+
+def test_an_unchanged_tree_is_linked_from_the_nodes_last_copy_and_a_changed_one_is_sent(tmp_path):
+    from distlaunch.nodes.treesync import list_files, push, tree_hash
+    from distlaunch.plan.layout import RemoteLayout
+
+    source = tmp_path / "src"
+    (source / "pkg").mkdir(parents=True)
+    (source / "train.py").write_text("print('hi')\n")
+    (source / "pkg" / "data.txt").write_text("data\n")
+    (source / "link.py").symlink_to("train.py")
+    tree = list_files(source)
+    root = tmp_path / "scratch"
+    nodes, session = session_nodes("localhost")  # rsync to this machine, the agent through the session
+    try:
+        def sync(run_id: str):
+            current = list_files(source)
+            layout = RemoteLayout(str(root), str(root / "proj"), run_id)
+            result = push(nodes, "localhost", current, tree_hash(source, list(current.files)), layout)
+            return result, Path(layout.workdir)
+
+        first, first_dir = sync("run-1")
+        assert not first.reused and first.files == len(tree.files) == 3 and first.sent == 2  # rsync counts no link
+        second, second_dir = sync("run-2")
+        assert second.reused and second.sent == 0
+        assert tree_of(second_dir) == tree_of(first_dir)
+        assert os.stat(second_dir / "train.py").st_ino == os.stat(first_dir / "train.py").st_ino
+        (source / "pkg" / "data.txt").write_text("changed data\n")
+        third, third_dir = sync("run-3")
+        assert not third.reused and third.sent == 1
+        assert (third_dir / "pkg" / "data.txt").read_text() == "changed data\n"
+        # a copy changed on the node after its sync is never linked from
+        (third_dir / "train.py").chmod(0o600)
+        (third_dir / "train.py").write_text("print('tampered')\n")
+        fourth, fourth_dir = sync("run-4")
+        assert not fourth.reused and (fourth_dir / "train.py").read_text() == "print('hi')\n"
+    finally:
+        session.close()
+
+
+def test_reusing_never_touches_a_run_folder_that_is_there_already(tmp_path):
+    """A restart syncs the run's own folder again: what the first attempt left stays."""
+    from distlaunch.nodes.agent import finish, reuse, tree_hash
+
+    base = tmp_path / "proj"
+    run = base / "runs" / "run-1"
+    (run / "outputs").mkdir(parents=True)
+    (run / "train.py").write_text("x\n")
+    (run / "outputs" / "checkpoint.pt").write_text("weights\n")
+    expected = tree_hash(run, ["train.py"])
+    assert finish(base, run, expected, ["train.py"])["hash"] == expected  # its sync: now the latest copy
+    assert reuse(base, run, expected, ["train.py"])["reused"]
+    other = base / "runs" / "run-2"
+    other.mkdir()
+    (other / "keep.txt").write_text("keep\n")
+    assert not reuse(base, other, expected, ["train.py"])["reused"]
+    assert (run / "outputs" / "checkpoint.pt").read_text() == "weights\n"
+    assert sorted(p.name for p in other.iterdir()) == ["keep.txt"]

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, SCRIPTS, backends, horovod_available
 
+from distlaunch.nodes.procs import python_rank
 from tests.cluster.cluster import Cluster, make, missing_tools
 
 pytestmark = pytest.mark.slow
@@ -517,7 +518,9 @@ def train_and_kill(cluster, tmp_path: Path, args: list[str], ranks: tuple[str, .
                     environ = item.environ()
                 except psutil.Error:
                     continue
-                if environ.get("DISTLAUNCH_RUN_ID") == record["id"] and environ.get("DISTLAUNCH_RANK") in ranks:
+                # a forked rank shows its worker's environment there: its rank as MPI gave it
+                rank = environ.get("DISTLAUNCH_RANK", environ.get("OMPI_COMM_WORLD_RANK"))
+                if environ.get("DISTLAUNCH_RUN_ID") == record["id"] and rank in ranks and python_rank(item):
                     found.append(item)
             return found if len(found) == len(ranks) else []
 

@@ -3,13 +3,19 @@
 probe [ROOT [RUNTIME EXE IMAGE PYTHON]]
                                JSON facts for ``doctor`` and the pre-launch checks (with
                                a container: its runtime, image and the Python inside)
-prepare ROOT BASE              make (or check) the user's private scratch ROOT and the
+prepare ROOT BASE [HASH]       make (or check) the user's private scratch ROOT and the
                                project folder BASE/runs in it, refusing any path another
-                               user could have planted or can write
+                               user could have planted or can write; with HASH, also
+                               whether BASE/latest is a finished copy of that tree
 tree-hash DIR                  content hash of the files listed on stdin (NUL-separated)
 tree-digests DIR               one digest per listed file (to name the first that differs)
 finish BASE RUN_DIR HASH       tree-hash RUN_DIR; if it equals HASH, point BASE/latest at
                                RUN_DIR and prune old run folders that are safe to delete
+reuse BASE RUN_DIR HASH        the listed files hard-linked from BASE/latest (a finished
+                               copy of tree HASH) into RUN_DIR, then as finish; nothing
+                               left in RUN_DIR when the copy does not hash to HASH
+pack LIMIT                     the folders listed on stdin (JSON [[BASE, NAME], ...]) as
+                               one tar, base64, when their files hold at most LIMIT bytes
 pip KEY [PIP ARGS...]          pip install PIP ARGS (requirements text on stdin, if any)
                                unless KEY was installed before on this node
 sees PATH                      whether PATH exists on this node (shared filesystem check)
@@ -96,24 +102,18 @@ def _names(stdin: str) -> list[str]:
 
 
 def probe(remote_root: str | None, container: list[str] | None = None) -> dict[str, Any]:
-    from importlib import metadata  # slow to import; the launcher's local path never needs it
-
     from ..plan.gpus import inventory
+    from ..plan.installed import versions
 
     facts: dict[str, Any] = {
         "hostname": socket.gethostname(),
         "python": sys.executable,
         "python_version": ".".join(map(str, sys.version_info[:3])),
         "user": _user(),
-        "packages": {},
+        "packages": versions(PACKAGES),
         "rsync": shutil.which("rsync"),
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
     }
-    for name in PACKAGES:
-        try:
-            facts["packages"][name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            facts["packages"][name] = None
     try:
         from ..plan.mpi import detect, find_mpirun
 
@@ -206,8 +206,9 @@ def private_dir(path: Path) -> None:
         raise Unsafe(f"{path} can be written by other users (mode {stat.S_IMODE(info.st_mode):o})")
 
 
-def prepare(root: str, base: str) -> dict[str, Any]:
-    """The scratch root and the project folder, safe to sync into; or why not."""
+def prepare(root: str, base: str, expected: str | None = None) -> dict[str, Any]:
+    """The scratch root and the project folder, safe to sync into; or why not. With
+    ``expected`` (a tree hash), whether the copy ``latest`` points at holds that tree."""
     root_path, base_path = Path(root), Path(base)
     if root_path not in base_path.parents:
         return {"ok": False, "error": f"{base} is not inside {root}"}
@@ -220,7 +221,103 @@ def prepare(root: str, base: str) -> dict[str, Any]:
         return {"ok": False, "error": f"{exc}: remove it, or choose another --remote-dir"}
     except OSError as exc:
         return {"ok": False, "error": f"{exc.strerror or exc} ({exc.filename}): choose another --remote-dir"}
-    return {"ok": True}
+    if expected is None:
+        return {"ok": True}
+    return {"ok": True, "latest_same": _latest_copy(base_path, expected) is not None}
+
+
+def _latest_copy(base: Path, expected: str) -> Path | None:
+    """The run folder ``base/latest`` points at, when a finished sync left tree ``expected``
+    there (its marker holds the hash) and it is a real folder of this user in base/runs."""
+    try:
+        target = Path(os.readlink(base / "latest"))
+        info = os.lstat(target)
+        marker = (target / AGENT_DIR / SYNCED_MARKER).read_text(encoding="utf-8").strip()
+    except (OSError, ValueError):
+        return None
+    if target.parent != base / "runs" or not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        return None
+    return target if marker == expected else None
+
+
+def finish(base: Path, run_dir: Path, expected: str, names: list[str]) -> dict[str, Any]:
+    """Check a fresh copy against ``expected``; a good one becomes ``latest`` (its marker
+    keeps the hash, for ``reuse``) and old run folders are pruned."""
+    result: dict[str, Any] = {"hash": tree_hash(run_dir, names), "files": len(names)}
+    if result["hash"] == expected:
+        records = run_dir / AGENT_DIR
+        records.mkdir(mode=0o700, exist_ok=True)
+        (records / SYNCED_MARKER).write_text(expected + "\n", encoding="utf-8")
+        point_latest(base, run_dir)
+        result["pruned"] = prune(base, run_dir)
+    return result
+
+
+def reuse(base: Path, run_dir: Path, expected: str, names: list[str]) -> dict[str, Any]:
+    """The same tree as the latest copy: its files hard-linked into ``run_dir`` (as rsync's
+    --link-dest would for files that did not change), then checked as ``finish`` checks an
+    rsync. ``{"reused": False}`` when that cannot be done: a ``run_dir`` made here is then
+    removed again, one that was there already is left as it was."""
+    previous = _latest_copy(base, expected)
+    if previous is None or run_dir.parent != base / "runs":
+        return {"reused": False}
+    if previous == run_dir:  # a restart on a node that has this run's copy already
+        result = finish(base, run_dir, expected, names)
+        return {"reused": result["hash"] == expected, **result}
+    try:
+        run_dir.mkdir(mode=0o700)
+    except OSError as exc:  # there already: never touched here, rsync brings it up to date
+        return {"reused": False, "error": str(exc)}
+    try:
+        for name in names:
+            src, dst = previous / name, run_dir / name
+            dst.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if src.is_symlink():
+                os.symlink(os.readlink(src), dst)
+            else:
+                os.link(src, dst, follow_symlinks=False)
+    except OSError as exc:
+        _remove_tree(run_dir)
+        return {"reused": False, "error": str(exc)}
+    result = finish(base, run_dir, expected, names)
+    if result["hash"] != expected:
+        _remove_tree(run_dir)
+        return {"reused": False, "hash": result["hash"]}
+    return {"reused": True, **result}
+
+
+def pack(sources: list[list[str]], limit: int) -> dict[str, Any]:
+    """``base/name`` for each source (name "": base's contents), as one tar in base64 with
+    names relative to base: what ``rsync --relative base/./name`` brings. Folders that do
+    not exist are listed as absent. ``{"rsync": WHY}`` when rsync should bring them: the
+    files pass ``limit`` bytes, or a source is not a folder."""
+    import base64
+    import io
+    import tarfile
+
+    present, absent, total = [], [], 0
+    for base, name in sources:
+        top = os.path.join(base, name) if name else base
+        if not os.path.isdir(top):
+            if not os.path.lexists(top):
+                absent.append(top)
+                continue
+            return {"rsync": f"{top} is not a folder"}
+        for folder, _dirs, files in os.walk(top):
+            for file in files:
+                try:
+                    info = os.lstat(os.path.join(folder, file))
+                except OSError:
+                    continue
+                total += info.st_size if stat.S_ISREG(info.st_mode) else 0
+        if total > limit:
+            return {"rsync": f"more than {limit} bytes"}
+        present.append((top, name or "."))
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for top, arcname in present:
+            tar.add(top, arcname=arcname)
+    return {"tar": base64.b64encode(buffer.getvalue()).decode("ascii"), "absent": absent, "bytes": total}
 
 
 def point_latest(base: Path, run_dir: Path) -> None:
@@ -376,22 +473,18 @@ def dispatch(command: str, rest: list[str], stdin: Callable[[], str]) -> dict[st
     if command == "probe":
         result: dict[str, Any] = probe(rest[0] if rest else None, rest[1:5] if len(rest) >= 5 else None)
     elif command == "prepare":
-        result = prepare(rest[0], rest[1])
+        result = prepare(rest[0], rest[1], rest[2] if len(rest) > 2 else None)
     elif command == "tree-hash":
         names = _names(stdin())
         result = {"hash": tree_hash(Path(rest[0]), names), "files": len(names)}
     elif command == "tree-digests":
         result = {"digests": tree_digests(Path(rest[0]), _names(stdin()))}
     elif command == "finish":
-        base, run_dir, expected = Path(rest[0]), Path(rest[1]), rest[2]
-        names = _names(stdin())
-        result = {"hash": tree_hash(run_dir, names), "files": len(names)}
-        if result["hash"] == expected:
-            records = run_dir / AGENT_DIR
-            records.mkdir(mode=0o700, exist_ok=True)
-            (records / SYNCED_MARKER).touch()
-            point_latest(base, run_dir)
-            result["pruned"] = prune(base, run_dir)
+        result = finish(Path(rest[0]), Path(rest[1]), rest[2], _names(stdin()))
+    elif command == "reuse":
+        result = reuse(Path(rest[0]), Path(rest[1]), rest[2], _names(stdin()))
+    elif command == "pack":
+        result = pack(json.loads(stdin()), int(rest[0]))
     elif command == "pip":
         result = pip_install(rest[0], rest[1:], stdin())
     elif command == "input-entry":

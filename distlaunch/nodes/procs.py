@@ -68,7 +68,7 @@ def _module(argv: list[str]) -> str | None:
     return argv[argv.index("-m") + 1] if "-m" in argv[:-1] else None
 
 
-def _python_rank(proc: Any) -> bool:
+def python_rank(proc: Any) -> bool:
     """Whether ``proc`` runs a rank's Python program: the bootstrap in an interpreter of its
     own, or a worker's fork running it (the worker's command line, and a worker as parent;
     a worker itself has mpirun's daemon or srun above it)."""
@@ -103,7 +103,7 @@ def run_processes(run_id: str, session: int | None = None, python_ranks_only: bo
             env = proc.environ() if not in_session else {}
             if not (in_session or env.get(RUN_ID) == run_id):
                 continue
-            if python_ranks_only and not _python_rank(proc):
+            if python_ranks_only and not python_rank(proc):
                 continue
             if proc.status() != psutil.STATUS_ZOMBIE:
                 found.append(proc)

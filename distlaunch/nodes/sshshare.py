@@ -16,11 +16,14 @@ a channel on it instead.
   removed: no ssh is left behind.
 - Clients keep ``ControlMaster=no``: where a master could not start, they connect on
   their own as before, and the error they meet is the one the user sees.
-- Over that connection each node also runs ONE agent for the whole run
-  (``agent serve``): the node check, the sync's prepare and finish, the cleanup and
-  the release are a line each way on it instead of an ssh session and a Python start
-  each. A session that is gone (or an agent without ``serve``) leaves the call to a
-  one-off agent as before, which reports the real error.
+- The master's own session runs the node's ONE agent for the whole run (``agent
+  serve``): the node check, the sync's prepare, reuse and finish, the cleanup, the
+  collection of small folders and the release are a line each way on it instead of an
+  ssh session and a Python start each. A session that is gone (or an agent without
+  ``serve``) leaves the call to a one-off agent as before, which reports the real
+  error. A master outlives its agent while other channels (mpirun's daemons, an
+  rsync) are open on it; where the agent could not start at all, the master ends with
+  it and that node's ssh connects on its own.
 - ``DISTLAUNCH_SSH_SHARE=0`` turns it off (an sshd that refuses sessions on a shared
   connection, ``MaxSessions 1``).
 """
@@ -41,7 +44,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..plan.ssh import CONNECT_TIMEOUT_S, SSHOptions
-from .transport import SSHTransport, agent_argv
+from .transport import agent_argv
 
 log = logging.getLogger("distlaunch")
 
@@ -96,6 +99,10 @@ class AgentSession:
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             start_new_session=True, preexec_fn=_death_signal())
 
+    def alive(self) -> bool:
+        proc = self.proc
+        return proc is not None and proc.poll() is None
+
     def call(self, args: Sequence[str], stdin: str | None, timeout: float) -> Answer | None:
         """The agent's answer to one command, as a one-off call gives it; None when this
         session cannot take it (gone, or never came up): the caller makes a one-off call."""
@@ -143,14 +150,18 @@ class AgentSession:
         fd = self.proc.stdout.fileno()
         with selectors.DefaultSelector() as selector:
             selector.register(fd, selectors.EVENT_READ)
-            while b"\n" not in self.buffer:
+            chunks = [self.buffer]
+            while b"\n" not in chunks[-1]:  # a long answer (a packed folder) is read in pieces
                 left = deadline - time.monotonic()
                 if left <= 0 or not selector.select(left):
+                    self.buffer = b"".join(chunks)
                     return None
-                chunk = os.read(fd, 1 << 16)
+                chunk = os.read(fd, 1 << 20)
                 if not chunk:
+                    self.buffer = b"".join(chunks)
                     return None
-                self.buffer += chunk
+                chunks.append(chunk)
+            self.buffer = b"".join(chunks)
         line, _, self.buffer = self.buffer.partition(b"\n")
         return line.decode("utf-8", "surrogateescape")
 
@@ -213,15 +224,11 @@ class SharedConnections:
         # started in this (the launching) thread: PR_SET_PDEATHSIG follows the thread, so
         # never start these from a pool thread that ends before the run does
         try:
-            for host in self.hosts:
-                self.masters[host] = subprocess.Popen(
-                    [*shared.master_argv(), host], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=_death_signal())
+            for host in self.hosts:  # each master's own session is the node's agent: no channel of its own
+                session = AgentSession(shared.master_argv(host, agent_argv(self.python, "serve")), self.python)
+                assert session.proc is not None
+                self.agents[host], self.masters[host] = session, session.proc
             self._wait_ready()
-            for host, master in self.masters.items():
-                if master.poll() is None:
-                    argv = SSHTransport(shared, frozenset()).remote_argv(host, agent_argv(self.python, "serve"))
-                    self.agents[host] = AgentSession(argv, self.python)
         except (OSError, subprocess.SubprocessError) as exc:  # no ssh, no file descriptors left, ...
             log.info("ssh connections not shared: %s", exc)
             self.close()

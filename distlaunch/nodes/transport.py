@@ -152,6 +152,12 @@ class Nodes:
             return None, proc
         return (answer if isinstance(answer, dict) else None), proc
 
+    def in_session(self, host: str) -> bool:
+        """Whether ``host`` has a live agent session for this run (a call costs a round trip,
+        not an ssh login and an interpreter)."""
+        session = getattr(self.transport, "agents", {}).get(host)
+        return session is not None and session.python == self.python and session.alive()
+
     def call_all(self, hosts: Sequence[str], *args: str, stdin: str | None = None,
                  timeout: float = 120) -> list[tuple[dict[str, Any] | None, subprocess.CompletedProcess[str]]]:
         return for_each(hosts, lambda host: self.call(host, *args, stdin=stdin, timeout=timeout))

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from ..errors import DistlaunchError, ExitCode
 from ..plan.hosts import is_local
@@ -31,6 +32,9 @@ from ..plan.units import human_size
 from ..protocol import AGENT_DIR
 from .agent import tree_digests, tree_hash
 from .transport import Nodes, for_each, last_error
+
+if TYPE_CHECKING:
+    import tarfile
 
 ALWAYS_SKIPPED = {".git", "__pycache__", AGENT_DIR}
 TOP_SKIPPED = {"runs", "outputs", "logs"}  # run folders, and what each run writes for itself
@@ -67,6 +71,7 @@ class SyncResult:
     sent: int  # files actually transferred
     sent_bytes: int
     seconds: float
+    reused: bool = False  # linked from the node's copy of the same tree, not sent
 
 
 def list_files(source: str | Path, exclude: Sequence[str] = ()) -> SourceTree:
@@ -161,12 +166,19 @@ def first_difference(source: str, files: Sequence[str], theirs: dict[str, str]) 
 
 
 def push(nodes: Nodes, host: str, tree: SourceTree, expected: str, layout: RemoteLayout) -> SyncResult:
+    """The tree into the run's folder on ``host``: hard-linked from the node's latest copy
+    when that holds the same tree (nothing sent, no rsync started), else by rsync; checked
+    by content hash on the node either way."""
     start = time.monotonic()
-    answer, proc = nodes.call(host, "prepare", layout.root, layout.base)
+    answer, proc = nodes.call(host, "prepare", layout.root, layout.base, expected)
     if answer is None or not answer.get("ok"):
         why = (answer or {}).get("error") or last_error(proc)
         raise SyncError(f"cannot prepare {layout.root} on {host}: {why}")
     listing = "\0".join(tree.files) + "\0"
+    if answer.get("latest_same"):
+        reused, _ = nodes.call(host, "reuse", layout.base, layout.workdir, expected, stdin=listing)
+        if (reused or {}).get("reused"):
+            return SyncResult(host, len(tree.files), 0, 0, time.monotonic() - start, reused=True)
     # rsync skips --files-from names that start with '#' or ';' as comments: './' keeps them
     rsync_list = "".join(f"./{name}\0" for name in tree.files)
     rsync = subprocess.run(rsync_push_argv(nodes, host, tree.root, layout), env=nodes.transport.environment(),
@@ -221,8 +233,12 @@ def sync(nodes: Nodes, hosts: Sequence[str], tree: SourceTree, layout: RemoteLay
     def one(host: str) -> SyncResult:
         result = push(nodes, host, tree, expected, layout)
         done.append(host)
-        progress(f"synced to {host}: {result.sent} of {result.files} files sent "
-                 f"({human_size(result.sent_bytes)}) in {result.seconds:.2f} s")
+        if result.reused:
+            progress(f"synced to {host}: the same {result.files} files as its last copy, linked in "
+                     f"{result.seconds:.2f} s")
+        else:
+            progress(f"synced to {host}: {result.sent} of {result.files} files sent "
+                     f"({human_size(result.sent_bytes)}) in {result.seconds:.2f} s")
         return result
 
     ticker = threading.Thread(target=tick, daemon=True)
@@ -271,6 +287,52 @@ def pull_into(nodes: Nodes, host: str, sources: Sequence[tuple[str, str]], local
             if os.path.normpath(f"{base}/{name}") not in absent]
 
 
+INLINE_MAX_BYTES = 4 << 20  # folders up to this size come back in the agent's answer, larger ones by rsync
+
+
+def _bring(nodes: Nodes, host: str, sources: Sequence[tuple[str, str]], local: Path) -> list[str]:
+    """``pull_into``'s result: in the answer of the node's agent session when there is one
+    and the folders are small (no rsync started), else by rsync."""
+    if nodes.in_session(host) and not is_local(host, nodes.transport.local_names) and \
+            unpack_into(nodes, host, sources, local):
+        return []
+    return pull_into(nodes, host, sources, local)
+
+
+def _owned_here(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """tarfile's "data" filter (nothing outside ``dest``, no device, no absolute link),
+    files owner-only as rsync --chmod=go-rwx gives them, owned by whoever collects."""
+    import tarfile
+
+    member = tarfile.data_filter(member, dest)
+    mode = 0o700 if member.isdir() else None if member.mode is None else member.mode & 0o700
+    return member.replace(mode=mode, uid=None, gid=None, uname=None, gname=None, deep=False)
+
+
+def unpack_into(nodes: Nodes, host: str, sources: Sequence[tuple[str, str]], local: Path) -> bool:
+    """``pull_into`` by the agent: its ``pack`` answer unpacked into ``local``. False when
+    the agent leaves it to rsync (too big, not a folder) or the answer cannot be unpacked
+    (a link leaving the folder, a special file); rsync then merges over what came."""
+    import base64
+    import io
+    import json
+    import tarfile
+
+    if not hasattr(tarfile, "data_filter"):  # Python before 3.11.4 / 3.10.12 / 3.9.17: no safe extraction
+        return False
+    answer, _proc = nodes.call(host, "pack", str(INLINE_MAX_BYTES), stdin=json.dumps([list(s) for s in sources]),
+                               timeout=COLLECT_IO_TIMEOUT_S)
+    if not answer or not isinstance(answer.get("tar"), str):
+        return False
+    try:
+        local.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with tarfile.open(fileobj=io.BytesIO(base64.b64decode(answer["tar"])), mode="r:") as tar:
+            tar.extractall(local, filter=_owned_here)
+    except (tarfile.TarError, OSError, ValueError):
+        return False
+    return True
+
+
 def collect(nodes: Nodes, hosts: Sequence[str], rank0_host: str, layout: RemoteLayout, run_root: Path,
             all_ranks: bool) -> list[str]:
     """Bring rank logs, exit records and metrics from every node, and rank 0's ./outputs and
@@ -285,5 +347,5 @@ def collect(nodes: Nodes, hosts: Sequence[str], rank0_host: str, layout: RemoteL
         jobs.append((host, sources, run_root))
         if all_ranks:
             jobs.append((host, [(f"{layout.workdir}/outputs", "")], run_root / "outputs" / host))
-    failed = for_each(jobs, lambda job: pull_into(nodes, job[0], job[1], job[2]), max_parallel=16)
+    failed = for_each(jobs, lambda job: _bring(nodes, *job), max_parallel=16)
     return [f"{host}:{remote}" for (host, _, _), missing in zip(jobs, failed) for remote in missing]

