@@ -178,6 +178,24 @@ def test_a_session_that_does_not_answer_in_time_times_out():
     assert session.proc is None  # closed: the next call goes one-off
 
 
+def test_a_failed_session_that_is_the_nodes_master_leaves_it_running():
+    """The agent runs as the ssh master's own command: a session that times out steps aside
+    (its input closed) but never stops the master that mpirun and rsync ride on."""
+    from distlaunch.nodes.sshshare import AgentSession
+
+    code = "import sys, time; print('{\"ready\": true}', flush=True); sys.stdin.readline(); time.sleep(60)"
+    session = AgentSession([sys.executable, "-c", code], sys.executable, carries_connection=True)
+    master = session.proc
+    try:
+        answer, proc = session.call(["sees", "/"], None, timeout=1.0)
+        assert answer is None and "timed out" in proc.stderr and session.proc is None
+        time.sleep(0.5)
+        assert master.poll() is None and master.stdin.closed
+    finally:
+        master.kill()
+        master.wait()
+
+
 def test_no_ssh_to_share_means_no_sharing_and_nothing_left(tmp_path, monkeypatch):
     from distlaunch.nodes.sshshare import SharedConnections
 
@@ -266,7 +284,7 @@ def test_small_folders_come_back_in_the_agents_answer_as_rsync_brings_them(tmp_p
     (work / "outputs" / "sub" / "model.txt").write_text("weights\n")
     (work / "outputs" / "run.sh").write_text("#!/bin/sh\n")
     (work / "outputs" / "run.sh").chmod(0o755)
-    (work / "outputs" / "latest").symlink_to("sub/model.txt")
+    (work / "outputs" / "empty").mkdir()
     sources = [(str(agent), "logs"), (str(agent), "metrics"), (str(work), "outputs")]
     by_rsync, inline = tmp_path / "rsync", tmp_path / "inline"
     for dest in (by_rsync, inline):
@@ -282,10 +300,14 @@ def test_small_folders_come_back_in_the_agents_answer_as_rsync_brings_them(tmp_p
         # a folder's contents into a folder of its own (every rank's outputs under outputs/<host>)
         assert unpack_into(nodes, "node9", [(str(work / "outputs"), "")], inline / "outputs" / "h")
         assert (inline / "outputs" / "h" / "sub" / "model.txt").read_text() == "weights\n"
-        # what the agent leaves to rsync: a link out of the folder, more than the limit
-        (work / "outputs" / "escape").symlink_to("/etc/passwd")
+        # what the agent leaves to rsync (which copies links as they are): any link, a
+        # folder that is a link, more than the limit
+        (work / "outputs" / "latest").symlink_to("sub/model.txt")
         assert not unpack_into(nodes, "node9", [(str(work), "outputs")], tmp_path / "refused")
-        (work / "outputs" / "escape").unlink()
+        (work / "outputs" / "latest").unlink()
+        (work / "linked").symlink_to(work / "outputs")
+        assert not unpack_into(nodes, "node9", [(str(work), "linked")], tmp_path / "refused")
+        assert not (tmp_path / "refused").exists()
         (work / "outputs" / "big.bin").write_bytes(b"\0" * ((4 << 20) + 1))
         assert not unpack_into(nodes, "node9", [(str(work), "outputs")], tmp_path / "big")
         assert not (tmp_path / "big" / "outputs" / "big.bin").exists()
@@ -327,13 +349,20 @@ def test_an_unchanged_tree_is_linked_from_the_nodes_last_copy_and_a_changed_one_
         (third_dir / "train.py").write_text("print('tampered')\n")
         fourth, fourth_dir = sync("run-4")
         assert not fourth.reused and (fourth_dir / "train.py").read_text() == "print('hi')\n"
+        # nor one whose files differ in being executable (chmod +x changes no content)
+        (source / "train.py").chmod(0o755)
+        fifth, fifth_dir = sync("run-5")
+        assert not fifth.reused and os.access(fifth_dir / "train.py", os.X_OK)
+        sixth, sixth_dir = sync("run-6")
+        assert sixth.reused and os.access(sixth_dir / "train.py", os.X_OK)
+        assert not list((root / "proj" / "runs").glob(".*"))  # no partial copy left
     finally:
         session.close()
 
 
 def test_reusing_never_touches_a_run_folder_that_is_there_already(tmp_path):
     """A restart syncs the run's own folder again: what the first attempt left stays."""
-    from distlaunch.nodes.agent import finish, reuse, tree_hash
+    from distlaunch.nodes.agent import copy_key, finish, reuse, tree_hash
 
     base = tmp_path / "proj"
     run = base / "runs" / "run-1"
@@ -341,11 +370,12 @@ def test_reusing_never_touches_a_run_folder_that_is_there_already(tmp_path):
     (run / "train.py").write_text("x\n")
     (run / "outputs" / "checkpoint.pt").write_text("weights\n")
     expected = tree_hash(run, ["train.py"])
-    assert finish(base, run, expected, ["train.py"])["hash"] == expected  # its sync: now the latest copy
-    assert reuse(base, run, expected, ["train.py"])["reused"]
+    key = copy_key(expected, run, ["train.py"])
+    assert finish(base, run, expected, ["train.py"], key)["hash"] == expected  # its sync: now the latest copy
+    assert reuse(base, run, expected, key, ["train.py"])["reused"]
     other = base / "runs" / "run-2"
     other.mkdir()
     (other / "keep.txt").write_text("keep\n")
-    assert not reuse(base, other, expected, ["train.py"])["reused"]
+    assert not reuse(base, other, expected, key, ["train.py"])["reused"]
     assert (run / "outputs" / "checkpoint.pt").read_text() == "weights\n"
     assert sorted(p.name for p in other.iterdir()) == ["keep.txt"]

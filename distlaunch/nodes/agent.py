@@ -3,19 +3,21 @@
 probe [ROOT [RUNTIME EXE IMAGE PYTHON]]
                                JSON facts for ``doctor`` and the pre-launch checks (with
                                a container: its runtime, image and the Python inside)
-prepare ROOT BASE [HASH]       make (or check) the user's private scratch ROOT and the
+prepare ROOT BASE [KEY]        make (or check) the user's private scratch ROOT and the
                                project folder BASE/runs in it, refusing any path another
-                               user could have planted or can write; with HASH, also
-                               whether BASE/latest is a finished copy of that tree
+                               user could have planted or can write; with KEY (a tree's
+                               copy_key), also whether BASE/latest is a copy of that tree
 tree-hash DIR                  content hash of the files listed on stdin (NUL-separated)
 tree-digests DIR               one digest per listed file (to name the first that differs)
-finish BASE RUN_DIR HASH       tree-hash RUN_DIR; if it equals HASH, point BASE/latest at
-                               RUN_DIR and prune old run folders that are safe to delete
-reuse BASE RUN_DIR HASH        the listed files hard-linked from BASE/latest (a finished
-                               copy of tree HASH) into RUN_DIR, then as finish; nothing
-                               left in RUN_DIR when the copy does not hash to HASH
+finish BASE RUN_DIR HASH [KEY] tree-hash RUN_DIR; if it equals HASH, point BASE/latest at
+                               RUN_DIR (remembering KEY) and prune old run folders that
+                               are safe to delete
+reuse BASE RUN_DIR HASH KEY    a new RUN_DIR of the listed files hard-linked from
+                               BASE/latest (a copy with KEY), checked against HASH, then
+                               as finish; a RUN_DIR that exists is never touched
 pack LIMIT                     the folders listed on stdin (JSON [[BASE, NAME], ...]) as
-                               one tar, base64, when their files hold at most LIMIT bytes
+                               one tar, base64, when they hold at most LIMIT bytes and
+                               no link (rsync brings those)
 pip KEY [PIP ARGS...]          pip install PIP ARGS (requirements text on stdin, if any)
                                unless KEY was installed before on this node
 sees PATH                      whether PATH exists on this node (shared filesystem check)
@@ -206,9 +208,9 @@ def private_dir(path: Path) -> None:
         raise Unsafe(f"{path} can be written by other users (mode {stat.S_IMODE(info.st_mode):o})")
 
 
-def prepare(root: str, base: str, expected: str | None = None) -> dict[str, Any]:
+def prepare(root: str, base: str, key: str | None = None) -> dict[str, Any]:
     """The scratch root and the project folder, safe to sync into; or why not. With
-    ``expected`` (a tree hash), whether the copy ``latest`` points at holds that tree."""
+    ``key`` (``copy_key``), whether the copy ``latest`` points at holds that tree."""
     root_path, base_path = Path(root), Path(base)
     if root_path not in base_path.parents:
         return {"ok": False, "error": f"{base} is not inside {root}"}
@@ -221,14 +223,30 @@ def prepare(root: str, base: str, expected: str | None = None) -> dict[str, Any]
         return {"ok": False, "error": f"{exc}: remove it, or choose another --remote-dir"}
     except OSError as exc:
         return {"ok": False, "error": f"{exc.strerror or exc} ({exc.filename}): choose another --remote-dir"}
-    if expected is None:
+    if key is None:
         return {"ok": True}
-    return {"ok": True, "latest_same": _latest_copy(base_path, expected) is not None}
+    return {"ok": True, "latest_same": _latest_copy(base_path, key) is not None}
 
 
-def _latest_copy(base: Path, expected: str) -> Path | None:
-    """The run folder ``base/latest`` points at, when a finished sync left tree ``expected``
-    there (its marker holds the hash) and it is a real folder of this user in base/runs."""
+def copy_key(expected: str, root: Path, names: list[str]) -> str:
+    """What a node's copy of a tree must match to be reused for it: its content hash and
+    which files are executable (a ``chmod +x`` changes no content, and rsync would
+    bring it)."""
+    digest = hashlib.sha256(expected.encode() + b"\0")
+    for name in sorted(names):
+        try:
+            info = os.lstat(root / name)
+        except OSError:
+            continue
+        executable = not stat.S_ISLNK(info.st_mode) and info.st_mode & 0o100
+        digest.update(name.encode("utf-8", "surrogateescape") + (b"\0x\0" if executable else b"\0-\0"))
+    return digest.hexdigest()
+
+
+def _latest_copy(base: Path, key: str) -> Path | None:
+    """The run folder ``base/latest`` points at, when a finished sync left a tree with copy
+    key ``key`` there (its marker holds the key) and it is a real folder of this user in
+    base/runs."""
     try:
         target = Path(os.readlink(base / "latest"))
         info = os.lstat(target)
@@ -237,60 +255,76 @@ def _latest_copy(base: Path, expected: str) -> Path | None:
         return None
     if target.parent != base / "runs" or not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
         return None
-    return target if marker == expected else None
+    return target if key and marker == key else None
 
 
-def finish(base: Path, run_dir: Path, expected: str, names: list[str]) -> dict[str, Any]:
+def finish(base: Path, run_dir: Path, expected: str, names: list[str], key: str = "") -> dict[str, Any]:
     """Check a fresh copy against ``expected``; a good one becomes ``latest`` (its marker
-    keeps the hash, for ``reuse``) and old run folders are pruned."""
+    keeps ``key``, for ``reuse``) and old run folders are pruned."""
     result: dict[str, Any] = {"hash": tree_hash(run_dir, names), "files": len(names)}
     if result["hash"] == expected:
-        records = run_dir / AGENT_DIR
-        records.mkdir(mode=0o700, exist_ok=True)
-        (records / SYNCED_MARKER).write_text(expected + "\n", encoding="utf-8")
-        point_latest(base, run_dir)
-        result["pruned"] = prune(base, run_dir)
+        result["pruned"] = _synced(base, run_dir, key)
     return result
 
 
-def reuse(base: Path, run_dir: Path, expected: str, names: list[str]) -> dict[str, Any]:
-    """The same tree as the latest copy: its files hard-linked into ``run_dir`` (as rsync's
-    --link-dest would for files that did not change), then checked as ``finish`` checks an
-    rsync. ``{"reused": False}`` when that cannot be done: a ``run_dir`` made here is then
-    removed again, one that was there already is left as it was."""
-    previous = _latest_copy(base, expected)
-    if previous is None or run_dir.parent != base / "runs":
+def _synced(base: Path, run_dir: Path, key: str) -> list[str]:
+    records = run_dir / AGENT_DIR
+    records.mkdir(mode=0o700, exist_ok=True)
+    (records / SYNCED_MARKER).write_text(key + "\n", encoding="utf-8")
+    point_latest(base, run_dir)
+    return prune(base, run_dir)
+
+
+REUSE_PART = ".reuse-"  # a copy being linked: base/runs/.RUN_ID.reuse-PID
+
+
+def reuse(base: Path, run_dir: Path, expected: str, key: str, names: list[str]) -> dict[str, Any]:
+    """The same tree as the latest copy: its files hard-linked (as rsync's --link-dest
+    would for files that did not change) into a folder of its own, checked as ``finish``
+    checks an rsync, then renamed to ``run_dir``. ``{"reused": False}`` when that cannot
+    be done; a ``run_dir`` that exists already (an rsync started meanwhile, a restart) is
+    never touched, and a partial copy is removed."""
+    runs = base / "runs"
+    previous = _latest_copy(base, key)
+    if previous is None or run_dir.parent != runs:
         return {"reused": False}
     if previous == run_dir:  # a restart on a node that has this run's copy already
-        result = finish(base, run_dir, expected, names)
+        result = finish(base, run_dir, expected, names, key)
         return {"reused": result["hash"] == expected, **result}
+    now = time.time()
+    for stale in runs.glob(f".*{REUSE_PART}*"):  # left by an agent killed while linking, a day ago
+        try:
+            if not stale.is_symlink() and now - stale.lstat().st_mtime > 86400:
+                _remove_tree(stale)
+        except OSError:
+            pass
+    part = runs / f".{run_dir.name}{REUSE_PART}{os.getpid()}"
     try:
-        run_dir.mkdir(mode=0o700)
-    except OSError as exc:  # there already: never touched here, rsync brings it up to date
-        return {"reused": False, "error": str(exc)}
-    try:
+        part.mkdir(mode=0o700)
         for name in names:
-            src, dst = previous / name, run_dir / name
+            src, dst = previous / name, part / name
             dst.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             if src.is_symlink():
                 os.symlink(os.readlink(src), dst)
             else:
                 os.link(src, dst, follow_symlinks=False)
+        got = tree_hash(part, names)
+        if got != expected:
+            _remove_tree(part)
+            return {"reused": False, "hash": got}
+        os.rename(part, run_dir)  # fails if run_dir is there by now: it is not ours
     except OSError as exc:
-        _remove_tree(run_dir)
+        _remove_tree(part)
         return {"reused": False, "error": str(exc)}
-    result = finish(base, run_dir, expected, names)
-    if result["hash"] != expected:
-        _remove_tree(run_dir)
-        return {"reused": False, "hash": result["hash"]}
-    return {"reused": True, **result}
+    return {"reused": True, "hash": got, "files": len(names), "pruned": _synced(base, run_dir, key)}
 
 
 def pack(sources: list[list[str]], limit: int) -> dict[str, Any]:
     """``base/name`` for each source (name "": base's contents), as one tar in base64 with
     names relative to base: what ``rsync --relative base/./name`` brings. Folders that do
     not exist are listed as absent. ``{"rsync": WHY}`` when rsync should bring them: the
-    files pass ``limit`` bytes, or a source is not a folder."""
+    tar would pass ``limit`` bytes, a source is not a folder, or a link is among them
+    (rsync copies links as they are; no link is ever unpacked from a tar)."""
     import base64
     import io
     import tarfile
@@ -298,20 +332,22 @@ def pack(sources: list[list[str]], limit: int) -> dict[str, Any]:
     present, absent, total = [], [], 0
     for base, name in sources:
         top = os.path.join(base, name) if name else base
-        if not os.path.isdir(top):
-            if not os.path.lexists(top):
-                absent.append(top)
-                continue
+        if not os.path.lexists(top):
+            absent.append(top)
+            continue
+        if os.path.islink(top) or not os.path.isdir(top):
             return {"rsync": f"{top} is not a folder"}
-        for folder, _dirs, files in os.walk(top):
-            for file in files:
+        for folder, dirs, files in os.walk(top):
+            for entry in (*dirs, *files):
                 try:
-                    info = os.lstat(os.path.join(folder, file))
+                    info = os.lstat(os.path.join(folder, entry))
                 except OSError:
                     continue
-                total += info.st_size if stat.S_ISREG(info.st_mode) else 0
-        if total > limit:
-            return {"rsync": f"more than {limit} bytes"}
+                if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
+                    return {"rsync": f"{os.path.join(folder, entry)} is a link or special file"}
+                total += 1024 + -(-info.st_size // 512) * 512  # its headers and blocks in the tar
+            if total > limit:
+                return {"rsync": f"more than {limit} bytes"}
         present.append((top, name or "."))
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -480,9 +516,9 @@ def dispatch(command: str, rest: list[str], stdin: Callable[[], str]) -> dict[st
     elif command == "tree-digests":
         result = {"digests": tree_digests(Path(rest[0]), _names(stdin()))}
     elif command == "finish":
-        result = finish(Path(rest[0]), Path(rest[1]), rest[2], _names(stdin()))
+        result = finish(Path(rest[0]), Path(rest[1]), rest[2], _names(stdin()), rest[3] if len(rest) > 3 else "")
     elif command == "reuse":
-        result = reuse(Path(rest[0]), Path(rest[1]), rest[2], _names(stdin()))
+        result = reuse(Path(rest[0]), Path(rest[1]), rest[2], rest[3], _names(stdin()))
     elif command == "pack":
         result = pack(json.loads(stdin()), int(rest[0]))
     elif command == "pip":

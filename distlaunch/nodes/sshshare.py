@@ -41,7 +41,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Optional
 
 from ..plan.ssh import CONNECT_TIMEOUT_S, SSHOptions
 from .transport import agent_argv
@@ -83,15 +83,19 @@ def _reap(proc: subprocess.Popen[bytes], deadline: float) -> None:
         proc.wait()
 
 
-Answer = tuple[dict[str, Any] | None, subprocess.CompletedProcess[str]]
+Answer = tuple[Optional[dict[str, Any]], "subprocess.CompletedProcess[str]"]  # no "X | None" here: Python 3.9 runs it
 
 
 class AgentSession:
     """One node's agent for the whole run (``agent serve`` over the shared connection);
-    calls from several threads take turns."""
+    calls from several threads take turns. ``carries_connection``: the process is the
+    node's ssh master itself, which a failed session must not stop (mpirun's daemons and
+    rsync ride on it): the session then only closes the agent's input and steps aside,
+    and the master is stopped with the others at the end (``SharedConnections``)."""
 
-    def __init__(self, argv: list[str], python: str) -> None:
+    def __init__(self, argv: list[str], python: str, carries_connection: bool = False) -> None:
         self.python = python
+        self.carries_connection = carries_connection
         self.lock = threading.Lock()
         self.buffer = b""
         self.ready = False
@@ -166,8 +170,12 @@ class AgentSession:
         return line.decode("utf-8", "surrogateescape")
 
     def close(self, grace: float = STOP_GRACE_S) -> None:
-        """End the session: its agent leaves when its input closes; killed if it does not."""
+        """End the session: its agent leaves when its input closes; killed if it does not
+        (a session that carries the connection only steps aside)."""
         self.end_input()
+        if self.carries_connection:
+            self.proc = None
+            return
         self.wait(time.monotonic() + grace)
 
     def end_input(self) -> None:
@@ -225,7 +233,8 @@ class SharedConnections:
         # never start these from a pool thread that ends before the run does
         try:
             for host in self.hosts:  # each master's own session is the node's agent: no channel of its own
-                session = AgentSession(shared.master_argv(host, agent_argv(self.python, "serve")), self.python)
+                session = AgentSession(shared.master_argv(host, agent_argv(self.python, "serve")), self.python,
+                                       carries_connection=True)
                 assert session.proc is not None
                 self.agents[host], self.masters[host] = session, session.proc
             self._wait_ready()
@@ -275,6 +284,8 @@ class SharedConnections:
         finally:
             for proc in masters:  # a second Ctrl-C above: none is left running all the same
                 _reap(proc, 0.0)
+                if proc.stdout is not None:  # a master that was its node's agent
+                    proc.stdout.close()
             if self.folder is not None:
                 shutil.rmtree(self.folder, ignore_errors=True)
                 self.folder = None

@@ -30,7 +30,7 @@ from ..plan.hosts import is_local
 from ..plan.layout import RemoteLayout
 from ..plan.units import human_size
 from ..protocol import AGENT_DIR
-from .agent import tree_digests, tree_hash
+from .agent import copy_key, tree_digests, tree_hash
 from .transport import Nodes, for_each, last_error
 
 if TYPE_CHECKING:
@@ -170,13 +170,14 @@ def push(nodes: Nodes, host: str, tree: SourceTree, expected: str, layout: Remot
     when that holds the same tree (nothing sent, no rsync started), else by rsync; checked
     by content hash on the node either way."""
     start = time.monotonic()
-    answer, proc = nodes.call(host, "prepare", layout.root, layout.base, expected)
+    key = copy_key(expected, Path(tree.root), list(tree.files))
+    answer, proc = nodes.call(host, "prepare", layout.root, layout.base, key)
     if answer is None or not answer.get("ok"):
         why = (answer or {}).get("error") or last_error(proc)
         raise SyncError(f"cannot prepare {layout.root} on {host}: {why}")
     listing = "\0".join(tree.files) + "\0"
     if answer.get("latest_same"):
-        reused, _ = nodes.call(host, "reuse", layout.base, layout.workdir, expected, stdin=listing)
+        reused, _ = nodes.call(host, "reuse", layout.base, layout.workdir, expected, key, stdin=listing)
         if (reused or {}).get("reused"):
             return SyncResult(host, len(tree.files), 0, 0, time.monotonic() - start, reused=True)
     # rsync skips --files-from names that start with '#' or ';' as comments: './' keeps them
@@ -188,7 +189,7 @@ def push(nodes: Nodes, host: str, tree: SourceTree, expected: str, layout: Remot
         raise SyncError(f"cannot copy {tree.root} to {host}: rsync exit {rsync.returncode}: {last}: "
                         "check access and that rsync is installed there (distlaunch doctor)")
     sent, sent_bytes = _stats(rsync.stdout.decode(errors="replace"))
-    answer, check = nodes.call(host, "finish", layout.base, layout.workdir, expected, stdin=listing)
+    answer, check = nodes.call(host, "finish", layout.base, layout.workdir, expected, key, stdin=listing)
     got = (answer or {}).get("hash")
     if got is None:
         raise SyncError(f"cannot check the copy on {host}: {last_error(check)}: "
@@ -300,10 +301,13 @@ def _bring(nodes: Nodes, host: str, sources: Sequence[tuple[str, str]], local: P
 
 
 def _owned_here(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
-    """tarfile's "data" filter (nothing outside ``dest``, no device, no absolute link),
-    files owner-only as rsync --chmod=go-rwx gives them, owned by whoever collects."""
+    """Files and folders only (no link: the data filter's link checks had holes in some
+    Python releases), through tarfile's "data" filter (nothing outside ``dest``), files
+    owner-only as rsync --chmod=go-rwx gives them, owned by whoever collects."""
     import tarfile
 
+    if not (member.isfile() or member.isdir()):  # the agent packs no link; rsync brings those
+        raise tarfile.FilterError(f"{member.name} is not a file or folder")
     member = tarfile.data_filter(member, dest)
     mode = 0o700 if member.isdir() else None if member.mode is None else member.mode & 0o700
     return member.replace(mode=mode, uid=None, gid=None, uname=None, gname=None, deep=False)

@@ -13,7 +13,8 @@ program's command is this interpreter with this worker's own flags: one Python s
 per rank instead of two, with the same pipes, environment, signals and exit as a new
 process would have (``DISTLAUNCH_FORK_RANKS=0``: always a new interpreter). What the
 fork keeps from the worker: its modules already imported (the standard library's and
-ours, nothing heavy), its command line in ``ps``, and its ``/proc/PID/environ`` (what a
+ours, nothing heavy: a project file named like one of them is not imported in its
+place, where a new interpreter would take it), its command line in ``ps``, and its ``/proc/PID/environ`` (what a
 process was started with; the program's ``os.environ`` and C's ``getenv`` are right).
 
 Kept free of heavy imports: it runs once per rank on every launch.
@@ -171,6 +172,7 @@ class ForkedRank:
     def __init__(self, script: list[str], env: dict[str, str], in_child: Callable[[], None]) -> None:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
+        worker = os.getpid()
         try:
             pid = os.fork()
         except OSError:
@@ -179,7 +181,7 @@ class ForkedRank:
             raise
         if pid == 0:  # the rank: never returns into the worker's code
             in_child()
-            _become_rank(script, env, out_w, err_w)
+            _become_rank(script, env, out_w, err_w, worker)
         os.close(out_w)
         os.close(err_w)
         self.pid = pid
@@ -189,26 +191,35 @@ class ForkedRank:
 
     def send_signal(self, signum: int) -> None:
         if self.returncode is None:
-            os.kill(self.pid, signum)
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:  # reaped a moment ago
+                pass
 
     def wait(self) -> int:
         if self.returncode is None:
-            _, status = os.waitpid(self.pid, 0)
-            self.returncode = os.waitstatus_to_exitcode(status)
+            try:
+                _, status = os.waitpid(self.pid, 0)
+                self.returncode = os.waitstatus_to_exitcode(status)
+            except ChildProcessError:  # SIGCHLD ignored where the worker started: reaped already
+                self.returncode = 0
         return self.returncode
 
 
-def _become_rank(script: list[str], env: dict[str, str], out_w: int, err_w: int) -> None:
+def _become_rank(script: list[str], env: dict[str, str], out_w: int, err_w: int, worker: int) -> None:
     """In the fork: what ``Popen`` and a new interpreter would have given the program (stdin
     from /dev/null, the pipes as stdout and stderr, no other descriptor, its environment,
     death with the worker), then the bootstrap. A program that ends well leaves through
-    the interpreter's normal exit (threads joined, atexit run), as a new one would."""
+    the interpreter's normal exit (threads joined, atexit run), as a new one would;
+    anything else leaves here, never in the worker's code above."""
     try:
         _die_with_parent()
+        if os.getppid() != worker:  # the worker died before the line above
+            os._exit(1)
         null = os.open(os.devnull, os.O_RDONLY)
         for fd, target in ((null, 0), (out_w, 1), (err_w, 2)):
             os.dup2(fd, target)
-        os.closerange(3, _max_fd())
+        _close_inherited()
         os.environ.clear()
         os.environ.update(env)
     except BaseException as exc:  # noqa: BLE001 - the fork must never go back to the worker's code
@@ -216,15 +227,29 @@ def _become_rank(script: list[str], env: dict[str, str], out_w: int, err_w: int)
         os._exit(127)
     from .bootstrap import run
 
-    run(script)
+    try:
+        run(script)
+    except SystemExit:
+        raise  # the script ended well (a failing one has left already)
+    except BaseException:  # noqa: BLE001 - the bootstrap's own failure (its output gone, say)
+        os._exit(1)
     sys.exit(0)
 
 
-def _max_fd() -> int:
+def _close_inherited() -> None:
+    """Close every descriptor above 2, as ``Popen(close_fds=True)`` does: the ones listed in
+    /proc/self/fd (never a loop over the descriptor limit, which can be a billion)."""
     try:
-        return os.sysconf("SC_OPEN_MAX")
-    except (OSError, ValueError):
-        return 65536
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        os.closerange(3, 65536)
+        return
+    for fd in fds:
+        if fd > 2:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # the listing's own descriptor, closed already
 
 
 def relay(child: subprocess.Popen[bytes] | ForkedRank, info: RankInfo, log: RankLog,
