@@ -74,7 +74,8 @@ def main() -> None:
             med = launch_times(box, root, src, args.repeats)
             for name, value in med.items():
                 print(f"distlaunch run, {name}: {value:.2f} s (median of {args.repeats})")
-            local, one, both, plain = (med[name] for name in med)
+            local, one, both, plain = (med[name] for name in ("localhost x 2 ranks", "1 node x 2 ranks",
+                                                               "2 nodes x 1 rank", "2 nodes, ssh not shared"))
             print(f"2-node / 1-node = {both / one:.2f} (+{both - one:.2f} s); 2-node / localhost = {both / local:.2f} "
                   f"(+{both - local:.2f} s); shared / not shared ssh = {both / plain:.2f} ({both - plain:+.2f} s)")
             if args.allreduce:
