@@ -379,3 +379,50 @@ def test_reusing_never_touches_a_run_folder_that_is_there_already(tmp_path):
     assert not reuse(base, other, expected, key, ["train.py"])["reused"]
     assert (run / "outputs" / "checkpoint.pt").read_text() == "weights\n"
     assert sorted(p.name for p in other.iterdir()) == ["keep.txt"]
+
+
+def _tar_modes() -> list[str]:
+    import tarfile
+
+    return ["with-data-filter", "older-python"] if hasattr(tarfile, "data_filter") else ["older-python"]
+
+
+@pytest.mark.parametrize("mode", _tar_modes())
+def test_unpacking_refuses_whatever_would_land_outside_the_run_folder(tmp_path, monkeypatch, mode):
+    """A member that is a link, or whose path leaves the folder (also through a link that is
+    there already), is refused, on a Python with tarfile's data filter and without one."""
+    import io
+    import tarfile
+
+    from distlaunch.nodes.treesync import _extract
+
+    if mode == "older-python":  # our own checks alone, as on a Python whose tarfile has no data filter
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+
+    def archive(*members: tuple[str, bytes | None, str | None]) -> tarfile.TarFile:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for name, data, link in members:
+                info = tarfile.TarInfo(name)
+                if link is not None:
+                    info.type, info.linkname = tarfile.SYMTYPE, link
+                    tar.addfile(info)
+                else:
+                    info.size, info.mode = len(data), 0o755
+                    tar.addfile(info, io.BytesIO(data))
+        buffer.seek(0)
+        return tarfile.open(fileobj=buffer, mode="r:")
+
+    dest = tmp_path / "run"
+    dest.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (dest / "outputs").symlink_to(tmp_path / "elsewhere")
+    _extract(archive(("logs/rank-0.log", b"log\n", None)), dest)
+    assert (dest / "logs" / "rank-0.log").read_bytes() == b"log\n"
+    assert (dest / "logs" / "rank-0.log").stat().st_mode & 0o777 == 0o700
+    for bad in (("../escaped", b"x", None), ("/tmp/absolute", b"x", None), ("outputs/through-link", b"x", None),
+                ("link", None, "../../etc"), ("inside-link", None, "logs")):
+        with pytest.raises((ValueError, tarfile.TarError)):
+            _extract(archive(bad), dest)
+    assert not list((tmp_path / "elsewhere").iterdir()) and not (tmp_path / "escaped").exists()
+    assert sorted(p.name for p in dest.iterdir()) == ["logs", "outputs"]

@@ -300,30 +300,48 @@ def _bring(nodes: Nodes, host: str, sources: Sequence[tuple[str, str]], local: P
     return pull_into(nodes, host, sources, local)
 
 
-def _owned_here(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
-    """Files and folders only (no link: the data filter's link checks had holes in some
-    Python releases), through tarfile's "data" filter (nothing outside ``dest``), files
-    owner-only as rsync --chmod=go-rwx gives them, owned by whoever collects."""
+def _checked(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """A member fit to unpack into ``dest``: a plain file or folder (no link, no special
+    file: the agent packs none, and rsync brings those) whose path stays inside ``dest``,
+    also through links already there; made owner-only, as rsync --chmod=go-rwx makes
+    it, and owned by whoever collects. ValueError otherwise."""
+    name = member.name
+    root = os.path.realpath(dest)
+    target = os.path.realpath(os.path.join(root, name))
+    if not (member.isfile() or member.isdir()) or os.path.isabs(name) or ".." in PurePosixPath(name).parts or \
+            not (target == root or target.startswith(root + os.sep)):
+        raise ValueError(f"{name!r} is not a plain file or folder inside {dest}")
+    member.mode = 0o700 if member.isdir() else member.mode & 0o700
+    member.uid, member.gid, member.uname, member.gname = os.getuid(), os.getgid(), "", ""
+    return member
+
+
+def _extract(tar: tarfile.TarFile, dest: Path) -> None:
+    """Every member through ``_checked``; on a Python with tarfile's "data" filter, that
+    filter too (the folders kept owner-only, nothing chowned)."""
     import tarfile
 
-    if not (member.isfile() or member.isdir()):  # the agent packs no link; rsync brings those
-        raise tarfile.FilterError(f"{member.name} is not a file or folder")
-    member = tarfile.data_filter(member, dest)
-    mode = 0o700 if member.isdir() else None if member.mode is None else member.mode & 0o700
-    return member.replace(mode=mode, uid=None, gid=None, uname=None, gname=None, deep=False)
+    if not hasattr(tarfile, "data_filter"):  # Python before 3.12 / 3.11.4 / 3.10.12 / 3.9.17
+        tar.extractall(dest, members=[_checked(member, str(dest)) for member in tar.getmembers()])
+        return
+
+    def owned(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo:
+        member = tarfile.data_filter(_checked(member, path), path)
+        mode = 0o700 if member.isdir() else None if member.mode is None else member.mode & 0o700
+        return member.replace(mode=mode, uid=None, gid=None, uname=None, gname=None, deep=False)
+
+    tar.extractall(dest, filter=owned)
 
 
 def unpack_into(nodes: Nodes, host: str, sources: Sequence[tuple[str, str]], local: Path) -> bool:
     """``pull_into`` by the agent: its ``pack`` answer unpacked into ``local``. False when
-    the agent leaves it to rsync (too big, not a folder) or the answer cannot be unpacked
-    (a link leaving the folder, a special file); rsync then merges over what came."""
+    the agent leaves it to rsync (too big, a link, not a folder) or the answer cannot be
+    unpacked (``_checked`` refuses a member); rsync then merges over what came."""
     import base64
     import io
     import json
     import tarfile
 
-    if not hasattr(tarfile, "data_filter"):  # Python before 3.11.4 / 3.10.12 / 3.9.17: no safe extraction
-        return False
     answer, _proc = nodes.call(host, "pack", str(INLINE_MAX_BYTES), stdin=json.dumps([list(s) for s in sources]),
                                timeout=COLLECT_IO_TIMEOUT_S)
     if not answer or not isinstance(answer.get("tar"), str):
@@ -331,7 +349,7 @@ def unpack_into(nodes: Nodes, host: str, sources: Sequence[tuple[str, str]], loc
     try:
         local.mkdir(mode=0o700, parents=True, exist_ok=True)
         with tarfile.open(fileobj=io.BytesIO(base64.b64decode(answer["tar"])), mode="r:") as tar:
-            tar.extractall(local, filter=_owned_here)
+            _extract(tar, local)
     except (tarfile.TarError, OSError, ValueError):
         return False
     return True

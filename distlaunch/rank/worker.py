@@ -12,10 +12,13 @@ A ``.py`` program is run by the bootstrap in this very interpreter's fork when t
 program's command is this interpreter with this worker's own flags: one Python start
 per rank instead of two, with the same pipes, environment, signals and exit as a new
 process would have (``DISTLAUNCH_FORK_RANKS=0``: always a new interpreter). What the
-fork keeps from the worker: its modules already imported (the standard library's and
-ours, nothing heavy: a project file named like one of them is not imported in its
-place, where a new interpreter would take it), its command line in ``ps``, and its ``/proc/PID/environ`` (what a
-process was started with; the program's ``os.environ`` and C's ``getenv`` are right).
+fork keeps from the worker:
+
+- its modules already imported (the standard library's and ours, nothing heavy): a
+  project file named like one of them is not imported in its place, where a new
+  interpreter would take it;
+- its command line in ``ps``, and its ``/proc/PID/environ`` (what a process was started
+  with; the program's ``os.environ`` and C's ``getenv`` are right).
 
 Kept free of heavy imports: it runs once per rank on every launch.
 """
@@ -222,11 +225,10 @@ def _become_rank(script: list[str], env: dict[str, str], out_w: int, err_w: int,
         _close_inherited()
         os.environ.clear()
         os.environ.update(env)
+        from .bootstrap import run
     except BaseException as exc:  # noqa: BLE001 - the fork must never go back to the worker's code
         _write_all(2, f"distlaunch: cannot start the rank: {exc}\n".encode())
         os._exit(127)
-    from .bootstrap import run
-
     try:
         run(script)
     except SystemExit:
