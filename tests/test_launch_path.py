@@ -61,12 +61,19 @@ def local_nodes() -> Nodes:
     return Nodes(SSHTransport(SSHOptions(), this_host_names()), sys.executable)
 
 
-def test_one_rsync_brings_several_folders_and_absent_ones_are_no_failure(tmp_path):
+def rank_results(tmp_path: Path) -> tuple[Path, Path]:
+    """What a run leaves on a node: the agent folder with a rank log, and the working
+    directory with an outputs folder."""
     agent, work = tmp_path / "agent", tmp_path / "work"
     (agent / "logs").mkdir(parents=True)
     (agent / "logs" / "rank-0.log").write_text("log\n")
     (work / "outputs" / "sub").mkdir(parents=True)
     (work / "outputs" / "sub" / "model.txt").write_text("weights\n")
+    return agent, work
+
+
+def test_one_rsync_brings_several_folders_and_absent_ones_are_no_failure(tmp_path):
+    agent, work = rank_results(tmp_path)
     dest = tmp_path / "run"
     dest.mkdir()
     missing = pull_into(local_nodes(), "localhost", [(str(agent), "logs"), (str(agent), "metrics"),
@@ -277,11 +284,7 @@ def tree_of(folder) -> dict[str, tuple]:
 def test_small_folders_come_back_in_the_agents_answer_as_rsync_brings_them(tmp_path):
     from distlaunch.nodes.treesync import unpack_into
 
-    agent, work = tmp_path / "agent", tmp_path / "work"
-    (agent / "logs").mkdir(parents=True)
-    (agent / "logs" / "rank-0.log").write_text("log\n")
-    (work / "outputs" / "sub").mkdir(parents=True)
-    (work / "outputs" / "sub" / "model.txt").write_text("weights\n")
+    agent, work = rank_results(tmp_path)
     (work / "outputs" / "run.sh").write_text("#!/bin/sh\n")
     (work / "outputs" / "run.sh").chmod(0o755)
     (work / "outputs" / "empty").mkdir()

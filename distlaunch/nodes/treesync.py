@@ -165,12 +165,13 @@ def first_difference(source: str, files: Sequence[str], theirs: dict[str, str]) 
     return "(none found: the file list itself differs)"
 
 
-def push(nodes: Nodes, host: str, tree: SourceTree, expected: str, layout: RemoteLayout) -> SyncResult:
+def push(nodes: Nodes, host: str, tree: SourceTree, expected: str, layout: RemoteLayout,
+         key: str | None = None) -> SyncResult:
     """The tree into the run's folder on ``host``: hard-linked from the node's latest copy
-    when that holds the same tree (nothing sent, no rsync started), else by rsync; checked
-    by content hash on the node either way."""
+    when that holds the same tree (``key``, its ``copy_key``; worked out here if not
+    given), else by rsync; checked by content hash on the node either way."""
     start = time.monotonic()
-    key = copy_key(expected, Path(tree.root), list(tree.files))
+    key = key or copy_key(expected, Path(tree.root), list(tree.files))
     answer, proc = nodes.call(host, "prepare", layout.root, layout.base, key)
     if answer is None or not answer.get("ok"):
         why = (answer or {}).get("error") or last_error(proc)
@@ -220,6 +221,7 @@ def sync(nodes: Nodes, hosts: Sequence[str], tree: SourceTree, layout: RemoteLay
     """Send the tree (the run's snapshot) to every host in parallel; SyncError names the
     first bad node. What ``describe`` warns about was said when the tree was listed."""
     expected = tree.digest or tree_hash(Path(tree.root), list(tree.files))
+    key = copy_key(expected, Path(tree.root), list(tree.files))  # once, not per node
     progress(f"syncing {len(tree.files)} files ({human_size(tree.nbytes)}) from {tree.origin or tree.root} to "
              f"{len(hosts)} node(s)")
     done: list[str] = []
@@ -232,7 +234,7 @@ def sync(nodes: Nodes, hosts: Sequence[str], tree: SourceTree, layout: RemoteLay
                      "node(s) done")
 
     def one(host: str) -> SyncResult:
-        result = push(nodes, host, tree, expected, layout)
+        result = push(nodes, host, tree, expected, layout, key)
         done.append(host)
         if result.reused:
             progress(f"synced to {host}: the same {result.files} files as its last copy, linked in "
