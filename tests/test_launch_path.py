@@ -57,6 +57,18 @@ def test_a_scan_that_finds_nothing_does_not_import_psutil():
     assert proc.returncode == 0, proc.stderr
 
 
+def test_the_loopback_interface_is_named_without_psutil_as_psutil_names_it():
+    code = ("import socket, sys; from distlaunch.hvd.rendezvous import interface_towards; "
+            "quick = interface_towards('127.0.0.1'); assert 'psutil' not in sys.modules, 'psutil imported'; "
+            "import psutil; print(quick, *sorted(name for name, addrs in psutil.net_if_addrs().items() "
+            "if any(a.family == socket.AF_INET and a.address == '127.0.0.1' for a in addrs)))")
+    env = {**os.environ, "DISTLAUNCH_HVD_BACKEND": "torch"}  # real Horovod's import brings psutil itself
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    quick, *by_psutil = proc.stdout.split()
+    assert by_psutil == [quick], proc.stdout
+
+
 def local_nodes() -> Nodes:
     return Nodes(SSHTransport(SSHOptions(), this_host_names()), sys.executable)
 

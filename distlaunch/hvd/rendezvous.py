@@ -25,6 +25,7 @@ from typing import Any
 from ..protocol import MASTER_ADDR
 from ..rank.rankinfo import RankInfo
 
+LINUX_LOOPBACK = "/sys/class/net/lo"  # Linux's loopback interface, whose address is 127.0.0.1
 TIMEOUT_S = float(os.environ.get("DISTLAUNCH_RENDEZVOUS_TIMEOUT", "300"))
 
 
@@ -83,14 +84,16 @@ def master_address(all_local: bool) -> str:
 
 def interface_towards(address: str) -> str | None:
     """The name of the local interface whose address is used to reach ``address``."""
-    import psutil
-
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
             probe.connect((address, 9))  # UDP: no packet is sent
             local = probe.getsockname()[0]
     except OSError:
         return None
+    if local == "127.0.0.1" and os.path.isdir(LINUX_LOOPBACK):
+        return "lo"  # every rank on this node (the common case): no interface table to read
+    import psutil
+
     for name, addrs in psutil.net_if_addrs().items():
         if any(addr.family == socket.AF_INET and addr.address == local for addr in addrs):
             return name
