@@ -94,6 +94,23 @@ def test_user_btl_choice_wins():
     assert "self,sm" not in argv
 
 
+def test_ob1_is_named_only_for_cpu_ranks_on_one_host_and_never_over_the_users_choice():
+    program = resolve_program(JobSpec(str(REPO / "examples" / "train.py")))
+
+    def pml(spec: JobSpec, target: TargetSpec, inv: Inventory, ambient: frozenset[str] = frozenset()) -> list[str]:
+        ctx = LaunchContext(False, 4, ambient)
+        argv = plan(spec, place(target, env={}, inv=inv), MPIS["ompi5"], "R", "/r", ctx, program).argv
+        return [argv[i + 1] for i, word in enumerate(argv[:-1]) if word == "pml"]
+
+    ours = JobSpec(str(REPO / "examples" / "train.py"))
+    assert pml(ours, TargetSpec(ppn=2), NO_GPU) == ["ob1"]
+    assert pml(ours, TargetSpec(ppn=2), FOUR_GPUS) == []  # device buffers: UCX stays in the running
+    assert pml(ours, TargetSpec(hosts="node1:2,node2:2"), NO_GPU) == []  # a fabric may serve better than TCP
+    theirs = JobSpec(str(REPO / "examples" / "train.py"), mpi_args=("--mca", "pml", "ucx"))
+    assert pml(theirs, TargetSpec(ppn=2), NO_GPU) == ["ucx"]
+    assert pml(ours, TargetSpec(ppn=2), NO_GPU, frozenset({"OMPI_MCA_pml"})) == []
+
+
 def check_golden(name: str, text: str) -> None:
     path = GOLDEN / name
     if os.environ.get("DISTLAUNCH_UPDATE_GOLDEN") == "1":
