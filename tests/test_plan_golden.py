@@ -95,6 +95,7 @@ def test_user_btl_choice_wins():
 
 
 def test_ob1_is_named_only_for_cpu_ranks_on_one_host_and_never_over_the_users_choice():
+    """Nor when the user picked an MTL, which only the cm PML drives."""
     program = resolve_program(JobSpec(str(REPO / "examples" / "train.py")))
 
     def pml(spec: JobSpec, target: TargetSpec, inv: Inventory, ambient: frozenset[str] = frozenset()) -> list[str]:
@@ -109,6 +110,7 @@ def test_ob1_is_named_only_for_cpu_ranks_on_one_host_and_never_over_the_users_ch
     theirs = JobSpec(str(REPO / "examples" / "train.py"), mpi_args=("--mca", "pml", "ucx"))
     assert pml(theirs, TargetSpec(ppn=2), NO_GPU) == ["ucx"]
     assert pml(ours, TargetSpec(ppn=2), NO_GPU, frozenset({"OMPI_MCA_pml"})) == []
+    assert pml(ours, TargetSpec(ppn=2), NO_GPU, frozenset({"OMPI_MCA_mtl"})) == []  # an MTL needs the cm PML
 
 
 def check_golden(name: str, text: str) -> None:

@@ -182,7 +182,7 @@ def _openmpi_flags(spec: JobSpec, mpi: MPIInstall, ctx: LaunchContext, hosts: li
         shared = "vader" if mpi.major == 4 else "sm"
         added.append((["--mca", "btl", f"self,{shared}"],
                       "one host: shared memory only, so no TCP listener is opened and no fabric probed"))
-    if len(hosts) == 1 and not gpu_mode and not user_sets_mca(spec, ctx, "pml"):
+    if len(hosts) == 1 and not gpu_mode and not any(user_sets_mca(spec, ctx, name) for name in ("pml", "mtl")):
         added.append((["--mca", "pml", "ob1"],
                       "one host, CPU ranks: the shared-memory messaging layer, chosen at once instead of after "
                       "MPI_Init tries UCX and libfabric first (about half of MPI_Init's time)"))
