@@ -441,3 +441,26 @@ def test_unpacking_refuses_whatever_would_land_outside_the_run_folder(tmp_path, 
             _extract(archive(bad), dest)
     assert not list((tmp_path / "elsewhere").iterdir()) and not (tmp_path / "escaped").exists()
     assert sorted(p.name for p in dest.iterdir()) == ["logs", "outputs"]
+
+
+def test_run_record_dicts_are_what_asdict_gives_and_share_nothing_with_the_record():
+    import dataclasses
+
+    from distlaunch.records import Attempt, Failure, RankExit, RunRecord, Status
+
+    record = RunRecord.from_dict({"id": "r", "script": "t.py"})
+    record.rank_exits = {r: RankExit(r, r % 2, 4, f"n{r // 2}", 10 + r, 1.0, [str(r % 2)], 20 + r, 2.0, 0)
+                         for r in range(4)}
+    record.rank_exits[3].exception = {"type": "ValueError", "message": "bad", "traceback": ["a", "b"]}
+    record.attempts = [Attempt(1, 1.0, 2.0, Status.FAILED, 1, ["n0", "n1"], 4,
+                               Failure(3, "n1", 1, None, ("line",), "ValueError: bad"), "", {"n1": "why"})]
+    expected = dataclasses.asdict(record)
+    expected["status"] = record.status.value
+    expected["rank_exits"] = {str(r): dataclasses.asdict(item) for r, item in record.rank_exits.items()}
+    expected["attempts"] = [item.to_dict() for item in record.attempts]
+    data = record.to_dict()
+    assert data == expected
+    data["rank_exits"]["3"]["gpus"].append("9")
+    data["rank_exits"]["3"]["exception"]["traceback"].append("c")
+    assert record.rank_exits[3].gpus == ["1"] and record.rank_exits[3].exception["traceback"] == ["a", "b"]
+    assert len(record.rank_exits) == 4 and len(record.attempts) == 1  # the record keeps its own
