@@ -6,7 +6,7 @@ rank's worker, are that commit's code. With --multinode, a no-op also runs on 2 
 nodes (root, sshd, rsync, unshare); there the node agent is started over ssh, without
 ``PYTHONPATH``, so both sides use this checkout's agent. With --first-allreduce, the
 launch to the first ``distlaunch.hvd`` allreduce (2 ranks, torch backend, and real
-Horovod where it imports) runs too. The two sides take turns, run by run, and the medians
+Horovod where it is installed) runs too. The two sides take turns, run by run, and the medians
 are printed with their ratio: the machine's noise hits both.
 
     python benchmarks/before_after.py --before d923f1a --repeats 9 [--multinode] [--first-allreduce]

@@ -464,3 +464,14 @@ def test_run_record_dicts_are_what_asdict_gives_and_share_nothing_with_the_recor
     data["rank_exits"]["3"]["exception"]["traceback"].append("c")
     assert record.rank_exits[3].gpus == ["1"] and record.rank_exits[3].exception["traceback"] == ["a", "b"]
     assert len(record.rank_exits) == 4 and len(record.attempts) == 1  # the record keeps its own
+
+
+def test_every_container_field_of_a_rank_exit_is_copied_by_to_dict():
+    import dataclasses
+
+    from distlaunch.records import _RANK_EXIT_CONTAINERS, RankExit
+
+    scalars = ("int", "float", "str", "bool", "None")
+    containers = {f.name for f in dataclasses.fields(RankExit)
+                  if any(part.strip().split("[")[0] not in scalars for part in str(f.type).split("|"))}
+    assert containers == set(_RANK_EXIT_CONTAINERS), "RankExit.to_dict must copy every list or dict field"

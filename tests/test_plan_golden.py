@@ -94,23 +94,33 @@ def test_user_btl_choice_wins():
     assert "self,sm" not in argv
 
 
-def test_ob1_is_named_only_for_cpu_ranks_on_one_host_and_never_over_the_users_choice():
-    """Nor when the user picked an MTL, which only the cm PML drives."""
+def test_ob1_is_named_only_for_cpu_ranks_on_this_host_and_never_over_the_users_choice():
+    """Nor when the user picked an MTL, which only the cm PML drives; nor on one remote
+    host, whose GPUs are not known here."""
     program = resolve_program(JobSpec(str(REPO / "examples" / "train.py")))
 
-    def pml(spec: JobSpec, target: TargetSpec, inv: Inventory, ambient: frozenset[str] = frozenset()) -> list[str]:
+    def pml(spec: JobSpec, target: TargetSpec, inv: Inventory = NO_GPU, ambient: frozenset[str] = frozenset(),
+            mpi: str = "ompi5") -> list[str]:
         ctx = LaunchContext(False, 4, ambient)
-        argv = plan(spec, place(target, env={}, inv=inv), MPIS["ompi5"], "R", "/r", ctx, program).argv
+        argv = plan(spec, place(target, env={}, inv=inv), MPIS[mpi], "R", "/r", ctx, program).argv
         return [argv[i + 1] for i, word in enumerate(argv[:-1]) if word == "pml"]
 
-    ours = JobSpec(str(REPO / "examples" / "train.py"))
-    assert pml(ours, TargetSpec(ppn=2), NO_GPU) == ["ob1"]
-    assert pml(ours, TargetSpec(ppn=2), FOUR_GPUS) == []  # device buffers: UCX stays in the running
-    assert pml(ours, TargetSpec(hosts="node1:2,node2:2"), NO_GPU) == []  # a fabric may serve better than TCP
-    theirs = JobSpec(str(REPO / "examples" / "train.py"), mpi_args=("--mca", "pml", "ucx"))
-    assert pml(theirs, TargetSpec(ppn=2), NO_GPU) == ["ucx"]
-    assert pml(ours, TargetSpec(ppn=2), NO_GPU, frozenset({"OMPI_MCA_pml"})) == []
-    assert pml(ours, TargetSpec(ppn=2), NO_GPU, frozenset({"OMPI_MCA_mtl"})) == []  # an MTL needs the cm PML
+    def job(**kwargs: object) -> JobSpec:
+        return JobSpec(str(REPO / "examples" / "train.py"), **kwargs)  # type: ignore[arg-type]
+
+    local = TargetSpec(ppn=2)
+    assert pml(job(), local) == ["ob1"]
+    assert pml(job(), local, mpi="ompi4") == ["ob1"]
+    assert pml(job(), local, FOUR_GPUS) == []  # device buffers: UCX stays in the running
+    assert pml(job(), TargetSpec(hosts="node1:2,node2:2")) == []  # a fabric may serve better than TCP
+    assert pml(job(), TargetSpec(hosts="node1:2")) == []  # one remote host: its GPUs are not known here
+    for theirs in (("--mca", "pml", "ucx"), ("-mca", "pml", "ucx"), ("--gmca", "pml", "ucx")):
+        assert pml(job(mpi_args=theirs), local) == ["ucx"], theirs
+    assert pml(job(mpi_args=("-x", "OMPI_MCA_pml=ucx")), local) == []
+    assert pml(job(mpi_args=("--mca", "mtl", "ofi")), local) == []  # an MTL needs the cm PML
+    assert pml(job(env=(("OMPI_MCA_pml", "ucx"),)), local) == []
+    assert pml(job(), local, ambient=frozenset({"OMPI_MCA_pml"})) == []
+    assert pml(job(), local, ambient=frozenset({"OMPI_MCA_mtl"})) == []
 
 
 def check_golden(name: str, text: str) -> None:

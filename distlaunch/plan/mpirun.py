@@ -67,13 +67,24 @@ def hostfile_text(hosts: Sequence[tuple[str, int]], flavour: Flavour) -> str:
     return "\n".join(lines) + "\n"
 
 
+MCA_FLAGS = ("--mca", "-mca", "--gmca", "-gmca")
+
+
 def user_sets_mca(spec: JobSpec, ctx: LaunchContext, name: str) -> bool:
-    """Whether the user chose MCA parameter ``name`` (env, --env or --mpi-arg): theirs wins."""
+    """Whether the user chose MCA parameter ``name`` (env, --env, or --mpi-arg as ``--mca``,
+    ``--gmca`` or ``-x OMPI_MCA_name=...``): theirs wins. MCA parameter files (``--tune``,
+    the site's and ``~/.openmpi``) are not read: a flag distlaunch adds beats them."""
     variable = f"OMPI_MCA_{name}"
     if variable in ctx.ambient_env or any(k == variable for k, _ in spec.env):
         return True
     args = list(spec.mpi_args)
-    return any(a in ("--mca", "-mca") and args[i + 1 : i + 2] == [name] for i, a in enumerate(args))
+    for i, word in enumerate(args[:-1]):
+        following = args[i + 1]
+        if word in MCA_FLAGS and following == name:
+            return True
+        if word in ("-x", "--x") and following.split("=", 1)[0] == variable:
+            return True
+    return False
 
 
 def master_addr(slots: Sequence[RankSlot], local_names: frozenset[str]) -> str:
@@ -182,9 +193,10 @@ def _openmpi_flags(spec: JobSpec, mpi: MPIInstall, ctx: LaunchContext, hosts: li
         shared = "vader" if mpi.major == 4 else "sm"
         added.append((["--mca", "btl", f"self,{shared}"],
                       "one host: shared memory only, so no TCP listener is opened and no fabric probed"))
-    if len(hosts) == 1 and not gpu_mode and not any(user_sets_mca(spec, ctx, name) for name in ("pml", "mtl")):
+    chosen = any(user_sets_mca(spec, ctx, name) for name in ("pml", "mtl"))
+    if len(hosts) == 1 and not multi and not gpu_mode and not chosen:  # this machine: its GPUs are known here
         added.append((["--mca", "pml", "ob1"],
-                      "one host, CPU ranks: the shared-memory messaging layer, chosen at once instead of after "
+                      "this host only, CPU ranks: the ob1 PML over the BTLs above, chosen at once instead of after "
                       "MPI_Init tries UCX and libfabric first (about half of MPI_Init's time)"))
     if mpi.bundled and mpi.major >= 5 and not user_sets_mca(spec, ctx, "osc"):
         added.append((["--mca", "osc", "^ucx"],
