@@ -203,15 +203,6 @@ def read_json(path: Path) -> Any:
         return json.load(handle)
 
 
-def _json_copy(value: Any) -> Any:
-    """A deep copy of JSON-like data (dicts, lists, tuples of plain values)."""
-    if isinstance(value, dict):
-        return {key: _json_copy(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_json_copy(item) for item in value)
-    return value
-
-
 def _fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     """The keys of ``data`` that ``cls`` has (records written by newer versions may have more)."""
     names = {f.name for f in dataclasses.fields(cls)}
@@ -247,7 +238,7 @@ class RankExit:
         values = self.__dict__
         data = {name: values[name] for name in _RANK_EXIT_FIELDS}
         for name in _RANK_EXIT_CONTAINERS:  # never shared with the record
-            data[name] = _json_copy(data[name])
+            data[name] = copy.deepcopy(data[name])
         return data
 
     @classmethod
