@@ -209,6 +209,72 @@ def test_snapshot_records_and_restores_the_code_that_ran(distlaunch, tmp_path):
     assert not (tmp_path / "other").exists()
 
 
+def test_nested_ignore_files_apply_to_their_own_folder_only(tmp_path):
+    """A .gitignore's patterns are relative to its folder and reach only below it; the
+    top level's reach everywhere; a likely secret is named as left out."""
+    from distlaunch.nodes.treesync import list_files
+
+    for name in ("train.py", "a/local.txt", "a/x.tmp", "a/deep/local.txt", "a/deep/y.tmp", "b/local.txt",
+                 "b/x.tmp", "b/build/out.bin", "build/keep.txt", "c.log", "a/z.log", ".env"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(name)
+    (tmp_path / ".gitignore").write_text("*.log\n")
+    (tmp_path / "a" / ".gitignore").write_text("/local.txt\n*.tmp\n")  # anchored: a/local.txt, not a/deep/
+    (tmp_path / "b" / ".gitignore").write_text("build/\n")
+    tree = list_files(tmp_path)
+    assert tree.files == (".gitignore", "a/.gitignore", "a/deep/local.txt", "b/.gitignore", "b/local.txt",
+                          "b/x.tmp", "build/keep.txt", "train.py")
+    assert tree.secrets_left_out == (".env",)
+
+
+def test_a_source_dir_over_the_limits_is_refused_before_anything_is_copied(distlaunch, tmp_path):
+    src = tmp_path / "home"
+    src.mkdir()
+    (src / "job.py").write_text("print('ran')\n")
+    for i in range(5):
+        (src / f"data{i}.bin").write_bytes(b"x" * (1000 * (i + 1)))
+    runs = tmp_path / "runs"
+    too_many = distlaunch("run", "--run-dir", str(runs), "--max-source-files", "4", str(src / "job.py"))
+    assert too_many.returncode == 2, too_many.stderr
+    error = too_many.stderr.splitlines()[-1]
+    assert error.startswith(f"distlaunch: error: the source dir {src} holds more than 4 files to copy")
+    assert "--max-source-files" in error and "--in-place" in error and ".distlaunchignore" in error
+    assert "ran" not in too_many.stdout
+    (folder,) = runs.iterdir()
+    record = json.loads((folder / "run.json").read_text())
+    assert record["status"] == "failed" and "more than 4 files" in record["error"] and record["exit_code"] == 2
+    assert not (folder / "code").exists()
+    too_big = distlaunch("run", "--run-dir", str(runs), "--max-source-size", "10KB", str(src / "job.py"))
+    assert too_big.returncode == 2 and "holds more than 9.8 KiB to copy" in too_big.stderr
+    assert "largest so far data4.bin, 4.9 KiB" in too_big.stderr and "--max-source-size" in too_big.stderr
+    # 0 lifts a limit; the defaults let this small tree through
+    fine = distlaunch("run", "--run-dir", str(runs), "--max-source-files", "0", "--max-source-size", "0",
+                      str(src / "job.py"))
+    assert fine.returncode == 0 and "ran" in fine.stdout, fine.stderr
+    bad = distlaunch("run", "--run-dir", str(runs), "--max-source-size", "lots", str(src / "job.py"))
+    assert bad.returncode == 2 and "--max-source-size 'lots' is not a size" in bad.stderr
+    with pytest.raises(RunFailed, match="more than 4 files"):
+        Job("job.py", str(src), runs_root=str(runs), max_source_files=4).submit().result()
+
+
+def test_a_slow_snapshot_says_how_far_it_got(tmp_path, monkeypatch):
+    from distlaunch.launch import snapshot
+    from distlaunch.records import RunPaths
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"f{i}.txt").write_text("x" * 100)
+    monkeypatch.setattr(snapshot, "SLOW_S", 0.0)
+    monkeypatch.setattr(snapshot, "EVERY_S", 0.0)  # every file, so that the test need not be slow
+    lines: list[str] = []
+    (tmp_path / "runs" / "r1").mkdir(parents=True)
+    snap = snapshot.take(str(src), RunPaths(tmp_path / "runs" / "r1"), lines.append)
+    assert lines[:3] == [f"code snapshot: {i} of 3 files ({i * 100} B of 300 B) in 0 s" for i in range(3)]
+    assert lines[3].startswith("code snapshot: 3 files (300 B), 3 copied, 0 unchanged, in ")
+    assert snap.copied == 3
+
+
 def test_experiments_and_tags(distlaunch, tmp_path):
     src, data = make_project(tmp_path)
     scratch = tmp_path / "scratch"
@@ -250,7 +316,8 @@ def sample_options(tmp_path: Path, src: Path, data: Path) -> dict[str, Any]:
         "mpirun": "/opt/mpi/bin/mpirun", "source_dir": str(tmp_path), "no_sync": True, "collect_all_ranks": True,
         "skip_checks": True, "env_items": {"A": "1"}, "env_files": [str(envfile)], "pip_packages": ["six"],
         "requirements": str(reqs), "env_pass": ["MY_*"], "runs_root": str(tmp_path / "elsewhere"),
-        "iface": "eth0", "launcher": "srun", "in_place": True, "experiment": "exp1", "tags": {"a": "b"},
+        "iface": "eth0", "launcher": "srun", "in_place": True, "max_source_files": 7, "max_source_size": "1MiB",
+        "experiment": "exp1", "tags": {"a": "b"},
         "inputs": {"data": str(data)}, "kill_grace": 1.5, "timeout": 30, "hang_timeout": "2m",
         "hvd_backend": "torch", "hvd_ops": "mpi", "max_restarts": 2, "restart_delay": 0.5, "min_nodes": 1,
         "quarantine_ttl": "10m", "container": str(tmp_path / "image"), "container_runtime": "apptainer",
@@ -272,6 +339,7 @@ FIELDS = {
     "source_dir": "source_dir", "no_sync": "sync", "collect_all_ranks": "collect_all_ranks",
     "skip_checks": "skip_checks", "env_items": "env", "env_files": "env", "pip_packages": "pip_packages",
     "requirements": "requirements", "env_pass": "env_pass", "runs_root": "runs_root", "iface": "iface",
+    "max_source_files": "max_source_files", "max_source_size": "max_source_bytes",
     "launcher": "launcher", "in_place": "in_place", "experiment": "experiment", "tags": "tags", "inputs": "inputs",
     "kill_grace": "watch.kill_grace", "timeout": "watch.timeout", "hang_timeout": "watch.hang_timeout",
     "hvd_backend": "env", "hvd_ops": "env", "max_restarts": "max_restarts", "restart_delay": "restart_delay",

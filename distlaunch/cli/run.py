@@ -17,7 +17,7 @@ from ..plan.envpolicy import is_secret, redact
 from ..plan.inputs import parse_input
 from ..plan.mpirun import LaunchPlan
 from ..plan.spec import LAUNCHERS, JobSpec, parse_env_file, parse_env_items, parse_tags
-from ..plan.units import parse_duration
+from ..plan.units import parse_duration, parse_size
 from ..records import RunPaths, RunRecord, new_run_id
 from .hosts import placement_table
 from .options import (
@@ -114,6 +114,11 @@ _JOB_OPTIONS = [
     click.option("--in-place", is_flag=True,
                  help="Run in the current directory as it is (plain mpirun): no code snapshot, and only "
                       "$DISTLAUNCH_OUTPUT_DIR lands in the run folder."),
+    click.option("--max-source-size", default="2GiB", show_default=True, metavar="SIZE",
+                 help="Refuse to snapshot a source dir holding more than this (0: no limit), before copying "
+                      "anything: a run started from $HOME or /tmp stops at once."),
+    click.option("--max-source-files", type=click.IntRange(min=0), default=20_000, show_default=True, metavar="N",
+                 help="Likewise for its number of files."),
     click.option("--hvd-backend", type=click.Choice(["auto", "horovod", "torch"]), default="auto", show_default=True,
                  help="distlaunch.hvd's runtime: real Horovod when installed (auto), or distlaunch's own on "
                       "torch.distributed; sets DISTLAUNCH_HVD_BACKEND on every rank."),
@@ -201,6 +206,8 @@ def spec_from_options(kwargs: dict[str, Any]) -> JobSpec:
         iface=kwargs["iface"],
         launcher=kwargs["launcher"],
         in_place=kwargs["in_place"],
+        max_source_files=kwargs["max_source_files"],
+        max_source_bytes=parse_limit(kwargs["max_source_size"], "--max-source-size"),
         experiment=kwargs["experiment"],
         tags=parse_tags(kwargs["tags"]),
         inputs=tuple(parse_input(item) for item in kwargs["inputs"]),
@@ -210,6 +217,13 @@ def spec_from_options(kwargs: dict[str, Any]) -> JobSpec:
         quarantine_ttl=parse_ttl(kwargs["quarantine_ttl"]),
         container=pop_container(kwargs),
     )
+
+
+def parse_limit(text: str | int, what: str) -> int:
+    """A size limit in bytes (``2GiB``), or 0 for none."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    return 0 if str(text).strip() in ("0", "0B") else parse_size(str(text), what)
 
 
 def pop_container(kwargs: dict[str, Any]) -> ContainerSpec | None:

@@ -355,7 +355,8 @@ def _before_launch(prepared: Prepared, paths: RunPaths, record: RunRecord, progr
     if not spec.runs_in_place:
         snap = snapshot.load(paths) if record.code else None  # a batch job's, taken at submit time
         if snap is None:
-            snap = snapshot.take(spec.source, paths, progress, exclude=(str(paths.root.parent),))
+            snap = snapshot.take(spec.source, paths, progress, exclude=(str(paths.root.parent),),
+                                 max_files=spec.max_source_files, max_bytes=spec.max_source_bytes)
             record.code = snap.summary()
             record.save(paths)
     node_inputs.check_in_place(prepared.nodes, prepared.hosts, prepared.inputs)

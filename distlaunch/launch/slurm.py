@@ -118,7 +118,8 @@ def submit(spec: JobSpec, target: SlurmTarget, ranks: int, nodes: int, tasks_per
     if not spec.runs_in_place:  # the code as it is now is what runs, whatever is edited meanwhile
         from .snapshot import take
 
-        record.code = take(spec.source, paths, progress, exclude=(str(paths.root.parent),)).summary()
+        record.code = take(spec.source, paths, progress, exclude=(str(paths.root.parent),),
+                           max_files=spec.max_source_files, max_bytes=spec.max_source_bytes).summary()
     record.save(paths)
     env = {**os.environ, **{name: value for name, value in spec.env if is_secret(name)}}
     # submitted on hold: the record knows its job id before the job can start and write it

@@ -31,7 +31,8 @@ from ..plan.units import human_size
 from ..records import RunPaths, read_json, write_json
 
 Progress = Callable[[str], None]
-SLOW_S = 1.0  # a snapshot that takes longer than this is reported
+SLOW_S = 1.0  # a snapshot that takes longer than this is reported, and how far it got every EVERY_S
+EVERY_S = 5.0
 LOOK_BACK = 50  # runs searched for an earlier snapshot to hard-link unchanged files from
 
 
@@ -103,11 +104,14 @@ def _escapes(source: str, name: str, target: str) -> bool:
     return not (resolved == source or resolved.startswith(source.rstrip("/") + "/"))
 
 
-def take(source: str, paths: RunPaths, progress: Progress, exclude: tuple[str, ...] = ()) -> Snapshot:
+def take(source: str, paths: RunPaths, progress: Progress, exclude: tuple[str, ...] = (), max_files: int = 0,
+         max_bytes: int = 0) -> Snapshot:
     """Snapshot ``source`` into ``paths.code`` and write ``code.json``; SpecError for a
-    source file that cannot be read, RunDirError when the run folder cannot take it."""
+    source file that cannot be read or a source dir over ``max_files``/``max_bytes``
+    (0: no limit; nothing is copied then), RunDirError when the run folder cannot take it.
+    A snapshot that takes more than ``SLOW_S`` says how far it got every ``EVERY_S``."""
     start = time.monotonic()
-    tree = list_files(source, exclude=exclude)
+    tree = list_files(source, exclude=exclude, max_files=max_files, max_bytes=max_bytes)
     for line in describe(tree):
         progress(f"warning: {line}")
     runs_root = paths.root.parent
@@ -116,10 +120,15 @@ def take(source: str, paths: RunPaths, progress: Progress, exclude: tuple[str, .
     digests: dict[str, str] = {}
     stats: dict[str, list[int]] = {}
     escaping: list[str] = []
-    linked = copied = 0
+    linked = copied = done_bytes = 0
+    shown = start + SLOW_S - EVERY_S
     try:
         paths.code.mkdir(mode=0o700)
-        for name in tree.files:
+        for done, name in enumerate(tree.files):
+            if time.monotonic() - shown >= EVERY_S:
+                shown = time.monotonic()
+                progress(f"code snapshot: {done:,} of {len(tree.files):,} files ({human_size(done_bytes)} of "
+                         f"{human_size(tree.nbytes)}) in {shown - start:.0f} s")
             src, dst = Path(source, name), paths.code / name
             dst.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             try:
@@ -134,6 +143,7 @@ def take(source: str, paths: RunPaths, progress: Progress, exclude: tuple[str, .
                     escaping.append(name)
                 continue
             stats[name] = _key(info)
+            done_bytes += info.st_size
             if before is not None and name in known and keys.get(name) == stats[name]:
                 try:
                     os.link(before / name, dst)

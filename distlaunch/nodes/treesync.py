@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from ..errors import DistlaunchError, ExitCode
+from ..errors import DistlaunchError, ExitCode, SpecError
 from ..plan.hosts import is_local
 from ..plan.layout import RemoteLayout
 from ..plan.units import human_size
@@ -44,6 +44,11 @@ SECRET_PATTERNS = (".env", ".env.*", "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25
 LARGE_BYTES = 100 * 1000 * 1000
 LARGE_FILES = 5000
 Progress = Callable[[str], None]
+
+
+class SourceTooLarge(SpecError):
+    """The source dir holds more than the snapshot limits allow (a run started from $HOME
+    or /tmp, say): said while listing, before anything is copied."""
 
 
 class SyncError(DistlaunchError):
@@ -74,9 +79,10 @@ class SyncResult:
     reused: bool = False  # linked from the node's copy of the same tree, not sent
 
 
-def list_files(source: str | Path, exclude: Sequence[str] = ()) -> SourceTree:
+def list_files(source: str | Path, exclude: Sequence[str] = (), max_files: int = 0, max_bytes: int = 0) -> SourceTree:
     """The files (and symlinks) to send, honouring .gitignore/.distlaunchignore files;
-    never inside the absolute folders of ``exclude`` (a --run-dir within the source)."""
+    never inside the absolute folders of ``exclude`` (a --run-dir within the source).
+    SourceTooLarge as soon as they pass ``max_files`` or ``max_bytes`` (0: no limit)."""
     import pathspec
 
     root = Path(source)
@@ -84,55 +90,71 @@ def list_files(source: str | Path, exclude: Sequence[str] = ()) -> SourceTree:
     chosen: list[str] = []
     secrets: list[str] = []
     nbytes = 0
-    specs: list[tuple[PurePosixPath, pathspec.PathSpec]] = []
     secret_spec = pathspec.GitIgnoreSpec.from_lines(SECRET_PATTERNS)
-    top = PurePosixPath(".")
+    largest = (0, "")
+    # the ignore files that apply in each directory: its own and its parents', each with
+    # the prefix of the folder it lies in ("" at the top, "a/b/" below), which its patterns
+    # are relative to; worked out once per directory, not per file
+    in_force: dict[str, list[tuple[str, pathspec.PathSpec]]] = {}
 
-    def matches(rel: PurePosixPath, is_dir: bool) -> bool:
-        for base, spec in specs:
-            if base == top or base in rel.parents:
-                sub = rel.relative_to(base) if base != top else rel
-                if spec.match_file(f"{sub}/" if is_dir else str(sub)):
-                    return True
-        return False
+    def matches(specs: list[tuple[str, pathspec.PathSpec]], rel: str, is_dir: bool) -> bool:
+        return any(spec.match_file(rel[len(prefix):] + ("/" if is_dir else "")) for prefix, spec in specs)
 
     for here_path, dirs, files in os.walk(root):
-        here = PurePosixPath(Path(here_path).relative_to(root).as_posix())
+        here = Path(here_path).relative_to(root).as_posix()
+        prefix = "" if here == "." else here + "/"
+        specs = list(in_force.pop(here, []))
         for name in IGNORE_FILES:
-            path = Path(here_path) / name
-            if path.is_file():
-                lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-                if here == top and name == ".distlaunchignore":
+            path = os.path.join(here_path, name)
+            if os.path.isfile(path):
+                lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+                if not prefix and name == ".distlaunchignore":
                     lines = [*SECRET_PATTERNS, *lines]  # its '!' lines can bring a secret back
-                specs.append((here, pathspec.GitIgnoreSpec.from_lines(lines)))
-        if here == top and not (root / ".distlaunchignore").is_file():
-            specs.append((top, secret_spec))
+                specs.append((prefix, pathspec.GitIgnoreSpec.from_lines(lines)))
+        if not prefix and not (root / ".distlaunchignore").is_file():
+            specs.append(("", secret_spec))
         keep = []
         for name in sorted(dirs):
-            rel = here / name
-            if name in ALWAYS_SKIPPED or (here == top and name in TOP_SKIPPED) or matches(rel, True):
+            rel = prefix + name
+            if name in ALWAYS_SKIPPED or (not prefix and name in TOP_SKIPPED) or matches(specs, rel, True):
                 continue
             if skipped and os.path.abspath(os.path.join(here_path, name)) in skipped:
                 continue
-            if (Path(here_path) / name).is_symlink():
-                chosen.append(str(rel))  # a directory symlink travels as a link, not followed
+            if os.path.islink(os.path.join(here_path, name)):
+                chosen.append(rel)  # a directory symlink travels as a link, not followed
             else:
                 keep.append(name)
+                in_force[rel] = specs
         dirs[:] = keep
         for name in sorted(files):
-            rel = here / name
-            if matches(rel, False):
-                if secret_spec.match_file(str(rel)):
-                    secrets.append(str(rel))
+            rel = prefix + name
+            if matches(specs, rel, False):
+                if secret_spec.match_file(rel):
+                    secrets.append(rel)
                 continue
             try:
-                info = os.lstat(Path(here_path) / name)
+                info = os.lstat(os.path.join(here_path, name))
             except OSError:
                 continue
             if stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode):  # never a FIFO, socket or device
-                chosen.append(str(rel))
+                chosen.append(rel)
                 nbytes += info.st_size
+                largest = max(largest, (info.st_size, rel))
+                if (max_files and len(chosen) > max_files) or (max_bytes and nbytes > max_bytes):
+                    raise _too_large(root, len(chosen), nbytes, largest, max_files, max_bytes)
     return SourceTree(str(root), tuple(sorted(chosen)), nbytes, tuple(secrets))
+
+
+def _too_large(root: Path, files: int, nbytes: int, largest: tuple[int, str], max_files: int,
+               max_bytes: int) -> SourceTooLarge:
+    if max_files and files > max_files:
+        what, option = f"more than {max_files:,} files", "--max-source-files"
+    else:
+        what, option = f"more than {human_size(max_bytes)}", "--max-source-size"
+    return SourceTooLarge(
+        f"the source dir {root} holds {what} to copy into the run folder (stopped listing at {files:,} files, "
+        f"{human_size(nbytes)}; largest so far {largest[1]}, {human_size(largest[0])}): point --source-dir at the "
+        f"code only, leave data out with .distlaunchignore, run with --in-place, or raise {option} (0: no limit)")
 
 
 def _stats(output: str) -> tuple[int, int]:

@@ -130,6 +130,8 @@ class JobSpec:
     launcher: str = "mpirun"  # or "srun": a step of the Slurm allocation we run in
     # the estimator's working-directory rule, history and data
     in_place: bool = False  # run in the current directory as is (no snapshot; plain mpirun)
+    max_source_files: int = 20_000  # a source dir with more files to snapshot is refused (0: no limit)
+    max_source_bytes: int = 2 << 30  # likewise for their size: a run started from $HOME or /tmp
     experiment: str | None = None  # default: the source directory's name
     tags: tuple[tuple[str, str], ...] = ()
     inputs: tuple[InputSpec, ...] = ()
@@ -167,6 +169,10 @@ class JobSpec:
         if self.experiment is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", self.experiment):
             raise SpecError(f"--experiment {self.experiment!r}: use letters, digits, '.', '_' and '-' "
                             "(at most 100), starting with a letter or digit")
+        for name, option in (("max_source_files", "--max-source-files"), ("max_source_bytes", "--max-source-size")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise SpecError(f"{option} {value!r} must be a whole number, 0 or more (0: no limit)")
         check_inputs(self.inputs, self.script_args)
         self._check_restarts()
         resolve_program(self)  # the script must exist now, not when the ranks start
