@@ -281,6 +281,20 @@ def test_a_batch_run_runs_the_code_as_submitted(box, workdir):
     assert "VERSION as submitted" in output and "edited" not in output
 
 
+def test_a_source_dir_over_the_limit_is_not_submitted(box, workdir):
+    """Refused at submit time, before sbatch: the run folder says why, no job is queued."""
+    project = workdir / "big"
+    project.mkdir()
+    (project / "show.py").write_text("print('ran')\n")
+    (project / "data.txt").write_text("x\n")
+    proc = slurm(box, distlaunch("submit", "--max-source-files", "1", str(project / "show.py")), workdir)
+    assert proc.returncode == 2 and "holds more than 1 files to copy" in proc.stderr, proc.stderr
+    (folder,) = (workdir / "runs").iterdir()
+    record = json.loads((folder / "run.json").read_text())
+    assert record["status"] == "failed" and record["scheduler"]["job_id"] is None
+    assert "--max-source-files" in record["error"] and not (folder / "code").exists()
+
+
 @pytest.mark.parametrize("launcher", ["srun", "mpirun"])
 def test_sweep_trials_are_steps_of_the_allocation(box, workdir, launcher):
     """A sweep inside ``salloc -N2``: each trial on its own node, two at a time, as an srun

@@ -223,7 +223,8 @@ def parse_limit(text: str | int, what: str) -> int:
     """A size limit in bytes (``2GiB``), or 0 for none."""
     if isinstance(text, int) and not isinstance(text, bool):
         return text
-    return 0 if str(text).strip() in ("0", "0B") else parse_size(str(text), what)
+    zero = re.fullmatch(r"\s*(0+(\.0*)?|\.0+)\s*([KMGT]i?)?B?\s*", str(text), re.IGNORECASE)
+    return 0 if zero else parse_size(str(text), what)
 
 
 def pop_container(kwargs: dict[str, Any]) -> ContainerSpec | None:

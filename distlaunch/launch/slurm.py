@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..errors import HostError, LaunchFailed, SpecError
+from ..errors import DistlaunchError, HostError, LaunchFailed, SpecError
 from ..plan.envpolicy import is_secret, redact_pairs
 from ..plan.slurm import SlurmTarget, batch_lines, batch_script
 from ..plan.spec import JobSpec, spec_to_dict
@@ -118,8 +118,13 @@ def submit(spec: JobSpec, target: SlurmTarget, ranks: int, nodes: int, tasks_per
     if not spec.runs_in_place:  # the code as it is now is what runs, whatever is edited meanwhile
         from .snapshot import take
 
-        record.code = take(spec.source, paths, progress, exclude=(str(paths.root.parent),),
-                           max_files=spec.max_source_files, max_bytes=spec.max_source_bytes).summary()
+        try:
+            record.code = take(spec.source, paths, progress, exclude=(str(paths.root.parent),),
+                               max_files=spec.max_source_files, max_bytes=spec.max_source_bytes).summary()
+        except DistlaunchError as exc:  # nothing was submitted: the folder says why
+            record.failed(str(exc), exc.exit_code)
+            record.save(paths)
+            raise
     record.save(paths)
     env = {**os.environ, **{name: value for name, value in spec.env if is_secret(name)}}
     # submitted on hold: the record knows its job id before the job can start and write it

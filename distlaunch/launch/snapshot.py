@@ -121,20 +121,21 @@ def take(source: str, paths: RunPaths, progress: Progress, exclude: tuple[str, .
     stats: dict[str, list[int]] = {}
     escaping: list[str] = []
     linked = copied = done_bytes = 0
-    shown = start + SLOW_S - EVERY_S
+    said = start + SLOW_S - EVERY_S  # when progress was last shown
     try:
         paths.code.mkdir(mode=0o700)
         for done, name in enumerate(tree.files):
-            if time.monotonic() - shown >= EVERY_S:
-                shown = time.monotonic()
+            if time.monotonic() - said >= EVERY_S:
+                said = time.monotonic()
                 progress(f"code snapshot: {done:,} of {len(tree.files):,} files ({human_size(done_bytes)} of "
-                         f"{human_size(tree.nbytes)}) in {shown - start:.0f} s")
+                         f"{human_size(tree.nbytes)}) in {said - start:.0f} s")
             src, dst = Path(source, name), paths.code / name
             dst.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             try:
                 info = os.lstat(src)
             except FileNotFoundError:
                 continue  # removed since it was listed
+            done_bytes += info.st_size
             if stat.S_ISLNK(info.st_mode):
                 target = os.readlink(src)
                 os.symlink(target, dst)
@@ -143,7 +144,6 @@ def take(source: str, paths: RunPaths, progress: Progress, exclude: tuple[str, .
                     escaping.append(name)
                 continue
             stats[name] = _key(info)
-            done_bytes += info.st_size
             if before is not None and name in known and keys.get(name) == stats[name]:
                 try:
                     os.link(before / name, dst)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from ..errors import DistlaunchError, ExitCode, SpecError
 from ..plan.hosts import is_local
 from ..plan.layout import RemoteLayout
-from ..plan.units import human_size
+from ..plan.units import format_size, human_size
 from ..protocol import AGENT_DIR
 from .agent import copy_key, tree_digests, tree_hash
 from .transport import Nodes, for_each, last_error
@@ -150,7 +150,8 @@ def _too_large(root: Path, files: int, nbytes: int, largest: tuple[int, str], ma
     if max_files and files > max_files:
         what, option = f"more than {max_files:,} files", "--max-source-files"
     else:
-        what, option = f"more than {human_size(max_bytes)}", "--max-source-size"
+        limit = format_size(max_bytes)
+        what, option = f"more than {limit if limit.endswith('iB') else f'{max_bytes:,} bytes'}", "--max-source-size"
     return SourceTooLarge(
         f"the source dir {root} holds {what} to copy into the run folder (stopped listing at {files:,} files, "
         f"{human_size(nbytes)}; largest so far {largest[1]}, {human_size(largest[0])}): point --source-dir at the "

@@ -21,7 +21,8 @@ fork keeps from the worker:
   with; the program's ``os.environ`` and C's ``getenv`` are right);
 - its own objects, frozen for the garbage collector (``gc.freeze``) just before the
   fork, so the rank's collections, the last one at exit too, do not walk them; the
-  program's objects are collected as in any interpreter.
+  program's objects are collected as in any interpreter (``gc.get_objects()`` lists
+  only those, not the worker's).
 
 The worker itself leaves with ``os._exit`` once the exit record is written and its
 output flushed: it runs no code of the user's, so its interpreter has nothing to tear
@@ -416,8 +417,11 @@ def _exit_like(record: RankExit) -> None:
             signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         time.sleep(1)
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or gone: the exit code is what matters now
+            pass
     os._exit(int(record.exit_code or 0))
 
 
