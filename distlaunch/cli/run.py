@@ -223,8 +223,7 @@ def parse_limit(text: str | int, what: str) -> int:
     """A size limit in bytes (``2GiB``), or 0 for none."""
     if isinstance(text, int) and not isinstance(text, bool):
         return text
-    zero = re.fullmatch(r"\s*(0+(\.0*)?|\.0+)\s*([KMGT]i?)?B?\s*", str(text), re.IGNORECASE)
-    return 0 if zero else parse_size(str(text), what)
+    return parse_size(str(text), what, allow_zero=True)
 
 
 def pop_container(kwargs: dict[str, Any]) -> ContainerSpec | None:

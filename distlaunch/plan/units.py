@@ -34,12 +34,15 @@ def parse_duration(text: str, what: str = "duration") -> float:
     return total
 
 
-def parse_size(text: str, what: str = "size") -> int:
-    """Bytes from ``8``, ``8B``, ``4KiB``, ``1MB``, ``256MiB``, ``1.5GiB``."""
+def parse_size(text: str, what: str = "size", allow_zero: bool = False) -> int:
+    """Bytes from ``8``, ``8B``, ``4KiB``, ``1MB``, ``256MiB``, ``1.5GiB`` (and 0, in any
+    unit, with ``allow_zero``)."""
     match = _SIZE.fullmatch(text)
     if match is None:
         raise SpecError(f"{what} {text!r} is not a size: write e.g. 8B, 4KiB, 1MiB or 256MiB")
     value = float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()]
+    if allow_zero and value == 0:
+        return 0
     if not math.isfinite(value) or value < 1 or value != int(value):
         raise SpecError(f"{what} {text!r} must be a whole number of bytes, at least 1")
     return int(value)
