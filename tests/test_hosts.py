@@ -14,6 +14,8 @@ from distlaunch.plan.hosts import (
     Host,
     HostSource,
     assign_slots,
+    check_hostname,
+    check_hostnames,
     compress_hostlist,
     expand_hostlist,
     parse_hostfile,
@@ -153,6 +155,41 @@ def test_slurm_mismatch_is_explained():
     env = {"SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "n[1-3]", "SLURM_TASKS_PER_NODE": "2(x2)"}
     with pytest.raises(HostError, match="gives 2 nodes but the node list has 3"):
         resolve(env=env)
+
+
+def test_a_bad_name_deep_in_a_big_allocation_is_named():
+    """The node names are checked in one pass when all are valid; one bad name among
+    10,000 is still found and named, as the name-by-name check would."""
+    names = [f"node{i:05d}" for i in range(10_000)]
+    check_hostnames(names, "SLURM_JOB_NODELIST")
+    for bad in ("node..x", "-node", "node;rm", "node\n", "a\nb", "x" * 254, ""):
+        broken = names[:7000] + [bad] + names[7000:]
+        with pytest.raises(HostError, match="SLURM_JOB_NODELIST: .* is not a valid host name"):
+            check_hostnames(broken, "SLURM_JOB_NODELIST")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(alphabet="ab.-_;\n9 ", max_size=6), max_size=5))
+def test_the_one_pass_check_agrees_with_the_name_by_name_check(names):
+    def one_by_one() -> bool:
+        try:
+            for name in names:
+                check_hostname(name, "x")
+        except HostError:
+            return False
+        return True
+
+    try:
+        check_hostnames(names, "x")
+    except HostError:
+        assert not one_by_one()
+    else:
+        assert one_by_one()
+
+
+def test_a_name_repeated_in_a_slurm_node_list_is_placed_once():
+    env = {"SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "n[1-3],n2", "SLURM_TASKS_PER_NODE": "2(x3)"}
+    assert resolve(env=env).hosts == (Host("n1", 2), Host("n2", 2), Host("n3", 2))
 
 
 def test_pbs_nodefile(tmp_path):

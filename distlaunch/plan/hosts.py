@@ -19,17 +19,19 @@ from typing import NamedTuple
 
 from ..errors import HostError
 
-_HOSTNAME = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,252})$")
+_NAME = r"[A-Za-z0-9_][A-Za-z0-9._-]{0,252}"
+_HOSTNAME = re.compile(_NAME)
+_HOSTNAMES = re.compile(rf"{_NAME}(?:\n{_NAME})*")  # names, one per line
 LOCALHOST = "localhost"
 
 
-@dataclass(frozen=True)
-class Host:
+class Host(NamedTuple):
     """One machine: its name as mpirun will reach it, and what is known of its size.
 
     ``slots`` is the default rank count and the limit ``--oversubscribe`` lifts; where it
     is unknown, ``cores`` (this machine's usable cores) is that limit. ``max_slots`` is
-    a hard limit that holds even with ``--oversubscribe``.
+    a hard limit that holds even with ``--oversubscribe``. A NamedTuple, like
+    ``RankSlot``: an allocation of 10,000 nodes makes 10,000 of them.
     """
 
     name: str
@@ -110,12 +112,22 @@ class Slots(Sequence[RankSlot]):
 
 def check_hostname(name: str, where: str) -> str:
     """Return ``name`` if it is a plausible host name or IPv4 address, else raise."""
-    if not _HOSTNAME.match(name) or ".." in name:
+    if not _HOSTNAME.fullmatch(name) or ".." in name:
         raise HostError(
             f"{where}: {name!r} is not a valid host name: use letters, digits, '.', '-' "
             "and '_' only (no spaces or shell characters)"
         )
     return name
+
+
+def check_hostnames(names: Sequence[str], where: str) -> None:
+    """``check_hostname`` for every name, in one pass over them all where every name is
+    valid (an allocation of 10,000 nodes), and name by name to find the one that is not."""
+    joined = "\n".join(names)
+    if joined.count("\n") == len(names) - 1 and _HOSTNAMES.fullmatch(joined) and ".." not in joined:
+        return
+    for name in names:
+        check_hostname(name, where)
 
 
 def _positive(text: str, what: str, where: str) -> int:
@@ -204,10 +216,10 @@ def expand_hostlist(expr: str, where: str = "SLURM_JOB_NODELIST") -> list[str]:
     import hostlist  # python-hostlist, imported lazily
 
     try:
-        names: list[str] = hostlist.expand_hostlist(expr)
+        names: list[str] = hostlist.expand_hostlist(expr, allow_duplicates=True)
     except hostlist.BadHostlist as exc:
         raise HostError(f"cannot expand hostlist {expr!r}: {exc}: check {where}") from None
-    return names
+    return list(dict.fromkeys(names))  # a repeated name once, first place kept
 
 
 def compress_hostlist(names: Sequence[str]) -> str:
@@ -257,12 +269,11 @@ def from_slurm(env: Mapping[str, str]) -> HostSource:
         per_name = "SLURM_TASKS_PER_NODE" if env.get("SLURM_TASKS_PER_NODE") else "SLURM_JOB_CPUS_PER_NODE"
         per_node, origin = env.get(per_name), SLURM_JOB
     names = expand_hostlist(nodelist, list_name)
-    for name in names:
-        check_hostname(name, list_name)
+    check_hostnames(names, list_name)
     if not per_node:
-        return HostSource(tuple(Host(name) for name in names), origin)
+        return HostSource(tuple(map(Host, names)), origin)
     slots = parse_tasks_per_node(per_node, len(names), per_name)
-    return HostSource(tuple(Host(name, n) for name, n in zip(names, slots)), origin)
+    return HostSource(tuple(map(Host, names, slots)), origin)
 
 
 def from_pbs(env: Mapping[str, str]) -> tuple[Host, ...]:
@@ -330,6 +341,8 @@ def leave_out(source: HostSource, nodes: int | None, avoid: Mapping[str, str],
     """``source`` without the hosts in ``avoid`` (host -> why), when enough others remain:
     ``nodes`` of them (every host when None), or at least ``min_nodes``; then the node
     count to place on, and the hosts left out. Otherwise ``source`` as it is. Pure."""
+    if not avoid:
+        return source, nodes, ()
     dropped = tuple(host.name for host in source.hosts if host.name in avoid)
     if not dropped:
         return source, nodes, ()
@@ -365,7 +378,9 @@ def assign_slots(
     else:
         counts = _filled_counts(np, chosen, oversubscribe, source.origin)
     for host, count in zip(chosen, counts):
-        _check_limits(host, count, oversubscribe, source.origin)
+        limit = host.slots or host.cores
+        if host.max_slots is not None or (limit is not None and count > limit):
+            _check_limits(host, count, oversubscribe, source.origin)
     return Slots([(host.name, count) for host, count in zip(chosen, counts)])
 
 
