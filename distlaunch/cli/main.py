@@ -77,8 +77,28 @@ def usage_message(exc: click.UsageError) -> str:
     return f"{exc.format_message()} (see '{command} --help')"
 
 
+def _before_exit() -> None:
+    """The process is about to end: collect what is garbage now (its finalizers run as
+    they would at exit), then freeze what is left for the collector, so the interpreter's
+    teardown does not walk and free every object of click's and ours one by one (about
+    15 ms of every command; the memory goes back with the process). atexit handlers and
+    weakref finalizers (logging's flush, temporary directories) still run as usual."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def main() -> None:
-    """Run the CLI; every error is one line on stderr and a documented exit code."""
+    """Run the CLI; every error is one line on stderr and a documented exit code. The
+    process's entry point: it always ends in ``sys.exit``."""
+    try:
+        _run_cli()
+    finally:
+        _before_exit()
+
+
+def _run_cli() -> None:
     try:
         code = cli.main(prog_name="distlaunch", auto_envvar_prefix="DISTLAUNCH", standalone_mode=False)
     except DistlaunchError as exc:
