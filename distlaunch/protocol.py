@@ -26,7 +26,7 @@ RANK = "DISTLAUNCH_RANK"  # set by the worker on the user's program only: marks 
 EXCEPTION_FILE = "DISTLAUNCH_EXCEPTION_FILE"  # where the bootstrap records an uncaught exception
 DUMP_SIGNAL = "DISTLAUNCH_DUMP_SIGNAL"  # overrides the stack-dump signal
 GPU_INVENTORY = "DISTLAUNCH_GPU_INVENTORY"  # a JSON device list instead of NVML
-FORK_RANKS = "DISTLAUNCH_FORK_RANKS"  # "0": a worker starts a new interpreter for a .py rank, never forks
+FORK_RANKS = "DISTLAUNCH_FORK_RANKS"  # "0": a worker starts a new interpreter for every rank, never forks
 RELAY_METRICS = "DISTLAUNCH_RELAY_METRICS"  # "1": rank 0 is on another node; its worker relays its metrics live
 
 # -- where ranks on other nodes keep their logs and records until they are collected

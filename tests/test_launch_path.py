@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -227,14 +228,22 @@ def test_no_ssh_to_share_means_no_sharing_and_nothing_left(tmp_path, monkeypatch
     assert list(tmp_path.glob("distlaunch-ssh-*")) == []
 
 
-def test_a_forked_rank_sees_what_a_new_interpreter_would(distlaunch, tmp_path):
-    """The worker runs a .py rank in a fork of itself (one Python start per rank); the
-    program cannot tell: arguments, sys.path, __main__, descriptors, stdin, unbuffered
-    output, environment (also C's), signal handlers, joined threads and atexit at the end."""
+@pytest.mark.parametrize("form", ["script", "python -c", "python -m"])
+def test_a_forked_rank_sees_what_a_new_interpreter_would(distlaunch, tmp_path, form):
+    """The worker runs a .py rank, ``python -c`` and ``python -m`` in a fork of itself (one
+    Python start per rank); the program cannot tell: arguments, sys.path, __main__,
+    descriptors, stdin, unbuffered output, environment (also C's), signal handlers,
+    joined threads and atexit at the end. The one difference: ``sys.flags.safe_path``
+    is the worker's (``-P``) for ``-c`` and ``-m``."""
     script = os.path.join(os.path.dirname(__file__), "scripts", "interpreter_view.py")
+    python = os.path.join(os.path.dirname(sys.executable), "python")  # another name in the same venv
+    program = {"script": [script],
+               "python -c": [python, "-c", Path(script).read_text()],
+               "python -m": [python, "-u", "-m", "interpreter_view"]}[form]
+    shutil.copy(script, tmp_path)  # python -m finds it in the ranks' working directory
     views = {}
     for tag, fork in (("fork", "1"), ("new", "0")):
-        result = distlaunch("run", "--ppn", "2", script, tag, "two words", env={"DISTLAUNCH_FORK_RANKS": fork})
+        result = distlaunch("run", "--ppn", "2", *program, tag, "two words", env={"DISTLAUNCH_FORK_RANKS": fork})
         assert result.returncode == 0, result.stderr
         assert "[0] rank 0 unfinished line" in result.stdout and "[1] rank 1 unfinished line" in result.stdout
         for rank in (0, 1):
@@ -242,12 +251,19 @@ def test_a_forked_rank_sees_what_a_new_interpreter_would(distlaunch, tmp_path):
     for rank in (0, 1):
         forked, new = views["fork", rank], views["new", rank]
         assert forked.pop("module") == "distlaunch.rank.worker" and forked.pop("parent_is_worker")
-        assert new.pop("module") == "distlaunch.rank.bootstrap" and new.pop("parent_is_worker")
+        assert new.pop("module") == {"script": "distlaunch.rank.bootstrap", "python -c": None,
+                                     "python -m": "interpreter_view"}[form] and new.pop("parent_is_worker")
         assert forked.pop("argv") == ["fork", "two words"] and new.pop("argv") == ["new", "two words"]
+        if form != "script":
+            assert forked["flags"].pop() is True and new["flags"].pop() is False  # safe_path: -P or not
         assert forked == new
         assert forked["env"]["RANK"] == forked["env"]["DISTLAUNCH_RANK"] == forked["c_env_rank"] == str(rank)
         assert forked["fds"] == [0, 1, 2, 3] and forked["stdin"] == "" and forked["thread_joined"]
-        assert forked["stdout_write_through"] and forked["path0"] and forked["name"] == "__main__"
+        assert forked["stdout_write_through"] and forked["name"] == "__main__" and forked["main_is_this"]
+        assert (forked["argv0"], forked["path0"], forked["main_file"], forked["spec"]) == {
+            "script": ("interpreter_view.py", "script dir", "interpreter_view.py", None),
+            "python -c": ("-c", "", None, None),
+            "python -m": ("interpreter_view.py", "script dir", "interpreter_view.py", "interpreter_view")}[form]
 
 
 def test_installed_versions_agree_with_importlib_metadata(tmp_path, monkeypatch):

@@ -1,7 +1,8 @@
 """Run a user's Python script the way ``python script.py`` would, plus three things.
 
 ``python -m distlaunch.bootstrap SCRIPT [ARGS...]`` is what the worker shim starts for
-``.py`` scripts:
+``.py`` scripts; a worker's fork calls ``run`` for a script, ``run_code`` for
+``python -c`` and ``run_module`` for ``python -m`` directly:
 
 - an uncaught exception is printed as usual, recorded (type, message, traceback) in the
   JSON file named by ``DISTLAUNCH_EXCEPTION_FILE``, and the process then leaves at once
@@ -16,6 +17,7 @@
 """
 from __future__ import annotations
 
+import builtins
 import faulthandler
 import json
 import os
@@ -23,6 +25,9 @@ import runpy
 import sys
 import time
 import traceback
+import types
+from collections.abc import Callable
+from importlib.machinery import BuiltinImporter
 
 from ..protocol import EXCEPTION_FILE, dump_signal
 
@@ -73,9 +78,47 @@ def run(argv: list[str]) -> None:
         sys.path.insert(0, here)  # -P: nothing of ours to replace
     else:
         sys.path[0] = here  # the cwd that ``-m`` put there
+    _guarded(lambda: runpy.run_path(script, run_name="__main__"))
+
+
+def run_code(argv: list[str]) -> None:
+    """``python -c CODE [ARGS...]`` in a worker's fork (started with ``-P``): ``sys.argv``
+    is ``['-c', ARGS...]``, ``sys.path[0]`` is ``''`` and the code runs in a new
+    ``__main__`` module, as in a new interpreter; otherwise as ``run``."""
+    sys.argv = ["-c", *argv[1:]]
+    sys.path.insert(0, "")
+    main = _new_main()
+    _guarded(lambda: exec(compile(argv[0], "<string>", "exec"), main.__dict__))
+
+
+def run_module(argv: list[str]) -> None:
+    """``python -m MODULE [ARGS...]`` in a worker's fork (started with ``-P``): the current
+    directory first on ``sys.path``, a new ``__main__`` module, and ``sys.argv[0]`` the
+    module's file, by the function ``python -m`` itself calls; otherwise as ``run``."""
+    sys.argv = ["-m", *argv[1:]]
+    sys.path.insert(0, os.getcwd())
+    _new_main()
+    as_main = getattr(runpy, "_run_module_as_main", None)  # what the interpreter runs for -m
+    if as_main is None:
+        _guarded(lambda: runpy.run_module(argv[0], run_name="__main__", alter_sys=True))
+    else:
+        _guarded(lambda: as_main(argv[0]))
+
+
+def _new_main() -> types.ModuleType:
+    """A ``__main__`` module as a new interpreter has it before running anything."""
+    main = types.ModuleType("__main__")
+    main.__dict__.update(__builtins__=builtins, __annotations__={}, __loader__=BuiltinImporter)
+    sys.modules["__main__"] = main
+    return main
+
+
+def _guarded(body: Callable[[], object]) -> None:
+    """Run the program's ``body`` with the dump signal armed; return only when it ended
+    well, leave the process at once otherwise (see the module's docstring)."""
     faulthandler.register(dump_signal(), file=sys.stderr, all_threads=True, chain=False)
     try:
-        runpy.run_path(script, run_name="__main__")
+        body()
     except SystemExit as exc:
         if exc.code in (None, 0):
             raise

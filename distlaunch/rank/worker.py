@@ -9,16 +9,21 @@ exits the way the child did (same code, or the same signal), so mpirun sees the 
 outcome.
 
 A ``.py`` program is run by the bootstrap in this very interpreter's fork when the
-program's command is this interpreter with this worker's own flags: one Python start
-per rank instead of two, with the same pipes, environment, signals and exit as a new
-process would have (``DISTLAUNCH_FORK_RANKS=0``: always a new interpreter). What the
-fork keeps from the worker:
+program's command is this interpreter with this worker's own flags, and so are
+``python -c CODE`` and ``python -m MODULE`` when ``python`` is this interpreter (the
+same file, in the same folder: the same environment): one Python start per rank
+instead of two, with the same pipes, environment, signals and exit as a new process
+would have (``DISTLAUNCH_FORK_RANKS=0``: always a new interpreter). What the fork
+keeps from the worker:
 
 - its modules already imported (the standard library's and ours, nothing heavy): a
   project file named like one of them is not imported in its place, where a new
   interpreter would take it;
 - its command line in ``ps``, and its ``/proc/PID/environ`` (what a process was started
   with; the program's ``os.environ`` and C's ``getenv`` are right);
+- its ``-P`` in ``sys.flags.safe_path``, also for ``-c`` and ``-m`` (``sys.path`` is as
+  the new interpreter would have it); and ``-c`` and ``-m`` ranks get the bootstrap's
+  additions (an uncaught exception is recorded, the hang dump signal is armed);
 - its own objects, frozen for the garbage collector (``gc.freeze``) just before the
   fork, so the rank's collections, the last one at exit too, do not walk them; the
   program's objects are collected as in any interpreter (``gc.get_objects()`` lists
@@ -164,26 +169,48 @@ class MetricsTail:
             _write_all(self.out_fd, b"".join(self.prefix + METRIC_MARK + line + b"\n" for line in lines if line))
 
 
-def script_to_fork(command: list[str]) -> list[str] | None:
-    """SCRIPT [ARGS...] when ``command`` is this interpreter running the bootstrap with this
-    worker's own flags, so that a fork of this process can run it as the new interpreter
-    would; None otherwise (another Python, other flags, not a script, or turned off)."""
+def to_fork(command: list[str]) -> tuple[str, list[str]] | None:
+    """How a fork of this worker can run ``command`` as a new interpreter would: ``("script",
+    [SCRIPT, ARGS...])`` for the bootstrap with the worker's own flags (a ``.py`` rank),
+    ``("code", [CODE, ARGS...])`` for ``python -c``, ``("module", [MODULE, ARGS...])``
+    for ``python -m``, where ``python`` is this very interpreter (``-u`` is allowed:
+    every rank is unbuffered); None for anything else (another Python, other flags,
+    ``python SCRIPT``, not Python at all, or forking turned off)."""
+    if os.environ.get(FORK_RANKS) == "0" or len(command) < 2:
+        return None
     started = getattr(sys, "orig_argv", None)  # Python >= 3.10
-    if os.environ.get(FORK_RANKS) == "0" or not started or "-m" not in command or "-m" not in started:
+    if started and "-m" in command and "-m" in started:
+        at = command.index("-m")
+        if (command[0] == sys.executable and command[at + 1:at + 2] == [BOOTSTRAP] and len(command) >= at + 3
+                and command[1:at] == started[1:started.index("-m")]):
+            return "script", command[at + 2:]
+    if not _is_this_python(command[0]):
         return None
-    at = command.index("-m")
-    if command[0] != sys.executable or command[at + 1:at + 2] != [BOOTSTRAP] or len(command) < at + 3:
-        return None
-    if command[1:at] != started[1:started.index("-m")]:
-        return None
-    return command[at + 2:]
+    rest = command[2:] if command[1] == "-u" else command[1:]
+    if len(rest) >= 2 and rest[0] in ("-c", "-m"):
+        return ("code" if rest[0] == "-c" else "module"), rest[1:]
+    return None
+
+
+def _is_this_python(path: str) -> bool:
+    """Whether ``path`` starts this interpreter in this environment: the worker's own
+    executable, or another name for it in the same folder (a venv's ``python`` and
+    ``python3``); a Python elsewhere may be another environment, even on the same binary."""
+    if path == sys.executable:
+        return True
+    if os.path.dirname(path) != os.path.dirname(sys.executable):
+        return False
+    try:
+        return os.path.samefile(path, sys.executable)
+    except OSError:
+        return False
 
 
 class ForkedRank:
     """The rank as a fork of this worker running the bootstrap, with the parts of
     ``subprocess.Popen`` the worker uses (pid, stdout, stderr, send_signal, wait)."""
 
-    def __init__(self, script: list[str], env: dict[str, str], in_child: Callable[[], None]) -> None:
+    def __init__(self, program: tuple[str, list[str]], env: dict[str, str], in_child: Callable[[], None]) -> None:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         worker = os.getpid()
@@ -196,7 +223,7 @@ class ForkedRank:
             raise
         if pid == 0:  # the rank: never returns into the worker's code
             in_child()
-            _become_rank(script, env, out_w, err_w, worker)
+            _become_rank(program, env, out_w, err_w, worker)
         os.close(out_w)
         os.close(err_w)
         self.pid = pid
@@ -221,7 +248,7 @@ class ForkedRank:
         return self.returncode
 
 
-def _become_rank(script: list[str], env: dict[str, str], out_w: int, err_w: int, worker: int) -> None:
+def _become_rank(program: tuple[str, list[str]], env: dict[str, str], out_w: int, err_w: int, worker: int) -> None:
     """In the fork: what ``Popen`` and a new interpreter would have given the program (stdin
     from /dev/null, the pipes as stdout and stderr, no other descriptor, its environment,
     death with the worker), then the bootstrap. A program that ends well leaves through
@@ -237,12 +264,14 @@ def _become_rank(script: list[str], env: dict[str, str], out_w: int, err_w: int,
         _close_inherited()
         os.environ.clear()
         os.environ.update(env)
-        from .bootstrap import run
+        from . import bootstrap
+
+        run = {"script": bootstrap.run, "code": bootstrap.run_code, "module": bootstrap.run_module}[program[0]]
     except BaseException as exc:  # noqa: BLE001 - the fork must never go back to the worker's code
         _write_all(2, f"distlaunch: cannot start the rank: {exc}\n".encode())
         os._exit(127)
     try:
-        run(script)
+        run(program[1])
     except SystemExit:
         raise  # the script ended well (a failing one has left already)
     except BaseException:  # noqa: BLE001 - the bootstrap's own failure (its output gone, say)
@@ -343,10 +372,10 @@ def run_rank(command: list[str], paths: RunPaths, info: RankInfo, gpus: tuple[st
     log = RankLog(paths.rank_log(info.rank), info.prefix)
     try:
         env = child_env(info, paths, gpus)
-        script = script_to_fork(command)
+        program = to_fork(command)
         try:
-            if script is not None:
-                child: subprocess.Popen[bytes] | ForkedRank = ForkedRank(script, env, in_child=log.forget)
+            if program is not None:
+                child: subprocess.Popen[bytes] | ForkedRank = ForkedRank(program, env, in_child=log.forget)
             else:
                 import subprocess  # only here: a forked rank never needs it
 

@@ -1,5 +1,6 @@
 """What a rank's program sees of its interpreter, written to $OUT_DIR/view-<rank>-<tag>.json:
-the same whether the worker forked it or started a new interpreter."""
+the same whether the worker forked it or started a new interpreter. Run as a script, as
+``python -m interpreter_view`` or as ``python -c "$(cat interpreter_view.py)"``."""
 import atexit
 import json
 import os
@@ -9,13 +10,18 @@ import threading
 
 rank = os.environ["RANK"]
 argv = open("/proc/self/cmdline", "rb").read().split(b"\0")
+main_file = getattr(sys.modules["__main__"], "__file__", None)  # none for python -c
 view = {
-    "module": argv[argv.index(b"-m") + 1].decode(),
+    "module": argv[argv.index(b"-m") + 1].decode() if b"-m" in argv else None,
     "argv": sys.argv[1:],
     "argv0": os.path.basename(sys.argv[0]),
-    "path0": sys.path[0] == os.path.dirname(os.path.abspath(__file__)),
+    "path0": ("script dir" if main_file and sys.path[0] == os.path.dirname(os.path.abspath(main_file))
+              else "cwd" if sys.path[0] == os.getcwd() else sys.path[0]),
+    "path_rest": sys.path[1:],
     "name": __name__,
-    "main_file": os.path.basename(sys.modules["__main__"].__file__),
+    "spec": getattr(__spec__, "name", None),
+    "main_is_this": sys.modules["__main__"].__dict__ is globals(),
+    "main_file": main_file and os.path.basename(main_file),
     "fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd")),  # 0, 1, 2 and the listing's own
     "stdin": sys.stdin.read(),
     "stdout_write_through": sys.stdout.write_through,
