@@ -63,13 +63,15 @@ def run(root: Path, old: Path, args: argparse.Namespace) -> None:
         (root / side).mkdir()
         (root / side / "noop.py").write_text("pass\n")
         (root / side / "first_hvd.py").write_text(FIRST_HVD)
-    # case: (distlaunch run's options, script, extra environment)
-    cases: dict[str, tuple[list[str], str, dict[str, str]]] = {
-        "no-op, localhost, 2 ranks": (["--ppn", "2"], "noop.py", {})}
+    # case: (distlaunch run's options, program, extra environment)
+    cases: dict[str, tuple[list[str], list[str], dict[str, str]]] = {
+        "no-op, localhost, 2 ranks": (["--ppn", "2"], ["noop.py"], {}),
+        "python -c pass, 2 ranks": (["--ppn", "2"], [sys.executable, "-c", "pass"], {})}  # perf_table's no-op
     if args.first_allreduce:
-        cases["first allreduce, hvd on torch"] = (["--ppn", "2"], "first_hvd.py", {"DISTLAUNCH_HVD_BACKEND": "torch"})
+        cases["first allreduce, hvd on torch"] = (["--ppn", "2"], ["first_hvd.py"],
+                                                  {"DISTLAUNCH_HVD_BACKEND": "torch"})
         if importlib.util.find_spec("horovod") is not None:
-            cases["first allreduce, real Horovod"] = (["--ppn", "2"], "first_hvd.py",
+            cases["first allreduce, real Horovod"] = (["--ppn", "2"], ["first_hvd.py"],
                                                       {"DISTLAUNCH_HVD_BACKEND": "horovod"})
     box = None
     if args.multinode:
@@ -81,14 +83,14 @@ def run(root: Path, old: Path, args: argparse.Namespace) -> None:
         box = make(root / "cluster", 2, shared=[str(root), sys.prefix, str(REPO)])
         box.up()
         cases["no-op, 2 nodes, 1 rank each"] = (["--hosts", f"{box.hosts[0]}:1,{box.hosts[1]}:1", "--ssh-config",
-                                                 str(box.ssh_config)], "noop.py", {})
+                                                 str(box.ssh_config)], ["noop.py"], {})
     try:
         walls: dict[tuple[str, str], list[float]] = {(case, side): [] for case in cases for side in sides}
         for round_ in range(args.repeats + 1):  # round 0 warms caches and is not counted
-            for case, (extra, script, case_env) in cases.items():
+            for case, (extra, program, case_env) in cases.items():
                 for side, env in sides.items():
                     wall = timed([sys.executable, "-m", "distlaunch", "run", *extra, "--run-dir",
-                                  str(root / "runs" / side), script], root / side, {**env, **case_env})
+                                  str(root / "runs" / side), *program], root / side, {**env, **case_env})
                     if round_:
                         walls[case, side].append(wall)
             print(f"round {round_}/{args.repeats} done", file=sys.stderr)
