@@ -207,3 +207,26 @@ def test_a_rank_that_lost_its_peer_is_not_the_root_cause(tmp_path):
     assert cause is not None and (cause.rank, cause.exit_code) == (3, 7)
     alone = root_cause({1: records[1]}, paths)
     assert alone is not None and alone.rank == 1
+
+
+@pytest.mark.parametrize("fork", ["1", "0"])
+def test_python_c_and_m_ranks_fail_and_hang_as_script_ranks_do(distlaunch, tmp_path, fork):
+    """``python -c`` and ``python -m`` of the launcher's own Python run under the bootstrap,
+    in a fork of the worker or (DISTLAUNCH_FORK_RANKS=0) in a new interpreter alike: an
+    uncaught exception is in the run record, and --hang-timeout dumps the rank's stack."""
+    env = {"DISTLAUNCH_FORK_RANKS": fork}
+    raising = "import os\nif os.environ['RANK'] == '1':\n    raise ValueError('from python -c')\n"
+    failed = distlaunch("run", "--ppn", "2", "--run-dir", "failed", sys.executable, "-c", raising, env=env)
+    assert failed.returncode == 1 and "raised ValueError" in failed.stderr, failed.stderr
+    record = json.loads(next((tmp_path / "failed").glob("*/run.json")).read_text())
+    exc = record["rank_exits"]["1"]["exception"]
+    assert exc["type"] == "ValueError" and 'File "<string>", line 3' in exc["traceback"]
+
+    (tmp_path / "sleeper.py").write_text("import time\nprint('ready', flush=True)\ntime.sleep(60)\n")
+    hung = distlaunch("run", "--ppn", "2", "--run-dir", "hung", "--hang-timeout", "2",
+                      sys.executable, "-m", "sleeper", env=env)
+    assert hung.returncode == 124, hung.stderr
+    run_dir = next((tmp_path / "hung").iterdir())
+    for rank in range(2):
+        log = (run_dir / "logs" / f"rank-{rank}.log").read_text()
+        assert "most recent call first" in log and "sleeper.py" in log, f"no stack dump from rank {rank}: {log}"

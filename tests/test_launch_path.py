@@ -228,17 +228,29 @@ def test_no_ssh_to_share_means_no_sharing_and_nothing_left(tmp_path, monkeypatch
     assert list(tmp_path.glob("distlaunch-ssh-*")) == []
 
 
+def another_name_for_this_python() -> str:
+    """``python`` or ``python3`` beside sys.executable, the same file by another name (a
+    venv has both), else sys.executable itself."""
+    here = os.path.dirname(sys.executable)
+    for name in ("python", "python3", f"python3.{sys.version_info.minor}"):
+        path = os.path.join(here, name)
+        if path != sys.executable and os.path.exists(path) and os.path.samefile(path, sys.executable):
+            return path
+    return sys.executable
+
+
 @pytest.mark.parametrize("form", ["script", "python -c", "python -m"])
 def test_a_forked_rank_sees_what_a_new_interpreter_would(distlaunch, tmp_path, form):
-    """The worker runs a .py rank, ``python -c`` and ``python -m`` in a fork of itself (one
-    Python start per rank); the program cannot tell: arguments, sys.path, __main__,
-    descriptors, stdin, unbuffered output, environment (also C's), signal handlers,
-    joined threads and atexit at the end. The one difference: ``sys.flags.safe_path``
-    is the worker's (``-P``) for ``-c`` and ``-m``."""
+    """The worker runs a .py rank, and ``python -c`` and ``python -m`` of its own Python,
+    under the bootstrap in a fork of itself (one Python start per rank); the program
+    cannot tell it from the bootstrap in a new interpreter (DISTLAUNCH_FORK_RANKS=0):
+    arguments, sys.path, __main__, descriptors, stdin, unbuffered output, environment
+    (also C's), signal handlers, joined threads and atexit at the end. ``-c`` and ``-m``
+    also see what a plain ``python -c``/``-m`` would, outside distlaunch."""
     script = os.path.join(os.path.dirname(__file__), "scripts", "interpreter_view.py")
-    python = os.path.join(os.path.dirname(sys.executable), "python")  # another name in the same venv
-    program = {"script": [script],
-               "python -c": [python, "-c", Path(script).read_text()],
+    python = another_name_for_this_python()
+    code = Path(script).read_text()
+    program = {"script": [script], "python -c": [python, "-c", code],
                "python -m": [python, "-u", "-m", "interpreter_view"]}[form]
     shutil.copy(script, tmp_path)  # python -m finds it in the ranks' working directory
     views = {}
@@ -251,19 +263,22 @@ def test_a_forked_rank_sees_what_a_new_interpreter_would(distlaunch, tmp_path, f
     for rank in (0, 1):
         forked, new = views["fork", rank], views["new", rank]
         assert forked.pop("module") == "distlaunch.rank.worker" and forked.pop("parent_is_worker")
-        assert new.pop("module") == {"script": "distlaunch.rank.bootstrap", "python -c": None,
-                                     "python -m": "interpreter_view"}[form] and new.pop("parent_is_worker")
+        assert new.pop("module") == "distlaunch.rank.bootstrap" and new.pop("parent_is_worker")
         assert forked.pop("argv") == ["fork", "two words"] and new.pop("argv") == ["new", "two words"]
-        if form != "script":
-            assert forked["flags"].pop() is True and new["flags"].pop() is False  # safe_path: -P or not
         assert forked == new
         assert forked["env"]["RANK"] == forked["env"]["DISTLAUNCH_RANK"] == forked["c_env_rank"] == str(rank)
         assert forked["fds"] == [0, 1, 2, 3] and forked["stdin"] == "" and forked["thread_joined"]
         assert forked["stdout_write_through"] and forked["name"] == "__main__" and forked["main_is_this"]
-        assert (forked["argv0"], forked["path0"], forked["main_file"], forked["spec"]) == {
-            "script": ("interpreter_view.py", "script dir", "interpreter_view.py", None),
-            "python -c": ("-c", "", None, None),
-            "python -m": ("interpreter_view.py", "script dir", "interpreter_view.py", "interpreter_view")}[form]
+        assert forked["annotations"] == "{'x': <class 'int'>, 'return': None}"
+    if form == "script":
+        return
+    plain_argv = {"python -c": [python, "-c", code], "python -m": [python, "-m", "interpreter_view"]}[form]
+    env = {**os.environ, "RANK": "0", "OUT_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    subprocess.run([*plain_argv, "plain", "two words"], cwd=tmp_path, env=env, check=True, capture_output=True)
+    plain = json.loads((tmp_path / "view-0-plain.json").read_text())
+    same = ("argv0", "path0", "path_rest", "name", "spec", "main_is_this", "main_file", "annotations")
+    assert {key: views["fork", 0][key] for key in same} == {key: plain[key] for key in same}
+    assert views["fork", 0]["flags"][:2] == plain["flags"][:2]  # safe_path aside: the worker's -P
 
 
 def test_installed_versions_agree_with_importlib_metadata(tmp_path, monkeypatch):

@@ -70,12 +70,13 @@ def _module(argv: list[str]) -> str | None:
 
 def python_rank(proc: Any) -> bool:
     """Whether ``proc`` runs a rank's Python program: the bootstrap in an interpreter of its
-    own, or a worker's fork running it (the worker's command line, and a worker as parent;
-    a worker itself has mpirun's daemon or srun above it)."""
+    own, or a worker's fork running it (a ``.py``, ``-c`` or ``-m`` rank: the worker's
+    command line, and a worker as parent; a worker itself has mpirun's daemon or srun
+    above it, and forks for nothing else)."""
     argv = proc.cmdline()
     if _module(argv) == "distlaunch.rank.bootstrap":
         return True
-    if _module(argv) != "distlaunch.rank.worker" or "distlaunch.rank.bootstrap" not in argv:
+    if _module(argv) != "distlaunch.rank.worker":
         return False
     parent = proc.parent()
     return parent is not None and parent.cmdline() == argv

@@ -1,8 +1,9 @@
 """Run a user's Python script the way ``python script.py`` would, plus three things.
 
-``python -m distlaunch.bootstrap SCRIPT [ARGS...]`` is what the worker shim starts for
-``.py`` scripts; a worker's fork calls ``run`` for a script, ``run_code`` for
-``python -c`` and ``run_module`` for ``python -m`` directly:
+``python -m distlaunch.rank.bootstrap SCRIPT [ARGS...]`` is what the worker shim starts
+for ``.py`` scripts, and ``... bootstrap -c CODE [ARGS...]`` or ``-m MODULE [ARGS...]``
+for ``python -c`` and ``python -m`` ranks of the launcher's own Python (``run``,
+``run_code`` and ``run_module``, which a worker's fork calls directly):
 
 - an uncaught exception is printed as usual, recorded (type, message, traceback) in the
   JSON file named by ``DISTLAUNCH_EXCEPTION_FILE``, and the process then leaves at once
@@ -73,30 +74,27 @@ def run(argv: list[str]) -> None:
     (``distlaunch.rank.worker``), so the rank needs no interpreter of its own."""
     script = argv[0]
     sys.argv = list(argv)
-    here = os.path.dirname(os.path.abspath(script))
-    if getattr(sys.flags, "safe_path", False):
-        sys.path.insert(0, here)  # -P: nothing of ours to replace
-    else:
-        sys.path[0] = here  # the cwd that ``-m`` put there
+    _first_on_path(os.path.dirname(os.path.abspath(script)))
     _guarded(lambda: runpy.run_path(script, run_name="__main__"))
 
 
 def run_code(argv: list[str]) -> None:
-    """``python -c CODE [ARGS...]`` in a worker's fork (started with ``-P``): ``sys.argv``
-    is ``['-c', ARGS...]``, ``sys.path[0]`` is ``''`` and the code runs in a new
-    ``__main__`` module, as in a new interpreter; otherwise as ``run``."""
+    """``python -c CODE [ARGS...]``: ``sys.argv`` is ``['-c', ARGS...]``, ``sys.path[0]``
+    is ``''`` and the code runs in a new ``__main__`` module, as in a new interpreter;
+    otherwise as ``run``."""
     sys.argv = ["-c", *argv[1:]]
-    sys.path.insert(0, "")
+    _first_on_path("")
     main = _new_main()
-    _guarded(lambda: exec(compile(argv[0], "<string>", "exec"), main.__dict__))
+    # dont_inherit: the code gets no __future__ flag of this module's, as with python -c
+    _guarded(lambda: exec(compile(argv[0], "<string>", "exec", dont_inherit=True), main.__dict__))
 
 
 def run_module(argv: list[str]) -> None:
-    """``python -m MODULE [ARGS...]`` in a worker's fork (started with ``-P``): the current
-    directory first on ``sys.path``, a new ``__main__`` module, and ``sys.argv[0]`` the
-    module's file, by the function ``python -m`` itself calls; otherwise as ``run``."""
+    """``python -m MODULE [ARGS...]``: the current directory first on ``sys.path``, a new
+    ``__main__`` module, and ``sys.argv[0]`` the module's file, by the function ``python
+    -m`` itself calls; otherwise as ``run``."""
     sys.argv = ["-m", *argv[1:]]
-    sys.path.insert(0, os.getcwd())
+    _first_on_path(os.getcwd())
     _new_main()
     as_main = getattr(runpy, "_run_module_as_main", None)  # what the interpreter runs for -m
     if as_main is None:
@@ -105,10 +103,21 @@ def run_module(argv: list[str]) -> None:
         _guarded(lambda: as_main(argv[0]))
 
 
+def _first_on_path(entry: str) -> None:
+    """Put ``entry`` first on ``sys.path``: added under ``-P`` (Python 3.11+, nothing of
+    ours there), else in place of the directory that ``-m`` put there."""
+    if getattr(sys.flags, "safe_path", False):
+        sys.path.insert(0, entry)
+    else:
+        sys.path[0] = entry
+
+
 def _new_main() -> types.ModuleType:
     """A ``__main__`` module as a new interpreter has it before running anything."""
     main = types.ModuleType("__main__")
-    main.__dict__.update(__builtins__=builtins, __annotations__={}, __loader__=BuiltinImporter)
+    main.__dict__.update(__builtins__=builtins, __loader__=BuiltinImporter)
+    if sys.version_info < (3, 14):
+        main.__dict__["__annotations__"] = {}
     sys.modules["__main__"] = main
     return main
 
@@ -135,10 +144,18 @@ def _guarded(body: Callable[[], object]) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) < 2:
-        sys.stderr.write("usage: python -m distlaunch.bootstrap SCRIPT [ARGS...]\n")
+    """``SCRIPT [ARGS...]``, ``-c CODE [ARGS...]`` or ``-m MODULE [ARGS...]``."""
+    argv = sys.argv[1:]
+    if argv[:1] == ["-c"] and len(argv) > 1:
+        run_code(argv[1:])
+    elif argv[:1] == ["-m"] and len(argv) > 1:
+        run_module(argv[1:])
+    elif argv and not argv[0].startswith("-"):
+        run(argv)
+    else:
+        sys.stderr.write("usage: python -m distlaunch.rank.bootstrap SCRIPT|-c CODE|-m MODULE [ARGS...]\n")
         sys.exit(2)
-    run(sys.argv[1:])
+
 
 if __name__ == "__main__":
     main()

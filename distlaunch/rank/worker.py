@@ -11,19 +11,19 @@ outcome.
 A ``.py`` program is run by the bootstrap in this very interpreter's fork when the
 program's command is this interpreter with this worker's own flags, and so are
 ``python -c CODE`` and ``python -m MODULE`` when ``python`` is this interpreter (the
-same file, in the same folder: the same environment): one Python start per rank
-instead of two, with the same pipes, environment, signals and exit as a new process
-would have (``DISTLAUNCH_FORK_RANKS=0``: always a new interpreter). What the fork
-keeps from the worker:
+same file, in the same folder: the same environment; Python 3.10+): one Python start
+per rank instead of two, with the same pipes, environment, signals and exit as a new
+process would have. ``DISTLAUNCH_FORK_RANKS=0``: a new interpreter runs the bootstrap
+instead, so a ``-c`` or ``-m`` rank behaves the same either way. What the fork keeps
+from the worker:
 
 - its modules already imported (the standard library's and ours, nothing heavy): a
   project file named like one of them is not imported in its place, where a new
   interpreter would take it;
 - its command line in ``ps``, and its ``/proc/PID/environ`` (what a process was started
   with; the program's ``os.environ`` and C's ``getenv`` are right);
-- its ``-P`` in ``sys.flags.safe_path``, also for ``-c`` and ``-m`` (``sys.path`` is as
-  the new interpreter would have it); and ``-c`` and ``-m`` ranks get the bootstrap's
-  additions (an uncaught exception is recorded, the hang dump signal is armed);
+- its ``sys.executable`` (``.../python3`` where the rank named ``.../python``) and
+  ``sys.orig_argv``;
 - its own objects, frozen for the garbage collector (``gc.freeze``) just before the
   fork, so the rank's collections, the last one at exit too, do not walk them; the
   program's objects are collected as in any interpreter (``gc.get_objects()`` lists
@@ -169,17 +169,17 @@ class MetricsTail:
             _write_all(self.out_fd, b"".join(self.prefix + METRIC_MARK + line + b"\n" for line in lines if line))
 
 
-def to_fork(command: list[str]) -> tuple[str, list[str]] | None:
-    """How a fork of this worker can run ``command`` as a new interpreter would: ``("script",
-    [SCRIPT, ARGS...])`` for the bootstrap with the worker's own flags (a ``.py`` rank),
-    ``("code", [CODE, ARGS...])`` for ``python -c``, ``("module", [MODULE, ARGS...])``
-    for ``python -m``, where ``python`` is this very interpreter (``-u`` is allowed:
-    every rank is unbuffered); None for anything else (another Python, other flags,
-    ``python SCRIPT``, not Python at all, or forking turned off)."""
-    if os.environ.get(FORK_RANKS) == "0" or len(command) < 2:
-        return None
+def python_program(command: list[str]) -> tuple[str, list[str]] | None:
+    """What the bootstrap runs for ``command``, where it is a Python program of this very
+    interpreter: ``("script", [SCRIPT, ARGS...])`` for the bootstrap itself with the
+    worker's own flags (a ``.py`` rank), ``("code", [CODE, ARGS...])`` for ``python -c``
+    and ``("module", [MODULE, ARGS...])`` for ``python -m``, ``python`` being this
+    interpreter (``-u`` may come first: every rank is unbuffered); None for anything
+    else (another Python, other flags, ``python SCRIPT``, not Python at all, Python 3.9)."""
     started = getattr(sys, "orig_argv", None)  # Python >= 3.10
-    if started and "-m" in command and "-m" in started:
+    if not started or "-m" not in started or len(command) < 2:
+        return None
+    if "-m" in command:
         at = command.index("-m")
         if (command[0] == sys.executable and command[at + 1:at + 2] == [BOOTSTRAP] and len(command) >= at + 3
                 and command[1:at] == started[1:started.index("-m")]):
@@ -190,6 +190,15 @@ def to_fork(command: list[str]) -> tuple[str, list[str]] | None:
     if len(rest) >= 2 and rest[0] in ("-c", "-m"):
         return ("code" if rest[0] == "-c" else "module"), rest[1:]
     return None
+
+
+def bootstrap_command(program: tuple[str, list[str]]) -> list[str]:
+    """The new interpreter that runs ``program`` (from ``python_program``) as a fork of
+    this worker would: this interpreter, the worker's own flags, the bootstrap."""
+    started = sys.orig_argv
+    kind, argv = program
+    option = {"script": [], "code": ["-c"], "module": ["-m"]}[kind]
+    return [sys.executable, *started[1:started.index("-m")], "-m", BOOTSTRAP, *option, *argv]
 
 
 def _is_this_python(path: str) -> bool:
@@ -372,15 +381,15 @@ def run_rank(command: list[str], paths: RunPaths, info: RankInfo, gpus: tuple[st
     log = RankLog(paths.rank_log(info.rank), info.prefix)
     try:
         env = child_env(info, paths, gpus)
-        program = to_fork(command)
+        program = python_program(command)
         try:
-            if program is not None:
+            if program is not None and os.environ.get(FORK_RANKS) != "0":
                 child: subprocess.Popen[bytes] | ForkedRank = ForkedRank(program, env, in_child=log.forget)
             else:
                 import subprocess  # only here: a forked rank never needs it
 
                 child = subprocess.Popen(
-                    command,
+                    command if program is None else bootstrap_command(program),
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,

@@ -9,6 +9,12 @@ import sys
 import threading
 
 rank = os.environ["RANK"]
+
+
+def annotated(x: int) -> None:  # no __future__ import here: real classes in __annotations__
+    pass
+
+
 argv = open("/proc/self/cmdline", "rb").read().split(b"\0")
 main_file = getattr(sys.modules["__main__"], "__file__", None)  # none for python -c
 view = {
@@ -21,6 +27,7 @@ view = {
     "name": __name__,
     "spec": getattr(__spec__, "name", None),
     "main_is_this": sys.modules["__main__"].__dict__ is globals(),
+    "annotations": repr(annotated.__annotations__),
     "main_file": main_file and os.path.basename(main_file),
     "fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd")),  # 0, 1, 2 and the listing's own
     "stdin": sys.stdin.read(),
