@@ -270,6 +270,7 @@ def test_a_forked_rank_sees_what_a_new_interpreter_would(distlaunch, tmp_path, f
         assert forked["fds"] == [0, 1, 2, 3] and forked["stdin"] == "" and forked["thread_joined"]
         assert forked["stdout_write_through"] and forked["name"] == "__main__" and forked["main_is_this"]
         assert forked["annotations"] == "{'x': <class 'int'>, 'return': None}"
+        assert forked["path0"] == {"script": "script dir", "python -c": "", "python -m": "script dir"}[form]
     if form == "script":
         return
     plain_argv = {"python -c": [python, "-c", code], "python -m": [python, "-m", "interpreter_view"]}[form]
