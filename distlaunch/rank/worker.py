@@ -176,13 +176,13 @@ def python_program(command: list[str]) -> tuple[str, list[str]] | None:
     and ``("module", [MODULE, ARGS...])`` for ``python -m``, ``python`` being this
     interpreter (``-u`` may come first: every rank is unbuffered); None for anything
     else (another Python, other flags, ``python SCRIPT``, not Python at all, Python 3.9)."""
-    started = getattr(sys, "orig_argv", None)  # Python >= 3.10
-    if not started or "-m" not in started or len(command) < 2:
+    flags = _own_flags()
+    if flags is None or len(command) < 2:
         return None
     if "-m" in command:
         at = command.index("-m")
         if (command[0] == sys.executable and command[at + 1:at + 2] == [BOOTSTRAP] and len(command) >= at + 3
-                and command[1:at] == started[1:started.index("-m")]):
+                and command[1:at] == flags):
             return "script", command[at + 2:]
     if not _is_this_python(command[0]):
         return None
@@ -195,10 +195,16 @@ def python_program(command: list[str]) -> tuple[str, list[str]] | None:
 def bootstrap_command(program: tuple[str, list[str]]) -> list[str]:
     """The new interpreter that runs ``program`` (from ``python_program``) as a fork of
     this worker would: this interpreter, the worker's own flags, the bootstrap."""
-    started = sys.orig_argv
     kind, argv = program
     option = {"script": [], "code": ["-c"], "module": ["-m"]}[kind]
-    return [sys.executable, *started[1:started.index("-m")], "-m", BOOTSTRAP, *option, *argv]
+    return [sys.executable, *(_own_flags() or []), "-m", BOOTSTRAP, *option, *argv]
+
+
+def _own_flags() -> list[str] | None:
+    """The interpreter flags this worker was started with (``-P -u``); None before Python
+    3.10, which does not say."""
+    started = getattr(sys, "orig_argv", None)
+    return started[1:started.index("-m")] if started and "-m" in started else None
 
 
 def _is_this_python(path: str) -> bool:
