@@ -30,9 +30,12 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from .errors import RunDirError
+
+TYPE_CHECKING = False  # not typing's: every rank's worker imports this module, typing costs it ~3 ms
+if TYPE_CHECKING:
+    from typing import Any
 
 RECORD_VERSION = 2  # 1: the untyped run.json of distlaunch 0.1 (read, never written)
 PRIVATE_DIR = 0o700

@@ -507,3 +507,43 @@ def test_every_container_field_of_a_rank_exit_is_copied_by_to_dict():
     containers = {f.name for f in dataclasses.fields(RankExit)
                   if any(part.strip().split("[")[0] not in scalars for part in str(f.type).split("|"))}
     assert containers == set(_RANK_EXIT_CONTAINERS), "RankExit.to_dict must copy every list or dict field"
+
+
+WORKER_FORMS = [  # what plan/mpirun.py writes: --run-dir, the GPU options when it maps GPUs, --, the program
+    ["--run-dir", "/r/ranks x", "--", "python3", "-u", "train.py", "--lr", "0.1"],
+    ["--run-dir", "/r", "--gpus-per-rank", "2", "--", "python3", "-c", "pass"],
+    ["--run-dir", "/r", "--gpus-per-rank", "1", "--gpus", "0,GPU-1f2e", "--", "./a.out", "--", "-x"],
+    ["--run-dir", "/r", "--", "--run-dir", "-r"],
+]
+
+
+@pytest.mark.parametrize("argv", WORKER_FORMS)
+def test_the_worker_reads_the_launchers_form_as_argparse_does_without_importing_it(argv):
+    check = ("import sys\nfrom distlaunch.rank import worker\n"
+             f"got = worker.parse_args({argv!r})\n"
+             "assert 'argparse' not in sys.modules and 'typing' not in sys.modules, 'imported'\n"
+             "assert got == worker._parse_with_argparse(" + repr(argv) + "), got\n")
+    proc = subprocess.run([sys.executable, "-P", "-c", check], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--help"], "usage: python -m distlaunch.rank.worker"),
+    (["--run-dir=/r", "--", "prog"], None),  # argparse's own form, read by argparse
+    (["--run-dir", "/r", "--gpus-per-rank", "two", "--", "prog"], "invalid int value: 'two'"),
+    (["--run-dir", "/r", "--gpus-per-rank", "²", "--", "prog"], "invalid int value"),
+    (["--run-dir", "/r", "--"], "no program given after --"),
+    (["--run-dir", "-r", "--", "prog"], "argument --run-dir: expected one argument"),
+    (["--gpus", "0", "--", "prog"], "the following arguments are required: --run-dir"),
+    (["--run-dir", "/a", "--run-dir", "/b", "--", "prog"], None),  # the last one wins, as argparse says
+])
+def test_any_other_worker_command_line_gets_argparses_answer(argv, says):
+    from distlaunch.rank import worker
+
+    if says is None:
+        assert worker.parse_args(argv) == worker._parse_with_argparse(argv) != worker.parse_args(
+            ["--run-dir", "/other", "--", "prog"])
+        return
+    proc = subprocess.run([sys.executable, "-P", "-m", "distlaunch.rank.worker", *argv], capture_output=True,
+                          text=True)
+    assert says in proc.stdout + proc.stderr and proc.returncode == (0 if argv == ["--help"] else 2)

@@ -37,7 +37,6 @@ Kept free of heavy imports: it runs once per rank on every launch.
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
 import gc
 import json
@@ -47,15 +46,16 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import DistlaunchError
 from ..protocol import EXCEPTION_FILE, FORK_RANKS, METRIC_MARK, RANK, RELAY_METRICS
 from ..records import AppendedLines, RankExit, RunPaths
 from .rankinfo import RankInfo, from_environ
 
+TYPE_CHECKING = False  # typing itself is not imported: its ~3 ms are on every rank's start
 if TYPE_CHECKING:
     import subprocess
+    from typing import Any, Callable
 
 BOOTSTRAP = "distlaunch.rank.bootstrap"
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
@@ -469,7 +469,32 @@ def _exit_like(record: RankExit) -> None:
     os._exit(int(record.exit_code or 0))
 
 
-def main(argv: list[str] | None = None) -> None:
+OPTIONS = ("--run-dir", "--gpus-per-rank", "--gpus")
+
+
+def parse_args(argv: list[str]) -> tuple[str, int, str | None, list[str]]:
+    """(run folder, GPUs per rank, devices or None, program) from the worker's arguments.
+
+    The form the launcher writes (``--OPTION VALUE`` pairs, ``--``, the program) is read
+    here directly; anything else (``--help``, ``--run-dir=DIR``, a mistake) goes to
+    argparse, which gives its usual help and errors. Importing argparse, and the
+    terminal-size lookup behind its help formatter, would cost every rank's start ~5 ms."""
+    values: dict[str, str] = {}
+    at = 0
+    while (at + 1 < len(argv) and argv[at] in OPTIONS and argv[at] not in values
+           and not argv[at + 1].startswith("-")):  # argparse would take "-x" for an option
+        values[argv[at]] = argv[at + 1]
+        at += 2
+    per_rank = values.get("--gpus-per-rank", "0")
+    if (argv[at:at + 1] == ["--"] and len(argv) > at + 1 and "--run-dir" in values
+            and per_rank.isascii() and per_rank.isdigit()):
+        return values["--run-dir"], int(per_rank), values.get("--gpus"), argv[at + 1:]
+    return _parse_with_argparse(argv)
+
+
+def _parse_with_argparse(argv: list[str]) -> tuple[str, int, str | None, list[str]]:
+    import argparse
+
     parser = argparse.ArgumentParser(prog="python -m distlaunch.rank.worker", description=__doc__)
     parser.add_argument("--run-dir", required=True, help="the run folder (created if missing)")
     parser.add_argument("--gpus-per-rank", type=int, default=0, help="give each rank this many GPUs")
@@ -479,12 +504,17 @@ def main(argv: list[str] | None = None) -> None:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no program given after --")
+    return args.run_dir, args.gpus_per_rank, args.gpus, command
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_dir, gpus_per_rank, devices, command = parse_args(sys.argv[1:] if argv is None else argv)
     info = from_environ()
-    paths = RunPaths(Path(args.run_dir))
+    paths = RunPaths(Path(run_dir))
     gpus: tuple[str, ...] = ()
-    if args.gpus_per_rank:
+    if gpus_per_rank:
         try:
-            gpus = pick_gpus(info, args.gpus_per_rank, args.gpus)
+            gpus = pick_gpus(info, gpus_per_rank, devices)
         except DistlaunchError as exc:
             _write_all(sys.stderr.fileno(), info.prefix + f"distlaunch: error: {exc}\n".encode())
             sys.exit(exc.exit_code)
