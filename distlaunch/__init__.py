@@ -16,6 +16,8 @@ import importlib
 TYPE_CHECKING = False  # not typing's: every rank's worker imports this package, typing costs it ~3 ms
 if TYPE_CHECKING:
     from typing import Any
+else:
+    Any = object  # what ``typing.get_type_hints`` reads the annotations as, typing not imported
 
 __version__ = "0.1.0"
 

@@ -36,6 +36,9 @@ from .errors import RunDirError
 TYPE_CHECKING = False  # not typing's: every rank's worker imports this module, typing costs it ~3 ms
 if TYPE_CHECKING:
     from typing import Any
+else:
+    Any = object  # what ``typing.get_type_hints`` reads these annotations as, typing not imported
+# (a field typed ``ClassVar[...]`` would need typing imported here: dataclasses only know typing's own)
 
 RECORD_VERSION = 2  # 1: the untyped run.json of distlaunch 0.1 (read, never written)
 PRIVATE_DIR = 0o700

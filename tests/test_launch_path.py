@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from distlaunch.launch.supervise import ExitWait
 from distlaunch.nodes.procs import run_processes
@@ -21,6 +23,7 @@ from distlaunch.nodes.treesync import pull_into
 from distlaunch.plan.envpolicy import exported_names
 from distlaunch.plan.hosts import this_host_names
 from distlaunch.plan.mpi import Flavour, detect, find_mpirun, from_wheel, parse_version
+from distlaunch.plan.spec import SAFE_PATH
 from distlaunch.plan.ssh import SSHOptions
 
 
@@ -517,14 +520,45 @@ WORKER_FORMS = [  # what plan/mpirun.py writes: --run-dir, the GPU options when 
 ]
 
 
+def _fast_path_only(argv):
+    """What the worker's own reader makes of argv, or None where it leaves argv to argparse."""
+    from distlaunch.rank import worker
+
+    real = worker._parse_with_argparse
+    worker._parse_with_argparse = lambda _argv: None
+    try:
+        return worker.parse_args(argv)
+    finally:
+        worker._parse_with_argparse = real
+
+
 @pytest.mark.parametrize("argv", WORKER_FORMS)
 def test_the_worker_reads_the_launchers_form_as_argparse_does_without_importing_it(argv):
+    assert _fast_path_only(argv) is not None
     check = ("import sys\nfrom distlaunch.rank import worker\n"
              f"got = worker.parse_args({argv!r})\n"
              "assert 'argparse' not in sys.modules and 'typing' not in sys.modules, 'imported'\n"
              "assert got == worker._parse_with_argparse(" + repr(argv) + "), got\n")
-    proc = subprocess.run([sys.executable, "-P", "-c", check], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, *SAFE_PATH, "-c", check], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+_OPTION_VALUES = st.text(alphabet="-=/ 0129²x", max_size=5)
+_WORKER_ARGV = st.builds(
+    lambda options, dashes, program: [part for pair in options for part in pair] + dashes + program,
+    st.lists(st.tuples(st.sampled_from(["--run-dir", "--gpus-per-rank", "--gpus"]), _OPTION_VALUES), max_size=4),
+    st.sampled_from([["--"], []]),
+    st.lists(st.text(alphabet="-=/ 0x", max_size=4), max_size=3))
+
+
+@settings(max_examples=400, deadline=None)
+@given(_WORKER_ARGV)
+def test_whatever_the_workers_reader_takes_argparse_reads_alike(argv):
+    from distlaunch.rank import worker
+
+    fast = _fast_path_only(argv)
+    if fast is not None:  # argparse must accept it (no SystemExit) and read the same
+        assert fast == worker._parse_with_argparse(argv)
 
 
 @pytest.mark.parametrize("argv, says", [
@@ -532,6 +566,7 @@ def test_the_worker_reads_the_launchers_form_as_argparse_does_without_importing_
     (["--run-dir=/r", "--", "prog"], None),  # argparse's own form, read by argparse
     (["--run-dir", "/r", "--gpus-per-rank", "two", "--", "prog"], "invalid int value: 'two'"),
     (["--run-dir", "/r", "--gpus-per-rank", "²", "--", "prog"], "invalid int value"),
+    (["--run-dir", "/r", "--gpus-per-rank", "9" * 5000, "--", "prog"], "invalid int value"),
     (["--run-dir", "/r", "--"], "no program given after --"),
     (["--run-dir", "-r", "--", "prog"], "argument --run-dir: expected one argument"),
     (["--gpus", "0", "--", "prog"], "the following arguments are required: --run-dir"),
@@ -540,10 +575,22 @@ def test_the_worker_reads_the_launchers_form_as_argparse_does_without_importing_
 def test_any_other_worker_command_line_gets_argparses_answer(argv, says):
     from distlaunch.rank import worker
 
+    assert _fast_path_only(argv) is None
     if says is None:
-        assert worker.parse_args(argv) == worker._parse_with_argparse(argv) != worker.parse_args(
-            ["--run-dir", "/other", "--", "prog"])
+        assert worker.parse_args(argv)[0] == ("/r" if argv[0].startswith("--run-dir=") else "/b")
         return
-    proc = subprocess.run([sys.executable, "-P", "-m", "distlaunch.rank.worker", *argv], capture_output=True,
+    proc = subprocess.run([sys.executable, *SAFE_PATH, "-m", "distlaunch.rank.worker", *argv], capture_output=True,
                           text=True)
     assert says in proc.stdout + proc.stderr and proc.returncode == (0 if argv == ["--help"] else 2)
+
+
+def test_the_annotations_of_the_record_and_the_worker_still_evaluate():
+    """typing is not imported on the worker's path, but get_type_hints (pydantic, cattrs...) still works."""
+    import typing
+
+    from distlaunch.rank import worker
+    from distlaunch.records import RankExit, RunRecord
+
+    assert typing.get_type_hints(RunRecord)["rank_exits"] == dict[int, RankExit]
+    assert "exception" in typing.get_type_hints(RankExit)
+    assert set(typing.get_type_hints(worker.ForkedRank.__init__)) == {"program", "env", "in_child", "return"}

@@ -45,6 +45,7 @@ import selectors
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import DistlaunchError
@@ -55,7 +56,9 @@ from .rankinfo import RankInfo, from_environ
 TYPE_CHECKING = False  # typing itself is not imported: its ~3 ms are on every rank's start
 if TYPE_CHECKING:
     import subprocess
-    from typing import Any, Callable
+    from typing import Any
+else:
+    Any = object  # what ``typing.get_type_hints`` reads these annotations as, typing not imported
 
 BOOTSTRAP = "distlaunch.rank.bootstrap"
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
@@ -487,7 +490,7 @@ def parse_args(argv: list[str]) -> tuple[str, int, str | None, list[str]]:
         at += 2
     per_rank = values.get("--gpus-per-rank", "0")
     if (argv[at:at + 1] == ["--"] and len(argv) > at + 1 and "--run-dir" in values
-            and per_rank.isascii() and per_rank.isdigit()):
+            and per_rank.isascii() and per_rank.isdigit() and len(per_rank) < 10):
         return values["--run-dir"], int(per_rank), values.get("--gpus"), argv[at + 1:]
     return _parse_with_argparse(argv)
 
