@@ -6,6 +6,7 @@ so a change in one place cannot leave the others behind:
 
 - the ``DISTLAUNCH_*`` variables each rank (and the node agent) reads;
 - the signal that asks a Python rank for its stacks (``--hang-timeout``);
+- the names of a rank's files in the run folder;
 - the ``[rank] `` prefix the worker puts before every line, and its parser.
 
 Kept free of imports beyond the standard library: every rank loads it.
@@ -31,6 +32,31 @@ RELAY_METRICS = "DISTLAUNCH_RELAY_METRICS"  # "1": rank 0 is on another node; it
 
 # -- where ranks on other nodes keep their logs and records until they are collected
 AGENT_DIR = ".distlaunch-run"
+
+# -- a rank's files in its run folder (or AGENT_DIR): what the worker writes and the
+# launcher reads (``records.RunPaths`` gives these same paths as ``pathlib.Path``)
+LOGS, RANKS, METRICS = "logs", "ranks", "metrics"
+
+
+def rank_log(run_dir: str | os.PathLike[str], rank: int) -> str:
+    """Everything rank N printed."""
+    return os.path.join(run_dir, LOGS, f"rank-{rank}.log")
+
+
+def rank_record(run_dir: str | os.PathLike[str], rank: int) -> str:
+    """How rank N started and ended (``records.RankExit`` as JSON)."""
+    return os.path.join(run_dir, RANKS, f"rank-{rank}.json")
+
+
+def rank_exception(run_dir: str | os.PathLike[str], rank: int) -> str:
+    """The uncaught exception the bootstrap recorded for rank N."""
+    return os.path.join(run_dir, RANKS, f"rank-{rank}.exception.json")
+
+
+def rank_metrics(run_dir: str | os.PathLike[str], rank: int) -> str:
+    """The metrics rank N logged, a JSON object a line."""
+    return os.path.join(run_dir, METRICS, f"rank-{rank}.jsonl")
+
 
 # -- a metrics line rank 0's worker relays from another node: ``[0] <METRIC_MARK><json>``;
 # the launcher keeps it in the run folder's metrics as it comes, never on the console

@@ -18,22 +18,29 @@ Layout of ``<runs_root>/<run-id>/`` (``RunPaths`` holds every path rule)::
 
 ``RunRecord`` carries the state machine of a run (queued → running → completed,
 failed, cancelled or timeout) and is versioned on disk. ``write_json`` never leaves a
-half-written file. Light on purpose: every rank's worker shim imports this module.
+half-written file. The worker shim writes ``ranks/rank-<N>.json`` without importing this
+module (its dataclasses, pathlib): ``protocol`` and ``runfiles`` are what they share.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import enum
-import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import protocol
 from .errors import RunDirError
+from .runfiles import PRIVATE_DIR as PRIVATE_DIR
+from .runfiles import PRIVATE_FILE as PRIVATE_FILE
+from .runfiles import AppendedLines as AppendedLines
+from .runfiles import open_private as open_private
+from .runfiles import read_json as read_json
+from .runfiles import write_json as write_json
 
-TYPE_CHECKING = False  # not typing's: every rank's worker imports this module, typing costs it ~3 ms
+TYPE_CHECKING = False  # not typing's: ~3 ms on every start of the launcher
 if TYPE_CHECKING:
     from typing import Any
 else:
@@ -41,8 +48,6 @@ else:
 # (a field typed ``ClassVar[...]`` would need typing imported here: dataclasses only know typing's own)
 
 RECORD_VERSION = 2  # 1: the untyped run.json of distlaunch 0.1 (read, never written)
-PRIVATE_DIR = 0o700
-PRIVATE_FILE = 0o600
 
 
 class Status(str, enum.Enum):
@@ -77,10 +82,10 @@ class RunPaths:
 
     record = property(lambda self: self.root / "run.json")
     hostfile = property(lambda self: self.root / "hostfile")
-    logs = property(lambda self: self.root / "logs")
-    ranks = property(lambda self: self.root / "ranks")
+    logs = property(lambda self: self.root / protocol.LOGS)
+    ranks = property(lambda self: self.root / protocol.RANKS)
     outputs = property(lambda self: self.root / "outputs")
-    metrics = property(lambda self: self.root / "metrics")
+    metrics = property(lambda self: self.root / protocol.METRICS)
     mpirun_log = property(lambda self: self.logs / "mpirun.log")
     output_log = property(lambda self: self.logs / "output.log", doc="every line the job printed, rank-prefixed")
     cancel_marker = property(lambda self: self.root / "cancel-requested")
@@ -114,17 +119,18 @@ class RunPaths:
                               "free space or pick another --run-dir") from None
         return target
 
+    # a rank's own files: named in protocol, which the worker reads them from
     def rank_log(self, rank: int) -> Path:
-        return self.logs / f"rank-{rank}.log"
+        return Path(protocol.rank_log(self.root, rank))
 
     def rank_record(self, rank: int) -> Path:
-        return self.ranks / f"rank-{rank}.json"
+        return Path(protocol.rank_record(self.root, rank))
 
     def rank_exception(self, rank: int) -> Path:
-        return self.ranks / f"rank-{rank}.exception.json"
+        return Path(protocol.rank_exception(self.root, rank))
 
     def rank_metrics(self, rank: int) -> Path:
-        return self.metrics / f"rank-{rank}.jsonl"
+        return Path(protocol.rank_metrics(self.root, rank))
 
     def create(self) -> None:
         """Make the folder (private to its owner) and its sub-folders; RunDirError if impossible."""
@@ -138,13 +144,6 @@ class RunPaths:
                 f"cannot create run folder {self.root}: {exc.strerror or exc}: "
                 "pick a writable place with --run-dir"
             ) from None
-
-
-def open_private(path: str | os.PathLike[str], mode: str = "ab") -> Any:
-    """Open a run-folder file for appending (``mode`` "ab" or "a") or writing ("wb", "w"),
-    created readable by its owner only, whatever the umask."""
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode.startswith("a") else os.O_TRUNC)
-    return open(os.open(path, flags, PRIVATE_FILE), mode, **({} if "b" in mode else {"encoding": "utf-8"}))
 
 
 def make_private(tree: Path) -> None:
@@ -164,51 +163,6 @@ def allocate(runs_root: str | os.PathLike[str]) -> RunPaths:
     raise RunDirError(f"cannot find a free run id under {runs_root}: clean it up or pick another --run-dir")
 
 
-def write_json(path: Path, data: Any, reserve: int = 0) -> None:
-    """Write ``data`` as JSON atomically (a reader sees the old or the new file, never half),
-    readable by its owner only. ``reserve`` bytes of trailing spaces keep room for later
-    versions: when the disk is full, a new version that fits is written over the old one
-    in place (no new blocks needed), so a run can still record how it ended.
-
-    No fsync: it can take longer than mpirun's 250 ms between SIGTERM and SIGKILL, and
-    the rename alone already protects against a crash of the writing process.
-    """
-    text = (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n" + " " * reserve).encode()
-    try:
-        # a private temporary beside it (not tempfile: its import is most of a rank worker's start)
-        tmp = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-    except OSError as exc:
-        if not _overwrite_in_place(path, text):
-            raise RunDirError(f"cannot write {path}: {exc.strerror or exc}: "
-                              "free space or pick another --run-dir") from None
-
-
-def _overwrite_in_place(path: Path, text: bytes) -> bool:
-    """The disk-full fallback of ``write_json``: reuse the old file's blocks if it fits."""
-    try:
-        size = path.stat().st_size
-        if len(text.rstrip()) + 1 > size:
-            return False
-        with open(path, "r+b") as handle:
-            handle.write(text.rstrip() + b"\n" + b" " * (size - len(text.rstrip()) - 1))
-        return True
-    except OSError:
-        return False
-
-
-def read_json(path: Path) -> Any:
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
-
-
 def _fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     """The keys of ``data`` that ``cls`` has (records written by newer versions may have more)."""
     names = {f.name for f in dataclasses.fields(cls)}
@@ -219,7 +173,9 @@ def _fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
 class RankExit:
     """How one rank ended, as its worker shim saw it (``ranks/rank-<N>.json``).
 
-    Written once when the rank starts (``exit_code`` None) and again when it ends."""
+    Written once when the rank starts (``exit_code`` None) and again when it ends, by the
+    worker as a plain dict of these fields (``worker.new_exit_record``; a test keeps the
+    two the same): the worker does not import this module."""
 
     rank: int
     local_rank: int = 0
@@ -250,9 +206,6 @@ class RankExit:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RankExit:
         return cls(**_fields(cls, data))
-
-    def save(self, paths: RunPaths) -> None:
-        write_json(paths.rank_record(self.rank), self.to_dict())
 
 
 _RANK_EXIT_FIELDS = tuple(f.name for f in dataclasses.fields(RankExit))
@@ -442,33 +395,6 @@ class RunRecord:
             raise RunDirError(f"{paths.record} was written by a newer distlaunch (record version "
                               f"{data['version']}): upgrade distlaunch to read it")
         return cls.from_dict(data)
-
-
-class AppendedLines:
-    """The whole lines appended to a file since the last ``read()`` (one still being
-    written waits for its end); a file not there yet reads as nothing. ``from_end``:
-    what the file holds already is not read."""
-
-    def __init__(self, path: Path, from_end: bool = False) -> None:
-        self.path = path
-        self.offset = 0
-        self.rest = b""
-        if from_end:
-            try:
-                self.offset = path.stat().st_size
-            except OSError:
-                pass
-
-    def read(self) -> list[bytes]:
-        try:
-            with open(self.path, "rb") as handle:
-                handle.seek(self.offset)
-                data = handle.read()
-        except OSError:
-            return []
-        self.offset += len(data)
-        *lines, self.rest = (self.rest + data).split(b"\n")
-        return lines
 
 
 def tail_lines(path: Path, count: int = 10, max_bytes: int = 16384) -> list[str]:

@@ -537,7 +537,8 @@ def test_the_worker_reads_the_launchers_form_as_argparse_does_without_importing_
     assert _fast_path_only(argv) is not None
     check = ("import sys\nfrom distlaunch.rank import worker\n"
              f"got = worker.parse_args({argv!r})\n"
-             "assert 'argparse' not in sys.modules and 'typing' not in sys.modules, 'imported'\n"
+             "heavy = {'argparse', 'typing', 'dataclasses', 'inspect', 'pathlib', 'distlaunch.records'}\n"
+             "assert not heavy & set(sys.modules), heavy & set(sys.modules)\n"
              "assert got == worker._parse_with_argparse(" + repr(argv) + "), got\n")
     proc = subprocess.run([sys.executable, *SAFE_PATH, "-c", check], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -594,3 +595,29 @@ def test_the_annotations_of_the_record_and_the_worker_still_evaluate():
     assert typing.get_type_hints(RunRecord)["rank_exits"] == dict[int, RankExit]
     assert "exception" in typing.get_type_hints(RankExit)
     assert set(typing.get_type_hints(worker.ForkedRank.__init__)) == {"program", "env", "in_child", "return"}
+
+
+@pytest.mark.parametrize("code, exit_code", [("pass", 0), ("import sys; sys.exit(3)", 3)])
+def test_a_workers_exit_record_is_a_rank_exit_though_the_worker_imports_no_dataclass(tmp_path, code, exit_code):
+    """The worker writes ranks/rank-<N>.json as a plain dict: it has exactly RankExit's fields,
+    and reads back as the RankExit it says; the forked rank finds no dataclasses or pathlib
+    loaded by the worker (what made its start slow)."""
+    import dataclasses
+
+    from distlaunch.records import RankExit, RunPaths
+
+    probe = ("import sys\nheavy = {'dataclasses', 'inspect', 'pathlib', 'typing', 'distlaunch.records'}\n"
+             "print('loaded:', sorted(heavy & set(sys.modules)))\n" + code)
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("OMPI_", "PMI", "SLURM_"))}
+    proc = subprocess.run([sys.executable, *SAFE_PATH, "-u", "-m", "distlaunch.rank.worker", "--run-dir",
+                           str(tmp_path), "--", sys.executable, "-c", probe], capture_output=True, text=True, env=env)
+    assert proc.returncode == exit_code, proc.stderr
+    assert "[0] loaded: []" in proc.stdout, proc.stdout
+    paths = RunPaths(tmp_path)
+    data = json.loads(paths.rank_record(0).read_text())
+    assert set(data) == {f.name for f in dataclasses.fields(RankExit)}
+    record = RankExit.from_dict(data)
+    assert record.to_dict() == data
+    assert (record.rank, record.size, record.exit_code, record.signal) == (0, 1, exit_code, None)
+    assert record.worker_pid != record.pid and record.ended >= record.started
+    assert "loaded: []" in paths.rank_log(0).read_text()

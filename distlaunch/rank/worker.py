@@ -46,11 +46,11 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
+from .. import protocol
 from ..errors import DistlaunchError
 from ..protocol import EXCEPTION_FILE, FORK_RANKS, METRIC_MARK, RANK, RELAY_METRICS
-from ..records import AppendedLines, RankExit, RunPaths
+from ..runfiles import AppendedLines, write_json
 from .rankinfo import RankInfo, from_environ
 
 TYPE_CHECKING = False  # typing itself is not imported: its ~3 ms are on every rank's start
@@ -88,7 +88,7 @@ class RankLog:
     """The rank's raw log, best effort: a full disk ends the logging (said once, on the
     rank's stderr), never the rank. Unbuffered, so closing cannot fail late either."""
 
-    def __init__(self, path: Path, prefix: bytes) -> None:
+    def __init__(self, path: str, prefix: bytes) -> None:
         self.prefix = prefix
         try:
             self.fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -158,7 +158,7 @@ class MetricsTail:
 
     EVERY_S = 0.25
 
-    def __init__(self, path: Path, prefix: bytes, out_fd: int) -> None:
+    def __init__(self, path: str, prefix: bytes, out_fd: int) -> None:
         self.prefix, self.out_fd = prefix, out_fd
         self.lines = AppendedLines(path, from_end=True)  # lines already there were not logged by this rank
         self.last = 0.0
@@ -355,11 +355,11 @@ def pick_gpus(info: RankInfo, per_rank: int, restricted: str | None) -> tuple[st
     return devices_for(info.local_rank, per_rank, allowed)
 
 
-def child_env(info: RankInfo, paths: RunPaths, gpus: tuple[str, ...] = ()) -> dict[str, str]:
+def child_env(info: RankInfo, run_dir: str, gpus: tuple[str, ...] = ()) -> dict[str, str]:
     """The user's program sees the usual rank variables, whatever the MPI flavour."""
     env = dict(os.environ)
     env[RANK] = str(info.rank)  # also marks the rank's own process for the launcher
-    env[EXCEPTION_FILE] = str(paths.rank_exception(info.rank))
+    env[EXCEPTION_FILE] = protocol.rank_exception(run_dir, info.rank)
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     if "SLURM_JOB_ID" in env and info.source != "slurm":
@@ -377,19 +377,27 @@ def child_env(info: RankInfo, paths: RunPaths, gpus: tuple[str, ...] = ()) -> di
     return env
 
 
-def run_rank(command: list[str], paths: RunPaths, info: RankInfo, gpus: tuple[str, ...] = ()) -> RankExit:
-    """Run the user's program for this rank; return its exit record."""
-    record = RankExit(info.rank, info.local_rank, info.size, os.uname().nodename, os.getpid(), time.time(),
-                      list(gpus))
-    for folder in (paths.logs, paths.ranks):
+def new_exit_record(info: RankInfo, gpus: tuple[str, ...]) -> dict[str, Any]:
+    """The rank's exit record as it starts: the fields of ``records.RankExit`` (a test
+    keeps them the same), as a dict, so that the worker needs neither that module's
+    dataclasses nor pathlib."""
+    return {"rank": info.rank, "local_rank": info.local_rank, "size": info.size, "host": os.uname().nodename,
+            "worker_pid": os.getpid(), "started": time.time(), "gpus": list(gpus), "pid": None, "ended": None,
+            "exit_code": None, "signal": None, "exception": None, "error": None}
+
+
+def run_rank(command: list[str], run_dir: str, info: RankInfo, gpus: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Run the user's program for this rank; return its exit record (``new_exit_record``)."""
+    record = new_exit_record(info, gpus)
+    for folder in (protocol.LOGS, protocol.RANKS):
         try:
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.makedirs(os.path.join(run_dir, folder), mode=0o700, exist_ok=True)
         except OSError:
             pass  # a full disk: the log and the record say so themselves, the rank runs on
-    _save(record, paths, info)  # the rank has started: mpirun got this far
-    log = RankLog(paths.rank_log(info.rank), info.prefix)
+    _save(record, run_dir, info)  # the rank has started: mpirun got this far
+    log = RankLog(protocol.rank_log(run_dir, info.rank), info.prefix)
     try:
-        env = child_env(info, paths, gpus)
+        env = child_env(info, run_dir, gpus)
         program = python_program(command)
         try:
             if program is not None and os.environ.get(FORK_RANKS) != "0":
@@ -409,9 +417,9 @@ def run_rank(command: list[str], paths: RunPaths, info: RankInfo, gpus: tuple[st
             message = f"distlaunch: cannot start {command[0]}: {exc.strerror or exc}\n".encode()
             log.write(message)
             _write_all(sys.stderr.fileno(), info.prefix + message)
-            record.ended, record.exit_code, record.error = time.time(), 127, str(exc)
+            record.update(ended=time.time(), exit_code=127, error=str(exc))
             return record
-        record.pid = child.pid
+        record["pid"] = child.pid
 
         def forward(signum: int, _frame: object) -> None:
             if child.returncode is None:
@@ -421,45 +429,49 @@ def run_rank(command: list[str], paths: RunPaths, info: RankInfo, gpus: tuple[st
             signal.signal(signum, forward)
         tail = None
         if info.rank == 0 and os.environ.get(RELAY_METRICS) == "1":
-            tail = MetricsTail(paths.rank_metrics(0), info.prefix, sys.stdout.fileno())
+            tail = MetricsTail(protocol.rank_metrics(run_dir, 0), info.prefix, sys.stdout.fileno())
         relay(child, info, log, tail)
         code = child.wait()
         if tail is not None:
             tail.poll(now=True)  # the last lines
     finally:
         log.close()
-    record.ended = time.time()
-    record.exception = _read_exception(paths.rank_exception(info.rank))
+    record["ended"] = time.time()
+    record["exception"] = _read_exception(protocol.rank_exception(run_dir, info.rank))
     if code < 0:
-        record.exit_code, record.signal = 128 - code, signal.Signals(-code).name
+        record["exit_code"], record["signal"] = 128 - code, signal.Signals(-code).name
     else:
-        record.exit_code = code
+        record["exit_code"] = code
     return record
 
 
-def _save(record: RankExit, paths: RunPaths, info: RankInfo) -> None:
+def _save(record: dict[str, Any], run_dir: str, info: RankInfo) -> None:
     """Write the exit record; if the disk is full, say so and carry on (the rank's own
     result still reaches mpirun through the exit code)."""
     try:
-        record.save(paths)
+        write_json(protocol.rank_record(run_dir, record["rank"]), record)
     except DistlaunchError as exc:
         _write_all(sys.stderr.fileno(), info.prefix + f"distlaunch: error: {exc}\n".encode())
 
 
-def _read_exception(path: Path) -> dict[str, Any] | None:
+def _read_exception(path: str) -> dict[str, Any] | None:
     """What the bootstrap recorded about an uncaught exception (None if nothing)."""
     try:
-        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        with open(path, encoding="utf-8") as handle:
+            data: dict[str, Any] = json.load(handle)
     except (OSError, ValueError):
         return None
-    path.unlink(missing_ok=True)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
     return data
 
 
-def _exit_like(record: RankExit) -> None:
+def _exit_like(record: dict[str, Any]) -> None:
     """Leave the way the child left: same signal, or same exit code."""
-    if record.signal:
-        signum = signal.Signals[record.signal]
+    if record["signal"]:
+        signum = signal.Signals[record["signal"]]
         if signum not in (signal.SIGKILL, signal.SIGSTOP):  # those two cannot be handled anyway
             signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
@@ -469,7 +481,7 @@ def _exit_like(record: RankExit) -> None:
             stream.flush()
         except (OSError, ValueError):  # closed or gone: the exit code is what matters now
             pass
-    os._exit(int(record.exit_code or 0))
+    os._exit(int(record["exit_code"] or 0))
 
 
 OPTIONS = ("--run-dir", "--gpus-per-rank", "--gpus")
@@ -513,7 +525,6 @@ def _parse_with_argparse(argv: list[str]) -> tuple[str, int, str | None, list[st
 def main(argv: list[str] | None = None) -> None:
     run_dir, gpus_per_rank, devices, command = parse_args(sys.argv[1:] if argv is None else argv)
     info = from_environ()
-    paths = RunPaths(Path(run_dir))
     gpus: tuple[str, ...] = ()
     if gpus_per_rank:
         try:
@@ -521,8 +532,8 @@ def main(argv: list[str] | None = None) -> None:
         except DistlaunchError as exc:
             _write_all(sys.stderr.fileno(), info.prefix + f"distlaunch: error: {exc}\n".encode())
             sys.exit(exc.exit_code)
-    record = run_rank(command, paths, info, gpus)
-    _save(record, paths, info)
+    record = run_rank(command, run_dir, info, gpus)
+    _save(record, run_dir, info)
     _exit_like(record)
 
 
