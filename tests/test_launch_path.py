@@ -597,27 +597,39 @@ def test_the_annotations_of_the_record_and_the_worker_still_evaluate():
     assert set(typing.get_type_hints(worker.ForkedRank.__init__)) == {"program", "env", "in_child", "return"}
 
 
-@pytest.mark.parametrize("code, exit_code", [("pass", 0), ("import sys; sys.exit(3)", 3)])
-def test_a_workers_exit_record_is_a_rank_exit_though_the_worker_imports_no_dataclass(tmp_path, code, exit_code):
-    """The worker writes ranks/rank-<N>.json as a plain dict: it has exactly RankExit's fields,
-    and reads back as the RankExit it says; the forked rank finds no dataclasses or pathlib
-    loaded by the worker (what made its start slow)."""
+@pytest.mark.parametrize("code, exit_code, signal_name", [
+    ("pass", 0, None), ("import sys; sys.exit(3)", 3, None),
+    ("import os, signal; os.kill(os.getpid(), signal.SIGTERM)", 128 + 15, "SIGTERM")])
+def test_a_workers_exit_record_is_a_rank_exit_though_the_worker_imports_no_dataclass(tmp_path, code, exit_code,
+                                                                                     signal_name):
+    """The worker writes ranks/rank-<N>.json as a plain dict: it has exactly RankExit's fields
+    with this rank's values, and reads back as the RankExit it says. Neither the forked rank
+    nor the worker, before or after the fork, imports dataclasses or pathlib (what made
+    its start slow): -X importtime lists the worker's imports without a rank prefix."""
     import dataclasses
 
     from distlaunch.records import RankExit, RunPaths
 
-    probe = ("import sys\nheavy = {'dataclasses', 'inspect', 'pathlib', 'typing', 'distlaunch.records'}\n"
-             "print('loaded:', sorted(heavy & set(sys.modules)))\n" + code)
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("OMPI_", "PMI", "SLURM_"))}
-    proc = subprocess.run([sys.executable, *SAFE_PATH, "-u", "-m", "distlaunch.rank.worker", "--run-dir",
-                           str(tmp_path), "--", sys.executable, "-c", probe], capture_output=True, text=True, env=env)
-    assert proc.returncode == exit_code, proc.stderr
-    assert "[0] loaded: []" in proc.stdout, proc.stdout
+    heavy = {"dataclasses", "inspect", "pathlib", "typing", "distlaunch.records"}
+    probe = f"import sys\nprint('loaded:', sorted({heavy!r} & set(sys.modules)))\n" + code
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("OMPI_", "PMI", "PMIX_", "SLURM_", "DISTLAUNCH_"))}
+    env.update(OMPI_COMM_WORLD_RANK="2", OMPI_COMM_WORLD_SIZE="4", OMPI_COMM_WORLD_LOCAL_RANK="1",
+               OMPI_COMM_WORLD_LOCAL_SIZE="2", DISTLAUNCH_FORK_RANKS="1")
+    proc = subprocess.run([sys.executable, *SAFE_PATH, "-X", "importtime", "-u", "-m", "distlaunch.rank.worker",
+                           "--run-dir", str(tmp_path), "--", sys.executable, "-c", probe],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == (exit_code if signal_name is None else -15), proc.stderr[-2000:]
+    assert "[2] loaded: []" in proc.stdout, proc.stdout
+    workers = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+               if line.startswith("import time:")}
+    assert workers and not heavy & workers, heavy & workers
     paths = RunPaths(tmp_path)
-    data = json.loads(paths.rank_record(0).read_text())
+    data = json.loads(paths.rank_record(2).read_text())
     assert set(data) == {f.name for f in dataclasses.fields(RankExit)}
     record = RankExit.from_dict(data)
     assert record.to_dict() == data
-    assert (record.rank, record.size, record.exit_code, record.signal) == (0, 1, exit_code, None)
+    assert (record.rank, record.local_rank, record.size) == (2, 1, 4)
+    assert (record.exit_code, record.signal, record.error) == (exit_code, signal_name, None)
     assert record.worker_pid != record.pid and record.ended >= record.started
-    assert "loaded: []" in paths.rank_log(0).read_text()
+    assert "loaded: []" in paths.rank_log(2).read_text()
