@@ -34,6 +34,8 @@ class LazyGroup(click.Group):
         module, _, name = COMMANDS[cmd_name].partition(":")
         command = getattr(importlib.import_module(f"{__package__}.{module}"), name)
         self.add_command(command, cmd_name)
+        if _as_program:
+            _imported()
         return command
 
 
@@ -77,6 +79,21 @@ def usage_message(exc: click.UsageError) -> str:
     return f"{exc.format_message()} (see '{command} --help')"
 
 
+_as_program = False  # main() runs: this process is the distlaunch command, not a library's user
+
+
+def _imported() -> None:
+    """The command's modules are imported (the process is the distlaunch command): freeze
+    what exists for the collector, and collect again from here on. Those objects (modules,
+    classes, functions: click's and ours) live until the process ends anyway; walking
+    them took ~30 collections during the import and every full one after it (~5 ms in
+    all, and ~4 ms more at exit). Garbage cycles made while importing, if any, stay."""
+    import gc
+
+    gc.freeze()
+    gc.enable()
+
+
 def _before_exit() -> None:
     """At the interpreter's exit (an atexit handler): collect what is garbage by now, its
     finalizers running as usual, then freeze the rest for the collector, so the
@@ -95,10 +112,17 @@ def main() -> None:
     """Run the CLI; every error is one line on stderr and a documented exit code. The
     process's entry point: it always ends in ``sys.exit``."""
     import atexit
+    import gc
 
+    global _as_program
     atexit.unregister(_before_exit)  # once, however often main() is called in one process
     atexit.register(_before_exit)
-    _run_cli()
+    _as_program = True
+    gc.disable()  # until the command's modules are imported (``_imported``)
+    try:
+        _run_cli()
+    finally:
+        gc.enable()
 
 
 def _run_cli() -> None:
