@@ -40,41 +40,79 @@ def test_help_shows_examples():
 
 
 GC_PROBE = """
-import atexit, gc, sys
+import gc, sys, types
+import click
 from distlaunch.cli import main as m
 
-seen = {}
+seen = []
 real = m._imported
 def spy():
-    seen["collecting while importing"] = gc.isenabled()
-    real()
-    seen["frozen"], seen["collecting after"] = gc.get_freeze_count(), gc.isenabled()
+    if m._collector_was is not None:  # main() runs and has not frozen yet
+        seen.append(("importing", gc.isenabled()))
+        real()
+        hosts = sys.modules.get("distlaunch.cli.hosts")
+        seen.append(("frozen", hosts is not None and not any(o is hosts.hosts_command for o in gc.get_objects())))
 m._imported = spy
-atexit.register(lambda: print(seen))  # runs after main()'s own exit handler
-sys.argv = ["distlaunch", "hosts", "--help"]
-m.main()
+
+@click.command()
+def probe():
+    seen.append(("command", gc.isenabled()))
+fake = types.ModuleType("distlaunch.cli._gc_probe")
+fake.probe = probe
+sys.modules[fake.__name__] = fake
+m.COMMANDS["probe"] = "_gc_probe:probe"
+m.COMMANDS["hosts-probe"] = m.COMMANDS["hosts"]  # a real command module, imported with the collector off
+
+for argv, collecting in ((["hosts-probe", "--help"], True), (["probe"], True), (["probe"], True),
+                         (["--version"], True), (["probe"], False)):
+    (gc.enable if collecting else gc.disable)()
+    sys.argv = ["distlaunch", *argv]
+    try:
+        m.main()
+    except SystemExit:
+        pass
+    seen.append(("after", gc.isenabled()))
+print(seen)
 """
 
 LIBRARY_GC_PROBE = """
-import gc
+import gc, sys
 from click.testing import CliRunner
-from distlaunch.cli.main import cli
+from distlaunch.cli import main as m
 
-result = CliRunner().invoke(cli, ["hosts", "--help"])
+result = CliRunner().invoke(m.cli, ["hosts", "--help"])
 assert result.exit_code == 0, result.output
-print({"frozen": gc.get_freeze_count(), "collecting": gc.isenabled()})
+print("RESULT", {"frozen": gc.get_freeze_count(), "collecting": gc.isenabled()})
+sys.argv = ["distlaunch", "runs", "--help"]
+try:
+    m.main()
+except SystemExit:
+    pass
+frozen = gc.get_freeze_count()
+gc.disable()
+result = CliRunner().invoke(m.cli, ["download", "--help"])  # after a main(): her collector is still hers
+assert result.exit_code == 0, result.output
+print("RESULT", {"frozen since": gc.get_freeze_count() - frozen, "collecting": gc.isenabled()})
 """
 
 
 def test_the_command_freezes_its_imports_for_the_collector_and_a_library_user_keeps_hers():
-    """The distlaunch command imports its modules with the collector off, then freezes them
-    (they live as long as the process) and collects again; the CLI called from someone's
-    own process (CliRunner, a notebook) never touches her collector."""
-    proc = subprocess.run([sys.executable, "-c", GC_PROBE], capture_output=True, text=True)
+    """main() imports the command's modules with the collector off, then freezes them (they
+    live as long as the process) and collects again while the command runs, the second
+    time it is called in a process too, and leaves the collector as the caller had it; the
+    CLI called from someone's own process (CliRunner, a notebook) never touches it."""
+    proc = subprocess.run([sys.executable, "-c", GC_PROBE], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    seen = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
-    assert seen["collecting while importing"] is False and seen["collecting after"] is True
-    assert seen["frozen"] > 1000, seen
-    proc = subprocess.run([sys.executable, "-c", LIBRARY_GC_PROBE], capture_output=True, text=True)
+    assert ast.literal_eval(proc.stdout.strip().splitlines()[-1]) == [
+        ("importing", False), ("frozen", True), ("after", True),  # hosts --help: imported, frozen
+        ("importing", False), ("frozen", True), ("command", True), ("after", True),
+        ("importing", False), ("frozen", True), ("command", True), ("after", True),  # main() again
+        ("after", True),  # --version: no command chosen, the collector back on
+        ("importing", False), ("frozen", True), ("command", False), ("after", False),  # hers was off
+    ]
+    proc = subprocess.run([sys.executable, "-c", LIBRARY_GC_PROBE], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert ast.literal_eval(proc.stdout.strip().splitlines()[-1]) == {"frozen": 0, "collecting": True}
+    first, last = (ast.literal_eval(line[len("RESULT "):]) for line in proc.stdout.splitlines()
+                   if line.startswith("RESULT "))
+    assert first == {"frozen": 0, "collecting": True}
+    assert last["frozen since"] <= 0 and last["collecting"] is False, last  # (frozen objects can still be freed)

@@ -34,9 +34,14 @@ class LazyGroup(click.Group):
         module, _, name = COMMANDS[cmd_name].partition(":")
         command = getattr(importlib.import_module(f"{__package__}.{module}"), name)
         self.add_command(command, cmd_name)
-        if _as_program:
-            _imported()
         return command
+
+    def resolve_command(self, ctx: click.Context,
+                        args: list[str]) -> tuple[str | None, click.Command | None, list[str]]:
+        try:
+            return super().resolve_command(ctx, args)
+        finally:  # the command is imported (or was, by an earlier main() of this process)
+            _imported()
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -79,19 +84,26 @@ def usage_message(exc: click.UsageError) -> str:
     return f"{exc.format_message()} (see '{command} --help')"
 
 
-_as_program = False  # main() runs: this process is the distlaunch command, not a library's user
+_collector_was: bool | None = None  # while main() has the collector off: whether it was on before
 
 
 def _imported() -> None:
-    """The command's modules are imported (the process is the distlaunch command): freeze
-    what exists for the collector, and collect again from here on. Those objects (modules,
-    classes, functions: click's and ours) live until the process ends anyway; walking
-    them took ~30 collections during the import and every full one after it (~5 ms in
-    all, and ~4 ms more at exit). Garbage cycles made while importing, if any, stay."""
+    """In main(), once the command's modules are imported: freeze what exists for the
+    collector, and let it collect again (if it was on when main() began). Those objects
+    (modules, classes, functions: click's and ours) live until the process ends anyway;
+    walking them took ~30 collections during the import and every full one after it
+    (~5 ms in all, and ~4 ms more at exit). Garbage cycles made while importing (a few
+    enum classes of the standard library's) stay. Anywhere else (CliRunner, a notebook)
+    the caller's collector is not touched."""
+    global _collector_was
+    if _collector_was is None:
+        return
     import gc
 
     gc.freeze()
-    gc.enable()
+    if _collector_was:
+        gc.enable()
+    _collector_was = None
 
 
 def _before_exit() -> None:
@@ -114,15 +126,17 @@ def main() -> None:
     import atexit
     import gc
 
-    global _as_program
+    global _collector_was
     atexit.unregister(_before_exit)  # once, however often main() is called in one process
     atexit.register(_before_exit)
-    _as_program = True
+    _collector_was = gc.isenabled()
     gc.disable()  # until the command's modules are imported (``_imported``)
     try:
         _run_cli()
-    finally:
-        gc.enable()
+    finally:  # ended before a command was chosen (--help, --version, a usage error)
+        if _collector_was:
+            gc.enable()
+        _collector_was = None
 
 
 def _run_cli() -> None:
