@@ -154,6 +154,7 @@ def test_real_horovod_gloo_default_at_each_init(tmp_path, backend):
     assert [(r, g) for r, g, _ in rounds] == [("0", "True"), ("1", "True")], reinit.stdout[-2000:]
     assert rounds[0][2] != rounds[1][2], rounds  # a new rendezvous server for the second init
     assert "[0] left nothing" in reinit.stdout and "[1] left nothing" in reinit.stdout  # shutdown cleans up
+    assert "[0] servers stopped" in reinit.stdout, reinit.stdout[-2000:]  # both rendezvous servers are gone
     comm = run_job(tmp_path, backend, 2, str(SCRIPTS / "hvd_gloo_init.py"), "comm")
     assert comm.returncode == 0, comm.stderr[-3000:]
     assert re.search(r"^\[1\] round 0: gloo=False port=None sum=\[3.0, 3.0, 3.0\]$", comm.stdout, re.M), comm.stdout

@@ -3,6 +3,7 @@ inits, allreduces and shuts down twice (each init serves a fresh rendezvous); ``
 inits with MPI's world as a communicator (which needs MPI's operations)."""
 import os
 import sys
+import threading
 
 import torch
 
@@ -21,3 +22,8 @@ for i in range(rounds):
     print(f"round {i}: gloo={hvd.gloo_enabled()} port={port} sum={total.tolist()}", flush=True)
     hvd.shutdown()
 print("left", "port" if "HOROVOD_GLOO_RENDEZVOUS_PORT" in os.environ else "nothing", flush=True)
+for thread in threading.enumerate():  # rank 0's rendezvous servers stop (in the background)
+    if thread.name.startswith("horovod-rendezvous"):
+        thread.join(5)
+serving = [t.name for t in threading.enumerate() if t.name.startswith("horovod-rendezvous")]
+print("servers", "running" if serving else "stopped", flush=True)
