@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import json
 import os
 import selectors
 import signal
@@ -50,7 +49,7 @@ from collections.abc import Callable
 from .. import protocol
 from ..errors import DistlaunchError
 from ..protocol import EXCEPTION_FILE, FORK_RANKS, METRIC_MARK, RANK, RELAY_METRICS
-from ..runfiles import AppendedLines, write_json
+from ..runfiles import AppendedLines, read_json, write_json
 from .rankinfo import RankInfo, from_environ
 
 TYPE_CHECKING = False  # typing itself is not imported: its ~3 ms are on every rank's start
@@ -457,8 +456,7 @@ def _save(record: dict[str, Any], run_dir: str, info: RankInfo) -> None:
 def _read_exception(path: str) -> dict[str, Any] | None:
     """What the bootstrap recorded about an uncaught exception (None if nothing)."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            data: dict[str, Any] = json.load(handle)
+        data: dict[str, Any] = read_json(path)
     except (OSError, ValueError):
         return None
     try:
