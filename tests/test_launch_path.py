@@ -605,12 +605,13 @@ def test_a_workers_exit_record_is_a_rank_exit_though_the_worker_imports_no_datac
     """The worker writes ranks/rank-<N>.json as a plain dict: it has exactly RankExit's fields
     with this rank's values, and reads back as the RankExit it says. Neither the forked rank
     nor the worker, before or after the fork, imports dataclasses or pathlib (what made
-    its start slow): -X importtime lists the worker's imports without a rank prefix."""
+    its start slow), nor traceback (the bootstrap's, only for a script that raises):
+    -X importtime lists the worker's imports without a rank prefix."""
     import dataclasses
 
     from distlaunch.records import RankExit, RunPaths
 
-    heavy = {"dataclasses", "inspect", "pathlib", "typing", "distlaunch.records"}
+    heavy = {"dataclasses", "inspect", "pathlib", "typing", "distlaunch.records", "traceback"}
     probe = f"import sys\nprint('loaded:', sorted({heavy!r} & set(sys.modules)))\n" + code
     env = {key: value for key, value in os.environ.items()
            if not key.startswith(("OMPI_", "PMI", "PMIX_", "SLURM_", "DISTLAUNCH_"))}
