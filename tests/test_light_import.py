@@ -116,3 +116,36 @@ def test_the_command_freezes_its_imports_for_the_collector_and_a_library_user_ke
                    if line.startswith("RESULT "))
     assert first == {"frozen": 0, "collecting": True}
     assert last["frozen since"] <= 0 and last["collecting"] is False, last  # (frozen objects can still be freed)
+
+
+RUN_PROBE = """
+import json, sys
+from distlaunch.cli.main import main
+sys.argv = ["distlaunch", "run", "--ppn", "2", "--run-dir", sys.argv[1], *sys.argv[2:]]
+try:
+    main()
+except SystemExit as exc:
+    code = exc.code
+print(json.dumps({{"code": code, "loaded": sorted(set(sys.modules) & set({modules!r}))}}))
+"""
+NOT_FOR_ONE_HOST = ("distlaunch.nodes.treesync", "distlaunch.launch.snapshot", "distlaunch.launch.health",
+                    "distlaunch.plan.slurm", "distlaunch.launch.slurm", "pathspec")
+
+
+@pytest.mark.parametrize("program, loaded", [
+    (["python", "-c", "pass"], []),  # runs in place: no snapshot either
+    (["noop.py"], ["distlaunch.launch.snapshot", "distlaunch.nodes.treesync", "pathspec"]),
+])
+def test_a_run_on_this_host_imports_only_what_it_uses(tmp_path, program, loaded):
+    """A real localhost launch does not import what only other nodes (code sync, node
+    health), restarts or Slurm need: ~5 ms of every launch. A .py script's run imports
+    the code snapshot's modules, and only those (which also shows the probe sees imports)."""
+    import json
+
+    (tmp_path / "noop.py").write_text("pass\n")
+    argv = [sys.executable if word == "python" else word for word in program]
+    proc = subprocess.run([sys.executable, "-c", RUN_PROBE.format(modules=NOT_FOR_ONE_HOST), str(tmp_path / "runs"),
+                           *argv], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"code": 0, "loaded": loaded}, (result, proc.stderr[-2000:])

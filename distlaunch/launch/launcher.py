@@ -28,7 +28,6 @@ from .. import __version__
 from ..errors import DistlaunchError, ExitCode, HostError, RunDirError, SpecError
 from ..nodes import inputs as node_inputs
 from ..nodes.transport import Nodes, SrunTransport, SSHTransport, Transport, for_each
-from ..nodes.treesync import collect, hand_over, sync
 from ..plan.container import Container
 from ..plan.envpolicy import redact, redact_argv, redact_pairs
 from ..plan.hosts import SLURM_HOSTS, SLURM_JOB, SLURM_STEP, RankSlot, is_local, placement, this_host_names
@@ -36,14 +35,10 @@ from ..plan.layout import RemoteLayout
 from ..plan.mpi import MPIInstall, detect, find_mpirun
 from ..plan.mpirun import LaunchContext, LaunchPlan, plan
 from ..plan.placement import Placement, place
-from ..plan.slurm import srun_plan
 from ..plan.spec import JobSpec, inside, resolve_program, spec_to_dict
 from ..plan.ssh import SSHOptions, unshared
 from ..records import Attempt, RunPaths, RunRecord, Status, allocate
-from . import snapshot
-from .health import NodeHealth, blamed_hosts
 from .metrics import write_tensorboard
-from .slurm import check_allocation
 from .supervise import PASS_SIGNALS, STOP_SIGNALS, Console, Outcome, Supervisor, Watch
 
 log = logging.getLogger(__name__)
@@ -107,6 +102,8 @@ class Prepared:
             context = dataclasses.replace(context, host_cores=dict(host_cores))
         layout = self.remote_layout(run_id, restart)
         if self.srun is not None:
+            from ..plan.slurm import srun_plan
+
             return srun_plan(self.spec, self.placed, self.srun, run_id, run_dir, context, self.program, self.mpi,
                              layout)
         return plan(self.spec, self.placed, self.mpi, run_id, run_dir, context, self.program, layout)
@@ -157,6 +154,8 @@ def _place_healthy(spec: JobSpec, cores: int, progress: Callable[[str], None]) -
     placed = place(spec.target, local_cores=cores)
     if len(placed.source.hosts) < 2:
         return placed  # nothing to leave out: the health file is not even read
+    from .health import NodeHealth
+
     try:
         kept_out = NodeHealth().entries()
     except RunDirError as exc:  # a broken health file must not stop a launch
@@ -185,6 +184,8 @@ def prepare(spec: JobSpec, progress: Callable[[str], None] = log.info) -> Prepar
     # options say otherwise or the SLURM_* variables are stale; then plain --hosts
     plain = origin == SLURM_HOSTS and spec.ssh != SSHOptions()
     if in_allocation(origin) and not plain:
+        from .slurm import check_allocation
+
         try:
             check_allocation(os.environ)
         except HostError:
@@ -334,6 +335,8 @@ class NodeSide:
                 if proc.returncode == 255:  # ssh's own failure: the node did not answer
                     self.unreachable.append(host)
         if self.layout is not None:
+            from ..nodes.treesync import collect
+
             self.missing = collect(nodes, self.prepared.hosts, self.prepared.slots[0].host, self.layout,
                                    self.paths.root, self.prepared.spec.collect_all_ranks)
 
@@ -353,6 +356,8 @@ def _before_launch(prepared: Prepared, paths: RunPaths, record: RunRecord, progr
     spec = prepared.spec
     snap = None
     if not spec.runs_in_place:
+        from . import snapshot
+
         snap = snapshot.load(paths) if record.code else None  # a batch job's, taken at submit time
         if snap is None:
             snap = snapshot.take(spec.source, paths, progress, exclude=(str(paths.root.parent),),
@@ -368,6 +373,8 @@ def _before_launch(prepared: Prepared, paths: RunPaths, record: RunRecord, progr
         record.save(paths)
     layout = prepared.remote_layout(paths.run_id)
     if layout is not None and snap is not None:
+        from ..nodes.treesync import sync
+
         synced = sync(prepared.nodes, prepared.hosts, snap.tree(), layout, progress)
         record.sync = {"remote_dir": layout.workdir, "nodes": [dataclasses.asdict(result) for result in synced]}
         record.save(paths)
@@ -477,6 +484,8 @@ def _attempts(prepared: Prepared, the_plan: LaunchPlan, paths: RunPaths, record:
                                   outcome.failure, outcome.reason)
                 record.attempts.append(attempt)
                 if outcome.status is not Status.COMPLETED:
+                    from .health import blamed_hosts
+
                     attempt.blamed = blamed_hosts(outcome.ranks, {slot.rank: slot.host for slot in prepared.slots},
                                                   outcome.failure.rank if outcome.failure else None,
                                                   node_side.unreachable if node_side is not None else ())
@@ -592,6 +601,8 @@ def _move_outputs(following: Prepared, before: Prepared, paths: RunPaths, progre
     old, new = before.slots[0].host, following.slots[0].host
     if layout is None or old == new or not paths.outputs.is_dir() or not any(paths.outputs.iterdir()):
         return
+    from ..nodes.treesync import hand_over
+
     if hand_over(following.nodes, new, paths.outputs, f"{layout.workdir}/outputs", exclude=before.hosts):
         progress(f"rank 0 moves from {old} to {new}: the last attempt's ./outputs went with it")
     else:
@@ -636,6 +647,8 @@ def _no_restart(outcome: Outcome, restart: int, budget: int, deadline: float | N
 def _quarantine(blamed: Mapping[str, str], run_id: str, ttl: float, progress: Callable[[str], None]) -> None:
     if not blamed or ttl <= 0:
         return
+    from .health import NodeHealth
+
     health = NodeHealth()
     for host, why in blamed.items():
         try:
@@ -654,6 +667,8 @@ def _replaced(prepared: Prepared, blamed: Mapping[str, str], progress: Callable[
     avoid: dict[str, str] = {}
     if spec.quarantine_ttl > 0:
         try:
+            from .health import NodeHealth
+
             avoid = {host: entry.reason for host, entry in NodeHealth().entries().items()}
         except RunDirError as exc:
             progress(f"warning: {exc}")
@@ -753,6 +768,8 @@ def _launch(prepared: Prepared, console: Console, watch: Watch, on_ready: Callab
     record.finished(outcome.status, outcome.exit_code, outcome.mpirun_exit_code, first_start, outcome.ended,
                     outcome.failure, outcome.ranks, outcome.leftovers_killed, outcome.reason)
     if not spec.runs_in_place and prepared.remote_layout(paths.run_id) is None:
+        from . import snapshot
+
         try:
             snapshot.gather(paths)  # the ranks ran in the snapshot: ./outputs and ./logs into the run folder
         except OSError as exc:
