@@ -9,6 +9,9 @@ A B C A B C so that machine noise hits all alike; medians):
   against ``torchrun --standalone`` + gloo ``init_process_group`` + ``all_reduce``;
 - the same with real Horovod (where installed) against ``horovodrun --gloo`` and
   against plain ``mpirun`` starting a Horovod script;
+- under each of these two, its floor: bare ``mpirun`` starting the same kind of script
+  against the same reference (no launcher that starts ranks with mpirun, as distlaunch
+  does, can be faster than mpirun alone);
 - placement and plan for 10,000 hosts / 80,000 ranks, in process;
 - the shared-memory allreduce against MPI_Allreduce (mpi4py), 2 ranks, time ratio per
   size from 1 to 256 MiB (median and range over --shm-repeats runs, the two backends
@@ -77,6 +80,9 @@ def launch_variants(folder: Path) -> dict[str, tuple[list[str], dict[str, str]]]
         "noop: distlaunch": ([*dl, py, "-c", "pass"], {}),
         "noop: mpirun": (bare_mpirun_argv(2, [py, "-c", "pass"]), {}),
         "first allreduce: distlaunch, hvd on torch": ([*dl, "first_hvd.py"], {"DISTLAUNCH_HVD_BACKEND": "torch"}),
+        # the floor of any launcher that starts its ranks with mpirun: mpirun itself
+        "first allreduce: mpirun, hvd on torch": (bare_mpirun_argv(2, [py, "first_hvd.py"]),
+                                                  {"DISTLAUNCH_HVD_BACKEND": "torch"}),
     }
     torchrun = tool("torchrun")
     if torchrun:
@@ -174,8 +180,12 @@ def main() -> None:
 
     pair("first allreduce, hvd on torch, vs torchrun + gloo", "first allreduce: distlaunch, hvd on torch",
          "first allreduce: torchrun + gloo", "<= 0.40x")
+    pair("  floor: bare mpirun, the same script, vs torchrun", "first allreduce: mpirun, hvd on torch",
+         "first allreduce: torchrun + gloo", "")
     pair("first allreduce, real Horovod, vs horovodrun --gloo", "first allreduce: distlaunch, real Horovod",
          "first allreduce: horovodrun --gloo", "<= 0.45x")
+    pair("  floor: bare mpirun + Horovod, vs horovodrun --gloo", "first allreduce: mpirun + Horovod",
+         "first allreduce: horovodrun --gloo", "")
     pair("first allreduce, real Horovod, vs mpirun + Horovod", "first allreduce: distlaunch, real Horovod",
          "first allreduce: mpirun + Horovod", "<= 1.05x")
     if "multinode" in report:
