@@ -230,3 +230,46 @@ def test_python_c_and_m_ranks_fail_and_hang_as_script_ranks_do(distlaunch, tmp_p
     for rank in range(2):
         log = (run_dir / "logs" / f"rank-{rank}.log").read_text()
         assert "most recent call first" in log and "sleeper.py" in log, f"no stack dump from rank {rank}: {log}"
+
+
+@pytest.mark.parametrize("fork", ["1", "0"])
+@pytest.mark.parametrize("raised, code", [("ValueError('boom')", 1), ("KeyboardInterrupt", 130)])
+def test_a_failing_script_is_reported_though_its_folder_shadows_traceback_and_json(distlaunch, tmp_path, fork,
+                                                                                   raised, code):
+    """The bootstrap imports traceback and json only when a script fails, when the script's
+    folder comes first on sys.path: a traceback.py and json.py there (which break on
+    import) are not what reports the failure. The rank prints the real traceback, the
+    record has it, and the exit code is the exception's."""
+    project = tmp_path / "project"  # not distlaunch's working directory: that would break the launcher itself
+    project.mkdir()
+    (project / "traceback.py").write_text("raise ImportError('the project\\'s traceback.py, not the stdlib')\n")
+    (project / "json.py").write_text("raise ImportError('the project\\'s json.py, not the stdlib')\n")
+    (project / "fails.py").write_text(f"import os\nif os.environ['RANK'] == '1':\n    raise {raised}\n")
+    failed = distlaunch("run", "--ppn", "2", "--run-dir", "runs", "project/fails.py",
+                        env={"DISTLAUNCH_FORK_RANKS": fork})
+    assert failed.returncode == code, failed.stderr
+    assert "not the stdlib" not in failed.stdout + failed.stderr, failed.stderr
+    name = raised.split("(")[0]
+    assert "[1] Traceback (most recent call last):" in failed.stderr and f"[1] {name}" in failed.stderr, failed.stderr
+    record = json.loads(next((tmp_path / "runs").glob("*/run.json")).read_text())
+    exc = record["rank_exits"]["1"]["exception"]
+    assert exc["type"] == name and 'fails.py", line 3' in exc["traceback"], exc
+
+
+def test_a_failure_is_still_printed_when_the_traceback_module_cannot_be_had(monkeypatch, capsys):
+    """When even the standard library's traceback cannot be imported, the interpreter's own
+    printer shows the user's exception (and nothing is recorded, rather than a crash)."""
+    from distlaunch.rank import bootstrap
+
+    def unavailable(name):
+        raise ImportError(f"no {name} here")
+
+    monkeypatch.setattr(bootstrap, "_stdlib", unavailable)
+    monkeypatch.setenv("DISTLAUNCH_EXCEPTION_FILE", "/nonexistent/never-written.json")
+    try:
+        raise ValueError("the user's own error")
+    except ValueError as exc:
+        bootstrap._report(exc)
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last):" in err and "ValueError: the user's own error" in err, err
+    assert "no traceback here" not in err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 
@@ -132,6 +133,7 @@ NOT_FOR_ONE_HOST = ("distlaunch.nodes.treesync", "distlaunch.launch.snapshot", "
                     "distlaunch.plan.slurm", "distlaunch.launch.slurm", "pathspec")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("program, loaded", [
     (["python", "-c", "pass"], []),  # runs in place: no snapshot either
     (["noop.py"], ["distlaunch.launch.snapshot", "distlaunch.nodes.treesync", "pathspec"]),
@@ -144,8 +146,12 @@ def test_a_run_on_this_host_imports_only_what_it_uses(tmp_path, program, loaded)
 
     (tmp_path / "noop.py").write_text("pass\n")
     argv = [sys.executable if word == "python" else word for word in program]
+    # nothing of an allocation, an outer launcher or the caller's DISTLAUNCH_* options: a plain run on this host
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("OMPI_", "PMI", "PMIX_", "SLURM_", "PBS_", "LSB_", "DISTLAUNCH_"))
+           or key == "DISTLAUNCH_STATE_DIR"}
     proc = subprocess.run([sys.executable, "-c", RUN_PROBE.format(modules=NOT_FOR_ONE_HOST), str(tmp_path / "runs"),
-                           *argv], capture_output=True, text=True, cwd=tmp_path)
+                           *argv], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == {"code": 0, "loaded": loaded}, (result, proc.stderr[-2000:])

@@ -23,21 +23,49 @@ import faulthandler
 import os
 import runpy
 import sys
+import time
 import types
 from collections.abc import Callable
 from importlib.machinery import BuiltinImporter
 
 from ..protocol import EXCEPTION_FILE, dump_signal
 
+_START_PATH = list(sys.path)  # the interpreter's own: the script's folder goes first only later
 
-def _record_exception(exc: BaseException) -> None:
-    import json
-    import time
-    import traceback
 
+def _stdlib(name: str) -> types.ModuleType:
+    """Module ``name`` (loaded already, or found on the interpreter's own path): not a file
+    of the script's folder, which ``_first_on_path`` put first. For the modules that only a
+    failing script needs, imported then (traceback with linecache and tokenize is ~2.5 ms
+    of every rank's start)."""
+    loaded = sys.modules.get(name)
+    if loaded is not None:
+        return loaded
+    path = sys.path[:]
+    sys.path[:] = _START_PATH
+    try:
+        return __import__(name)
+    finally:
+        sys.path[:] = path
+
+
+def _report(exc: BaseException) -> None:
+    """Print ``exc`` with its traceback as python does, and record it; when the traceback
+    module cannot do that, the interpreter's own printer says what happened."""
+    try:
+        traceback = _stdlib("traceback")
+        traceback.print_exception(type(exc), exc, exc.__traceback__)
+    except BaseException:  # noqa: BLE001 - the user's error must still be seen
+        sys.__excepthook__(type(exc), exc, exc.__traceback__)
+        return
+    _record_exception(exc, traceback)
+
+
+def _record_exception(exc: BaseException, traceback: types.ModuleType) -> None:
     path = os.environ.get(EXCEPTION_FILE)
     if not path:
         return
+    json = _stdlib("json")
     data = {
         "type": f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins."),
         "message": str(exc)[:4000],
@@ -63,8 +91,11 @@ def _user_frames(exc: BaseException) -> BaseException:
 
 
 def _leave_now(code: int) -> None:
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:  # noqa: BLE001 - a closed or broken stream must not keep the rank alive
+            pass
     os._exit(code)
 
 
@@ -134,19 +165,18 @@ def _guarded(body: Callable[[], object]) -> None:
             raise
         # a failing exit must not wait in atexit handlers (MPI finalize) for peers that
         # are blocked in a collective: leave now, mpirun then ends the job
-        if not isinstance(exc.code, int):
-            print(exc.code, file=sys.stderr)
-        _leave_now(exc.code if isinstance(exc.code, int) else 1)
+        code = exc.code if isinstance(exc.code, int) else 1
+        try:
+            if not isinstance(exc.code, int):
+                print(exc.code, file=sys.stderr)
+        finally:
+            _leave_now(code)
     except BaseException as exc:  # noqa: BLE001 - every uncaught exception ends the rank
-        # traceback only now: with linecache and tokenize it is ~2.5 ms of every rank's
-        # start (a traceback.py beside the script comes first here, as it does for the
-        # script's own logging or warnings)
-        import traceback
-
-        exc = _user_frames(exc)
-        traceback.print_exception(type(exc), exc, exc.__traceback__)
-        _record_exception(exc)
-        _leave_now(130 if isinstance(exc, KeyboardInterrupt) else 1)
+        code = 130 if isinstance(exc, KeyboardInterrupt) else 1
+        try:  # whatever happens while reporting it (a second Ctrl-C, say), the rank leaves
+            _report(_user_frames(exc))
+        finally:
+            _leave_now(code)
 
 
 def main() -> None:
