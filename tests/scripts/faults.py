@@ -27,8 +27,9 @@ if uses_mpi:
 rank = comm.rank if uses_mpi else int(os.environ["RANK"])
 out = os.environ["OUT_DIR"]
 print(f"ready {rank} pid {os.getpid()}", flush=True)
-with open(os.path.join(out, f"ready-{rank}"), "w") as handle:
+with open(os.path.join(out, f".ready-{rank}"), "w") as handle:
     handle.write(str(os.getpid()))
+os.replace(os.path.join(out, f".ready-{rank}"), os.path.join(out, f"ready-{rank}"))  # seen whole, or not yet
 if uses_mpi:
     comm.Barrier()  # everyone is up before the fault
 
