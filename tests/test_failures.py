@@ -242,17 +242,19 @@ def test_a_failing_script_is_reported_though_its_folder_shadows_traceback_and_js
     record has it, and the exit code is the exception's."""
     project = tmp_path / "project"  # not distlaunch's working directory: that would break the launcher itself
     project.mkdir()
-    (project / "traceback.py").write_text("raise ImportError('the project\\'s traceback.py, not the stdlib')\n")
-    (project / "json.py").write_text("raise ImportError('the project\\'s json.py, not the stdlib')\n")
+    for name in ("traceback", "json"):  # each says so when imported, and breaks
+        (project / f"{name}.py").write_text(f"import sys\nprint('the project\\'s {name}.py', file=sys.stderr)\n"
+                                            "raise ImportError('not the stdlib')\n")
     (project / "fails.py").write_text(f"import os\nif os.environ['RANK'] == '1':\n    raise {raised}\n")
     failed = distlaunch("run", "--ppn", "2", "--run-dir", "runs", "project/fails.py",
                         env={"DISTLAUNCH_FORK_RANKS": fork})
     assert failed.returncode == code, failed.stderr
-    assert "not the stdlib" not in failed.stdout + failed.stderr, failed.stderr
+    assert "the project's" not in failed.stdout + failed.stderr, failed.stderr
     name = raised.split("(")[0]
     assert "[1] Traceback (most recent call last):" in failed.stderr and f"[1] {name}" in failed.stderr, failed.stderr
     record = json.loads(next((tmp_path / "runs").glob("*/run.json")).read_text())
     exc = record["rank_exits"]["1"]["exception"]
+    assert exc is not None, failed.stderr
     assert exc["type"] == name and 'fails.py", line 3' in exc["traceback"], exc
 
 

@@ -7,8 +7,9 @@ for ``python -c`` and ``python -m`` ranks of the launcher's own Python (``run``,
 
 - an uncaught exception is printed as usual, recorded (type, message, traceback) in the
   JSON file named by ``DISTLAUNCH_EXCEPTION_FILE``, and the process then leaves at once
-  with ``os._exit(1)``: no atexit handler (an MPI finalize, a process-group teardown) can
-  hang it while the other ranks wait in a collective, so mpirun ends the job promptly;
+  with ``os._exit`` (1; 130 after Ctrl-C): no atexit handler (an MPI finalize, a
+  process-group teardown) can hang it while the other ranks wait in a collective, so
+  mpirun ends the job promptly;
 - ``faulthandler`` dumps every thread's stack to stderr on ``DISTLAUNCH_DUMP_SIGNAL``
   (SIGRTMIN+4 unless set), which the launcher sends when ``--hang-timeout`` expires;
 - it is started with ``python -P`` (the current directory is not searched for its own
@@ -30,19 +31,21 @@ from importlib.machinery import BuiltinImporter
 
 from ..protocol import EXCEPTION_FILE, dump_signal
 
-_START_PATH = list(sys.path)  # the interpreter's own: the script's folder goes first only later
+# the interpreter's own path, before the script's folder goes first: without -P (before
+# Python 3.11) its first entry is the working directory, which _first_on_path replaces
+_START_PATH = sys.path[:] if getattr(sys.flags, "safe_path", False) else sys.path[1:]
 
 
 def _stdlib(name: str) -> types.ModuleType:
-    """Module ``name`` (loaded already, or found on the interpreter's own path): not a file
-    of the script's folder, which ``_first_on_path`` put first. For the modules that only a
-    failing script needs, imported then (traceback with linecache and tokenize is ~2.5 ms
-    of every rank's start)."""
+    """Module ``name``: the one loaded already, else the standard library's, not a file of
+    the script's folder (which ``_first_on_path`` put first) or of ``PYTHONPATH``. For the
+    modules that only a failing script needs, imported then (traceback with linecache and
+    tokenize is ~2.5 ms of every rank's start)."""
     loaded = sys.modules.get(name)
     if loaded is not None:
         return loaded
     path = sys.path[:]
-    sys.path[:] = _START_PATH
+    sys.path[:] = [os.path.dirname(os.__file__), *_START_PATH]
     try:
         return __import__(name)
     finally:
@@ -50,15 +53,20 @@ def _stdlib(name: str) -> types.ModuleType:
 
 
 def _report(exc: BaseException) -> None:
-    """Print ``exc`` with its traceback as python does, and record it; when the traceback
-    module cannot do that, the interpreter's own printer says what happened."""
+    """Print ``exc`` with its traceback as python does, and record it; where the traceback
+    module cannot print it, the interpreter's own printer says what happened."""
     try:
         traceback = _stdlib("traceback")
-        traceback.print_exception(type(exc), exc, exc.__traceback__)
     except BaseException:  # noqa: BLE001 - the user's error must still be seen
+        traceback = None
+    try:
+        if traceback is None:
+            raise RuntimeError("no traceback module")
+        traceback.print_exception(type(exc), exc, exc.__traceback__)
+    except BaseException:  # noqa: BLE001 - as above (a second Ctrl-C while printing, say)
         sys.__excepthook__(type(exc), exc, exc.__traceback__)
-        return
-    _record_exception(exc, traceback)
+    if traceback is not None:
+        _record_exception(exc, traceback)
 
 
 def _record_exception(exc: BaseException, traceback: types.ModuleType) -> None:
@@ -96,7 +104,7 @@ def _leave_now(code: int) -> None:
             stream.flush()
         except BaseException:  # noqa: BLE001 - a closed or broken stream must not keep the rank alive
             pass
-    os._exit(code)
+    os._exit(code if -(1 << 31) <= code < 1 << 31 else 1)  # sys.exit(2**40) would overflow it
 
 
 def run(argv: list[str]) -> None:
