@@ -55,15 +55,11 @@ def _stdlib(name: str) -> types.ModuleType:
 def _report(exc: BaseException) -> None:
     """Print ``exc`` with its traceback as python does, and record it; where the traceback
     module cannot print it, the interpreter's own printer says what happened."""
+    traceback = None
     try:
         traceback = _stdlib("traceback")
-    except BaseException:  # noqa: BLE001 - the user's error must still be seen
-        traceback = None
-    try:
-        if traceback is None:
-            raise RuntimeError("no traceback module")
         traceback.print_exception(type(exc), exc, exc.__traceback__)
-    except BaseException:  # noqa: BLE001 - as above (a second Ctrl-C while printing, say)
+    except BaseException:  # noqa: BLE001 - no traceback module, a second Ctrl-C while printing: still seen
         sys.__excepthook__(type(exc), exc, exc.__traceback__)
     if traceback is not None:
         _record_exception(exc, traceback)
