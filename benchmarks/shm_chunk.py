@@ -1,23 +1,41 @@
-"""Shared-memory allreduce against MPI's, per chunk size, side by side in one job.
+"""Shared-memory allreduce against MPI's, per chunk size, beside its own traffic floor.
 
-Run under MPI on one node; alternates shm and MPI Allreduce on the same buffers, each
-time the slowest rank's, and prints medians (warm-up dropped) and shm/MPI ratios.
+Run under MPI on one node. For every chunk size and buffer size it times, taking turns
+on the same buffers (each time the slowest rank's):
+
+- ``shm``: ``ShmAllreduce.allreduce`` with that chunk;
+- ``MPI``: ``MPI_Allreduce``;
+- ``floor``: the same copies and reductions the pipelined path makes at that chunk (copy
+  in, reduce this rank's slice, copy it to recv, copy the other slices out), step by
+  step, but on memory private to the rank, with no barrier and no data from another
+  core. No shared-memory allreduce that stages its data this way can be faster, so
+  ``MPI/floor`` is the most it could gain over MPI at that chunk.
+
+It prints medians (warm-up dropped) of each, and the ratios MPI/shm (> 1: shm is faster)
+and MPI/floor.
 
     mpirun -n 2 python benchmarks/shm_chunk.py       (or: distlaunch run --ppn 2 benchmarks/shm_chunk.py)
+    mpirun -n 2 python benchmarks/shm_chunk.py --chunks 128KiB,1MiB --sizes 1MiB,16MiB
 """
 from __future__ import annotations
 
+import argparse
+import functools
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from mpi4py import MPI
 
-from distlaunch.hvd.shm_allreduce import ShmAllreduce
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-CHUNKS = (64 << 10, 128 << 10, 256 << 10, 512 << 10, 1 << 20)
-SIZES = (1 << 20, 2 << 20, 4 << 20, 8 << 20, 16 << 20, 64 << 20)
-ITERS, WARMUP = 15, 3
+from distlaunch.hvd.shm_allreduce import SETS, ShmAllreduce  # noqa: E402
+from distlaunch.plan.units import format_size, parse_size  # noqa: E402
+
+CHUNKS = "64KiB,128KiB,256KiB,512KiB,1MiB"
+SIZES = "1MiB,2MiB,4MiB,8MiB,16MiB,64MiB"
 
 
 def slowest(comm: MPI.Comm, fn) -> float:
@@ -27,21 +45,73 @@ def slowest(comm: MPI.Comm, fn) -> float:
     return comm.allreduce(time.perf_counter() - start, op=MPI.MAX)
 
 
+class Floor:
+    """The pipelined path's memory traffic for one rank, on private memory laid out like
+    the segment (``SETS`` sets of one slot per rank), without any synchronisation."""
+
+    def __init__(self, shm: ShmAllreduce) -> None:
+        self.n, self.me, self.chunk = shm.size, shm.rank, shm.chunk
+        self.memory = np.ones(SETS * self.n * self.chunk, np.uint8)
+        self.steps = 0
+
+    def allreduce(self, send: np.ndarray, recv: np.ndarray) -> None:
+        n, me, total = self.n, self.me, send.size
+        per_step = self.chunk // send.itemsize
+        for start in range(0, total, per_step):
+            count = min(per_step, total - start)
+            base = (self.steps % SETS) * n * self.chunk
+            self.steps += 1
+            slots = [self.memory[base + r * self.chunk: base + (r + 1) * self.chunk].view(send.dtype)[:count]
+                     for r in range(n)]
+            cuts = [(count * r // n, count * (r + 1) // n) for r in range(n)]
+            for r, (lo, hi) in enumerate(cuts):  # copy in
+                if r != me:
+                    slots[r][lo:hi] = send[start + lo:start + hi]
+            lo, hi = cuts[me]
+            acc = slots[me][lo:hi]  # reduce: the other ranks' inputs stand in as slots this rank wrote
+            np.add(send[start + lo:start + hi], slots[(me + 1) % n][lo:hi], out=acc)
+            for r in range(2, n):
+                np.add(acc, slots[(me + r) % n][lo:hi], out=acc)
+            recv[start + lo:start + hi] = acc
+            for r, (lo, hi) in enumerate(cuts):  # copy out
+                if r != me:
+                    recv[start + lo:start + hi] = slots[r][lo:hi]
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--chunks", default=CHUNKS, help=f"chunk sizes, comma-separated (default {CHUNKS})")
+    parser.add_argument("--sizes", default=SIZES, help=f"buffer sizes, comma-separated (default {SIZES})")
+    parser.add_argument("--iters", type=int, default=15, help="timed calls per backend, taking turns")
+    parser.add_argument("--warmup", type=int, default=3, help="calls dropped from each backend's median")
+    args = parser.parse_args()
     comm = MPI.COMM_WORLD
-    for chunk in CHUNKS:
+    chunks = [parse_size(c) for c in args.chunks.split(",")]
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    if args.iters <= args.warmup:
+        raise SystemExit("shm_chunk: --iters must be more than --warmup")
+    for chunk in chunks:
         shm = ShmAllreduce(comm, chunk)
-        for size in SIZES:
+        floor = Floor(shm)
+        for size in sizes:
             send = np.ones(size // 4, np.float32)
             recv = np.empty_like(send)
-            shm_times, mpi_times = [], []
-            for _ in range(ITERS):
-                shm_times.append(slowest(comm, lambda s=shm, x=send, y=recv: s.allreduce(x, y)))
-                mpi_times.append(slowest(comm, lambda x=send, y=recv: comm.Allreduce(x, y)))
-            a, b = statistics.median(shm_times[WARMUP:]), statistics.median(mpi_times[WARMUP:])
+            if send.nbytes <= shm.small:
+                if comm.rank == 0:
+                    print(f"chunk {format_size(chunk):>7}  size {format_size(size):>7}  the one-barrier path: skipped")
+                continue
+            calls = {"shm": functools.partial(shm.allreduce, send, recv),
+                     "MPI": functools.partial(comm.Allreduce, send, recv),
+                     "floor": functools.partial(floor.allreduce, send, recv)}
+            times: dict[str, list[float]] = {name: [] for name in calls}
+            for _ in range(args.iters):
+                for name, call in calls.items():
+                    times[name].append(slowest(comm, call))
+            a, b, f = (statistics.median(times[k][args.warmup:]) for k in ("shm", "MPI", "floor"))
             if comm.rank == 0:
-                print(f"chunk {chunk >> 10:5d} KiB  size {size >> 20:3d} MiB  shm {a * 1e6:9.0f} us  "
-                      f"MPI {b * 1e6:9.0f} us  shm/MPI {a / b:.2f}", flush=True)
+                print(f"chunk {format_size(shm.chunk):>7}  size {format_size(size):>7}  shm {a * 1e6:8.0f} us  "
+                      f"MPI {b * 1e6:8.0f} us  floor {f * 1e6:8.0f} us  MPI/shm {b / a:5.2f}  MPI/floor {b / f:5.2f}",
+                      flush=True)
         shm.close()
 
 
