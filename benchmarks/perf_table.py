@@ -16,6 +16,9 @@ A B C A B C so that machine noise hits all alike; medians):
 - the shared-memory allreduce against MPI_Allreduce (mpi4py), 2 ranks, time ratio per
   size from 1 to 256 MiB (median and range over --shm-repeats runs, the two backends
   taking turns size by size in each), and its busbw over one-core memcpy at 16 MiB;
+- under each shm size, its floor (``shm_chunk.py``): MPI's time over that of the shm
+  path's own copies and reductions done on rank-private memory with no barrier, the
+  most that staging the data through shared memory could gain over MPI at that size;
 - with --multinode (root, sshd, rsync, unshare): a no-op on 2 simulated nodes against
   the same on localhost (the same code each run, and changed before each run).
 
@@ -122,8 +125,13 @@ def measure_launches(repeats: int, folder: Path) -> dict[str, list[float]]:
 
 
 def measure_shm(repeats: int, sizes: str, folder: Path) -> dict:
-    """Per size: shm/mpi4py time ratio in each run; busbw fraction of memcpy at 16 MiB."""
+    """Per size: shm/mpi4py time ratio in each run, and MPI's time over the shm path's own
+    traffic floor (``shm_chunk.py`` at the default chunk); busbw fraction of memcpy at 16 MiB."""
+    from distlaunch.hvd.shm_allreduce import CHUNK
+
     ratios: dict[int, list[float]] = {}
+    floors: dict[int, list[float]] = {}  # MPI's time / the staged traffic's (shm_chunk.py), per size
+    beside: dict[int, list[float]] = {}  # MPI's time / shm's in those same shm_chunk.py runs
     fractions = []
     for i in range(repeats):
         out = folder / f"shm-{i}.json"
@@ -141,8 +149,19 @@ def measure_shm(repeats: int, sizes: str, folder: Path) -> dict:
                 ratios.setdefault(size, []).append(times[("mpi4py", size)]["time_us"] / row["time_us"])
         if ("shm", 16 << 20) in times:
             fractions.append(times[("shm", 16 << 20)]["busbw_GBps"] / result["memcpy_one_core_GBps"])
+        out = folder / f"floor-{i}.json"
+        proc = subprocess.run([sys.executable, "-m", "distlaunch", "run", "--ppn", "2", "--run-dir",
+                               str(folder / "runs"), sys.executable, str(REPO / "benchmarks" / "shm_chunk.py"),
+                               "--chunks", str(CHUNK), "--sizes", sizes, "--json", str(out)],
+                              capture_output=True, text=True, env={**os.environ, "OMPI_MCA_osc": "^ucx"})
+        if proc.returncode:
+            raise SystemExit(proc.stdout[-2000:] + proc.stderr[-2000:])
+        for row in json.loads(out.read_text())["rows"]:
+            floors.setdefault(row["size"], []).append(row["mpi_us"] / row["floor_us"])
+            beside.setdefault(row["size"], []).append(row["mpi_us"] / row["shm_us"])
         print(f"shm run {i + 1}/{repeats} done", file=sys.stderr)
-    return {"speedup_by_size": ratios, "busbw_over_memcpy_16MiB": fractions}
+    return {"speedup_by_size": ratios, "busbw_over_memcpy_16MiB": fractions, "floor_speedup_by_size": floors,
+            "floor_run_shm_speedup_by_size": beside}
 
 
 def main() -> None:
@@ -199,9 +218,15 @@ def main() -> None:
                      ""))
     plan_ms = report["plan_10k"]["total"] * 1e3
     rows.append(("place + plan, 10,000 hosts / 80,000 ranks", f"{plan_ms:.0f} ms", "", "", "< 50 ms"))
+    floors = report["shm"]["floor_speedup_by_size"]
     for size, values in sorted(report["shm"]["speedup_by_size"].items()):
         rows.append((f"shm allreduce speed-up over MPI, {format_size(size)}", f"{statistics.median(values):.2f}x",
                      "", f"{min(values):.2f}-{max(values):.2f}", ">= 1.3x"))
+        if floors.get(size):  # the reference column: shm itself in those runs, beside its floor
+            beside = report["shm"]["floor_run_shm_speedup_by_size"][size]
+            rows.append(("  floor: its copies and reductions alone (shm_chunk.py), over MPI",
+                         f"{statistics.median(floors[size]):.2f}x", f"shm there {statistics.median(beside):.2f}x",
+                         f"{min(floors[size]):.2f}-{max(floors[size]):.2f}", ""))
     fractions = report["shm"]["busbw_over_memcpy_16MiB"]
     if fractions:
         rows.append(("shm busbw / one-core memcpy, 16 MiB", f"{statistics.median(fractions):.2f}", "",
