@@ -17,12 +17,14 @@ A B C A B C so that machine noise hits all alike; medians):
   size from 1 to 256 MiB (median and range over --shm-repeats runs, the two backends
   taking turns size by size in each), and its busbw over one-core memcpy at 16 MiB;
 - under each shm size, its floor (``shm_chunk.py``): MPI's time over that of the shm
-  path's own copies and reductions done on rank-private memory with no barrier, the
-  most that staging the data through shared memory could gain over MPI at that size;
+  path's own copies and reductions (the same slices, in the same order, at the default
+  chunk) done on rank-private memory with no barrier: about the most that this way of
+  staging the data through shared memory could gain over MPI at that size (the
+  reference column: shm's own ratio in those same runs);
 - with --multinode (root, sshd, rsync, unshare): a no-op on 2 simulated nodes against
   the same on localhost (the same code each run, and changed before each run).
 
-    python benchmarks/perf_table.py                      # about 3 minutes here
+    python benchmarks/perf_table.py                      # about 4 minutes here
     python benchmarks/perf_table.py --repeats 9 --shm-repeats 5 --multinode --json perf.json
 """
 from __future__ import annotations
@@ -152,7 +154,8 @@ def measure_shm(repeats: int, sizes: str, folder: Path) -> dict:
         out = folder / f"floor-{i}.json"
         proc = subprocess.run([sys.executable, "-m", "distlaunch", "run", "--ppn", "2", "--run-dir",
                                str(folder / "runs"), sys.executable, str(REPO / "benchmarks" / "shm_chunk.py"),
-                               "--chunks", str(CHUNK), "--sizes", sizes, "--json", str(out)],
+                               "--chunks", str(CHUNK), "--sizes", sizes, "--iters", "10", "--warmup", "3",
+                               "--json", str(out)],
                               capture_output=True, text=True, env={**os.environ, "OMPI_MCA_osc": "^ucx"})
         if proc.returncode:
             raise SystemExit(proc.stdout[-2000:] + proc.stderr[-2000:])
@@ -168,7 +171,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="interleaved launch rounds")
     parser.add_argument("--shm-repeats", type=int, default=3, help="allreduce runs")
-    parser.add_argument("--sizes", default="1MiB:256MiB", help="allreduce sizes")
+    parser.add_argument("--sizes", default="1MiB:256MiB", help="allreduce sizes, LOW:HIGH doubling")
     parser.add_argument("--multinode", action="store_true", help="also 2 simulated nodes (root)")
     parser.add_argument("--json", default=None, help="write every raw figure here")
     args = parser.parse_args()
@@ -233,7 +236,8 @@ def main() -> None:
                      f"{min(fractions):.2f}-{max(fractions):.2f}", ">= 0.5"))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     print(f"{args.repeats} interleaved launch rounds, {args.shm_repeats} allreduce runs; medians "
-          "(the ratio column of the shm rows is the range over runs)")
+          "(the ratio column of the shm rows is the range over runs; a floor row gives MPI's time over the floor's, "
+          "and shm's ratio in those same runs)")
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     if args.json:

@@ -6,12 +6,16 @@ on the same buffers (each time the slowest rank's):
 - ``shm``: ``ShmAllreduce.allreduce`` with that chunk;
 - ``MPI``: ``MPI_Allreduce``;
 - ``floor``: the same copies and reductions the pipelined path makes at that chunk (copy
-  in, reduce this rank's slice, copy it to recv, copy the other slices out), step by
-  step, but on memory private to the rank, with no barrier and no data from another
-  core. No shared-memory allreduce that stages its data this way can be faster, so
-  ``MPI/floor`` is the most it could gain over MPI at that chunk.
+  in, reduce this rank's slice, copy it to recv, copy the other slices out), the same
+  slices in the same order, but on memory private to the rank: no barrier, and no data
+  that another core has just written. It is what this scheme costs when nothing waits
+  for anything, so ``MPI/floor`` is about the most that staging the data this way, at
+  that chunk, could gain over MPI (measured, not proven: the ranks' private slots take
+  n times the segment's memory, which can cost the floor cache misses of its own).
+  Other schemes, such as reading a peer's buffer directly (CMA, XPMEM), are not bounded
+  by it.
 
-It prints medians (warm-up dropped) of each, and the ratios MPI/shm (> 1: shm is faster)
+It prints medians (warm-up calls not counted) of each, and the ratios MPI/shm (> 1: shm is faster)
 and MPI/floor; ``--json`` writes them too (``perf_table.py`` reads it).
 
     mpirun -n 2 python benchmarks/shm_chunk.py       (or: distlaunch run --ppn 2 benchmarks/shm_chunk.py)
@@ -33,6 +37,7 @@ from mpi4py import MPI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from distlaunch.errors import DistlaunchError  # noqa: E402
 from distlaunch.hvd.bench import sizes_from  # noqa: E402
 from distlaunch.hvd.shm_allreduce import SETS, ShmAllreduce  # noqa: E402
 from distlaunch.plan.units import format_size, parse_size  # noqa: E402
@@ -69,24 +74,35 @@ class Floor:
         return [slot[:count] for slot in whole]
 
     def allreduce(self, send: np.ndarray, recv: np.ndarray) -> None:
+        """The same slices as ``ShmAllreduce._pipelined``, in the order one rank meets them
+        there (copy-out of step k-2, reduce of step k-1, copy-in of step k); the slots of
+        the other ranks hold whatever was last in this rank's memory."""
         n, me, total = self.n, self.me, send.size
-        per_step = self.chunk // send.itemsize
-        for start in range(0, total, per_step):
-            count = min(per_step, total - start)
-            slots = self._slots(send.dtype, count)
-            cuts = [(count * r // n, count * (r + 1) // n) for r in range(n)]
-            for r, (lo, hi) in enumerate(cuts):  # copy in
-                if r != me:
-                    slots[r][lo:hi] = send[start + lo:start + hi]
-            lo, hi = cuts[me]
-            acc = slots[me][lo:hi]  # reduce: the other ranks' inputs stand in as slots this rank wrote
-            np.add(send[start + lo:start + hi], slots[(me + 1) % n][lo:hi], out=acc)
-            for r in range(2, n):
-                np.add(acc, slots[(me + r) % n][lo:hi], out=acc)
-            recv[start + lo:start + hi] = acc
-            for r, (lo, hi) in enumerate(cuts):  # copy out
-                if r != me:
-                    recv[start + lo:start + hi] = slots[r][lo:hi]
+        per_step = max(1, self.chunk // send.itemsize)
+        steps = [(start, min(per_step, total - start)) for start in range(0, total, per_step)]
+        cuts = {count: [(count * r // n, count * (r + 1) // n) for r in range(n)] for _, count in steps}
+        slots: list[list[np.ndarray]] = []
+        for k in range(len(steps) + 2):
+            if k >= 2:  # copy out step k-2: the other ranks' slices, from their slots
+                start, count = steps[k - 2]
+                for r, (lo, hi) in enumerate(cuts[count]):
+                    if r != me:
+                        recv[start + lo:start + hi] = slots[k - 2][r][lo:hi]
+            if 1 <= k <= len(steps):  # reduce step k-1: my slice over every rank's input, into my slot
+                start, count = steps[k - 1]
+                lo, hi = cuts[count][me]
+                parts = [send[start + lo:start + hi] if r == me else slots[k - 1][r][lo:hi] for r in range(n)]
+                acc = slots[k - 1][me][lo:hi]
+                np.add(parts[0], parts[1], out=acc)
+                for part in parts[2:]:
+                    np.add(acc, part, out=acc)
+                recv[start + lo:start + hi] = acc
+            if k < len(steps):  # copy in step k: my inputs for the other ranks' slices, into my slot
+                start, count = steps[k]
+                slots.append(self._slots(send.dtype, count))
+                for r, (lo, hi) in enumerate(cuts[count]):
+                    if r != me:
+                        slots[k][me][lo:hi] = send[start + lo:start + hi]
 
 
 def main() -> None:
@@ -94,15 +110,22 @@ def main() -> None:
     parser.add_argument("--chunks", default=CHUNKS, help=f"chunk sizes, comma-separated (default {CHUNKS})")
     parser.add_argument("--sizes", default=SIZES, help=f"buffer sizes, comma-separated, or LOW:HIGH doubling "
                         f"(default {SIZES})")
-    parser.add_argument("--iters", type=int, default=15, help="timed calls per backend, taking turns")
-    parser.add_argument("--warmup", type=int, default=3, help="calls dropped from each backend's median")
+    parser.add_argument("--iters", type=int, default=12, help="timed calls per backend and size, taking turns")
+    parser.add_argument("--warmup", type=int, default=3, help="calls before those, per backend, not timed")
     parser.add_argument("--json", default=None, help="rank 0 writes every row here")
     args = parser.parse_args()
     comm = MPI.COMM_WORLD
-    chunks = [parse_size(c) for c in args.chunks.split(",")]
-    sizes = [size for part in args.sizes.split(",") for size in sizes_from(part, 2)]
-    if args.iters <= args.warmup:
-        raise SystemExit("shm_chunk: --iters must be more than --warmup")
+    try:
+        chunks = [parse_size(c, "--chunks") for c in args.chunks.split(",")]
+        sizes = [size for part in args.sizes.split(",") for size in sizes_from(part, 2)]
+        if args.iters < 1 or args.warmup < 0:
+            raise ValueError("--iters must be at least 1 and --warmup at least 0")
+        if comm.size < 2:
+            raise ValueError(f"needs 2 or more ranks on one node, not {comm.size}: mpirun -n 2 python {sys.argv[0]}")
+    except (DistlaunchError, ValueError) as exc:
+        if comm.rank == 0:
+            parser.error(str(exc))
+        sys.exit(2)
     rows = []
     for chunk in chunks:
         shm = ShmAllreduce(comm, chunk)
@@ -118,17 +141,19 @@ def main() -> None:
                      "MPI": functools.partial(comm.Allreduce, send, recv),
                      "floor": functools.partial(floor.allreduce, send, recv)}
             times: dict[str, list[float]] = {name: [] for name in calls}
-            for _ in range(args.iters):
+            for _ in range(args.warmup + args.iters):
                 for name, call in calls.items():
                     times[name].append(slowest(comm, call))
             a, b, f = (statistics.median(times[k][args.warmup:]) for k in ("shm", "MPI", "floor"))
-            rows.append({"chunk": shm.chunk, "size": size, "shm_us": a * 1e6, "mpi_us": b * 1e6, "floor_us": f * 1e6})
+            rows.append({"chunk": shm.chunk, "size": send.nbytes, "shm_us": a * 1e6, "mpi_us": b * 1e6,
+                         "floor_us": f * 1e6})
             if comm.rank == 0:
                 print(f"chunk {format_size(shm.chunk):>7}  size {format_size(size):>7}  shm {a * 1e6:8.0f} us  "
                       f"MPI {b * 1e6:8.0f} us  floor {f * 1e6:8.0f} us  MPI/shm {b / a:5.2f}  MPI/floor {b / f:5.2f}",
                       flush=True)
         shm.close()
     if args.json and comm.rank == 0:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"ranks": comm.size, "rows": rows}, indent=1))
 
 
