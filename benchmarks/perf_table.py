@@ -19,8 +19,8 @@ A B C A B C so that machine noise hits all alike; medians):
 - under each shm size, its floor (``shm_chunk.py``): MPI's time over that of the shm
   path's own copies and reductions (the same slices, in the same order, at the default
   chunk) done on rank-private memory with no barrier: about the most that this way of
-  staging the data through shared memory could gain over MPI at that size (the
-  reference column: shm's own ratio in those same runs);
+  staging the data through shared memory could gain over MPI at that size, as measured,
+  not a proven bound (the reference column: shm's own ratio in those same runs);
 - with --multinode (root, sshd, rsync, unshare): a no-op on 2 simulated nodes against
   the same on localhost (the same code each run, and changed before each run).
 

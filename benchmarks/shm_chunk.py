@@ -59,7 +59,7 @@ class Floor:
 
     def __init__(self, shm: ShmAllreduce) -> None:
         self.n, self.me, self.chunk = shm.size, shm.rank, shm.chunk
-        self.memory = np.ones(SETS * self.n * self.chunk, np.uint8)
+        self.memory = np.zeros(SETS * self.n * self.chunk, np.uint8)
         self.steps = 0
         self.views: dict[tuple[int, np.dtype], list[np.ndarray]] = {}  # as the segment's, made once
 
@@ -91,12 +91,13 @@ class Floor:
             if 1 <= k <= len(steps):  # reduce step k-1: my slice over every rank's input, into my slot
                 start, count = steps[k - 1]
                 lo, hi = cuts[count][me]
-                parts = [send[start + lo:start + hi] if r == me else slots[k - 1][r][lo:hi] for r in range(n)]
-                acc = slots[k - 1][me][lo:hi]
-                np.add(parts[0], parts[1], out=acc)
-                for part in parts[2:]:
-                    np.add(acc, part, out=acc)
-                recv[start + lo:start + hi] = acc
+                if hi > lo:  # as _pipelined: a step shorter than the rank count leaves some ranks nothing
+                    parts = [send[start + lo:start + hi] if r == me else slots[k - 1][r][lo:hi] for r in range(n)]
+                    acc = slots[k - 1][me][lo:hi]
+                    np.add(parts[0], parts[1], out=acc)
+                    for part in parts[2:]:
+                        np.add(acc, part, out=acc)
+                    recv[start + lo:start + hi] = acc
             if k < len(steps):  # copy in step k: my inputs for the other ranks' slices, into my slot
                 start, count = steps[k]
                 slots.append(self._slots(send.dtype, count))
@@ -113,15 +114,23 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=12, help="timed calls per backend and size, taking turns")
     parser.add_argument("--warmup", type=int, default=3, help="calls before those, per backend, not timed")
     parser.add_argument("--json", default=None, help="rank 0 writes every row here")
-    args = parser.parse_args()
     comm = MPI.COMM_WORLD
+    if comm.rank:  # one usage line, from rank 0; every rank parses the same argv and leaves alike
+        parser.error = lambda message: sys.exit(2)  # type: ignore[method-assign]
+    args = parser.parse_args()
     try:
         chunks = [parse_size(c, "--chunks") for c in args.chunks.split(",")]
         sizes = [size for part in args.sizes.split(",") for size in sizes_from(part, 2)]
         if args.iters < 1 or args.warmup < 0:
             raise ValueError("--iters must be at least 1 and --warmup at least 0")
-        if comm.size < 2:
-            raise ValueError(f"needs 2 or more ranks on one node, not {comm.size}: mpirun -n 2 python {sys.argv[0]}")
+        if not sizes or not chunks:
+            raise ValueError("no size to time: --sizes LOW:HIGH needs LOW <= HIGH")
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        local = node.size
+        node.Free()
+        if comm.size < 2 or local != comm.size:
+            raise ValueError(f"needs 2 or more ranks, all on one node (here {comm.size}, {local} on this node): "
+                             f"mpirun -n 2 python {sys.argv[0]}")
     except (DistlaunchError, ValueError) as exc:
         if comm.rank == 0:
             parser.error(str(exc))
@@ -135,7 +144,8 @@ def main() -> None:
             recv = np.empty_like(send)
             if send.nbytes <= shm.small:
                 if comm.rank == 0:
-                    print(f"chunk {format_size(chunk):>7}  size {format_size(size):>7}  the one-barrier path: skipped")
+                    print(f"chunk {format_size(shm.chunk):>7}  size {format_size(send.nbytes):>7}  "
+                          "the one-barrier path: skipped")
                 continue
             calls = {"shm": functools.partial(shm.allreduce, send, recv),
                      "MPI": functools.partial(comm.Allreduce, send, recv),
@@ -148,7 +158,7 @@ def main() -> None:
             rows.append({"chunk": shm.chunk, "size": send.nbytes, "shm_us": a * 1e6, "mpi_us": b * 1e6,
                          "floor_us": f * 1e6})
             if comm.rank == 0:
-                print(f"chunk {format_size(shm.chunk):>7}  size {format_size(size):>7}  shm {a * 1e6:8.0f} us  "
+                print(f"chunk {format_size(shm.chunk):>7}  size {format_size(send.nbytes):>7}  shm {a * 1e6:8.0f} us  "
                       f"MPI {b * 1e6:8.0f} us  floor {f * 1e6:8.0f} us  MPI/shm {b / a:5.2f}  MPI/floor {b / f:5.2f}",
                       flush=True)
         shm.close()
