@@ -59,7 +59,9 @@ class Floor:
 
     def __init__(self, shm: ShmAllreduce) -> None:
         self.n, self.me, self.chunk = shm.size, shm.rank, shm.chunk
-        self.memory = np.zeros(SETS * self.n * self.chunk, np.uint8)
+        # written through, so every page is the rank's own (untouched zeros would all read one
+        # shared zero page, always in cache); 0x3f bytes are ordinary numbers in any float type
+        self.memory = np.full(SETS * self.n * self.chunk, 0x3F, np.uint8)
         self.steps = 0
         self.views: dict[tuple[int, np.dtype], list[np.ndarray]] = {}  # as the segment's, made once
 
