@@ -22,7 +22,8 @@ A B C A B C so that machine noise hits all alike; medians):
   path's own copies and reductions (the same slices, in the same order, at the default
   chunk) done on rank-private memory with no barrier: about the most that this way of
   staging the data through shared memory could gain over MPI at that size, as measured,
-  not a proven bound (the reference column: shm's own ratio in those same runs);
+  not a proven bound: at 1 MiB it can come out below shm itself (the reference column:
+  shm's own ratio in those same runs);
 - with --multinode (root, sshd, rsync, unshare): a no-op on 2 simulated nodes against
   the same on localhost (the same code each run, and changed before each run).
 

@@ -10,8 +10,10 @@ on the same buffers (each time the slowest rank's):
   slices in the same order, but on memory private to the rank: no barrier, and no data
   that another core has just written. It is what this scheme costs when nothing waits
   for anything, so ``MPI/floor`` is about the most that staging the data this way, at
-  that chunk, could gain over MPI (measured, not proven: the ranks' private slots take
-  n times the segment's memory, which can cost the floor cache misses of its own).
+  that chunk, could gain over MPI. Measured, not proven: the floor reads the other
+  ranks' slots from wherever its own memory sits, where shm reads data another core has
+  just written, which can come faster from that core's cache; at 1 MiB the floor has
+  come out slower than shm itself.
   Other schemes, such as reading a peer's buffer directly (CMA, XPMEM), are not bounded
   by it.
 
