@@ -97,14 +97,14 @@ def launch_variants(folder: Path) -> dict[str, tuple[list[str], dict[str, str]]]
         variants["first allreduce: mpirun, hvd on torch"] = (bare_mpirun_argv(2, [py, "first_hvd.py"]),
                                                              {"DISTLAUNCH_HVD_BACKEND": "torch"})
     try:
-        import horovod.torch  # noqa: F401
+        import horovod.torch
     except ImportError:
         return variants
     variants["first allreduce: distlaunch, real Horovod"] = (
         [*dl, "first_hvd.py"], {"DISTLAUNCH_HVD_BACKEND": "horovod"})
-    # like for like with mpirun + Horovod, whose operations are MPI's: the launcher's own share
-    variants["first allreduce: distlaunch, real Horovod, MPI's operations"] = (
-        [*dl, "--hvd-ops", "mpi", "first_hvd.py"], {"DISTLAUNCH_HVD_BACKEND": "horovod"})
+    if horovod.torch.mpi_built():  # like for like with mpirun + Horovod, whose operations are MPI's
+        variants["first allreduce: distlaunch, real Horovod, MPI's operations"] = (
+            [*dl, "--hvd-ops", "mpi", "first_hvd.py"], {"DISTLAUNCH_HVD_BACKEND": "horovod"})
     horovodrun = tool("horovodrun")
     if horovodrun:
         variants["first allreduce: horovodrun --gloo"] = ([horovodrun, "--gloo", "-np", "2", py, "first_horovod.py"],
