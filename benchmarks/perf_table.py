@@ -11,7 +11,7 @@ A B C A B C so that machine noise hits all alike; medians):
   against plain ``mpirun`` starting a Horovod script; and, under the latter, distlaunch
   with Horovod's MPI operations (``--hvd-ops mpi``), as plain mpirun runs it (the default
   on CPU is Gloo's operations, whose start costs more);
-- under each of these two, its floor: bare ``mpirun`` starting the same kind of script
+- under the hvd-on-torch row and the horovodrun row, its floor: bare ``mpirun`` starting the same kind of script
   against the same reference (no launcher that starts ranks with mpirun, as distlaunch
   does, can be faster than mpirun alone);
 - placement and plan for 10,000 hosts / 80,000 ranks, in process;
@@ -22,7 +22,7 @@ A B C A B C so that machine noise hits all alike; medians):
   path's own copies and reductions (the same slices, in the same order, at the default
   chunk) done on rank-private memory with no barrier: about the most that this way of
   staging the data through shared memory could gain over MPI at that size, as measured,
-  not a proven bound: at 1 MiB it can come out below shm itself (the reference column:
+  not a proven bound: at 1 MiB it has come out below shm itself (the reference column:
   shm's own ratio in those same runs);
 - with --multinode (root, sshd, rsync, unshare): a no-op on 2 simulated nodes against
   the same on localhost (the same code each run, and changed before each run).
@@ -216,7 +216,7 @@ def main() -> None:
          "first allreduce: horovodrun --gloo", "")
     pair("first allreduce, real Horovod, vs mpirun + Horovod", "first allreduce: distlaunch, real Horovod",
          "first allreduce: mpirun + Horovod", "<= 1.05x")
-    pair("  the same with MPI's operations (--hvd-ops mpi), as mpirun + Horovod has them",
+    pair("  the same, --hvd-ops mpi (like for like)",
          "first allreduce: distlaunch, real Horovod, MPI's operations", "first allreduce: mpirun + Horovod", "")
     if "multinode" in report:
         nodes = report["multinode"]

@@ -10,10 +10,10 @@ on the same buffers (each time the slowest rank's):
   slices in the same order, but on memory private to the rank: no barrier, and no data
   that another core has just written. It is what this scheme costs when nothing waits
   for anything, so ``MPI/floor`` is about the most that staging the data this way, at
-  that chunk, could gain over MPI. Measured, not proven: the floor reads the other
-  ranks' slots from wherever its own memory sits, where shm reads data another core has
-  just written, which can come faster from that core's cache; at 1 MiB the floor has
-  come out slower than shm itself.
+  that chunk, could gain over MPI. Measured, not proven: each rank's private slots take
+  n times the segment's memory, and where its reads of them are served from may differ
+  from where shm finds another core's fresh data; at 1 MiB the floor has come out slower
+  than shm itself.
   Other schemes, such as reading a peer's buffer directly (CMA, XPMEM), are not bounded
   by it.
 
@@ -61,8 +61,9 @@ class Floor:
 
     def __init__(self, shm: ShmAllreduce) -> None:
         self.n, self.me, self.chunk = shm.size, shm.rank, shm.chunk
-        # written through, so every page is the rank's own (untouched zeros would all read one
-        # shared zero page, always in cache); 0x3f bytes are ordinary numbers in any float type
+        # written in full at the start, so every page is the rank's own (untouched zeros would
+        # all read one shared zero page, always in cache); 0x3f bytes are ordinary numbers in
+        # any float type
         self.memory = np.full(SETS * self.n * self.chunk, 0x3F, np.uint8)
         self.steps = 0
         self.views: dict[tuple[int, np.dtype], list[np.ndarray]] = {}  # as the segment's, made once
