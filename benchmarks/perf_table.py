@@ -11,9 +11,9 @@ A B C A B C so that machine noise hits all alike; medians):
   against plain ``mpirun`` starting a Horovod script; and, under the latter, distlaunch
   with Horovod's MPI operations (``--hvd-ops mpi``), as plain mpirun runs it (the default
   on CPU is Gloo's operations, whose start costs more);
-- under the hvd-on-torch row and the horovodrun row, its floor: bare ``mpirun`` starting the same kind of script
-  against the same reference (no launcher that starts ranks with mpirun, as distlaunch
-  does, can be faster than mpirun alone);
+- under the hvd-on-torch row and the horovodrun row, its floor: bare ``mpirun``
+  starting the same kind of script against the same reference (no launcher that starts
+  ranks with mpirun, as distlaunch does, can be faster than mpirun alone);
 - placement and plan for 10,000 hosts / 80,000 ranks, in process;
 - the shared-memory allreduce against MPI_Allreduce (mpi4py), 2 ranks, time ratio per
   size from 1 to 256 MiB (median and range over --shm-repeats runs, the two backends
