@@ -55,60 +55,31 @@ def slowest(comm: MPI.Comm, fn) -> float:
     return comm.allreduce(time.perf_counter() - start, op=MPI.MAX)
 
 
-class Floor:
-    """The pipelined path's memory traffic for one rank, on private memory laid out like
-    the segment (``SETS`` sets of one slot per rank), without any synchronisation."""
+class _NoBarrier:
+    """Stands in for the node communicator: the floor waits for nobody."""
 
-    def __init__(self, shm: ShmAllreduce) -> None:
-        self.n, self.me, self.chunk = shm.size, shm.rank, shm.chunk
+    def Barrier(self) -> None:  # noqa: N802 - mpi4py's name
+        pass
+
+
+class Floor(ShmAllreduce):
+    """``ShmAllreduce._pipelined`` itself (the same steps, slices, slot sets and order), on
+    memory private to the rank laid out like the segment, with no barrier and no rank
+    across nodes: its memory traffic alone."""
+
+    def __init__(self, shm: ShmAllreduce) -> None:  # no super(): no segment, no communicator
+        self.size, self.rank, self.chunk = shm.size, shm.rank, shm.chunk
+        self.comm, self.cross = _NoBarrier(), None
         # written in full at the start, so every page is the rank's own (untouched zeros would
         # all read one shared zero page, always in cache); 0x3f bytes are ordinary numbers in
         # any float type
-        self.memory = np.full(SETS * self.n * self.chunk, 0x3F, np.uint8)
+        self.memory = np.full(SETS * self.size * self.chunk, 0x3F, np.uint8)
         self.steps = 0
-        self.views: dict[tuple[int, np.dtype], list[np.ndarray]] = {}  # as the segment's, made once
+        self._views = {}
+        self._header = None
 
-    def _slots(self, dtype: np.dtype, count: int) -> list[np.ndarray]:
-        key = (self.steps % SETS, dtype)
-        self.steps += 1
-        whole = self.views.get(key)
-        if whole is None:
-            base = key[0] * self.n * self.chunk
-            whole = self.views[key] = [self.memory[base + r * self.chunk: base + (r + 1) * self.chunk].view(dtype)
-                                       for r in range(self.n)]
-        return [slot[:count] for slot in whole]
-
-    def allreduce(self, send: np.ndarray, recv: np.ndarray) -> None:
-        """The same slices as ``ShmAllreduce._pipelined``, in the order one rank meets them
-        there (copy-out of step k-2, reduce of step k-1, copy-in of step k); the slots of
-        the other ranks hold whatever was last in this rank's memory."""
-        n, me, total = self.n, self.me, send.size
-        per_step = max(1, self.chunk // send.itemsize)
-        steps = [(start, min(per_step, total - start)) for start in range(0, total, per_step)]
-        cuts = {count: [(count * r // n, count * (r + 1) // n) for r in range(n)] for _, count in steps}
-        slots: list[list[np.ndarray]] = []
-        for k in range(len(steps) + 2):
-            if k >= 2:  # copy out step k-2: the other ranks' slices, from their slots
-                start, count = steps[k - 2]
-                for r, (lo, hi) in enumerate(cuts[count]):
-                    if r != me:
-                        recv[start + lo:start + hi] = slots[k - 2][r][lo:hi]
-            if 1 <= k <= len(steps):  # reduce step k-1: my slice over every rank's input, into my slot
-                start, count = steps[k - 1]
-                lo, hi = cuts[count][me]
-                if hi > lo:  # as _pipelined: a step shorter than the rank count leaves some ranks nothing
-                    parts = [send[start + lo:start + hi] if r == me else slots[k - 1][r][lo:hi] for r in range(n)]
-                    acc = slots[k - 1][me][lo:hi]
-                    np.add(parts[0], parts[1], out=acc)
-                    for part in parts[2:]:
-                        np.add(acc, part, out=acc)
-                    recv[start + lo:start + hi] = acc
-            if k < len(steps):  # copy in step k: my inputs for the other ranks' slices, into my slot
-                start, count = steps[k]
-                slots.append(self._slots(send.dtype, count))
-                for r, (lo, hi) in enumerate(cuts[count]):
-                    if r != me:
-                        slots[k][me][lo:hi] = send[start + lo:start + hi]
+    def allreduce(self, send: np.ndarray, recv: np.ndarray) -> None:  # type: ignore[override]
+        self._pipelined(send.reshape(-1), recv.reshape(-1), np.add, "sum")
 
 
 def main() -> None:
