@@ -124,7 +124,8 @@ def test_bench_train_row_overrunning_ends_with_what_it_started(tmp_path, monkeyp
     monkeypatch.setattr(bench_train, "END_GRACE_S", 2.0)
     pid_file = tmp_path / "child.pid"
     child = ("import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-             f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)")
+             f"open({str(pid_file)!r} + '.tmp', 'w').write(str(os.getpid())); "
+             f"os.replace({str(pid_file)!r} + '.tmp', {str(pid_file)!r}); time.sleep(600)")
     launcher = (f"import os, subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}], "
                 f"start_new_session=True)\nwhile not os.path.exists({str(pid_file)!r}): time.sleep(0.05)\n"
                 "time.sleep(600)")

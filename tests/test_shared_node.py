@@ -207,7 +207,8 @@ def test_rendezvous_keys_are_out_of_reach(tmp_path):
         "out = os.environ['OUT_DIR']\n"
         "if topo.rank == 0:\n"
         "    store.set('weights', 'from rank 0')\n"
-        "    open(f'{out}/listening', 'w').write(str(os.getpid()))\n"
+        "    open(f'{out}/.listening', 'w').write(str(os.getpid()))\n"
+        "    os.replace(f'{out}/.listening', f'{out}/listening')  # seen whole, or not yet\n"
         "store.wait(['weights'])\n"
         "while not os.path.exists(f'{out}/attacked'):\n"
         "    time.sleep(0.05)\n"
@@ -248,16 +249,17 @@ def test_ranks_on_one_host_open_no_network_listener(tmp_path):
     script = tmp_path / "listen.py"
     script.write_text("import os, time\nfrom mpi4py import MPI\nMPI.COMM_WORLD.Barrier()\n"
                       "up = os.path.join(os.environ['OUT_DIR'], 'up-' + os.environ['RANK'])\n"
-                      "open(up, 'w').write(str(os.getpid()))\ntime.sleep(3)\nMPI.COMM_WORLD.Barrier()\n")
+                      "open(up + '~', 'w').write(str(os.getpid()))\nos.replace(up + '~', up)  # seen whole\n"
+                      "time.sleep(3)\nMPI.COMM_WORLD.Barrier()\n")
     proc = subprocess.Popen([sys.executable, "-m", "distlaunch", "run", "--ppn", "2", str(script)], cwd=tmp_path,
                             env={**os.environ, "OUT_DIR": str(tmp_path)}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while len(list(tmp_path.glob("up-*"))) < 2:
+    while len(list(tmp_path.glob("up-[0-9]"))) < 2:
         assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
         time.sleep(0.05)
     listening = []
-    for marker in tmp_path.glob("up-*"):
+    for marker in tmp_path.glob("up-[0-9]"):
         rank = psutil.Process(int(marker.read_text()))
         listening += [(rank.pid, c.laddr) for c in rank.net_connections("inet")
                       if c.status == psutil.CONN_LISTEN and c.laddr.ip not in ("127.0.0.1", "::1")]
@@ -277,7 +279,7 @@ def test_secret_value_is_in_no_record_no_log_and_no_command_line(tmp_path):
                              str(script)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.monotonic() + 60
-    while len(list(tmp_path.glob("up-*"))) < 2:
+    while len(list(tmp_path.glob("up-[0-9]"))) < 2:
         assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
         time.sleep(0.05)
     command_lines = [" ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])]
