@@ -15,6 +15,7 @@ import time
 import torch
 
 import distlaunch.hvd as hvd
+from distlaunch.hvd.bench import timed_iters
 
 
 def time_allreduce(nbytes: int, iters: int, warmup: int) -> float:
@@ -60,7 +61,7 @@ def main() -> None:
         "ranks": hvd.size(),
         "fusion_threshold": os.environ.get("HOROVOD_FUSION_THRESHOLD", "default"),
         "allreduce_1MiB_us": time_allreduce(1 << 20, iters, warmup) * 1e6,
-        "allreduce_64MiB_us": time_allreduce(64 << 20, max(3, iters // 4), 1) * 1e6,
+        "allreduce_64MiB_us": time_allreduce(64 << 20, timed_iters(iters, 64 << 20), 1) * 1e6,
         "grads_100x4KiB_us": time_small_gradients(100, iters, warmup) * 1e6,
     }
     if hvd.rank() == 0:

@@ -14,12 +14,13 @@ pytestmark = pytest.mark.slow
 
 ROW = {
     "type": "object",
-    "required": ["backend", "size", "count", "type", "redop", "time_us", "min_us", "max_us", "algbw_GBps",
+    "required": ["backend", "size", "count", "type", "redop", "iters", "time_us", "min_us", "max_us", "algbw_GBps",
                  "busbw_GBps", "wrong"],
     "properties": {
         "backend": {"enum": ["mpi4py", "shm", "torch", "horovod"]},
         "size": {"type": "integer", "minimum": 1}, "count": {"type": "integer", "minimum": 1},
-        "time_us": {"type": "number", "exclusiveMinimum": 0}, "busbw_GBps": {"type": "number", "minimum": 0},
+        "iters": {"type": "integer", "minimum": 1}, "time_us": {"type": "number", "exclusiveMinimum": 0},
+        "busbw_GBps": {"type": "number", "minimum": 0},
         "wrong": {"const": 0},
     },
 }
@@ -56,11 +57,19 @@ def test_bench_cli_tiny_sweep(tmp_path):
     jsonschema.validate(result, SCHEMA)
     assert {r["backend"] for r in result["rows"]} >= {"mpi4py", "shm", "torch"}
     assert sorted({r["size"] for r in result["rows"]}) == [8, 64, 512, 4096, 32768]
+    assert {r["iters"] for r in result["rows"]} == {3}  # as asked: every size is below LARGE
     assert "busbw" in proc.stdout and "#wrong" in proc.stdout
     assert (tmp_path / "ar.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "ar.csv").read_text().startswith("backend,size,count")
     record = json.loads(next((tmp_path / "runs").glob("*/run.json")).read_text())
     assert "--bind-to" in record["argv"] and "none" in record["argv"]  # --mpi-arg reached mpirun
+
+
+def test_large_rows_time_a_quarter_of_the_iterations_but_never_fewer_than_five():
+    from distlaunch.hvd.bench import LARGE, timed_iters
+
+    assert [timed_iters(asked, LARGE - 1) for asked in (1, 3, 10, 20)] == [1, 3, 10, 20]
+    assert [timed_iters(asked, LARGE) for asked in (1, 3, 10, 20, 40)] == [1, 3, 5, 5, 10]
 
 
 def test_bench_exit_codes_follow_the_table(tmp_path):

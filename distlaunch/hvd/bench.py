@@ -28,6 +28,8 @@ from ..protocol import OUTPUT_DIR
 from .shm_allreduce import MPI_OPS
 
 BACKENDS = ("mpi4py", "shm", "torch", "horovod")
+LARGE = 64 << 20  # from this size up a row times fewer iterations than asked (see timed_iters)
+MIN_LARGE_ITERS = 5  # a median of 3 moves when 2 of them hit a slow spell; one of 5 needs 3
 QUIET_BACKENDS = ("mpi4py", "shm")  # no thread of their own: they may take turns size by size
 
 
@@ -180,6 +182,15 @@ def _min() -> Any:
     return MPI.MIN
 
 
+def timed_iters(requested: int, nbytes: int) -> int:
+    """How many iterations one row times: all that were asked below ``LARGE``; from it up a
+    quarter of them, to keep big sizes short, but at least ``MIN_LARGE_ITERS`` (never more
+    than asked), so that one slow spell of the machine does not move the row's median."""
+    if nbytes < LARGE:
+        return requested
+    return min(requested, max(MIN_LARGE_ITERS, requested // 4))
+
+
 def time_backend(comm: Any, fn: Callable[[np.ndarray, np.ndarray], None], send: np.ndarray, recv: np.ndarray,
                  iters: int, warmup: int) -> list[float]:
     times = []
@@ -204,8 +215,8 @@ def measure(comm: Any, name: str, fn: Callable[[np.ndarray, np.ndarray], None], 
     median = statistics.median(times)  # not the mean: one descheduled iteration would move it
     algbw = count * dtype.itemsize / median
     return {"backend": name, "size": count * dtype.itemsize, "count": count, "type": dtype.name,
-            "redop": op, "time_us": median * 1e6, "min_us": min(times) * 1e6, "max_us": max(times) * 1e6,
-            "mean_us": sum(times) / len(times) * 1e6,
+            "redop": op, "iters": len(times), "time_us": median * 1e6, "min_us": min(times) * 1e6,
+            "max_us": max(times) * 1e6, "mean_us": sum(times) / len(times) * 1e6,
             "algbw_GBps": algbw / 1e9, "busbw_GBps": algbw * 2 * (n - 1) / n / 1e9, "wrong": wrong}
 
 
@@ -226,7 +237,7 @@ def run_allreduce(args: argparse.Namespace) -> dict[str, Any]:
 
     def one(name: str, count: int) -> None:
         send, recv = buffers[count]
-        iters = args.iters if count * dtype.itemsize < (64 << 20) else max(3, args.iters // 4)
+        iters = timed_iters(args.iters, count * dtype.itemsize)
         rows.append(measure(comm, name, backends.fn(name), send, recv, checks[count], args.op, iters, args.warmup))
         if comm.rank == 0:
             print(f"{name:>8} {format_size(count * dtype.itemsize):>8}: {rows[-1]['time_us']:10.1f} us, "
@@ -266,7 +277,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--factor", type=int, default=2)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--op", default="sum", choices=sorted(MPI_OPS))
-    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--iters", type=int, default=20,
+                   help="timed iterations per size and backend; from 64 MiB up a quarter of them, at least 5")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--out", default=None, help="JSON file (rank 0); default $DISTLAUNCH_OUTPUT_DIR/allreduce.json")
     args = parser.parse_args(argv)
