@@ -91,7 +91,8 @@ bench_group.add_command(train_command)
               type=click.Choice(["float16", "float32", "float64", "int32", "int64"]))
 @click.option("--op", default="sum", show_default=True, type=click.Choice(["sum", "min", "max", "prod"]))
 @click.option("--iters", type=click.IntRange(min=1), default=20, show_default=True,
-              help="Timed iterations per size and backend; from 64 MiB up a quarter of them, at least 5.")
+              help="Timed iterations per size and backend; from 64 MiB up a quarter of them, at least 5 "
+                   "(or all, if fewer).")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results here.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="And as CSV.")

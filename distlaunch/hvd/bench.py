@@ -185,7 +185,8 @@ def _min() -> Any:
 def timed_iters(requested: int, nbytes: int) -> int:
     """How many iterations one row times: all that were asked below ``LARGE``; from it up a
     quarter of them, to keep big sizes short, but at least ``MIN_LARGE_ITERS`` (never more
-    than asked), so that one slow spell of the machine does not move the row's median."""
+    than asked), so that one slow spell of the machine has to hit three of them to move the
+    row's median, not two."""
     if nbytes < LARGE:
         return requested
     return min(requested, max(MIN_LARGE_ITERS, requested // 4))
@@ -278,7 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--op", default="sum", choices=sorted(MPI_OPS))
     p.add_argument("--iters", type=int, default=20,
-                   help="timed iterations per size and backend; from 64 MiB up a quarter of them, at least 5")
+                   help="timed iterations per size and backend; from 64 MiB up a quarter of them, at least 5 "
+                        "(or all, if fewer)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--out", default=None, help="JSON file (rank 0); default $DISTLAUNCH_OUTPUT_DIR/allreduce.json")
     args = parser.parse_args(argv)
