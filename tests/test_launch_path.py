@@ -248,8 +248,9 @@ def test_a_forked_rank_sees_what_a_new_interpreter_would(distlaunch, tmp_path, f
     under the bootstrap in a fork of itself (one Python start per rank); the program
     cannot tell it from the bootstrap in a new interpreter (DISTLAUNCH_FORK_RANKS=0):
     arguments, sys.path, __main__, descriptors, stdin, unbuffered output, environment
-    (also C's), signal handlers, joined threads and atexit at the end. ``-c`` and ``-m``
-    also see what a plain ``python -c``/``-m`` would, outside distlaunch."""
+    (also C's), signal handlers, joined threads and atexit at the end. Each also sees what
+    a plain ``python SCRIPT``, ``python -c`` or ``python -m`` would, outside distlaunch
+    (the names in ``__main__`` too)."""
     script = os.path.join(os.path.dirname(__file__), "scripts", "interpreter_view.py")
     python = another_name_for_this_python()
     code = Path(script).read_text()
@@ -274,15 +275,55 @@ def test_a_forked_rank_sees_what_a_new_interpreter_would(distlaunch, tmp_path, f
         assert forked["stdout_write_through"] and forked["name"] == "__main__" and forked["main_is_this"]
         assert forked["annotations"] == "{'x': <class 'int'>, 'return': None}"
         assert forked["path0"] == {"script": "script dir", "python -c": "", "python -m": "script dir"}[form]
-    if form == "script":
-        return
-    plain_argv = {"python -c": [python, "-c", code], "python -m": [python, "-m", "interpreter_view"]}[form]
+    plain_argv = {"script": [python, script], "python -c": [python, "-c", code],
+                  "python -m": [python, "-m", "interpreter_view"]}[form]
     env = {**os.environ, "RANK": "0", "OUT_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
     subprocess.run([*plain_argv, "plain", "two words"], cwd=tmp_path, env=env, check=True, capture_output=True)
     plain = json.loads((tmp_path / "view-0-plain.json").read_text())
-    same = ("argv0", "path0", "path_rest", "name", "spec", "main_is_this", "main_file", "annotations")
+    same = ("argv0", "path0", "path_rest", "name", "spec", "main_is_this", "main_file", "main_names", "annotations")
     assert {key: views["fork", 0][key] for key in same} == {key: plain[key] for key in same}
     assert views["fork", 0]["flags"][:2] == plain["flags"][:2]  # safe_path aside: the worker's -P
+
+
+UNCLOSED = """import os, sys
+out = sys.argv[1]
+log = open(os.path.join(out, f"plain-{os.environ['RANK']}.txt"), "w")  # never closed
+log.write("written by the script\\n" * 3)
+
+
+class Logger:  # an object in a reference cycle (a bound method of its own) holding a file
+    def __init__(self, path):
+        self.file = open(path, "w")
+        self.write = self.file.write
+        self.me = self
+
+holder = Logger(os.path.join(out, f"held-{os.environ['RANK']}.txt"))
+holder.write("held to the end\\n")
+
+
+def defined():  # its globals are the script's namespace: a cycle through every name in it
+    pass
+"""
+
+
+@pytest.mark.parametrize("fork", ["1", "0"])
+def test_what_a_script_wrote_to_a_file_it_left_open_is_kept(distlaunch, tmp_path, fork):
+    """A .py rank that never closes its files keeps what it wrote to them, as under plain
+    python: its namespace is ``__main__``'s to the end, cleared at the exit as a script's
+    is, not a temporary one left to the collector, which freed the file before its text
+    was flushed (empty files; what ``runpy.run_path`` gave)."""
+    (tmp_path / "unclosed.py").write_text(UNCLOSED)
+    plain_out, ranks_out = tmp_path / "plain", tmp_path / "ranks"
+    plain_out.mkdir()
+    ranks_out.mkdir()
+    subprocess.run([sys.executable, "unclosed.py", str(plain_out)], cwd=tmp_path, env={**os.environ, "RANK": "0"},
+                   check=True)
+    expected = {name: (plain_out / f"{name}-0.txt").read_text() for name in ("plain", "held")}
+    assert expected == {"plain": "written by the script\n" * 3, "held": "held to the end\n"}
+    result = distlaunch("run", "--ppn", "2", "unclosed.py", str(ranks_out), env={"DISTLAUNCH_FORK_RANKS": fork})
+    assert result.returncode == 0, result.stderr
+    for rank in (0, 1):
+        assert {name: (ranks_out / f"{name}-{rank}.txt").read_text() for name in expected} == expected
 
 
 def test_installed_versions_agree_with_importlib_metadata(tmp_path, monkeypatch):

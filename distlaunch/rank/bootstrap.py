@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import builtins
 import faulthandler
+import io
 import os
 import runpy
 import sys
 import time
 import types
 from collections.abc import Callable
-from importlib.machinery import BuiltinImporter
+from importlib.machinery import BuiltinImporter, SourceFileLoader
 
 from ..protocol import EXCEPTION_FILE, dump_signal
 
@@ -108,10 +109,27 @@ def run(argv: list[str]) -> None:
     raises ``SystemExit`` with code 0 or None) only when the script ended well; a failing
     script leaves the process here and now. Also what a worker's fork runs
     (``distlaunch.rank.worker``), so the rank needs no interpreter of its own."""
-    script = argv[0]
+    script = os.path.abspath(argv[0])
     sys.argv = list(argv)
-    _first_on_path(os.path.dirname(os.path.abspath(script)))
-    _guarded(lambda: runpy.run_path(script, run_name="__main__"))
+    _first_on_path(os.path.dirname(script))
+    _guarded(lambda: _run_file(script))
+
+
+def _run_file(path: str) -> None:
+    """Run the script at ``path`` as ``python SCRIPT`` does: compiled on its own (no
+    ``__future__`` flag of this module's), in a new ``__main__`` module that stays in
+    ``sys.modules`` to the end, with the names python gives it. Not ``runpy.run_path``:
+    its namespace is a temporary module's, dropped when the script returns; a script
+    that defines a function then holds it in a reference cycle, which is freed only by
+    the collector, in no fixed order, so a file the script left open could be closed
+    before its text was flushed into it (its last writes lost). ``__main__``'s namespace
+    is cleared at the interpreter's exit as a script's always is."""
+    with io.open_code(path) as handle:  # as python reads a script (audit hooks see it)
+        source = handle.read()
+    code = compile(source, path, "exec", dont_inherit=True)
+    main = _new_main()
+    main.__dict__.update(__file__=path, __cached__=None, __loader__=SourceFileLoader("__main__", path))
+    exec(code, main.__dict__)
 
 
 def run_code(argv: list[str]) -> None:

@@ -29,6 +29,8 @@ view = {
     "main_is_this": sys.modules["__main__"].__dict__ is globals(),
     "annotations": repr(annotated.__annotations__),
     "main_file": main_file and os.path.basename(main_file),
+    "main_names": {name: type(value).__name__ for name, value in vars(sys.modules["__main__"]).items()
+                   if name.startswith("__")},  # __loader__, __package__, __builtins__, ... as python sets them
     "fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd")),  # 0, 1, 2 and the listing's own
     "stdin": sys.stdin.read(),
     "stdout_write_through": sys.stdout.write_through,
