@@ -326,6 +326,40 @@ def test_what_a_script_wrote_to_a_file_it_left_open_is_kept(distlaunch, tmp_path
         assert {name: (ranks_out / f"{name}-{rank}.txt").read_text() for name in expected} == expected
 
 
+@pytest.mark.parametrize("fork", ["1", "0"])
+def test_a_zipapp_bytecode_or_linked_script_named_py_runs_as_under_python(distlaunch, tmp_path, fork):
+    """What python runs as a script, a .py rank runs the same way: a zipapp (its
+    ``__main__.py``, the archive first on ``sys.path``), compiled bytecode under a .py
+    name, and a symlink to a script in another folder (whose folder comes first). A
+    DeprecationWarning whose stacklevel reaches past the script is not shown, as under
+    python: no frame of the bootstrap's counts as ``__main__``'s."""
+    import py_compile
+    import zipapp
+
+    view = "import sys\nprint('view', __name__, type(__loader__).__name__, sys.path[0], sys.argv[1:])\n"
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "__main__.py").write_text(view)
+    zipapp.create_archive(tmp_path / "app", tmp_path / "zipped.py")
+    (tmp_path / "source.py").write_text(view)
+    py_compile.compile(str(tmp_path / "source.py"), cfile=str(tmp_path / "compiled.py"), doraise=True)
+    for folder in ("real", "linked"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "real" / "viewer.py").write_text(view)
+    (tmp_path / "linked" / "viewer.py").symlink_to("../real/viewer.py")
+    (tmp_path / "warns.py").write_text("import warnings\nwarnings.warn('past me', DeprecationWarning, stacklevel=2)\n"
+                                      + view)
+    for script in ("zipped.py", "compiled.py", "linked/viewer.py", "warns.py"):
+        ran = subprocess.run([sys.executable, script, "an arg"], cwd=tmp_path, capture_output=True, text=True,
+                             check=True)
+        plain = ran.stdout.strip()
+        assert plain.startswith("view __main__") and ("zipimporter" in plain) == (script == "zipped.py"), plain
+        assert "past me" not in ran.stderr
+        result = distlaunch("run", "--in-place", "--ppn", "1", script, "an arg", env={"DISTLAUNCH_FORK_RANKS": fork})
+        assert result.returncode == 0, result.stderr
+        assert f"[0] {plain}\n" in result.stdout, (script, plain, result.stdout)
+        assert "past me" not in result.stdout + result.stderr
+
+
 def test_installed_versions_agree_with_importlib_metadata(tmp_path, monkeypatch):
     """The node check reads versions from the .dist-info names; importlib.metadata must
     agree on every package, and a name the listing misses still goes to it."""

@@ -22,13 +22,16 @@ from __future__ import annotations
 import builtins
 import faulthandler
 import io
+import marshal
 import os
 import runpy
 import sys
 import time
 import types
+import zipimport
 from collections.abc import Callable
-from importlib.machinery import BuiltinImporter, SourceFileLoader
+from importlib.machinery import BuiltinImporter, SourceFileLoader, SourcelessFileLoader
+from importlib.util import MAGIC_NUMBER
 
 from ..protocol import EXCEPTION_FILE, dump_signal
 
@@ -111,25 +114,53 @@ def run(argv: list[str]) -> None:
     (``distlaunch.rank.worker``), so the rank needs no interpreter of its own."""
     script = os.path.abspath(argv[0])
     sys.argv = list(argv)
-    _first_on_path(os.path.dirname(script))
-    _guarded(lambda: _run_file(script))
+    if _is_zip(script):  # a zipapp: its __main__.py, the archive first on sys.path, as python runs it
+        _first_on_path(script)
+        _new_main()
+        _guarded(lambda: _as_main()("__main__", False))
+    else:
+        _first_on_path(os.path.dirname(os.path.realpath(script)))  # python resolves a linked script
+        _guarded(lambda: _run_file(script))
 
 
 def _run_file(path: str) -> None:
     """Run the script at ``path`` as ``python SCRIPT`` does: compiled on its own (no
-    ``__future__`` flag of this module's), in a new ``__main__`` module that stays in
-    ``sys.modules`` to the end, with the names python gives it. Not ``runpy.run_path``:
-    its namespace is a temporary module's, dropped when the script returns; a script
-    that defines a function then holds it in a reference cycle, which is freed only by
-    the collector, in no fixed order, so a file the script left open could be closed
-    before its text was flushed into it (its last writes lost). ``__main__``'s namespace
-    is cleared at the interpreter's exit as a script's always is."""
+    ``__future__`` flag of this module's; bytecode where the file holds this Python's), in
+    a new ``__main__`` module that stays in ``sys.modules`` to the end, with the names
+    python gives it. Not ``runpy.run_path``: its namespace is a temporary module's, dropped
+    when the script returns; a script that defines a function then holds it in a
+    reference cycle, which is freed only by the collector, in no fixed order, so a file
+    the script left open could be closed before its text was flushed into it (its last
+    writes lost). ``__main__``'s namespace is cleared at the interpreter's exit as a
+    script's always is."""
     with io.open_code(path) as handle:  # as python reads a script (audit hooks see it)
-        source = handle.read()
-    code = compile(source, path, "exec", dont_inherit=True)
+        data = handle.read()
+    if data[:4] == MAGIC_NUMBER:  # compiled bytecode, whatever its name (python checks the same)
+        code, loader = marshal.loads(data[16:]), SourcelessFileLoader("__main__", path)
+    else:
+        code, loader = compile(data, path, "exec", dont_inherit=True), SourceFileLoader("__main__", path)
     main = _new_main()
-    main.__dict__.update(__file__=path, __cached__=None, __loader__=SourceFileLoader("__main__", path))
+    main.__dict__.update(__file__=path, __cached__=None, __loader__=loader)
     exec(code, main.__dict__)
+
+
+def _is_zip(path: str) -> bool:
+    """Whether ``path`` is a zip archive (a zipapp), by the import hook python asks."""
+    try:
+        zipimport.zipimporter(path)
+    except (zipimport.ZipImportError, OSError):
+        return False
+    return True
+
+
+def _as_main() -> Callable[[str, bool], object]:
+    """What the interpreter runs for ``python -m`` and a zipapp: runpy's, which runs the
+    module in the ``__main__`` module there is (``_new_main``'s); ``runpy.run_module``
+    where that private function is gone."""
+    as_main = getattr(runpy, "_run_module_as_main", None)
+    if as_main is None:
+        return lambda name, alter_argv: runpy.run_module(name, run_name="__main__", alter_sys=alter_argv)
+    return as_main
 
 
 def run_code(argv: list[str]) -> None:
@@ -150,11 +181,7 @@ def run_module(argv: list[str]) -> None:
     sys.argv = ["-m", *argv[1:]]
     _first_on_path(os.getcwd())
     _new_main()
-    as_main = getattr(runpy, "_run_module_as_main", None)  # what the interpreter runs for -m
-    if as_main is None:
-        _guarded(lambda: runpy.run_module(argv[0], run_name="__main__", alter_sys=True))
-    else:
-        _guarded(lambda: as_main(argv[0]))
+    _guarded(lambda: _as_main()(argv[0], True))
 
 
 def _first_on_path(entry: str) -> None:
@@ -216,4 +243,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # run by the module of its own name, not this copy that ``-m`` made ``__main__``: a frame
+    # of the bootstrap's (where a warning's stacklevel overshoots the script) must not
+    # count as ``__main__``'s, whose DeprecationWarnings python shows
+    from distlaunch.rank import bootstrap
+
+    bootstrap.main()
