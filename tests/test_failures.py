@@ -275,3 +275,27 @@ def test_a_failure_is_still_printed_when_the_traceback_module_cannot_be_had(monk
     err = capsys.readouterr().err
     assert "Traceback (most recent call last):" in err and "ValueError: the user's own error" in err, err
     assert "no traceback here" not in err
+
+
+FULL_PIPE = """import fcntl, os
+r, w = os.pipe()
+fcntl.fcntl(w, fcntl.F_SETFL, os.O_NONBLOCK)
+try:
+    while True:
+        os.write(w, b"x" * 65536)
+except BlockingIOError:
+    pass
+fcntl.fcntl(w, fcntl.F_SETFL, 0)  # blocking again: flushing into it waits for a reader that never reads
+stuck = open(w, "w")
+stuck.write("pending")
+raise ValueError("left a full pipe open")
+"""
+
+
+def test_a_failing_rank_leaves_though_a_pipe_it_left_open_cannot_take_its_text(distlaunch, tmp_path):
+    """A failing rank flushes only the regular files it left open before it leaves: text
+    pending for a full pipe (nobody reads it) would hold the exit forever."""
+    (tmp_path / "full_pipe.py").write_text(FULL_PIPE)
+    result = distlaunch("run", "--ppn", "2", "--timeout", "60", "full_pipe.py", timeout=90)
+    assert result.returncode == 1, result.stderr
+    assert "raised ValueError" in result.stderr and "left a full pipe open" in result.stdout + result.stderr

@@ -303,25 +303,37 @@ holder.write("held to the end\\n")
 
 def defined():  # its globals are the script's namespace: a cycle through every name in it
     pass
+
+
+if sys.argv[2] == "raises":
+    raise ValueError("after writing")
+if sys.argv[2] == "exits 3":
+    sys.exit(3)
 """
 
 
+@pytest.mark.parametrize("ending", ["returns", "raises", "exits 3"])
 @pytest.mark.parametrize("fork", ["1", "0"])
-def test_what_a_script_wrote_to_a_file_it_left_open_is_kept(distlaunch, tmp_path, fork):
+def test_what_a_script_wrote_to_a_file_it_left_open_is_kept(distlaunch, tmp_path, fork, ending):
     """A .py rank that never closes its files keeps what it wrote to them, as under plain
-    python: its namespace is ``__main__``'s to the end, cleared at the exit as a script's
-    is, not a temporary one left to the collector, which freed the file before its text
-    was flushed (empty files; what ``runpy.run_path`` gave)."""
+    python, whether it returns, raises or calls ``sys.exit(3)``. Returning, its namespace
+    is ``__main__``'s to the end, cleared at the exit as a script's is, not a temporary
+    one left to the collector, which freed the file before its text was flushed (empty
+    files; what ``runpy.run_path`` gave). Failing, the rank leaves at once with
+    ``os._exit``, after flushing the regular files it left open."""
     (tmp_path / "unclosed.py").write_text(UNCLOSED)
     plain_out, ranks_out = tmp_path / "plain", tmp_path / "ranks"
     plain_out.mkdir()
     ranks_out.mkdir()
-    subprocess.run([sys.executable, "unclosed.py", str(plain_out)], cwd=tmp_path, env={**os.environ, "RANK": "0"},
-                   check=True)
+    code = {"returns": 0, "raises": 1, "exits 3": 3}[ending]
+    plain = subprocess.run([sys.executable, "unclosed.py", str(plain_out), ending], cwd=tmp_path,
+                           env={**os.environ, "RANK": "0"}, capture_output=True)
+    assert plain.returncode == code
     expected = {name: (plain_out / f"{name}-0.txt").read_text() for name in ("plain", "held")}
     assert expected == {"plain": "written by the script\n" * 3, "held": "held to the end\n"}
-    result = distlaunch("run", "--ppn", "2", "unclosed.py", str(ranks_out), env={"DISTLAUNCH_FORK_RANKS": fork})
-    assert result.returncode == 0, result.stderr
+    result = distlaunch("run", "--ppn", "2", "unclosed.py", str(ranks_out), ending,
+                        env={"DISTLAUNCH_FORK_RANKS": fork})
+    assert result.returncode == code, result.stderr
     for rank in (0, 1):
         assert {name: (ranks_out / f"{name}-{rank}.txt").read_text() for name in expected} == expected
 
