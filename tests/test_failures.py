@@ -299,3 +299,32 @@ def test_a_failing_rank_leaves_though_a_pipe_it_left_open_cannot_take_its_text(d
     result = distlaunch("run", "--ppn", "2", "--timeout", "60", "full_pipe.py", timeout=90)
     assert result.returncode == 1, result.stderr
     assert "raised ValueError" in result.stderr and "left a full pipe open" in result.stdout + result.stderr
+
+
+FORKED_WRITER = """import os, sys, threading, time
+out = open("stream.bin", "wb")
+
+
+def pump():  # a thread streaming to a regular file: it holds the file's lock most of the time
+    while True:
+        out.write(b"x" * (4 << 20))
+        out.seek(0)
+
+
+threading.Thread(target=pump, daemon=True).start()
+time.sleep(0.2)
+pid = os.fork()
+if pid == 0:
+    sys.exit(3)  # the child fails; the lock may be held by a thread the child does not have
+print("child exit", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+"""
+
+
+def test_a_failing_fork_of_a_rank_leaves_though_a_file_lock_is_held_for_ever(distlaunch, tmp_path):
+    """The flush before a failing rank leaves waits a moment at most: in a fork of a
+    program whose thread was writing to a file, that file's lock stays held for ever (no
+    thread there gives it back), as plain python's exit never asks for it."""
+    (tmp_path / "forked_writer.py").write_text(FORKED_WRITER)
+    result = distlaunch("run", "--ppn", "1", "--timeout", "60", "forked_writer.py", timeout=90)
+    assert result.returncode == 0, result.stderr
+    assert "[0] child exit 3" in result.stdout, result.stdout

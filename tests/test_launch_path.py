@@ -338,6 +338,28 @@ def test_what_a_script_wrote_to_a_file_it_left_open_is_kept(distlaunch, tmp_path
         assert {name: (ranks_out / f"{name}-{rank}.txt").read_text() for name in expected} == expected
 
 
+FROZEN = """import gc, os, sys
+log = open(os.path.join(sys.argv[1], f"frozen-{os.environ['RANK']}.txt"), "w")
+log.write("last lines before the crash\\n")
+gc.freeze()  # as a program may before it forks workers: the collector no longer lists its objects
+raise ValueError("after freezing")
+"""
+
+
+@pytest.mark.parametrize("fork", ["1", "0"])
+def test_a_failing_rank_flushes_the_files_of_a_program_that_froze_its_objects(distlaunch, tmp_path, fork):
+    """A failing rank finds the files to flush through the collector; after the program's
+    own ``gc.freeze()`` too, which hides its objects from the collector's listing."""
+    (tmp_path / "frozen.py").write_text(FROZEN)
+    subprocess.run([sys.executable, "frozen.py", str(tmp_path)], cwd=tmp_path, env={**os.environ, "RANK": "p"},
+                   capture_output=True)
+    assert (tmp_path / "frozen-p.txt").read_text() == "last lines before the crash\n"  # plain python keeps it
+    result = distlaunch("run", "--ppn", "2", "frozen.py", str(tmp_path), env={"DISTLAUNCH_FORK_RANKS": fork})
+    assert result.returncode == 1, result.stderr
+    for rank in (0, 1):
+        assert (tmp_path / f"frozen-{rank}.txt").read_text() == "last lines before the crash\n"
+
+
 @pytest.mark.parametrize("fork", ["1", "0"])
 def test_a_zipapp_bytecode_or_linked_script_named_py_runs_as_under_python(distlaunch, tmp_path, fork):
     """What python runs as a script, a .py rank runs the same way: a zipapp (its

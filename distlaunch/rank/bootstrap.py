@@ -41,6 +41,7 @@ from ..protocol import EXCEPTION_FILE, dump_signal
 # the interpreter's own path, before the script's folder goes first: without -P (before
 # Python 3.11) its first entry is the working directory, which _first_on_path replaces
 _START_PATH = sys.path[:] if getattr(sys.flags, "safe_path", False) else sys.path[1:]
+FLUSH_WAIT_S = 1.0  # how long a failing rank waits for its open files to be flushed
 
 
 def _stdlib(name: str) -> types.ModuleType:
@@ -104,26 +105,39 @@ def _user_frames(exc: BaseException) -> BaseException:
 def _flush_files() -> None:
     """Flush the files the program left open for writing, as the interpreter's exit
     would have by closing them (``os._exit`` skips it; a crashing program's own log
-    would end before its last lines). Regular files only: a pipe or socket whose reader
-    is gone or slow could block the exit. Found through the collector, which tracks
-    every file object (~40 ms with torch loaded, on a failing rank only); by type alone,
-    so no object's own ``__class__`` is asked (some warn or raise). Text files go
-    first: theirs flushes into the binary file below it."""
+    would end before its last lines).
+
+    - Regular files only: a pipe or socket whose reader is gone or slow could block.
+    - In a thread of its own, waited for ``FLUSH_WAIT_S`` at most: a file whose lock
+      another thread holds and never gives back (one that wrote to it when the program
+      forked, say) would block the flush for ever; the rank leaves all the same.
+    - Found through the collector, which tracks every file object (~40 ms with torch
+      loaded, on a failing rank only), after ``gc.unfreeze`` so that the files of a
+      program that froze its objects (``gc.freeze``) are found too; by type alone, so no
+      object's own ``__class__`` is asked (some warn or raise).
+    - Text files first: theirs flushes into the binary file below it."""
+    gc.unfreeze()
     kinds = (io.TextIOWrapper, io.BufferedWriter, io.BufferedRandom)
     found = [obj for obj in gc.get_objects() if issubclass(type(obj), kinds)]
     found.sort(key=lambda handle: not issubclass(type(handle), io.TextIOWrapper))
-    for handle in found:
+    flusher = _stdlib("threading").Thread(target=_flush_each, args=(found,), name="distlaunch-flush", daemon=True)
+    flusher.start()
+    flusher.join(FLUSH_WAIT_S)
+
+
+def _flush_each(handles: list[io.IOBase]) -> None:
+    for handle in handles:
         try:
             if not handle.closed and handle.writable() and stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
                 handle.flush()
-        except BaseException:  # noqa: BLE001 - detached, closed meanwhile, a disk full, a second Ctrl-C
+        except BaseException:  # noqa: BLE001 - detached, closed meanwhile, a disk full
             continue
 
 
 def _leave_now(code: int) -> None:
     try:
         _flush_files()
-    except BaseException:  # noqa: BLE001 - a second Ctrl-C: leave all the same
+    except BaseException:  # noqa: BLE001 - no thread to be had, no memory, a second Ctrl-C: leave all the same
         pass
     for stream in (sys.stdout, sys.stderr):
         try:
