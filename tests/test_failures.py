@@ -301,30 +301,66 @@ def test_a_failing_rank_leaves_though_a_pipe_it_left_open_cannot_take_its_text(d
     assert "raised ValueError" in result.stderr and "left a full pipe open" in result.stdout + result.stderr
 
 
-FORKED_WRITER = """import os, sys, threading, time
-out = open("stream.bin", "wb")
+FORKED_WRITER = """import io, os, sys, threading, time
+entered = threading.Event()
 
 
-def pump():  # a thread streaming to a regular file: it holds the file's lock most of the time
-    while True:
-        out.write(b"x" * (4 << 20))
-        out.seek(0)
+class Stuck(io.FileIO):
+    def write(self, data):  # the thread stays in here, holding the buffered file's lock
+        entered.set()
+        time.sleep(3600)
 
 
-threading.Thread(target=pump, daemon=True).start()
-time.sleep(0.2)
+def writer():  # the file is only this thread's: the program's own exit never flushes it
+    out = io.BufferedWriter(Stuck("stream.bin", "w"))
+    out.write(b"x" * (1 << 20))  # more than its buffer: written through, under its lock
+
+
+threading.Thread(target=writer, daemon=True).start()
+entered.wait()
 pid = os.fork()
 if pid == 0:
-    sys.exit(3)  # the child fails; the lock may be held by a thread the child does not have
+    sys.exit(3)  # the child fails; no thread there will ever give that lock back
 print("child exit", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
 """
 
 
 def test_a_failing_fork_of_a_rank_leaves_though_a_file_lock_is_held_for_ever(distlaunch, tmp_path):
-    """The flush before a failing rank leaves waits a moment at most: in a fork of a
-    program whose thread was writing to a file, that file's lock stays held for ever (no
-    thread there gives it back), as plain python's exit never asks for it."""
+    """The flush before a failing rank leaves waits ``FLUSH_WAIT_S`` at most: in a fork of
+    a program whose thread was writing to a file, that file's lock stays held for ever
+    (no thread there gives it back); plain python's exit would not ask for it."""
     (tmp_path / "forked_writer.py").write_text(FORKED_WRITER)
+    plain = subprocess.run([sys.executable, "forked_writer.py"], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=60)
+    assert plain.stdout == "child exit 3\n", plain
     result = distlaunch("run", "--ppn", "1", "--timeout", "60", "forked_writer.py", timeout=90)
     assert result.returncode == 0, result.stderr
     assert "[0] child exit 3" in result.stdout, result.stdout
+
+
+def test_a_failing_ranks_flush_leaves_pipes_alone(tmp_path):
+    """What a failing rank flushes are the regular files open for writing: text pending
+    for a pipe stays where it is (its reader may be gone or slow), a file's is written."""
+    import _thread
+
+    from distlaunch.rank import bootstrap
+
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    pipe = open(write_end, "w")
+    regular = open(tmp_path / "regular.txt", "w")
+    reader = open(tmp_path / "regular.txt")
+    done = _thread.allocate_lock()
+    done.acquire()
+    try:
+        pipe.write("pending for the pipe")
+        regular.write("pending for the file")
+        bootstrap._flush_each([pipe, regular, reader], done)
+        assert not done.locked()
+        with pytest.raises(BlockingIOError):
+            os.read(read_end, 100)
+        assert (tmp_path / "regular.txt").read_text() == "pending for the file"
+    finally:
+        for handle in (pipe, regular, reader):
+            handle.close()
+        os.close(read_end)

@@ -1,4 +1,4 @@
-"""Run a user's Python script the way ``python script.py`` would, plus three things.
+"""Run a user's Python script the way ``python script.py`` would, plus a few things.
 
 ``python -m distlaunch.rank.bootstrap SCRIPT [ARGS...]`` is what the worker shim starts
 for ``.py`` scripts, and ``... bootstrap -c CODE [ARGS...]`` or ``-m MODULE [ARGS...]``
@@ -10,7 +10,8 @@ for ``python -c`` and ``python -m`` ranks of the launcher's own Python (``run``,
   with ``os._exit`` (1; 130 after Ctrl-C): no atexit handler (an MPI finalize, a
   process-group teardown) can hang it while the other ranks wait in a collective, so
   mpirun ends the job promptly; what the program wrote to regular files it left open
-  is flushed first, as the interpreter's exit would have (``_flush_files``);
+  is flushed first, as the interpreter's exit would have, waiting ``FLUSH_WAIT_S`` at
+  most (``_flush_files``);
 - ``faulthandler`` dumps every thread's stack to stderr on ``DISTLAUNCH_DUMP_SIGNAL``
   (SIGRTMIN+4 unless set), which the launcher sends when ``--hang-timeout`` expires;
 - it is started with ``python -P`` (the current directory is not searched for its own
@@ -20,6 +21,7 @@ for ``python -c`` and ``python -m`` ranks of the launcher's own Python (``run``,
 """
 from __future__ import annotations
 
+import _thread
 import builtins
 import faulthandler
 import gc
@@ -41,7 +43,8 @@ from ..protocol import EXCEPTION_FILE, dump_signal
 # the interpreter's own path, before the script's folder goes first: without -P (before
 # Python 3.11) its first entry is the working directory, which _first_on_path replaces
 _START_PATH = sys.path[:] if getattr(sys.flags, "safe_path", False) else sys.path[1:]
-FLUSH_WAIT_S = 1.0  # how long a failing rank waits for its open files to be flushed
+_start_new_thread, _allocate_lock = _thread.start_new_thread, _thread.allocate_lock  # as started, not patched
+FLUSH_WAIT_S = 5.0  # how long a failing rank waits at most for its open files to be flushed
 
 
 def _stdlib(name: str) -> types.ModuleType:
@@ -109,8 +112,10 @@ def _flush_files() -> None:
 
     - Regular files only: a pipe or socket whose reader is gone or slow could block.
     - In a thread of its own, waited for ``FLUSH_WAIT_S`` at most: a file whose lock
-      another thread holds and never gives back (one that wrote to it when the program
-      forked, say) would block the flush for ever; the rank leaves all the same.
+      another thread holds and never gives back (one that was writing to it when the
+      program forked, say) would block the flush for ever; the rank leaves all the same.
+      Started by ``_thread``'s own functions, bound when the bootstrap was imported: a
+      ``threading`` the program shadowed or patched (gevent) cannot stand in for them.
     - Found through the collector, which tracks every file object (~40 ms with torch
       loaded, on a failing rank only), after ``gc.unfreeze`` so that the files of a
       program that froze its objects (``gc.freeze``) are found too; by type alone, so no
@@ -119,32 +124,47 @@ def _flush_files() -> None:
     gc.unfreeze()
     kinds = (io.TextIOWrapper, io.BufferedWriter, io.BufferedRandom)
     found = [obj for obj in gc.get_objects() if issubclass(type(obj), kinds)]
+    if not found:
+        return
     found.sort(key=lambda handle: not issubclass(type(handle), io.TextIOWrapper))
-    flusher = _stdlib("threading").Thread(target=_flush_each, args=(found,), name="distlaunch-flush", daemon=True)
-    flusher.start()
-    flusher.join(FLUSH_WAIT_S)
+    done = _allocate_lock()
+    done.acquire()
+    _start_new_thread(_flush_each, (found, done))
+    done.acquire(timeout=FLUSH_WAIT_S)
 
 
-def _flush_each(handles: list[io.IOBase]) -> None:
-    for handle in handles:
-        try:
-            if not handle.closed and handle.writable() and stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-                handle.flush()
-        except BaseException:  # noqa: BLE001 - detached, closed meanwhile, a disk full
-            continue
+def _flush_each(handles: list[io.IOBase], done: _thread.LockType) -> None:
+    """In the flush thread: flush each of ``handles`` that is open for writing on a regular
+    file, then release ``done``."""
+    try:
+        for handle in handles:
+            try:
+                if not handle.closed and handle.writable() and stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                    handle.flush()
+            except BaseException:  # noqa: BLE001 - detached, closed meanwhile, a disk full
+                continue
+    finally:
+        done.release()
 
 
 def _leave_now(code: int) -> None:
+    """Leave the process with exit status ``code`` (see the module's docstring), whatever
+    happens before: a signal handler of the program's that raises (``sys.exit(0)`` on
+    SIGTERM, as mpirun sends when a peer failed) must not take the rank back into the
+    worker's code or to an exit that waits in atexit handlers."""
+    status = code if -(1 << 31) <= code < 1 << 31 else 1  # sys.exit(2**40) would overflow os._exit
     try:
-        _flush_files()
-    except BaseException:  # noqa: BLE001 - no thread to be had, no memory, a second Ctrl-C: leave all the same
-        pass
-    for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
-        except BaseException:  # noqa: BLE001 - a closed or broken stream must not keep the rank alive
+            _flush_files()
+        except BaseException:  # noqa: BLE001 - no thread to be had, no memory, a second Ctrl-C
             pass
-    os._exit(code if -(1 << 31) <= code < 1 << 31 else 1)  # sys.exit(2**40) would overflow it
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except BaseException:  # noqa: BLE001 - a closed or broken stream must not keep the rank alive
+                pass
+    finally:
+        os._exit(status)
 
 
 def run(argv: list[str]) -> None:
@@ -154,13 +174,20 @@ def run(argv: list[str]) -> None:
     (``distlaunch.rank.worker``), so the rank needs no interpreter of its own."""
     script = os.path.abspath(argv[0])
     sys.argv = list(argv)
-    if _is_zip(script):  # a zipapp: its __main__.py, the archive first on sys.path, as python runs it
-        _first_on_path(script)
+    _guarded(lambda: _run_script(script))
+
+
+def _run_script(path: str) -> None:
+    """A .py rank's program, as python runs it: a zipapp's ``__main__.py`` with the
+    archive first on ``sys.path``, else the script (``_run_file``) with its folder first
+    (the real one, where the script is a link)."""
+    if _is_zip(path):
+        _first_on_path(path)
         _new_main()
-        _guarded(lambda: _as_main()("__main__", False))
+        _as_main()("__main__", False)
     else:
-        _first_on_path(os.path.dirname(os.path.realpath(script)))  # python resolves a linked script
-        _guarded(lambda: _run_file(script))
+        _first_on_path(os.path.dirname(os.path.realpath(path)))
+        _run_file(path)
 
 
 def _run_file(path: str) -> None:
@@ -254,15 +281,17 @@ def _guarded(body: Callable[[], object]) -> None:
             raise
         # a failing exit must not wait in atexit handlers (MPI finalize) for peers that
         # are blocked in a collective: leave now, mpirun then ends the job
-        code = exc.code if isinstance(exc.code, int) else 1
+        code = 1
         try:
+            code = exc.code if isinstance(exc.code, int) else 1
             if not isinstance(exc.code, int):
                 print(exc.code, file=sys.stderr)
         finally:
             _leave_now(code)
     except BaseException as exc:  # noqa: BLE001 - every uncaught exception ends the rank
-        code = 130 if isinstance(exc, KeyboardInterrupt) else 1
+        code = 1
         try:  # whatever happens while reporting it (a second Ctrl-C, say), the rank leaves
+            code = 130 if isinstance(exc, KeyboardInterrupt) else 1
             _report(_user_frames(exc))
         finally:
             _leave_now(code)
