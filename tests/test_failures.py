@@ -258,6 +258,47 @@ def test_a_failing_script_is_reported_though_its_folder_shadows_traceback_and_js
     assert exc["type"] == name and 'fails.py", line 3' in exc["traceback"], exc
 
 
+SOCKET_CLOSED = """[node2:00000] *** An error occurred in Socket closed
+[node2:00000] *** reported by process [2045706241,1]
+[node2:00000] *** on a NULL communicator
+[node2:00000] *** MPI_ERRORS_ARE_FATAL (processes in this communicator will now abort,
+"""
+PEER_GONE = """--------------------------------------------------------------------------
+An MPI communication peer process has unexpectedly disconnected.  This
+usually indicates a failure in the peer process (e.g., a crash or
+otherwise exiting without calling MPI_FINALIZE first).
+  Local host: node2
+  Local PID:  8408
+  Peer host:  node3
+--------------------------------------------------------------------------
+"""
+
+
+@pytest.mark.parametrize("said", ["socket closed, with the rank", "peer gone, with host and pid"])
+def test_a_rank_whose_lost_peer_only_mpirun_reported_is_not_the_root_cause(tmp_path, said):
+    """Node 3's ranks are SIGKILLed; rank 1 on node 2 aborts in MPI (exit 14) and its
+    record ends a hair before theirs. Open MPI printed why through mpirun, not in rank 1's
+    own log (as seen in CI): mpirun's log names rank 1, by its rank or by its host and
+    pid, so the cause is the first rank killed."""
+    from distlaunch.launch.supervise import root_cause
+    from distlaunch.records import RankExit, RunPaths
+
+    paths = RunPaths(tmp_path)
+    paths.logs.mkdir()
+    for rank in range(4):
+        paths.rank_log(rank).write_text("")
+    paths.mpirun_log.write_text(SOCKET_CLOSED if said.startswith("socket") else PEER_GONE)
+    records = {0: RankExit(0, host="node2", pid=8407, ended=100.2, exit_code=143, signal="SIGTERM"),
+               1: RankExit(1, host="node2", pid=8408, ended=100.0, exit_code=14),
+               2: RankExit(2, host="node3", pid=8408, ended=100.003, exit_code=137, signal="SIGKILL"),
+               3: RankExit(3, host="node3", pid=8409, ended=100.0001, exit_code=137, signal="SIGKILL")}
+    cause = root_cause(records, paths)
+    assert cause is not None and (cause.rank, cause.signal) == (3, "SIGKILL")
+    paths.mpirun_log.write_text("prterun has exited due to process rank 1 with PID 0 on node node2\n")
+    unexplained = root_cause(records, paths)  # nothing says why rank 1 ended: the first to end is the cause
+    assert unexplained is not None and unexplained.rank == 1
+
+
 def test_a_failure_is_still_printed_when_the_traceback_module_cannot_be_had(monkeypatch, capsys):
     """When even the standard library's traceback cannot be imported, the interpreter's own
     printer shows the user's exception (and nothing is recorded, rather than a crash)."""
@@ -312,12 +353,14 @@ class Stuck(io.FileIO):
 
 
 def writer():  # the file is only this thread's: the program's own exit never flushes it
-    out = io.BufferedWriter(Stuck("stream.bin", "w"))
+    # in OUT_DIR: a rank's working folder is the code's read-only copy
+    out = io.BufferedWriter(Stuck(os.path.join(os.environ["OUT_DIR"], f"stream-{os.environ['RANK']}.bin"), "w"))
     out.write(b"x" * (1 << 20))  # more than its buffer: written through, under its lock
 
 
 threading.Thread(target=writer, daemon=True).start()
-entered.wait()
+if not entered.wait(60):
+    sys.exit("the writer thread never started writing")
 pid = os.fork()
 if pid == 0:
     sys.exit(3)  # the child fails; no thread there will ever give that lock back
@@ -331,7 +374,7 @@ def test_a_failing_fork_of_a_rank_leaves_though_a_file_lock_is_held_for_ever(dis
     (no thread there gives it back); plain python's exit would not ask for it."""
     (tmp_path / "forked_writer.py").write_text(FORKED_WRITER)
     plain = subprocess.run([sys.executable, "forked_writer.py"], cwd=tmp_path, capture_output=True, text=True,
-                           timeout=60)
+                           timeout=90, env={**os.environ, "OUT_DIR": str(tmp_path), "RANK": "plain"})
     assert plain.stdout == "child exit 3\n", plain
     result = distlaunch("run", "--ppn", "1", "--timeout", "60", "forked_writer.py", timeout=90)
     assert result.returncode == 0, result.stderr

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import select
 import signal
 import subprocess
@@ -208,19 +209,44 @@ class LogFiles:
 CASCADE_MARKERS = ("peer process has unexpectedly disconnected", "*** An error occurred in Socket closed")
 
 
-def _cascaded(record: RankExit, paths: RunPaths) -> bool:
+# Open MPI shows those messages through mpirun as often as in the rank's own output; there
+# they name the rank: "*** reported by process [JOB,RANK]" under the first, "Local host: H"
+# and "Local PID: P" in the second's block
+_REPORTED_BY = re.compile(r"An error occurred in Socket closed[^\n]*\n[^\n]*reported by process \[\d+,(\d+)\]")
+_LOCAL_PEER = re.compile(r"peer process has unexpectedly disconnected.*?Local host:\s*(\S+)\s*Local PID:\s*(\d+)",
+                         re.DOTALL)
+
+
+def _cascaded(record: RankExit, paths: RunPaths, named: set[int]) -> bool:
+    if record.rank in named:
+        return True
     text = "\n".join(tail_lines(paths.rank_log(record.rank), 60))
     return any(marker in text for marker in CASCADE_MARKERS)
 
 
+def _cascades_named_by_mpirun(records: dict[int, RankExit], paths: RunPaths) -> set[int]:
+    """The ranks that mpirun's log says aborted because a peer went away (``CASCADE_MARKERS``
+    shown through mpirun, naming the rank or its host and pid)."""
+    text = "\n".join(tail_lines(paths.mpirun_log, 400, 65536))
+    named = {int(match.group(1)) for match in _REPORTED_BY.finditer(text)}
+    by_process = {(r.host, r.pid): r.rank for r in records.values() if r.pid}
+    for match in _LOCAL_PEER.finditer(text):
+        rank = by_process.get((match.group(1), int(match.group(2))))
+        if rank is not None:
+            named.add(rank)
+    return named
+
+
 def root_cause(records: dict[int, RankExit], paths: RunPaths) -> Failure | None:
     """The rank that failed first (by the time it ended), with its last log lines. A rank
-    whose MPI aborted because a peer disconnected is the cause only when no other failed:
-    it can end a hair before the peer it lost (its own exit record is written sooner)."""
+    whose MPI aborted because a peer disconnected (said in its own log or in mpirun's) is
+    the cause only when no other failed: it can end a hair before the peer it lost (its
+    own exit record is written sooner)."""
     failed = [r for r in records.values() if r.failed]
     if not failed:
         return None
-    primary = [r for r in failed if not _cascaded(r, paths)] or failed
+    named = _cascades_named_by_mpirun(records, paths)
+    primary = [r for r in failed if not _cascaded(r, paths, named)] or failed
     first = min(primary, key=lambda r: r.ended if r.ended is not None else float("inf"))
     exc = first.exception or {}
     exception = f"{exc['type']}: {exc.get('message', '')}"[:300] if exc.get("type") else None
