@@ -299,6 +299,33 @@ def test_a_rank_whose_lost_peer_only_mpirun_reported_is_not_the_root_cause(tmp_p
     assert unexplained is not None and unexplained.rank == 1
 
 
+def test_what_mpirun_says_of_a_lost_peer_names_the_right_rank(tmp_path):
+    """mpirun's log names a rank that lost its peer by its host's short name (the record
+    may hold the full one); a lost-peer block without its host and pid does not borrow the
+    next block's; and a named rank that died of a signal of its own is still a cause."""
+    from distlaunch.launch.supervise import root_cause
+    from distlaunch.records import RankExit, RunPaths
+
+    paths = RunPaths(tmp_path)
+    paths.logs.mkdir()
+    for rank in range(3):
+        paths.rank_log(rank).write_text("")
+    paths.mpirun_log.write_text(PEER_GONE)
+    records = {0: RankExit(0, host="node2.cluster.example", pid=8408, ended=100.0, exit_code=14),
+               1: RankExit(1, host="node3.cluster.example", pid=8500, ended=100.01, exit_code=137, signal="SIGKILL")}
+    assert root_cause(records, paths).rank == 1  # rank 0 named by its short host name
+    headless = PEER_GONE.split("  Local host")[0] + "-" * 74 + "\n" + ("x" * 79 + "\n") * 25
+    other = "A process failed to open a device (another message).\n  Local host: node3\n  Local PID:  8500\n"
+    paths.mpirun_log.write_text(headless + other)
+    records = {0: RankExit(0, host="node2", pid=8408, ended=100.0, exit_code=14),
+               1: RankExit(1, host="node3", pid=8500, ended=99.99, exit_code=14)}
+    assert root_cause(records, paths).rank == 1  # another message's host and pid name nobody
+    paths.mpirun_log.write_text(SOCKET_CLOSED)
+    records = {1: RankExit(1, host="node2", pid=8408, ended=100.0, exit_code=139, signal="SIGSEGV"),
+               2: RankExit(2, host="node3", pid=8500, ended=100.01, exit_code=137, signal="SIGKILL")}
+    assert root_cause(records, paths).rank == 1  # it crashed itself: being named does not excuse it
+
+
 def test_a_failure_is_still_printed_when_the_traceback_module_cannot_be_had(monkeypatch, capsys):
     """When even the standard library's traceback cannot be imported, the interpreter's own
     printer shows the user's exception (and nothing is recorded, rather than a crash)."""

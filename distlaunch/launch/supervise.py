@@ -213,13 +213,13 @@ CASCADE_MARKERS = ("peer process has unexpectedly disconnected", "*** An error o
 # they name the rank: "*** reported by process [JOB,RANK]" under the first, "Local host: H"
 # and "Local PID: P" in the second's block
 _REPORTED_BY = re.compile(r"An error occurred in Socket closed[^\n]*\n[^\n]*reported by process \[\d+,(\d+)\]")
-_LOCAL_PEER = re.compile(r"peer process has unexpectedly disconnected.*?Local host:\s*(\S+)\s*Local PID:\s*(\d+)",
-                         re.DOTALL)
+_LOCAL_PEER = re.compile(r"peer process has unexpectedly disconnected.{0,1500}?Local host:\s*(\S+)\s*"
+                         r"Local PID:\s*(\d+)", re.DOTALL)  # within its own block, never the next one's
 
 
 def _cascaded(record: RankExit, paths: RunPaths, named: set[int]) -> bool:
-    if record.rank in named:
-        return True
+    if record.rank in named and record.signal is None and not record.exception:
+        return True  # named by mpirun, and nothing says it failed on its own
     text = "\n".join(tail_lines(paths.rank_log(record.rank), 60))
     return any(marker in text for marker in CASCADE_MARKERS)
 
@@ -229,9 +229,10 @@ def _cascades_named_by_mpirun(records: dict[int, RankExit], paths: RunPaths) -> 
     shown through mpirun, naming the rank or its host and pid)."""
     text = "\n".join(tail_lines(paths.mpirun_log, 400, 65536))
     named = {int(match.group(1)) for match in _REPORTED_BY.finditer(text)}
-    by_process = {(r.host, r.pid): r.rank for r in records.values() if r.pid}
+    # by the short host name: the record's is the node's own (maybe with its domain), Open MPI's may be short
+    by_process = {(r.host.split(".")[0], r.pid): r.rank for r in records.values() if r.pid}
     for match in _LOCAL_PEER.finditer(text):
-        rank = by_process.get((match.group(1), int(match.group(2))))
+        rank = by_process.get((match.group(1).split(".")[0], int(match.group(2))))
         if rank is not None:
             named.add(rank)
     return named
