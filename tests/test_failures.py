@@ -178,6 +178,18 @@ def test_usr_signals_reach_every_rank(tmp_path, signum):
     assert record["status"] == "cancelled"
 
 
+def test_a_launcher_killed_outright_takes_its_job_with_it(tmp_path):
+    """SIGKILL (the OOM killer, a batch system's hard kill) leaves distlaunch no moment to
+    stop its job: mpirun and the ranks must still end, not run on as orphans."""
+    job = Job(tmp_path, 2, "sleep", -1)
+    job.wait_ready()
+    run_id = next((tmp_path / "runs").iterdir()).name
+    assert len(survivors(run_id)) >= 3, "premise: mpirun and both ranks are running"
+    job.proc.kill()
+    job.proc.wait(timeout=10)
+    wait_for(lambda: survivors(run_id) == [], 30, "mpirun and the ranks to end after the launcher's SIGKILL")
+
+
 def test_detached_children_do_not_outlive_the_run(tmp_path):
     """Ranks that leave a child behind in a session of its own (out of mpirun's reach):
     the run still ends with nothing of it alive."""

@@ -1,6 +1,8 @@
 """Run a ``LaunchPlan``: start mpirun, relay its output, forward signals, leave nothing behind.
 
 ``Supervisor`` has a lifecycle: ``start()`` spawns mpirun in a session of its own,
+told to take its job down (SIGTERM) if the thread that started it ends without doing
+so (a launcher killed outright: ``procs.death_signal``),
 ``poll()`` watches it once (cancel requests, ``--timeout``, ``--hang-timeout``, the
 grace period after a stop), ``stop()`` forwards a signal, ``wait()`` polls until the end
 and ``finish()`` ends it:
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
 from ..errors import ExitCode, RunDirError
-from ..nodes.procs import dump_stacks, kill_run
+from ..nodes.procs import death_signal, dump_stacks, kill_run
 from ..plan.mpirun import LaunchPlan
 from ..protocol import RELAY_METRICS, line_rank, metric_payload
 from ..records import Failure, RankExit, RunPaths, Status, open_private, read_rank_exits, tail_lines
@@ -325,6 +327,7 @@ class Supervisor:
             self.proc = subprocess.Popen(
                 list(self.plan.argv), env={**os.environ, **self.plan.env}, stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                preexec_fn=death_signal(),  # a launcher killed outright: mpirun ends the job itself
             )
         except BaseException:
             self._restore_handlers()

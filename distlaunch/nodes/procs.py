@@ -11,9 +11,33 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..protocol import RUN_ID
+
+
+def death_signal() -> Callable[[], None] | None:
+    """For ``Popen(preexec_fn=...)``: the child gets SIGTERM when the thread that started it
+    ends, whatever ends it (a SIGKILL too), and leaves at once if its parent is already
+    gone. So the processes a launcher starts (mpirun, the ssh masters) end their own
+    work when the launcher cannot: the thread must live as long as the child is wanted.
+    Looked up here, in the parent: the child of a threaded process should do as little
+    as possible between fork and exec. None where there is no ``prctl`` (not Linux)."""
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (ImportError, OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def set_up() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return set_up
 
 
 def _pid_namespace(pid: int | str) -> str | None:

@@ -35,15 +35,15 @@ import logging
 import os
 import selectors
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Optional
 
 from ..plan.ssh import CONNECT_TIMEOUT_S, SSHOptions
+from .procs import death_signal
 from .transport import agent_argv
 
 log = logging.getLogger("distlaunch")
@@ -51,27 +51,6 @@ log = logging.getLogger("distlaunch")
 SHARE_ENV = "DISTLAUNCH_SSH_SHARE"
 MAX_SOCKET_DIR = 60  # the dir, '/', and ssh's 40-character %C hash stay well under the 108-byte limit
 STOP_GRACE_S = 5.0
-
-
-def _death_signal() -> Callable[[], None] | None:
-    """For a master or agent session, run in the child before it starts: SIGTERM when the
-    thread that started it (the launcher's main thread) ends, whatever ends it, and an
-    exit at once if the launcher is already gone. Looked up here, in the parent: the child
-    of a threaded process should do as little as possible between fork and exec."""
-    try:
-        import ctypes
-
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (ImportError, OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def set_up() -> None:
-        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return set_up
 
 
 def _reap(proc: subprocess.Popen[bytes], deadline: float) -> None:
@@ -101,7 +80,7 @@ class AgentSession:
         self.ready = False
         self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            start_new_session=True, preexec_fn=_death_signal())
+            start_new_session=True, preexec_fn=death_signal())
 
     def alive(self) -> bool:
         proc = self.proc
