@@ -276,6 +276,41 @@ def test_failure_matrix_on_two_nodes(cluster, project, tmp_path, cell):
     report(f"{fault} (2 nodes)", 4, ended - fault_at - waited, status, code)
 
 
+@pytest.mark.parametrize("share", ["1", "0"], ids=["shared-ssh", "plain-ssh"])
+def test_a_launcher_killed_outright_leaves_nothing_on_the_nodes(cluster, project, tmp_path, share):
+    """SIGKILL gives distlaunch no moment to clean up: mpirun still takes the ranks on
+    both nodes down, and no ssh master or node agent of the run is left. With shared
+    connections, the masters' ending alone would cut mpirun off from its daemons; with
+    plain ssh, only mpirun's own death signal ends the job."""
+    import psutil
+    from test_failures import survivors, wait_for
+
+    script = project / "faults.py"
+    shutil.copy(SCRIPTS / "faults.py", script)
+    argv = [sys.executable, "-m", "distlaunch", "run", "--hosts", ",".join(f"{h}:2" for h in cluster.hosts),
+            "--ssh-config", str(cluster.ssh_config), *UNBIND, "--env", f"OUT_DIR={tmp_path}",
+            "--env", "FAULT=sleep", "--env", "FAULT_RANK=-1", str(script)]
+    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "DISTLAUNCH_SSH_SHARE": share})
+    wait_for(lambda: len(list(tmp_path.glob("ready-*"))) == 4 or proc.poll() is not None, 120, "ranks to start")
+    assert proc.poll() is None, proc.communicate()
+    run_id = next((tmp_path / "runs").iterdir()).name
+    assert len(survivors(run_id)) >= 5, "premise: mpirun and the four ranks are running"
+    proc.kill()
+    proc.communicate(timeout=30)
+    wait_for(lambda: survivors(run_id) == [], 60, "every process of the run to end after the launcher's SIGKILL")
+
+    def of_the_run() -> list[str]:
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            line = " ".join(p.info["cmdline"] or [])
+            if "distlaunch-ssh-" in line or "distlaunch.nodes.agent serve" in line:
+                found.append(line[:150])
+        return found
+
+    wait_for(lambda: of_the_run() == [], 30, "the run's ssh masters and node agents to end")
+
+
 def test_shared_source_is_detected_and_not_synced(cluster, project, tmp_path):
     # the simulated nodes share this machine's /tmp (all but their scratch directory)
     proc, run_dir, record = launch(cluster, tmp_path, "--remote-dir", str(project.parent),
