@@ -601,6 +601,8 @@ def test_a_node_killed_mid_run_is_left_out_and_training_resumes(cluster, project
     assert f"epoch {int(resumed.group(1))}: loss" not in out.split("resumed from epoch")[1]  # not trained again
     metrics = [json.loads(line) for line in (run_dir / "metrics" / "rank-0.jsonl").read_text().splitlines()]
     resumed_at = min(item["time"] for item in metrics if item["name"] == "loss" and item["time"] > killed_at)
+    before_kill = [item for item in metrics if item["name"] == "loss" and item["time"] < killed_at]
+    assert len(before_kill) >= 2, "the first attempt's metrics must stay in the run's history"
     report = os.environ.get("DISTLAUNCH_MATRIX_REPORT")
     if report:
         with open(report, "a") as handle:
@@ -641,7 +643,7 @@ def test_a_restart_moves_to_a_spare_node_never_used_before(cluster, tmp_path):
 def test_rank_0_moved_to_a_spare_node_takes_the_checkpoints_along(cluster, project, tmp_path):
     """--nodes 1 of two hosts, rank 1 SIGKILLed on node 1: the restart runs on node 2 (never
     used, set up first), where rank 0 finds node 1's checkpoints and resumes."""
-    proc, out, err, _killed_at = train_and_kill(
+    proc, out, err, killed_at = train_and_kill(
         cluster, tmp_path, ["--hosts", ",".join(f"{h}:2" for h in cluster.hosts), "--nodes", "1",
                             "--max-restarts", "1", str(project / "train.py"), "--epochs", "6", "--samples", "32768"],
         ("1",))
@@ -653,6 +655,10 @@ def test_rank_0_moved_to_a_spare_node_takes_the_checkpoints_along(cluster, proje
     resumed = re.search(r"resumed from epoch (\d+)", out)
     assert resumed and int(resumed.group(1)) >= 2 and "epoch 6: loss" in out, out[-3000:]
     assert (run_dir / "outputs" / "model.pt").is_file()
+    metrics = [json.loads(line) for line in (run_dir / "metrics" / "rank-0.jsonl").read_text().splitlines()]
+    times = [item["time"] for item in metrics if item["name"] == "loss"]
+    assert times == sorted(times) and len(set(times)) == len(times), "each attempt's metrics once, in order"
+    assert any(at < killed_at for at in times) and any(at > killed_at for at in times), "both attempts' metrics"
 
 
 def test_a_sweep_of_two_node_trials_stops_bad_ones_live(cluster, tmp_path):

@@ -168,6 +168,40 @@ def test_node_health_file_blames_expires_and_clears(tmp_path):
     assert health.clear(["node4", "node3"]) == ["node3"] and health.entries() == {}
 
 
+@pytest.mark.parametrize("relayed", [True, False], ids=["rank-0-relayed", "rank-0-collected"])
+def test_a_collection_adds_an_attempts_metrics_to_the_runs_history(tmp_path, relayed):
+    """A node holds only its attempt's metrics: collecting them after a restart adds them
+    to what the run folder has, in order; rank 0's lines relayed live are not doubled."""
+    from distlaunch.nodes.treesync import keeping_metrics
+
+    folder = tmp_path / "run" / "metrics"
+    folder.mkdir(parents=True)
+    first = b'{"name": "loss", "value": 1}\n'
+    (folder / "rank-0.jsonl").write_bytes(first + (b'{"name": "loss", "value": 2}\n' if relayed else b""))
+    (folder / "rank-1.jsonl").write_bytes(b"r1 attempt 1\n")
+    with keeping_metrics(folder, relayed_rank0=relayed):
+        assert not folder.exists()  # the collection brings the attempt's folder as it is on the node
+        folder.mkdir()
+        (folder / "rank-0.jsonl").write_bytes(b'{"name": "loss", "value": 2}\n')
+        (folder / "rank-1.jsonl").write_bytes(b"r1 attempt 2\n")
+        (folder / "rank-2.jsonl").write_bytes(b"r2 attempt 2\n")
+    assert (folder / "rank-0.jsonl").read_bytes() == first + b'{"name": "loss", "value": 2}\n'
+    assert (folder / "rank-1.jsonl").read_bytes() == b"r1 attempt 1\nr1 attempt 2\n"
+    assert (folder / "rank-2.jsonl").read_bytes() == b"r2 attempt 2\n"
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["metrics"]  # nothing set aside is left
+
+
+def test_metrics_set_aside_go_back_when_the_collection_fails(tmp_path):
+    from distlaunch.nodes.treesync import keeping_metrics
+
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    (folder / "rank-0.jsonl").write_bytes(b"kept\n")
+    with pytest.raises(OSError), keeping_metrics(folder, relayed_rank0=False):
+        raise OSError("rsync failed")
+    assert (folder / "rank-0.jsonl").read_bytes() == b"kept\n"
+
+
 def test_nodes_command_lists_and_clears(tmp_path):
     env = {**os.environ, "DISTLAUNCH_STATE_DIR": str(tmp_path / "state")}
 

@@ -14,8 +14,10 @@ to ./outputs and ./logs. Nodes are handled in parallel; where the code goes is
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import stat
 import subprocess
 import threading
@@ -380,12 +382,45 @@ def unpack_into(nodes: Nodes, host: str, sources: Sequence[tuple[str, str]], loc
     return True
 
 
+@contextlib.contextmanager
+def keeping_metrics(folder: Path, relayed_rank0: bool):
+    """Around a collection that brings an attempt's ``metrics/`` into ``folder``: the run's
+    metrics are its history over every attempt, so what the nodes hold (only this
+    attempt's lines; each attempt writes in a folder of its own there) is added to the
+    files already in ``folder``, never put in their place. Rank 0's file, when its lines
+    were relayed live from another node (``relayed_rank0``), is complete already: what
+    came for it is dropped. The files set aside go back also if the collection raises."""
+    aside = folder.with_name(".metrics-collecting")
+    if not (folder.is_dir() and any(folder.iterdir())):
+        yield
+        return
+    os.replace(folder, aside)
+    try:
+        yield
+    finally:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for before in sorted(aside.iterdir()):
+            came = folder / before.name
+            if came.is_file() and not (relayed_rank0 and before.name == "rank-0.jsonl"):
+                with open(before, "ab") as history, open(came, "rb") as attempt:
+                    shutil.copyfileobj(attempt, history)
+            os.replace(before, came)
+        aside.rmdir()
+
+
 def collect(nodes: Nodes, hosts: Sequence[str], rank0_host: str, layout: RemoteLayout, run_root: Path,
             all_ranks: bool) -> list[str]:
     """Bring rank logs, exit records and metrics from every node, and rank 0's ./outputs and
     ./logs (every node's outputs under outputs/<host>/ with ``all_ranks``): one rsync per
-    node (two with ``all_ranks``), all nodes at once. Returns what failed, as
-    ``host:folder`` (a folder the job never made is not a failure)."""
+    node (two with ``all_ranks``), all nodes at once. Metrics add to those of earlier
+    attempts (``keeping_metrics``). Returns what failed, as ``host:folder`` (a folder the
+    job never made is not a failure)."""
+    with keeping_metrics(run_root / "metrics", relayed_rank0=not is_local(rank0_host, nodes.transport.local_names)):
+        return _collect(nodes, hosts, rank0_host, layout, run_root, all_ranks)
+
+
+def _collect(nodes: Nodes, hosts: Sequence[str], rank0_host: str, layout: RemoteLayout, run_root: Path,
+             all_ranks: bool) -> list[str]:
     jobs: list[tuple[str, list[tuple[str, str]], Path]] = []
     for host in hosts:
         sources = [(layout.agent_dir, "logs"), (layout.agent_dir, "ranks"), (layout.agent_dir, "metrics")]
