@@ -168,26 +168,39 @@ def test_node_health_file_blames_expires_and_clears(tmp_path):
     assert health.clear(["node4", "node3"]) == ["node3"] and health.entries() == {}
 
 
-@pytest.mark.parametrize("relayed", [True, False], ids=["rank-0-relayed", "rank-0-collected"])
-def test_a_collection_adds_an_attempts_metrics_to_the_runs_history(tmp_path, relayed):
+def test_a_collection_adds_an_attempts_metrics_to_the_runs_history(tmp_path):
     """A node holds only its attempt's metrics: collecting them after a restart adds them
-    to what the run folder has, in order; rank 0's lines relayed live are not doubled."""
+    to what the run folder has, in order; rank 0's lines relayed live as they were logged
+    are not doubled, and what the relay missed (a worker killed outright) is added."""
     from distlaunch.nodes.treesync import keeping_metrics
+
+    def lines(*names: str) -> bytes:
+        return b"".join(b'{"name": "%s", "time": %d}\n' % (name.encode(), number) for number, name in
+                        enumerate(names))
 
     folder = tmp_path / "run" / "metrics"
     folder.mkdir(parents=True)
-    first = b'{"name": "loss", "value": 1}\n'
-    (folder / "rank-0.jsonl").write_bytes(first + (b'{"name": "loss", "value": 2}\n' if relayed else b""))
-    (folder / "rank-1.jsonl").write_bytes(b"r1 attempt 1\n")
-    with keeping_metrics(folder, relayed_rank0=relayed):
+    first, second = lines("a1", "a2"), b'{"name": "b1", "time": 9}\n{"name": "b2", "time": 10}\n'
+    (folder / "rank-0.jsonl").write_bytes(first + second)  # attempt 1 collected, attempt 2 relayed whole
+    (folder / "rank-1.jsonl").write_bytes(first + second[:len(second) // 2 + 1].rsplit(b"\n", 1)[0] + b"\n")
+    (folder / "rank-2.jsonl").write_bytes(b"r2 attempt 1\n")
+    (folder / "rank-4.jsonl").write_bytes(b"same\nother\n")  # the attempt's first line, by chance, then not
+    (folder / "rank-5.jsonl").write_bytes(b"not same\n")  # ends like that line, but it is not a line of its own
+    with keeping_metrics(folder):
         assert not folder.exists()  # the collection brings the attempt's folder as it is on the node
         folder.mkdir()
-        (folder / "rank-0.jsonl").write_bytes(b'{"name": "loss", "value": 2}\n')
-        (folder / "rank-1.jsonl").write_bytes(b"r1 attempt 2\n")
+        for name in ("rank-0.jsonl", "rank-1.jsonl"):
+            (folder / name).write_bytes(second)
         (folder / "rank-2.jsonl").write_bytes(b"r2 attempt 2\n")
-    assert (folder / "rank-0.jsonl").read_bytes() == first + b'{"name": "loss", "value": 2}\n'
-    assert (folder / "rank-1.jsonl").read_bytes() == b"r1 attempt 1\nr1 attempt 2\n"
-    assert (folder / "rank-2.jsonl").read_bytes() == b"r2 attempt 2\n"
+        (folder / "rank-3.jsonl").write_bytes(b"r3 attempt 2\n")
+        (folder / "rank-4.jsonl").write_bytes(b"same\nnew\n")
+        (folder / "rank-5.jsonl").write_bytes(b"same\n")
+    assert (folder / "rank-0.jsonl").read_bytes() == first + second  # nothing twice
+    assert (folder / "rank-1.jsonl").read_bytes() == first + second  # the relay's missing line added
+    assert (folder / "rank-2.jsonl").read_bytes() == b"r2 attempt 1\nr2 attempt 2\n"
+    assert (folder / "rank-3.jsonl").read_bytes() == b"r3 attempt 2\n"
+    assert (folder / "rank-4.jsonl").read_bytes() == b"same\nother\nsame\nnew\n"
+    assert (folder / "rank-5.jsonl").read_bytes() == b"not same\nsame\n"
     assert sorted(p.name for p in folder.parent.iterdir()) == ["metrics"]  # nothing set aside is left
 
 
@@ -197,7 +210,7 @@ def test_metrics_set_aside_go_back_when_the_collection_fails(tmp_path):
     folder = tmp_path / "metrics"
     folder.mkdir()
     (folder / "rank-0.jsonl").write_bytes(b"kept\n")
-    with pytest.raises(OSError), keeping_metrics(folder, relayed_rank0=False):
+    with pytest.raises(OSError), keeping_metrics(folder):
         raise OSError("rsync failed")
     assert (folder / "rank-0.jsonl").read_bytes() == b"kept\n"
 

@@ -180,7 +180,7 @@ class LogFiles:
 
     def metrics(self, lines: list[bytes]) -> None:
         """Rank 0's metrics lines, relayed from its node: appended to its metrics file here
-        (which the collection at the end replaces with the node's own, the same lines)."""
+        (the collection at the end adds only what the node has beyond them)."""
         if not lines:
             return
         with self.lock:

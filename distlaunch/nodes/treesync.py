@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import stat
 import subprocess
 import threading
@@ -383,13 +382,12 @@ def unpack_into(nodes: Nodes, host: str, sources: Sequence[tuple[str, str]], loc
 
 
 @contextlib.contextmanager
-def keeping_metrics(folder: Path, relayed_rank0: bool):
+def keeping_metrics(folder: Path):
     """Around a collection that brings an attempt's ``metrics/`` into ``folder``: the run's
     metrics are its history over every attempt, so what the nodes hold (only this
-    attempt's lines; each attempt writes in a folder of its own there) is added to the
-    files already in ``folder``, never put in their place. Rank 0's file, when its lines
-    were relayed live from another node (``relayed_rank0``), is complete already: what
-    came for it is dropped. The files set aside go back also if the collection raises."""
+    attempt's lines: each attempt writes in a folder of its own there) is added to the
+    files already in ``folder``, never put in their place (``_new_lines``). The files set
+    aside go back also if the collection raises."""
     aside = folder.with_name(".metrics-collecting")
     if not (folder.is_dir() and any(folder.iterdir())):
         yield
@@ -401,11 +399,22 @@ def keeping_metrics(folder: Path, relayed_rank0: bool):
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         for before in sorted(aside.iterdir()):
             came = folder / before.name
-            if came.is_file() and not (relayed_rank0 and before.name == "rank-0.jsonl"):
-                with open(before, "ab") as history, open(came, "rb") as attempt:
-                    shutil.copyfileobj(attempt, history)
+            if came.is_file():
+                with open(before, "r+b") as history:
+                    history.write(_new_lines(history.read(), came.read_bytes()))
             os.replace(before, came)
         aside.rmdir()
+
+
+def _new_lines(history: bytes, attempt: bytes) -> bytes:
+    """What of an attempt's metrics file ``history`` lacks: all of it, less the lines that
+    ``history`` ends with already (rank 0's, which its worker relays live from another
+    node as they are logged; a worker killed outright may not have relayed the last)."""
+    first = attempt.split(b"\n", 1)[0] + b"\n"
+    at = history.rfind(first)
+    if at >= 0 and (at == 0 or history[at - 1:at] == b"\n") and attempt.startswith(history[at:]):
+        return attempt[len(history) - at:]
+    return attempt
 
 
 def collect(nodes: Nodes, hosts: Sequence[str], rank0_host: str, layout: RemoteLayout, run_root: Path,
@@ -415,7 +424,7 @@ def collect(nodes: Nodes, hosts: Sequence[str], rank0_host: str, layout: RemoteL
     node (two with ``all_ranks``), all nodes at once. Metrics add to those of earlier
     attempts (``keeping_metrics``). Returns what failed, as ``host:folder`` (a folder the
     job never made is not a failure)."""
-    with keeping_metrics(run_root / "metrics", relayed_rank0=not is_local(rank0_host, nodes.transport.local_names)):
+    with keeping_metrics(run_root / "metrics"):
         return _collect(nodes, hosts, rank0_host, layout, run_root, all_ranks)
 
 
