@@ -75,6 +75,20 @@ def metric_payload(line: bytes) -> bytes | None:
     return line[match.end() + len(METRIC_MARK):]
 
 
+# -- the line a rank's worker prints on stderr as its rank fails: ``[N] <RANK_FAILED_MARK>``;
+# the launcher hears of the failure at once, from any node, and never shows the line
+RANK_FAILED_MARK = b"\x1edistlaunch-rank-failed"
+
+
+def failed_rank(line: bytes) -> int | None:
+    """The rank a worker's failure line (``[N] <RANK_FAILED_MARK>``) names; None for any
+    other line."""
+    match = _RANK_LINE_BYTES.match(line)
+    if match is None or not line.startswith(RANK_FAILED_MARK, match.end()):
+        return None
+    return int(match.group(1))
+
+
 def dump_signal() -> int:
     """The signal a Python rank answers by printing every thread's stack."""
     return int(os.environ.get(DUMP_SIGNAL, signal.SIGRTMIN + 4))

@@ -276,6 +276,56 @@ def test_failure_matrix_on_two_nodes(cluster, project, tmp_path, cell):
     report(f"{fault} (2 nodes)", 4, ended - fault_at - waited, status, code)
 
 
+def test_a_job_whose_mpirun_hangs_after_a_failure_is_ended_with_the_rank_as_cause(cluster, project, tmp_path):
+    """Node 3's Open MPI daemon stops answering (SIGSTOP), then rank 1 on node 2 is killed:
+    mpirun never ends the job by itself. distlaunch ends it --kill-grace plus
+    ENDS_AFTER_FAILURE_S after rank 1's worker said it failed, records rank 1 as the
+    cause and leaves no process of the run."""
+    import psutil
+    from test_failures import survivors, wait_for
+
+    from distlaunch.launch.supervise import ENDS_AFTER_FAILURE_S
+
+    script = project / "faults.py"
+    shutil.copy(SCRIPTS / "faults.py", script)
+    argv = [sys.executable, "-m", "distlaunch", "run", "--hosts", ",".join(f"{h}:2" for h in cluster.hosts),
+            "--ssh-config", str(cluster.ssh_config), *UNBIND, "--kill-grace", "2", "--env", f"OUT_DIR={tmp_path}",
+            "--env", "FAULT=sigkill", "--env", "FAULT_RANK=1", str(script)]
+    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(list(tmp_path.glob("ready-*"))) == 4 or proc.poll() is not None, 120, "ranks to start")
+    assert proc.poll() is None, proc.communicate()
+    run_id = next((tmp_path / "runs").iterdir()).name
+
+    def program_of(rank: int) -> psutil.Process:
+        for item in psutil.process_iter():
+            try:
+                environ = item.environ()
+            except psutil.Error:
+                continue
+            if environ.get("DISTLAUNCH_RUN_ID") == run_id and environ.get("OMPI_COMM_WORLD_RANK") == str(rank) \
+                    and python_rank(item):
+                return item
+        raise AssertionError(f"rank {rank}'s program not found")
+
+    daemon = next(p for p in program_of(2).parents() if p.name() == "prted")  # node 3's
+    daemon.suspend()
+    try:
+        program_of(1).kill()
+        killed = time.monotonic()
+        _out, err = proc.communicate(timeout=120)
+        took = time.monotonic() - killed
+    finally:
+        daemon.resume()
+    record = json.loads((tmp_path / "runs" / run_id / "run.json").read_text())
+    assert proc.returncode == 137, err[-3000:]
+    assert record["status"] == "failed" and record["exit_code"] == 137
+    assert (record["first_failure"]["rank"], record["first_failure"]["signal"]) == (1, "SIGKILL")
+    assert "had not ended the job" in record["reason"] and "rank 1 on" in record["reason"], record["reason"]
+    assert 2 + ENDS_AFTER_FAILURE_S <= took < 2 + ENDS_AFTER_FAILURE_S + 30, took
+    assert "distlaunch-rank-failed" not in err + (tmp_path / "runs" / run_id / "logs" / "output.log").read_text()
+    wait_for(lambda: survivors(run_id) == [], 60, "every process of the run to end")
+
+
 @pytest.mark.parametrize("share", ["1", "0"], ids=["shared-ssh", "plain-ssh"])
 def test_a_launcher_killed_outright_leaves_nothing_on_the_nodes(cluster, project, tmp_path, share):
     """SIGKILL gives distlaunch no moment to clean up: mpirun still takes the ranks on

@@ -1,11 +1,12 @@
 """Run a ``LaunchPlan``: start mpirun, relay its output, forward signals, leave nothing behind.
 
-``Supervisor`` has a lifecycle: ``start()`` spawns mpirun in a session of its own,
-told to take its job down (SIGTERM) if the thread that started it ends without doing
-so (a launcher killed outright: ``procs.death_signal``),
-``poll()`` watches it once (cancel requests, ``--timeout``, ``--hang-timeout``, the
-grace period after a stop), ``stop()`` forwards a signal, ``wait()`` polls until the end
-and ``finish()`` ends it:
+``Supervisor`` has a lifecycle: ``start()`` spawns mpirun in a session of its own, told
+to take its job down (SIGTERM) if the thread that started it ends without doing so (a
+launcher killed outright: ``procs.death_signal``); ``poll()`` watches it once (cancel
+requests, ``--timeout``, ``--hang-timeout``, the grace period after a stop, and a
+launcher that has not ended the job well after a rank failed, which each rank's worker
+tells on stderr the moment it happens); ``stop()`` forwards a signal; ``wait()`` polls
+until the end; and ``finish()`` ends it:
 whatever is left of the run on this machine is killed (found by mpirun's session and
 the run's ``DISTLAUNCH_RUN_ID`` tag, never by name) BEFORE mpirun is reaped, so its
 pid cannot be reused meanwhile; then the other nodes are cleaned up and the
@@ -24,13 +25,14 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
 from ..errors import ExitCode, RunDirError
 from ..nodes.procs import death_signal, dump_stacks, kill_run
 from ..plan.mpirun import LaunchPlan
-from ..protocol import RELAY_METRICS, line_rank, metric_payload
+from ..protocol import RANK_FAILED_MARK, RELAY_METRICS, failed_rank, line_rank, metric_payload
 from ..records import Failure, RankExit, RunPaths, Status, open_private, read_rank_exits, tail_lines
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ PASS_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 LEFTOVER_GRACE_S = 2.0  # after mpirun exits, ranks still finishing get this long
 HANG_DUMP_WAIT_S = 1.0  # after asking ranks for their stacks, before stopping them
 POLL_S = 0.2
+ENDS_AFTER_FAILURE_S = 10.0  # once a rank failed, mpirun gets --kill-grace and this long to end the job
 
 
 @dataclass(frozen=True)
@@ -92,14 +95,15 @@ class Outcome:
 class OutputPump(threading.Thread):
     """Copy one of mpirun's streams to the console; keep every line in output.log and
     mpirun's own lines in mpirun.log; with ``relayed``, rank 0's metrics lines relayed from
-    another node go to the run's metrics instead. A full disk stops the logs, never the
-    draining."""
+    another node go to the run's metrics instead; with ``on_failed``, a worker's line
+    saying its rank failed is passed to it, and to nothing else. A full disk stops the
+    logs, never the draining."""
 
     def __init__(self, stream: IO[bytes], sink: IO[bytes] | None, ranks: frozenset[int] | None,
-                 logs: LogFiles, relayed: bool = False) -> None:
+                 logs: LogFiles, relayed: bool = False, on_failed: Callable[[int], None] | None = None) -> None:
         super().__init__(daemon=True)
         self.stream, self.sink, self.ranks, self.logs = stream, sink, ranks, logs
-        self.relayed = relayed
+        self.relayed, self.on_failed = relayed, on_failed
         self.last_data = time.monotonic()
 
     def run(self) -> None:
@@ -109,7 +113,9 @@ class OutputPump(threading.Thread):
             *lines, pending = (pending + data).split(b"\n")
             if self.relayed:
                 lines = self._metrics_out(lines)
-            if self.ranks is None and not self.relayed:
+            if self.on_failed is not None and any(RANK_FAILED_MARK in line for line in lines):
+                lines = self._failures_out(lines)
+            if self.ranks is None and not self.relayed and self.on_failed is None:
                 self._to_sink(data)
             else:
                 self._to_sink(b"".join(line + b"\n" for line in lines if self._shown(line)))
@@ -129,6 +135,17 @@ class OutputPump(threading.Thread):
             else:
                 metrics.append(payload)
         self.logs.metrics(metrics)
+        return rest
+
+    def _failures_out(self, lines: list[bytes]) -> list[bytes]:
+        """Pass on the ranks that failed; the other lines."""
+        rest = []
+        for line in lines:
+            rank = failed_rank(line)
+            if rank is None:
+                rest.append(line)
+            elif self.on_failed is not None:
+                self.on_failed(rank)
         return rest
 
     def _shown(self, line: bytes) -> bool:
@@ -309,6 +326,8 @@ class Supervisor:
         self.code: int | None = None
         self.ended = False  # mpirun has exited: stop requests come too late from here on
         self.late_stop: int | None = None  # a stop signal that came after mpirun ended (no restart then)
+        self.failed: tuple[int, float] | None = None  # the first rank heard to fail, and when (monotonic)
+        self.forced: str | None = None  # why distlaunch ended a job its launcher did not end after a failure
         self._handlers: dict[int, Any] = {}
 
     # -- lifecycle
@@ -336,7 +355,8 @@ class Supervisor:
         assert self.proc.stdout is not None and self.proc.stderr is not None
         relayed = self.plan.env.get(RELAY_METRICS) == "1"
         self.pumps = [OutputPump(self.proc.stdout, self.console.out, self.console.ranks, self.logs, relayed),
-                      OutputPump(self.proc.stderr, self.console.err, self.console.ranks, self.logs)]
+                      OutputPump(self.proc.stderr, self.console.err, self.console.ranks, self.logs,
+                                 on_failed=self._rank_failed)]
         for pump in self.pumps:
             pump.start()
         return self.proc.pid
@@ -360,6 +380,8 @@ class Supervisor:
         elif self.watch.timeout is not None and time.time() - self.started >= self.watch.timeout:
             self.stop(signal.SIGTERM, Status.TIMEOUT, ExitCode.TIMEOUT,
                       f"the job ran longer than --timeout {self.watch.timeout:g} s")
+        elif self.failed is not None and now - self.failed[1] >= self.watch.kill_grace + ENDS_AFTER_FAILURE_S:
+            self._end_after_failure(now - self.failed[1])
         elif self.watch.hang_timeout is not None:
             quiet = time.monotonic() - max(pump.last_data for pump in self.pumps)
             if quiet >= self.watch.hang_timeout:
@@ -451,6 +473,23 @@ class Supervisor:
             signal.signal(signum, handler)
         self._handlers = {}
 
+    def _rank_failed(self, rank: int) -> None:
+        """From the stderr pump: a rank's worker says its rank failed."""
+        if self.failed is None:
+            self.failed = (rank, time.monotonic())
+
+    def _end_after_failure(self, waited: float) -> None:
+        """The launcher ends a job when one rank fails (mpirun, srun --kill-on-bad-exit,
+        Hydra); when it does not (a node's daemon that stopped answering), end it as a
+        stop would, while the failed rank stays the root cause."""
+        assert self.proc is not None and self.failed is not None
+        launcher = os.path.basename(self.plan.argv[0])
+        self.forced = f"{launcher} had not ended the job {waited:.0f} s later: distlaunch stopped it"
+        log.warning("run %s: rank %d failed %.0f s ago and %s has not ended the job: stopping it", self.run_id,
+                    self.failed[0], waited, launcher)
+        self.stop_deadline = time.monotonic() + self.watch.kill_grace
+        os.kill(self.proc.pid, signal.SIGTERM)
+
     def _on_hang(self, quiet: float) -> None:
         assert self.proc is not None
         dumped = dump_stacks(self.run_id) + (self.remote.dump(self.run_id) if self.remote else 0)
@@ -486,4 +525,7 @@ class Supervisor:
             failure = Failure(None, None, exit_code, None, tuple(tail_lines(self.paths.mpirun_log)))
         else:
             status, exit_code = Status.COMPLETED, 0
+        if self.forced is not None and self.stopping is None and not reason:
+            assert self.failed is not None
+            reason = f"{failure.describe() if failure else f'rank {self.failed[0]} failed'}; {self.forced}"
         return Outcome(status, exit_code, code, self.started, time.time(), failure, records, leftovers, reason)

@@ -4,9 +4,11 @@ mpirun starts this on every rank. It works out the rank from the MPI environment
 writes ``ranks/rank-<N>.json`` (the rank has started), starts the user's program as a
 child (which dies with it), relays the child's output line by line with a ``[rank]``
 prefix while keeping a raw copy in ``logs/rank-<N>.log``, forwards termination
-signals, and finally rewrites ``ranks/rank-<N>.json`` saying how the rank ended. It
-exits the way the child did (same code, or the same signal), so mpirun sees the real
-outcome.
+signals, and finally rewrites ``ranks/rank-<N>.json`` saying how the rank ended; a rank
+that failed is also told on stderr at once, in one marked line that only the launcher
+reads (``protocol.RANK_FAILED_MARK``: the records of other nodes come back only at the
+end). It exits the way the child did (same code, or the same signal), so mpirun sees
+the real outcome.
 
 A ``.py`` program is run by the bootstrap in this very interpreter's fork when the
 program's command is this interpreter with this worker's own flags, and so are
@@ -51,7 +53,7 @@ from collections.abc import Callable
 
 from .. import protocol
 from ..errors import DistlaunchError
-from ..protocol import EXCEPTION_FILE, FORK_RANKS, METRIC_MARK, RANK, RELAY_METRICS
+from ..protocol import EXCEPTION_FILE, FORK_RANKS, METRIC_MARK, RANK, RANK_FAILED_MARK, RELAY_METRICS
 from ..runfiles import AppendedLines, read_json, write_json
 from .rankinfo import RankInfo, from_environ
 
@@ -535,6 +537,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(exc.exit_code)
     record = run_rank(command, run_dir, info, gpus)
     _save(record, run_dir, info)
+    if record["exit_code"]:  # the launcher hears of it now, wherever this node is (supervise.OutputPump)
+        _write_all(sys.stderr.fileno(), info.prefix + RANK_FAILED_MARK + b"\n")
     _exit_like(record)
 
 
