@@ -75,18 +75,19 @@ def metric_payload(line: bytes) -> bytes | None:
     return line[match.end() + len(METRIC_MARK):]
 
 
-# -- the line a rank's worker prints on stderr as its rank fails: ``[N] <RANK_FAILED_MARK>``;
-# the launcher hears of the failure at once, from any node, and never shows the line
+# -- the line a rank's worker prints on stderr as its rank fails, where the launcher asks for
+# it (FAILURE_NOTICE=1): ``[N] <RANK_FAILED_MARK>``; the launcher hears of the failure at
+# once, from any node, and never shows the line (also when mpirun prefixes it, --tag-output)
+FAILURE_NOTICE = "DISTLAUNCH_FAILURE_NOTICE"
 RANK_FAILED_MARK = b"\x1edistlaunch-rank-failed"
+_FAILED_LINE = re.compile(rb"\[ *(\d+)\] \x1edistlaunch-rank-failed$")
 
 
 def failed_rank(line: bytes) -> int | None:
     """The rank a worker's failure line (``[N] <RANK_FAILED_MARK>``) names; None for any
     other line."""
-    match = _RANK_LINE_BYTES.match(line)
-    if match is None or not line.startswith(RANK_FAILED_MARK, match.end()):
-        return None
-    return int(match.group(1))
+    match = _FAILED_LINE.search(line) if RANK_FAILED_MARK in line else None
+    return int(match.group(1)) if match else None
 
 
 def dump_signal() -> int:

@@ -108,7 +108,7 @@ class RunPaths:
             for path in (self.logs, self.ranks, self.hostfile):
                 if path.exists():
                     os.replace(path, target / path.name)
-            if self.metrics.is_dir():  # kept going, but a multi-node collect replaces the files: keep a copy
+            if self.metrics.is_dir():  # they carry on: a copy of the history up to this attempt
                 import shutil
 
                 shutil.copytree(self.metrics, target / "metrics")

@@ -178,6 +178,57 @@ def test_usr_signals_reach_every_rank(tmp_path, signum):
     assert record["status"] == "cancelled"
 
 
+@pytest.mark.parametrize("ranks", [None, frozenset({0, 1})], ids=["all-ranks", "output-ranks"])
+def test_a_workers_failure_line_is_heard_and_never_shown(tmp_path, ranks):
+    """Either stream, a line of mpirun's own before it (--tag-output), a line cut across
+    reads, and a last line without its end: the failure is heard, nothing else is lost."""
+    import io
+
+    from distlaunch.launch.supervise import LogFiles, OutputPump
+    from distlaunch.protocol import RANK_FAILED_MARK
+    from distlaunch.records import RunPaths
+
+    paths = RunPaths(tmp_path / "run")
+    paths.logs.mkdir(parents=True)
+    logs = LogFiles(paths)
+    heard, sink = [], io.BytesIO()
+    read, write = os.pipe()
+    pump = OutputPump(os.fdopen(read, "rb"), sink, ranks, logs, on_failed=heard.append)
+    pump.start()
+    for piece in (b"[0] step 1\n[1] half of ", b"a line\n[1] " + RANK_FAILED_MARK[:6],
+                  RANK_FAILED_MARK[6:] + b"\n[job-1,0]<stderr>: [0] " + RANK_FAILED_MARK + b"\n",
+                  b"mpirun: its own last words"):
+        os.write(write, piece)
+        time.sleep(0.05)  # each its own read
+    os.close(write)
+    pump.join(timeout=10)
+    logs.close()
+    assert heard == [1, 0]
+    shown = sink.getvalue()
+    assert shown.startswith(b"[0] step 1\n[1] half of a line\n") and RANK_FAILED_MARK not in shown
+    assert shown.rstrip(b"\n").endswith(b"mpirun: its own last words")
+    kept = paths.output_log.read_bytes()
+    assert b"half of a line" in kept and b"its own last words" in kept and RANK_FAILED_MARK not in kept
+
+
+@pytest.mark.parametrize("argv,env,ends", [
+    (["mpirun", "-n", "2", "python", "-m", "distlaunch.rank.worker", "--", "train.py", "--enable-recovery"], {},
+     True),
+    (["mpirun", "--with-ft", "ulfm", "-n", "2", "python", "-m", "distlaunch.rank.worker"], {}, False),
+    (["mpirun", "--enable-recovery", "python", "-m", "distlaunch.rank.worker"], {}, False),
+    (["mpiexec", "-disable-auto-cleanup", "python", "-m", "distlaunch.rank.worker"], {}, False),
+    (["srun", "--kill-on-bad-exit=1", "--kill-on-bad-exit=0", "python", "-m", "distlaunch.rank.worker"], {}, False),
+    (["srun", "-K0", "--kill-on-bad-exit=1", "python", "-m", "distlaunch.rank.worker"], {}, True),
+    (["mpirun", "--mca", "orte_abort_on_non_zero_status", "0", "python", "-m", "distlaunch.rank.worker"], {}, False),
+    (["mpirun", "python", "-m", "distlaunch.rank.worker"], {"PRTE_MCA_prte_abort_on_non_zero_status": "false"},
+     False),
+], ids=["program-args-not-read", "ulfm", "recovery", "hydra", "srun-K0-last", "srun-K1-last", "mca", "env"])
+def test_a_job_told_to_go_on_after_a_failure_is_left_to_it(argv, env, ends):
+    from distlaunch.launch.supervise import ends_on_failure
+
+    assert ends_on_failure(argv, env) is ends
+
+
 def test_a_launcher_killed_outright_takes_its_job_with_it(tmp_path):
     """SIGKILL (the OOM killer, a batch system's hard kill) leaves distlaunch no moment to
     stop its job: mpirun and the ranks must still end, not run on as orphans."""
@@ -187,7 +238,29 @@ def test_a_launcher_killed_outright_takes_its_job_with_it(tmp_path):
     assert len(survivors(run_id)) >= 3, "premise: mpirun and both ranks are running"
     job.proc.kill()
     job.proc.wait(timeout=10)
-    wait_for(lambda: survivors(run_id) == [], 30, "mpirun and the ranks to end after the launcher's SIGKILL")
+    try:
+        wait_for(lambda: survivors(run_id) == [], 30, "mpirun and the ranks to end after the launcher's SIGKILL")
+    except AssertionError:
+        raise AssertionError([(p.pid, p.status(), p.cmdline()[:6]) for p in survivors(run_id)]) from None
+
+
+def test_a_worker_whose_launcher_died_ends_its_rank(tmp_path):
+    """The process that started a rank's worker (mpirun's daemon) dies without ending it:
+    SIGKILLed, or by the SIGPIPE a killed launcher's closed pipes give mpirun. The worker
+    ends its rank and itself, as on a stop."""
+    program = "import os, time; open(os.environ['PID_FILE'], 'w').write(str(os.getpid())); time.sleep(600)"
+    starter = "import subprocess, sys, time; subprocess.Popen(sys.argv[1:]); time.sleep(600)"
+    env = {**os.environ, "PID_FILE": str(tmp_path / "rank-pid"), "DISTLAUNCH_RUN_ID": f"parent-death-{os.getpid()}"}
+    parent = subprocess.Popen([sys.executable, "-c", starter, sys.executable, "-m", "distlaunch.rank.worker",
+                               "--run-dir", str(tmp_path / "run"), "--", sys.executable, "-c", program],
+                              cwd=tmp_path, env=env, start_new_session=True)
+    wait_for(lambda: (tmp_path / "rank-pid").exists(), 60, "the rank to start")
+    assert len(survivors(env["DISTLAUNCH_RUN_ID"])) == 3, "premise: the starter, the worker and the rank run"
+    parent.kill()
+    parent.wait(timeout=10)
+    wait_for(lambda: survivors(env["DISTLAUNCH_RUN_ID"]) == [], 30, "the worker and its rank to end")
+    record = json.loads((tmp_path / "run" / "ranks" / "rank-0.json").read_text())
+    assert record["signal"] == "SIGTERM", record
 
 
 def test_detached_children_do_not_outlive_the_run(tmp_path):

@@ -169,50 +169,52 @@ def test_node_health_file_blames_expires_and_clears(tmp_path):
 
 
 def test_a_collection_adds_an_attempts_metrics_to_the_runs_history(tmp_path):
-    """A node holds only its attempt's metrics: collecting them after a restart adds them
-    to what the run folder has, in order; rank 0's lines relayed live as they were logged
-    are not doubled, and what the relay missed (a worker killed outright) is added."""
-    from distlaunch.nodes.treesync import keeping_metrics
+    """A node holds only its attempt's metrics: they are added to what the run folder has,
+    in order. Rank 0's lines relayed live during the attempt are not doubled; what the
+    relay missed, at the end or at the start, is there too; a torn last line is ended."""
+    from distlaunch.nodes.treesync import add_metrics, metrics_sizes
 
-    def lines(*names: str) -> bytes:
-        return b"".join(b'{"name": "%s", "time": %d}\n' % (name.encode(), number) for number, name in
-                        enumerate(names))
-
-    folder = tmp_path / "run" / "metrics"
+    folder, staged = tmp_path / "run" / "metrics", tmp_path / "run" / ".distlaunch-run" / "attempt-1" / "metrics"
     folder.mkdir(parents=True)
-    first, second = lines("a1", "a2"), b'{"name": "b1", "time": 9}\n{"name": "b2", "time": 10}\n'
-    (folder / "rank-0.jsonl").write_bytes(first + second)  # attempt 1 collected, attempt 2 relayed whole
-    (folder / "rank-1.jsonl").write_bytes(first + second[:len(second) // 2 + 1].rsplit(b"\n", 1)[0] + b"\n")
-    (folder / "rank-2.jsonl").write_bytes(b"r2 attempt 1\n")
-    (folder / "rank-4.jsonl").write_bytes(b"same\nother\n")  # the attempt's first line, by chance, then not
-    (folder / "rank-5.jsonl").write_bytes(b"not same\n")  # ends like that line, but it is not a line of its own
-    with keeping_metrics(folder):
-        assert not folder.exists()  # the collection brings the attempt's folder as it is on the node
-        folder.mkdir()
-        for name in ("rank-0.jsonl", "rank-1.jsonl"):
-            (folder / name).write_bytes(second)
-        (folder / "rank-2.jsonl").write_bytes(b"r2 attempt 2\n")
-        (folder / "rank-3.jsonl").write_bytes(b"r3 attempt 2\n")
-        (folder / "rank-4.jsonl").write_bytes(b"same\nnew\n")
-        (folder / "rank-5.jsonl").write_bytes(b"same\n")
-    assert (folder / "rank-0.jsonl").read_bytes() == first + second  # nothing twice
-    assert (folder / "rank-1.jsonl").read_bytes() == first + second  # the relay's missing line added
+    staged.mkdir(parents=True)
+    first, second = b"a1\na2\n", b"b1\nb2\n"
+    files = {"rank-0.jsonl": first, "rank-1.jsonl": first, "rank-2.jsonl": b"r2 attempt 1\n",
+             "rank-4.jsonl": b"torn", "rank-5.jsonl": first}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    before = metrics_sizes(folder)  # as the attempt starts; then its relayed lines come
+    with open(folder / "rank-0.jsonl", "ab") as handle:
+        handle.write(second)  # relayed whole
+    with open(folder / "rank-1.jsonl", "ab") as handle:
+        handle.write(b"b1\n")  # the relay missed the last line
+    with open(folder / "rank-5.jsonl", "ab") as handle:
+        handle.write(b"b2\n")  # the relay missed the first line
+    for name in ("rank-0.jsonl", "rank-1.jsonl", "rank-5.jsonl"):
+        (staged / name).write_bytes(second)
+    (staged / "rank-2.jsonl").write_bytes(b"r2 attempt 2\n")
+    (staged / "rank-3.jsonl").write_bytes(b"r3 attempt 2\n")
+    (staged / "rank-4.jsonl").write_bytes(b"next\n")
+    add_metrics(staged, folder, before)
+    for name in ("rank-0.jsonl", "rank-1.jsonl", "rank-5.jsonl"):
+        assert (folder / name).read_bytes() == first + second, name
     assert (folder / "rank-2.jsonl").read_bytes() == b"r2 attempt 1\nr2 attempt 2\n"
     assert (folder / "rank-3.jsonl").read_bytes() == b"r3 attempt 2\n"
-    assert (folder / "rank-4.jsonl").read_bytes() == b"same\nother\nsame\nnew\n"
-    assert (folder / "rank-5.jsonl").read_bytes() == b"not same\nsame\n"
-    assert sorted(p.name for p in folder.parent.iterdir()) == ["metrics"]  # nothing set aside is left
+    assert (folder / "rank-4.jsonl").read_bytes() == b"torn\nnext\n"
+    assert not staged.exists()
 
 
-def test_metrics_set_aside_go_back_when_the_collection_fails(tmp_path):
-    from distlaunch.nodes.treesync import keeping_metrics
+def test_metrics_that_cannot_be_added_stay_staged_and_are_named(tmp_path, caplog):
+    from distlaunch.nodes.treesync import add_metrics
 
-    folder = tmp_path / "metrics"
-    folder.mkdir()
-    (folder / "rank-0.jsonl").write_bytes(b"kept\n")
-    with pytest.raises(OSError), keeping_metrics(folder):
-        raise OSError("rsync failed")
-    assert (folder / "rank-0.jsonl").read_bytes() == b"kept\n"
+    folder, staged = tmp_path / "metrics", tmp_path / "staged"
+    (folder / "rank-1.jsonl").mkdir(parents=True)  # in the way of the file
+    staged.mkdir()
+    (staged / "rank-0.jsonl").write_bytes(b"r0\n")
+    (staged / "rank-1.jsonl").write_bytes(b"r1\n")
+    add_metrics(staged, folder, {})
+    assert (folder / "rank-0.jsonl").read_bytes() == b"r0\n"
+    assert (staged / "rank-1.jsonl").read_bytes() == b"r1\n"
+    assert "rank-1.jsonl" in caplog.text and str(staged) in caplog.text
 
 
 def test_nodes_command_lists_and_clears(tmp_path):

@@ -363,7 +363,9 @@ def summarize(run_id: str, root: str, outcome: Outcome, ranks: int, nhosts: int,
     head = f"distlaunch: run {run_id} {outcome.status.value} in {took:.2f} s"
     if restarts > 0:
         head += f" after {restarts} restart{'s' if restarts > 1 else ''}"
-    if outcome.reason:
+    ranks_fault = outcome.failure is not None and outcome.failure.rank is not None and \
+        outcome.exit_code == outcome.failure.exit_code  # then the reason only adds to it
+    if outcome.reason and not ranks_fault:
         click.echo(f"{head}: {outcome.reason}; exit code {outcome.exit_code}; run folder {root}", err=True)
         return
     if outcome.failure is None:
@@ -374,6 +376,8 @@ def summarize(run_id: str, root: str, outcome: Outcome, ranks: int, nhosts: int,
         click.echo("distlaunch: its last lines:", err=True)
         for line in outcome.failure.last_lines:
             click.echo(f"    {line}", err=True)
+    if outcome.reason:
+        click.echo(f"distlaunch: {outcome.reason}", err=True)
     rank = outcome.failure.rank
     where = f"{root}/logs/rank-{rank}.log" if rank is not None else f"{root}/logs/mpirun.log"
     click.echo(f"distlaunch: full log: {where}; run folder {root}", err=True)

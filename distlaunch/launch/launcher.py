@@ -320,6 +320,13 @@ class NodeSide:
     layout: RemoteLayout | None
     missing: list[str] = field(default_factory=list)
     unreachable: list[str] = field(default_factory=list)  # nodes that did not answer the cleanup
+    metrics_before: dict[str, int] = field(default_factory=dict)  # the run's metrics files as the attempt starts
+
+    def __post_init__(self) -> None:
+        if self.layout is not None:
+            from ..nodes.treesync import metrics_sizes
+
+            self.metrics_before = metrics_sizes(self.paths.metrics)
 
     def dump(self, run_id: str) -> int:
         answers = self.prepared.nodes.call_all(self.prepared.remote_hosts, "dump", run_id, timeout=60)
@@ -338,7 +345,7 @@ class NodeSide:
             from ..nodes.treesync import collect
 
             self.missing = collect(nodes, self.prepared.hosts, self.prepared.slots[0].host, self.layout,
-                                   self.paths.root, self.prepared.spec.collect_all_ranks)
+                                   self.paths.root, self.prepared.spec.collect_all_ranks, self.metrics_before)
 
     def release(self, hosts: list[str]) -> None:
         """The run's copies on ``hosts`` may be pruned by later runs: the ones everything

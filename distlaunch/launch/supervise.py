@@ -25,7 +25,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
@@ -42,7 +42,10 @@ PASS_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 LEFTOVER_GRACE_S = 2.0  # after mpirun exits, ranks still finishing get this long
 HANG_DUMP_WAIT_S = 1.0  # after asking ranks for their stacks, before stopping them
 POLL_S = 0.2
-ENDS_AFTER_FAILURE_S = 10.0  # once a rank failed, mpirun gets --kill-grace and this long to end the job
+ENDS_AFTER_FAILURE_S = 30.0  # once a rank failed, mpirun gets --kill-grace and this long to end the job
+# (Slurm's default KillWait): the launcher told to let the job go on after a failure
+# (fault-tolerant MPI, Hydra's -disable-auto-cleanup, srun --kill-on-bad-exit=0) gets for ever
+KEEPS_GOING = frozenset({"--with-ft", "--enable-recovery", "-disable-auto-cleanup", "--disable-auto-cleanup"})
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,7 @@ class Outcome:
     failure: Failure | None = None
     ranks: dict[int, RankExit] = field(default_factory=dict)
     leftovers_killed: int = 0
-    reason: str = ""  # why the launcher ended the job (cancel, timeout), else ""
+    reason: str = ""  # why distlaunch ended the job (cancel, timeout, its launcher not ending it), else ""
 
     @property
     def duration(self) -> float:
@@ -107,22 +110,30 @@ class OutputPump(threading.Thread):
         self.last_data = time.monotonic()
 
     def run(self) -> None:
+        raw = self.ranks is None and not self.relayed  # whole lines go to the console as they came
         pending = b""
         while data := self.stream.read1(65536):  # type: ignore[attr-defined]
             self.last_data = time.monotonic()
-            *lines, pending = (pending + data).split(b"\n")
+            chunk = pending + data
+            *lines, pending = chunk.split(b"\n")  # a line's start waits for its end (workers send whole lines)
+            if not lines:
+                continue
             if self.relayed:
                 lines = self._metrics_out(lines)
-            if self.on_failed is not None and any(RANK_FAILED_MARK in line for line in lines):
+            marked = self.on_failed is not None and RANK_FAILED_MARK in chunk
+            if marked:
                 lines = self._failures_out(lines)
-            if self.ranks is None and not self.relayed and self.on_failed is None:
-                self._to_sink(data)
+            if raw and not marked:
+                self._to_sink(chunk[:len(chunk) - len(pending)])
             else:
                 self._to_sink(b"".join(line + b"\n" for line in lines if self._shown(line)))
             self.logs.keep(lines)
         if pending:
-            if (self.ranks is not None or self.relayed) and self._shown(pending):
-                self._to_sink(pending + b"\n")
+            if self.on_failed is not None and failed_rank(pending) is not None:
+                self._failures_out([pending])
+                return
+            if self._shown(pending):
+                self._to_sink(pending if raw else pending + b"\n")
             self.logs.keep([pending])
 
     def _metrics_out(self, lines: list[bytes]) -> list[bytes]:
@@ -274,6 +285,21 @@ def root_cause(records: dict[int, RankExit], paths: RunPaths) -> Failure | None:
                    tuple(tail_lines(paths.rank_log(first.rank))), exception)
 
 
+def ends_on_failure(argv: Sequence[str], env: Mapping[str, str]) -> bool:
+    """Whether the launcher of ``argv`` ends the whole job when one rank fails, as
+    distlaunch's plans have it, unless the user's own launcher arguments (before the
+    worker's command: the program's own are not looked at) or environment say otherwise."""
+    own = list(argv[:argv.index("distlaunch.rank.worker")] if "distlaunch.rank.worker" in argv else argv)
+    if KEEPS_GOING & set(own) or any(arg.startswith("--with-ft=") for arg in own):
+        return False
+    kill_on_bad_exit = [arg for arg in own if arg.startswith(("--kill-on-bad-exit", "-K"))]
+    if kill_on_bad_exit and kill_on_bad_exit[-1] in ("--kill-on-bad-exit=0", "-K0"):
+        return False
+    settings = [(arg, value) for arg, value in zip(own, own[1:])] + list({**os.environ, **env}.items())
+    return not any("abort_on_non_zero_status" in name and value.strip().lower() in ("0", "false", "no", "off")
+                   for name, value in settings)
+
+
 def _exited(pid: int) -> int | None:
     """mpirun's return code once it has exited, WITHOUT reaping it (its pid stays ours)."""
     try:
@@ -328,6 +354,7 @@ class Supervisor:
         self.late_stop: int | None = None  # a stop signal that came after mpirun ended (no restart then)
         self.failed: tuple[int, float] | None = None  # the first rank heard to fail, and when (monotonic)
         self.forced: str | None = None  # why distlaunch ended a job its launcher did not end after a failure
+        self.guards_failures = ends_on_failure(plan.argv, plan.env)  # else the job may go on after one
         self._handlers: dict[int, Any] = {}
 
     # -- lifecycle
@@ -380,7 +407,8 @@ class Supervisor:
         elif self.watch.timeout is not None and time.time() - self.started >= self.watch.timeout:
             self.stop(signal.SIGTERM, Status.TIMEOUT, ExitCode.TIMEOUT,
                       f"the job ran longer than --timeout {self.watch.timeout:g} s")
-        elif self.failed is not None and now - self.failed[1] >= self.watch.kill_grace + ENDS_AFTER_FAILURE_S:
+        elif self.failed is not None and now - self.failed[1] >= self.watch.kill_grace + ENDS_AFTER_FAILURE_S \
+                and self.guards_failures:
             self._end_after_failure(now - self.failed[1])
         elif self.watch.hang_timeout is not None:
             quiet = time.monotonic() - max(pump.last_data for pump in self.pumps)
@@ -394,7 +422,7 @@ class Supervisor:
         period; a second request skips what is left of the grace."""
         if self.proc is None or self.ended or _exited(self.proc.pid) is not None:
             return  # too late: the job ended on its own, and that is what it reports
-        if self.stopping is not None:
+        if self.stopping is not None or self.forced is not None:  # the failed rank stays the cause then
             self.stop_deadline = time.monotonic()
             return
         name = signal.Signals(signum).name
@@ -526,6 +554,5 @@ class Supervisor:
         else:
             status, exit_code = Status.COMPLETED, 0
         if self.forced is not None and self.stopping is None and not reason:
-            assert self.failed is not None
-            reason = f"{failure.describe() if failure else f'rank {self.failed[0]} failed'}; {self.forced}"
+            reason = self.forced
         return Outcome(status, exit_code, code, self.started, time.time(), failure, records, leftovers, reason)

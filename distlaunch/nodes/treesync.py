@@ -14,14 +14,15 @@ to ./outputs and ./logs. Nodes are handled in parallel; where the code goes is
 """
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
 import re
+import shutil
 import stat
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
@@ -36,6 +37,8 @@ from .transport import Nodes, for_each, last_error
 
 if TYPE_CHECKING:
     import tarfile
+
+log = logging.getLogger(__name__)
 
 ALWAYS_SKIPPED = {".git", "__pycache__", AGENT_DIR}
 TOP_SKIPPED = {"runs", "outputs", "logs"}  # run folders, and what each run writes for itself
@@ -381,62 +384,77 @@ def unpack_into(nodes: Nodes, host: str, sources: Sequence[tuple[str, str]], loc
     return True
 
 
-@contextlib.contextmanager
-def keeping_metrics(folder: Path):
-    """Around a collection that brings an attempt's ``metrics/`` into ``folder``: the run's
-    metrics are its history over every attempt, so what the nodes hold (only this
-    attempt's lines: each attempt writes in a folder of its own there) is added to the
-    files already in ``folder``, never put in their place (``_new_lines``). The files set
-    aside go back also if the collection raises."""
-    aside = folder.with_name(".metrics-collecting")
-    if not (folder.is_dir() and any(folder.iterdir())):
-        yield
-        return
-    os.replace(folder, aside)
+def metrics_sizes(folder: Path) -> dict[str, int]:
+    """The size of each metrics file in ``folder`` now (before an attempt: ``add_metrics``)."""
     try:
-        yield
-    finally:
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for before in sorted(aside.iterdir()):
-            came = folder / before.name
-            if came.is_file():
-                with open(before, "r+b") as history:
-                    history.write(_new_lines(history.read(), came.read_bytes()))
-            os.replace(before, came)
-        aside.rmdir()
+        return {entry.name: entry.stat().st_size for entry in folder.iterdir() if entry.is_file()}
+    except OSError:
+        return {}
 
 
-def _new_lines(history: bytes, attempt: bytes) -> bytes:
-    """What of an attempt's metrics file ``history`` lacks: all of it, less the lines that
-    ``history`` ends with already (rank 0's, which its worker relays live from another
-    node as they are logged; a worker killed outright may not have relayed the last)."""
-    first = attempt.split(b"\n", 1)[0] + b"\n"
-    at = history.rfind(first)
-    if at >= 0 and (at == 0 or history[at - 1:at] == b"\n") and attempt.startswith(history[at:]):
-        return attempt[len(history) - at:]
-    return attempt
+def add_metrics(staged: Path, folder: Path, before: Mapping[str, int]) -> None:
+    """Add an attempt's metrics files, collected into ``staged``, to the run's in ``folder``:
+    the run's metrics are its history over every attempt, and a node holds only its
+    attempt's lines (each attempt writes in a folder of its own there). ``before``: each
+    file's size when the attempt started (``metrics_sizes``); beyond it, a file may hold
+    the attempt's lines relayed live (rank 0's from another node): only what they lack
+    is added, or, where they are not the node file's beginning, the node's file replaces
+    them. A file's missing last line end is added first. Staging goes once all are in;
+    where one cannot be added, it stays there and a warning says so."""
+    if not staged.is_dir():
+        return
+    failed = []
+    for came in sorted(staged.iterdir()):
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _add_attempt(folder / came.name, before.get(came.name, 0), came.read_bytes())
+        except OSError as exc:
+            failed.append(f"{came.name} ({exc.strerror or exc})")
+    if failed:
+        log.warning("could not add this attempt's metrics to %s: %s; they are in %s", folder, ", ".join(failed),
+                    staged)
+    else:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def _add_attempt(target: Path, start: int, attempt: bytes) -> None:
+    with open(os.open(target, os.O_RDWR | os.O_CREAT, 0o600), "r+b") as handle:
+        start = min(start, handle.seek(0, os.SEEK_END))
+        handle.seek(start)
+        relayed = handle.read()
+        if not attempt.startswith(relayed):  # the relay missed a line: the node's file tells the whole attempt
+            handle.truncate(start)
+            relayed = b""
+        rest, end = attempt[len(relayed):], start + len(relayed)
+        if not rest:
+            return
+        if end:
+            handle.seek(end - 1)
+            if handle.read(1) != b"\n":
+                rest = b"\n" + rest
+        handle.seek(end)
+        handle.write(rest)
 
 
 def collect(nodes: Nodes, hosts: Sequence[str], rank0_host: str, layout: RemoteLayout, run_root: Path,
-            all_ranks: bool) -> list[str]:
+            all_ranks: bool, metrics_before: Mapping[str, int] | None = None) -> list[str]:
     """Bring rank logs, exit records and metrics from every node, and rank 0's ./outputs and
     ./logs (every node's outputs under outputs/<host>/ with ``all_ranks``): one rsync per
-    node (two with ``all_ranks``), all nodes at once. Metrics add to those of earlier
-    attempts (``keeping_metrics``). Returns what failed, as ``host:folder`` (a folder the
-    job never made is not a failure)."""
-    with keeping_metrics(run_root / "metrics"):
-        return _collect(nodes, hosts, rank0_host, layout, run_root, all_ranks)
-
-
-def _collect(nodes: Nodes, hosts: Sequence[str], rank0_host: str, layout: RemoteLayout, run_root: Path,
-             all_ranks: bool) -> list[str]:
+    node (two with ``all_ranks``), all nodes at once. The metrics come into a staging
+    folder of the run folder and are added to the run's (``add_metrics``, with
+    ``metrics_before``). Returns what failed, as ``host:folder`` (a folder the job never
+    made is not a failure)."""
+    staged = f"{os.path.relpath(layout.agent_dir, layout.workdir)}/metrics"  # as rsync --relative names it here
     jobs: list[tuple[str, list[tuple[str, str]], Path]] = []
     for host in hosts:
-        sources = [(layout.agent_dir, "logs"), (layout.agent_dir, "ranks"), (layout.agent_dir, "metrics")]
+        sources = [(layout.agent_dir, "logs"), (layout.agent_dir, "ranks"), (layout.workdir, staged)]
         if host == rank0_host:
             sources += [(layout.workdir, "outputs"), (layout.workdir, "logs")]
         jobs.append((host, sources, run_root))
         if all_ranks:
             jobs.append((host, [(f"{layout.workdir}/outputs", "")], run_root / "outputs" / host))
     failed = for_each(jobs, lambda job: _bring(nodes, *job), max_parallel=16)
+    add_metrics(run_root / staged, run_root / "metrics", metrics_before or {})
+    if not (run_root / staged).exists():
+        shutil.rmtree(run_root / AGENT_DIR, ignore_errors=True)  # the staging folders' parents
     return [f"{host}:{remote}" for (host, _, _), missing in zip(jobs, failed) for remote in missing]

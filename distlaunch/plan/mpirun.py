@@ -15,7 +15,7 @@ import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ..protocol import MASTER_ADDR, OUTPUT_DIR, RELAY_METRICS, RESTART_COUNT, RUN_DIR, RUN_ID
+from ..protocol import FAILURE_NOTICE, MASTER_ADDR, OUTPUT_DIR, RELAY_METRICS, RESTART_COUNT, RUN_DIR, RUN_ID
 from .container import Container, rank_prefix
 from .envpolicy import exported_names
 from .hosts import LOCAL_ALIASES, RankSlot, is_local, placement
@@ -132,6 +132,7 @@ def rank_env(spec: JobSpec, slots: Sequence[RankSlot], run_id: str, rank_dir: st
         MASTER_ADDR: master_addr(slots, ctx.local_names),
         OUTPUT_DIR: outputs,
         RESTART_COUNT: str(ctx.restart),
+        FAILURE_NOTICE: "1",  # a failing rank's worker tells the launcher at once (supervise)
         "PYTHONUNBUFFERED": "1",
     }
     if synced and not is_local(slots[0].host, ctx.local_names):  # rank 0's metrics are wanted here as they come

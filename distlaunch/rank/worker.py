@@ -6,8 +6,8 @@ child (which dies with it), relays the child's output line by line with a ``[ran
 prefix while keeping a raw copy in ``logs/rank-<N>.log``, forwards termination
 signals, and finally rewrites ``ranks/rank-<N>.json`` saying how the rank ended; a rank
 that failed is also told on stderr at once, in one marked line that only the launcher
-reads (``protocol.RANK_FAILED_MARK``: the records of other nodes come back only at the
-end). It exits the way the child did (same code, or the same signal), so mpirun sees
+reads (``protocol.RANK_FAILED_MARK``, where it asks for it: the records of other nodes
+come back only at the end). It exits the way the child did (same code, or the same signal), so mpirun sees
 the real outcome.
 
 A ``.py`` program is run by the bootstrap in this very interpreter's fork when the
@@ -53,7 +53,7 @@ from collections.abc import Callable
 
 from .. import protocol
 from ..errors import DistlaunchError
-from ..protocol import EXCEPTION_FILE, FORK_RANKS, METRIC_MARK, RANK, RANK_FAILED_MARK, RELAY_METRICS
+from ..protocol import EXCEPTION_FILE, FAILURE_NOTICE, FORK_RANKS, METRIC_MARK, RANK, RANK_FAILED_MARK, RELAY_METRICS
 from ..runfiles import AppendedLines, read_json, write_json
 from .rankinfo import RankInfo, from_environ
 
@@ -70,13 +70,20 @@ MAX_LINE = 64 * 1024  # a longer line is passed on in pieces of this size
 IDLE_FLUSH_S = 1.0  # a partial line (a prompt, a progress bar) is passed on after this
 
 
-def _die_with_parent() -> None:
-    """In the child: receive SIGKILL if the worker dies, so no rank outlives its worker."""
+def _die_with_parent(signum: int = signal.SIGKILL) -> None:
+    """``signum`` when the parent dies (PR_SET_PDEATHSIG); at once if it is gone already.
+    In the child: SIGKILL with the worker, so no rank outlives its worker. In the worker:
+    SIGTERM with the process that started it (mpirun's daemon, srun's step), which then
+    ends the rank as any stop does: a launcher killed outright takes mpirun with it, and
+    mpirun, its pipes gone, may die before it ends the ranks."""
+    parent = os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        libc.prctl(1, signum)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        pass
+        return
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signum)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -527,6 +534,7 @@ def _parse_with_argparse(argv: list[str]) -> tuple[str, int, str | None, list[st
 
 def main(argv: list[str] | None = None) -> None:
     run_dir, gpus_per_rank, devices, command = parse_args(sys.argv[1:] if argv is None else argv)
+    _die_with_parent(signal.SIGTERM)
     info = from_environ()
     gpus: tuple[str, ...] = ()
     if gpus_per_rank:
@@ -537,7 +545,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(exc.exit_code)
     record = run_rank(command, run_dir, info, gpus)
     _save(record, run_dir, info)
-    if record["exit_code"]:  # the launcher hears of it now, wherever this node is (supervise.OutputPump)
+    if record["exit_code"] and os.environ.get(FAILURE_NOTICE) == "1":  # heard now, from any node (supervise)
         _write_all(sys.stderr.fileno(), info.prefix + RANK_FAILED_MARK + b"\n")
     _exit_like(record)
 
