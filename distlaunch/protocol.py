@@ -83,11 +83,11 @@ RANK_FAILED_MARK = b"\x1edistlaunch-rank-failed"
 _FAILED_LINE = re.compile(rb"\[ *(\d+)\] \x1edistlaunch-rank-failed$")
 
 
-def failed_rank(line: bytes) -> int | None:
-    """The rank a worker's failure line (``[N] <RANK_FAILED_MARK>``) names; None for any
-    other line."""
+def failed_rank(line: bytes) -> tuple[int, bytes] | None:
+    """The rank a worker's failure line (``[N] <RANK_FAILED_MARK>``) names, and what came
+    before it on the line; None for any other line."""
     match = _FAILED_LINE.search(line) if RANK_FAILED_MARK in line else None
-    return int(match.group(1)) if match else None
+    return (int(match.group(1)), line[:match.start()]) if match else None
 
 
 def dump_signal() -> int:

@@ -188,27 +188,31 @@ def test_a_workers_failure_line_is_heard_and_never_shown(tmp_path, ranks):
     from distlaunch.protocol import RANK_FAILED_MARK
     from distlaunch.records import RunPaths
 
+    class Reads:  # the stream as mpirun's pipe gives it: these pieces, each one read
+        def __init__(self, *pieces: bytes) -> None:
+            self.pieces = list(pieces)
+
+        def read1(self, _size: int) -> bytes:
+            return self.pieces.pop(0) if self.pieces else b""
+
     paths = RunPaths(tmp_path / "run")
     paths.logs.mkdir(parents=True)
     logs = LogFiles(paths)
     heard, sink = [], io.BytesIO()
-    read, write = os.pipe()
-    pump = OutputPump(os.fdopen(read, "rb"), sink, ranks, logs, on_failed=heard.append)
-    pump.start()
-    for piece in (b"[0] step 1\n[1] half of ", b"a line\n[1] " + RANK_FAILED_MARK[:6],
-                  RANK_FAILED_MARK[6:] + b"\n[job-1,0]<stderr>: [0] " + RANK_FAILED_MARK + b"\n",
-                  b"mpirun: its own last words"):
-        os.write(write, piece)
-        time.sleep(0.05)  # each its own read
-    os.close(write)
-    pump.join(timeout=10)
+    pump = OutputPump(Reads(b"[0] step 1\n[1] half of ", b"a line\n[1] " + RANK_FAILED_MARK[:6],
+                            RANK_FAILED_MARK[6:] + b"\n[job-1,0]<stderr>: [0] " + RANK_FAILED_MARK + b"\n",
+                            b"[0] a long line cut by mpirun [1] " + RANK_FAILED_MARK + b"\n[0] , here its end\n",
+                            b"mpirun: its own last words"), sink, ranks, logs, on_failed=heard.append)
+    pump.run()
     logs.close()
-    assert heard == [1, 0]
+    assert heard == [1, 0, 1]
     shown = sink.getvalue()
     assert shown.startswith(b"[0] step 1\n[1] half of a line\n") and RANK_FAILED_MARK not in shown
+    assert b"[0] a long line cut by mpirun \n" in shown and b"<stderr>" not in shown
     assert shown.rstrip(b"\n").endswith(b"mpirun: its own last words")
     kept = paths.output_log.read_bytes()
-    assert b"half of a line" in kept and b"its own last words" in kept and RANK_FAILED_MARK not in kept
+    assert b"half of a line" in kept and b"a long line cut by" in kept and b"its own last words" in kept
+    assert RANK_FAILED_MARK not in kept
 
 
 @pytest.mark.parametrize("argv,env,ends", [
@@ -256,6 +260,7 @@ def test_a_worker_whose_launcher_died_ends_its_rank(tmp_path):
                               cwd=tmp_path, env=env, start_new_session=True)
     wait_for(lambda: (tmp_path / "rank-pid").exists(), 60, "the rank to start")
     assert len(survivors(env["DISTLAUNCH_RUN_ID"])) == 3, "premise: the starter, the worker and the rank run"
+    time.sleep(0.5)  # the worker passes signals on to its rank a moment after starting it
     parent.kill()
     parent.wait(timeout=10)
     wait_for(lambda: survivors(env["DISTLAUNCH_RUN_ID"]) == [], 30, "the worker and its rank to end")

@@ -716,6 +716,7 @@ def test_rank_0_moved_to_a_spare_node_takes_the_checkpoints_along(cluster, proje
     times = [item["time"] for item in metrics if item["name"] == "loss"]
     assert times == sorted(times) and len(set(times)) == len(times), "each attempt's metrics once, in order"
     assert any(at < killed_at for at in times) and any(at > killed_at for at in times), "both attempts' metrics"
+    assert not (run_dir / ".distlaunch-run").exists()  # the metrics' staging folders are gone
 
 
 def test_a_sweep_of_two_node_trials_stops_bad_ones_live(cluster, tmp_path):

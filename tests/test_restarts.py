@@ -179,7 +179,7 @@ def test_a_collection_adds_an_attempts_metrics_to_the_runs_history(tmp_path):
     staged.mkdir(parents=True)
     first, second = b"a1\na2\n", b"b1\nb2\n"
     files = {"rank-0.jsonl": first, "rank-1.jsonl": first, "rank-2.jsonl": b"r2 attempt 1\n",
-             "rank-4.jsonl": b"torn", "rank-5.jsonl": first}
+             "rank-4.jsonl": b"torn", "rank-5.jsonl": first, "rank-6.jsonl": b"a1\ntorn"}
     for name, data in files.items():
         (folder / name).write_bytes(data)
     before = metrics_sizes(folder)  # as the attempt starts; then its relayed lines come
@@ -189,7 +189,9 @@ def test_a_collection_adds_an_attempts_metrics_to_the_runs_history(tmp_path):
         handle.write(b"b1\n")  # the relay missed the last line
     with open(folder / "rank-5.jsonl", "ab") as handle:
         handle.write(b"b2\n")  # the relay missed the first line
-    for name in ("rank-0.jsonl", "rank-1.jsonl", "rank-5.jsonl"):
+    with open(folder / "rank-6.jsonl", "ab") as handle:
+        handle.write(second)  # relayed onto a torn line
+    for name in ("rank-0.jsonl", "rank-1.jsonl", "rank-5.jsonl", "rank-6.jsonl"):
         (staged / name).write_bytes(second)
     (staged / "rank-2.jsonl").write_bytes(b"r2 attempt 2\n")
     (staged / "rank-3.jsonl").write_bytes(b"r3 attempt 2\n")
@@ -200,6 +202,7 @@ def test_a_collection_adds_an_attempts_metrics_to_the_runs_history(tmp_path):
     assert (folder / "rank-2.jsonl").read_bytes() == b"r2 attempt 1\nr2 attempt 2\n"
     assert (folder / "rank-3.jsonl").read_bytes() == b"r3 attempt 2\n"
     assert (folder / "rank-4.jsonl").read_bytes() == b"torn\nnext\n"
+    assert (folder / "rank-6.jsonl").read_bytes() == b"a1\ntorn\n" + second
     assert not staged.exists()
 
 

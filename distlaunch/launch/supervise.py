@@ -42,6 +42,9 @@ PASS_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 LEFTOVER_GRACE_S = 2.0  # after mpirun exits, ranks still finishing get this long
 HANG_DUMP_WAIT_S = 1.0  # after asking ranks for their stacks, before stopping them
 POLL_S = 0.2
+MAX_PENDING = 1 << 20  # an output line without an end is passed on in pieces of this size
+# what mpirun --tag-output, Hydra's -prepend-rank or srun --label put before a rank's line
+_LAUNCHER_TAG = re.compile(rb"\[[^\]]*\]<std(?:out|err)>: ?|\[\d+\] ?|\d+: ?")
 ENDS_AFTER_FAILURE_S = 30.0  # once a rank failed, mpirun gets --kill-grace and this long to end the job
 # (Slurm's default KillWait): the launcher told to let the job go on after a failure
 # (fault-tolerant MPI, Hydra's -disable-auto-cleanup, srun --kill-on-bad-exit=0) gets for ever
@@ -116,6 +119,9 @@ class OutputPump(threading.Thread):
             self.last_data = time.monotonic()
             chunk = pending + data
             *lines, pending = chunk.split(b"\n")  # a line's start waits for its end (workers send whole lines)
+            if len(pending) >= MAX_PENDING:  # not a worker's line (theirs are cut shorter): passed on in pieces
+                lines.append(pending)
+                pending = b""
             if not lines:
                 continue
             if self.relayed:
@@ -124,17 +130,16 @@ class OutputPump(threading.Thread):
             if marked:
                 lines = self._failures_out(lines)
             if raw and not marked:
-                self._to_sink(chunk[:len(chunk) - len(pending)])
+                self._to_sink(chunk[:len(chunk) - len(pending)] if pending else chunk)
             else:
                 self._to_sink(b"".join(line + b"\n" for line in lines if self._shown(line)))
             self.logs.keep(lines)
-        if pending:
-            if self.on_failed is not None and failed_rank(pending) is not None:
-                self._failures_out([pending])
-                return
-            if self._shown(pending):
-                self._to_sink(pending if raw else pending + b"\n")
-            self.logs.keep([pending])
+        if pending:  # the last line, without its end
+            rest = self._failures_out([pending]) if self.on_failed is not None else [pending]
+            for line in rest:
+                if self._shown(line):
+                    self._to_sink(line if raw else line + b"\n")
+            self.logs.keep(rest)
 
     def _metrics_out(self, lines: list[bytes]) -> list[bytes]:
         """Keep the relayed metrics lines; the others."""
@@ -149,13 +154,18 @@ class OutputPump(threading.Thread):
         return rest
 
     def _failures_out(self, lines: list[bytes]) -> list[bytes]:
-        """Pass on the ranks that failed; the other lines."""
+        """Pass on the ranks that failed; the other lines, and what another rank's line,
+        cut by mpirun's forwarding, left before a notice (not a launcher's tag)."""
         rest = []
         for line in lines:
-            rank = failed_rank(line)
-            if rank is None:
+            found = failed_rank(line)
+            if found is None:
                 rest.append(line)
-            elif self.on_failed is not None:
+                continue
+            rank, before = found
+            if before.strip() and not _LAUNCHER_TAG.fullmatch(before):
+                rest.append(before)
+            if self.on_failed is not None:
                 self.on_failed(rank)
         return rest
 
@@ -182,6 +192,7 @@ class LogFiles:
         self.problem: str | None = None
         self.paths = paths
         self.relayed: IO[bytes] | None = None
+        self.relay_ended = False
         self.closed = False
         try:
             self.everything: IO[bytes] | None = open_private(paths.output_log)
@@ -212,7 +223,7 @@ class LogFiles:
         if not lines:
             return
         with self.lock:
-            if self.closed:
+            if self.closed or self.relay_ended:
                 return  # the job has ended: the node's own file is collected now
             try:
                 if self.relayed is None:
@@ -223,6 +234,17 @@ class LogFiles:
             except OSError as exc:
                 self.problem = exc.strerror or str(exc)
                 self.close()
+
+    def end_relay(self) -> None:
+        """No relayed metrics line is written from now on (the collection adds the rest)."""
+        with self.lock:
+            self.relay_ended = True
+            if self.relayed is not None:
+                try:
+                    self.relayed.close()
+                except OSError:
+                    pass
+                self.relayed = None
 
     def close(self) -> None:
         self.closed = True
@@ -381,7 +403,8 @@ class Supervisor:
             raise
         assert self.proc.stdout is not None and self.proc.stderr is not None
         relayed = self.plan.env.get(RELAY_METRICS) == "1"
-        self.pumps = [OutputPump(self.proc.stdout, self.console.out, self.console.ranks, self.logs, relayed),
+        self.pumps = [OutputPump(self.proc.stdout, self.console.out, self.console.ranks, self.logs, relayed,
+                                 on_failed=self._rank_failed),  # stderr may be merged into stdout (--output merge)
                       OutputPump(self.proc.stderr, self.console.err, self.console.ranks, self.logs,
                                  on_failed=self._rank_failed)]
         for pump in self.pumps:
@@ -422,7 +445,11 @@ class Supervisor:
         period; a second request skips what is left of the grace."""
         if self.proc is None or self.ended or _exited(self.proc.pid) is not None:
             return  # too late: the job ended on its own, and that is what it reports
-        if self.stopping is not None or self.forced is not None:  # the failed rank stays the cause then
+        if self.stopping is not None:
+            self.stop_deadline = time.monotonic()
+            return
+        if self.forced is not None:  # ending already: the failed rank stays the cause, and no restart follows
+            self.late_stop = signum
             self.stop_deadline = time.monotonic()
             return
         name = signal.Signals(signum).name
@@ -443,6 +470,7 @@ class Supervisor:
             code = self.proc.wait()  # reaped only now: its pid was ours during the scan
             for pump in self.pumps:
                 pump.join(timeout=10)
+            self.logs.end_relay()  # a pump still running must not write what the collection adds to
             if self.remote is not None:
                 self.remote.after_exit()
         finally:
@@ -480,6 +508,8 @@ class Supervisor:
             os.kill(self.proc.pid, signal.SIGKILL)
         kill_run(self.run_id, self.proc.pid)  # before reaping: the session id is still ours
         self.proc.wait()
+        if self.logs is not None:
+            self.logs.end_relay()
         if self.remote is not None:
             self.remote.after_exit()
 

@@ -14,6 +14,7 @@ to ./outputs and ./logs. Nodes are handled in parallel; where the code goes is
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -420,9 +421,10 @@ def add_metrics(staged: Path, folder: Path, before: Mapping[str, int]) -> None:
 def _add_attempt(target: Path, start: int, attempt: bytes) -> None:
     with open(os.open(target, os.O_RDWR | os.O_CREAT, 0o600), "r+b") as handle:
         start = min(start, handle.seek(0, os.SEEK_END))
-        handle.seek(start)
+        handle.seek(max(start - 1, 0))
+        torn = start > 0 and handle.read(1) != b"\n"  # then relayed lines went onto the torn one
         relayed = handle.read()
-        if not attempt.startswith(relayed):  # the relay missed a line: the node's file tells the whole attempt
+        if torn or not attempt.startswith(relayed):  # the node's file tells the whole attempt
             handle.truncate(start)
             relayed = b""
         rest, end = attempt[len(relayed):], start + len(relayed)
@@ -455,6 +457,8 @@ def collect(nodes: Nodes, hosts: Sequence[str], rank0_host: str, layout: RemoteL
             jobs.append((host, [(f"{layout.workdir}/outputs", "")], run_root / "outputs" / host))
     failed = for_each(jobs, lambda job: _bring(nodes, *job), max_parallel=16)
     add_metrics(run_root / staged, run_root / "metrics", metrics_before or {})
-    if not (run_root / staged).exists():
-        shutil.rmtree(run_root / AGENT_DIR, ignore_errors=True)  # the staging folders' parents
+    for folder in PurePosixPath(staged).parents:  # the staging folder's parents, where empty
+        if folder != PurePosixPath("."):
+            with contextlib.suppress(OSError):
+                (run_root / folder).rmdir()
     return [f"{host}:{remote}" for (host, _, _), missing in zip(jobs, failed) for remote in missing]

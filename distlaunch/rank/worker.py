@@ -64,19 +64,21 @@ if TYPE_CHECKING:
 else:
     Any = object  # what ``typing.get_type_hints`` reads these annotations as, typing not imported
 
+STARTED_BY = os.getppid()  # read at import, before the arguments: who started this worker (_die_with_parent)
 BOOTSTRAP = "distlaunch.rank.bootstrap"
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 MAX_LINE = 64 * 1024  # a longer line is passed on in pieces of this size
 IDLE_FLUSH_S = 1.0  # a partial line (a prompt, a progress bar) is passed on after this
 
 
-def _die_with_parent(signum: int = signal.SIGKILL) -> None:
+def _die_with_parent(signum: int = signal.SIGKILL, parent: int | None = None) -> None:
     """``signum`` when the parent dies (PR_SET_PDEATHSIG); at once if it is gone already.
     In the child: SIGKILL with the worker, so no rank outlives its worker. In the worker:
     SIGTERM with the process that started it (mpirun's daemon, srun's step), which then
     ends the rank as any stop does: a launcher killed outright takes mpirun with it, and
-    mpirun, its pipes gone, may die before it ends the ranks."""
-    parent = os.getppid()
+    mpirun, its pipes gone, may die before it ends the ranks. ``parent``: the pid it
+    should have (default: the one it has now)."""
+    parent = os.getppid() if parent is None else parent
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signum)  # PR_SET_PDEATHSIG
@@ -534,7 +536,7 @@ def _parse_with_argparse(argv: list[str]) -> tuple[str, int, str | None, list[st
 
 def main(argv: list[str] | None = None) -> None:
     run_dir, gpus_per_rank, devices, command = parse_args(sys.argv[1:] if argv is None else argv)
-    _die_with_parent(signal.SIGTERM)
+    _die_with_parent(signal.SIGTERM, STARTED_BY)
     info = from_environ()
     gpus: tuple[str, ...] = ()
     if gpus_per_rank:
