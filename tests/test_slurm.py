@@ -209,7 +209,11 @@ def test_cancel_a_queued_and_a_running_batch_run(box, workdir):
     output = workdir / "runs" / run_id / "logs" / "output.log"
     deadline = time.monotonic() + 60
     while "started" not in (output.read_text() if output.exists() else ""):
-        assert time.monotonic() < deadline, "the batch run did not start"
+        if time.monotonic() > deadline:
+            folder = workdir / "runs" / run_id
+            said = {name: (folder / name).read_text()[-2000:] for name in
+                    ("run.json", "logs/sbatch.log", "logs/mpirun.log", "logs/output.log") if (folder / name).exists()}
+            raise AssertionError(f"the batch run did not start: {said}")
         time.sleep(0.2)
     cancelled = slurm(box, distlaunch("cancel", run_id), workdir, timeout=120)
     assert "cancelled" in cancelled.stdout, cancelled.stdout + cancelled.stderr

@@ -64,28 +64,21 @@ if TYPE_CHECKING:
 else:
     Any = object  # what ``typing.get_type_hints`` reads these annotations as, typing not imported
 
-STARTED_BY = os.getppid()  # read at import, before the arguments: who started this worker (_die_with_parent)
+STARTED_BY = os.getppid()  # read at import: the process that started this worker (relay)
+ORPHAN_KILL_S = 10.0  # a rank whose worker lost its starter gets SIGTERM, and SIGKILL this much later
 BOOTSTRAP = "distlaunch.rank.bootstrap"
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 MAX_LINE = 64 * 1024  # a longer line is passed on in pieces of this size
 IDLE_FLUSH_S = 1.0  # a partial line (a prompt, a progress bar) is passed on after this
 
 
-def _die_with_parent(signum: int = signal.SIGKILL, parent: int | None = None) -> None:
-    """``signum`` when the parent dies (PR_SET_PDEATHSIG); at once if it is gone already.
-    In the child: SIGKILL with the worker, so no rank outlives its worker. In the worker:
-    SIGTERM with the process that started it (mpirun's daemon, srun's step), which then
-    ends the rank as any stop does: a launcher killed outright takes mpirun with it, and
-    mpirun, its pipes gone, may die before it ends the ranks. ``parent``: the pid it
-    should have (default: the one it has now)."""
-    parent = os.getppid() if parent is None else parent
+def _die_with_parent() -> None:
+    """In the child: receive SIGKILL if the worker dies, so no rank outlives its worker."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signum)  # PR_SET_PDEATHSIG
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:
-        os.kill(os.getpid(), signum)
+        pass
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -327,8 +320,13 @@ def _close_inherited() -> None:
 
 
 def relay(child: subprocess.Popen[bytes] | ForkedRank, info: RankInfo, log: RankLog,
-          tail: MetricsTail | None = None) -> None:
-    """Pump the child's stdout and stderr until both close (and its metrics, with a tail)."""
+          tail: MetricsTail | None = None, started_by: int | None = None) -> None:
+    """Pump the child's stdout and stderr until both close (and its metrics, with a tail).
+    Once the process that started this worker (``started_by``: mpirun's daemon, srun's
+    step) is gone, end the child as a stop would, SIGKILL after ``ORPHAN_KILL_S``: a
+    launcher killed outright takes mpirun with it, and mpirun, its pipes closed, can die
+    before it ends the ranks. Seen by the parent pid changing, at least once a second
+    (no PR_SET_PDEATHSIG here: that fires when the *thread* that forked the worker ends)."""
     assert child.stdout is not None and child.stderr is not None
     selector = selectors.DefaultSelector()
     relays = {
@@ -337,8 +335,16 @@ def relay(child: subprocess.Popen[bytes] | ForkedRank, info: RankInfo, log: Rank
     }
     for fd in relays:
         selector.register(fd, selectors.EVENT_READ)
+    orphaned = None
     while relays:
         events = selector.select(timeout=IDLE_FLUSH_S)
+        if started_by is not None and os.getppid() != started_by:
+            if orphaned is None:
+                orphaned = time.monotonic()
+                child.send_signal(signal.SIGTERM)
+            elif time.monotonic() - orphaned >= ORPHAN_KILL_S:
+                child.send_signal(signal.SIGKILL)
+                started_by = None
         for key, _ in events:
             fd = key.fd
             data = os.read(fd, 65536)
@@ -443,7 +449,7 @@ def run_rank(command: list[str], run_dir: str, info: RankInfo, gpus: tuple[str, 
         tail = None
         if info.rank == 0 and os.environ.get(RELAY_METRICS) == "1":
             tail = MetricsTail(protocol.rank_metrics(run_dir, 0), info.prefix, sys.stdout.fileno())
-        relay(child, info, log, tail)
+        relay(child, info, log, tail, STARTED_BY)
         code = child.wait()
         if tail is not None:
             tail.poll(now=True)  # the last lines
@@ -536,7 +542,6 @@ def _parse_with_argparse(argv: list[str]) -> tuple[str, int, str | None, list[st
 
 def main(argv: list[str] | None = None) -> None:
     run_dir, gpus_per_rank, devices, command = parse_args(sys.argv[1:] if argv is None else argv)
-    _die_with_parent(signal.SIGTERM, STARTED_BY)
     info = from_environ()
     gpus: tuple[str, ...] = ()
     if gpus_per_rank:
