@@ -248,11 +248,14 @@ def test_a_launcher_killed_outright_takes_its_job_with_it(tmp_path):
         raise AssertionError([(p.pid, p.status(), p.cmdline()[:6]) for p in survivors(run_id)]) from None
 
 
-def test_a_worker_whose_launcher_died_ends_its_rank(tmp_path):
+@pytest.mark.parametrize("closes_output", [False, True], ids=["relaying", "output-closed"])
+def test_a_worker_whose_launcher_died_ends_its_rank(tmp_path, closes_output):
     """The process that started a rank's worker (mpirun's daemon) dies without ending it:
     SIGKILLed, or by the SIGPIPE a killed launcher's closed pipes give mpirun. The worker
-    ends its rank and itself, as on a stop."""
-    program = "import os, time; open(os.environ['PID_FILE'], 'w').write(str(os.getpid())); time.sleep(600)"
+    ends its rank and itself, as on a stop; also when the program closed its output (the
+    worker no longer relays then, only waits)."""
+    program = ("import os, time; open(os.environ['PID_FILE'], 'w').write(str(os.getpid()))"
+               + ("; os.close(1); os.close(2)" if closes_output else "") + "; time.sleep(600)")
     starter = "import subprocess, sys, time; subprocess.Popen(sys.argv[1:]); time.sleep(600)"
     env = {**os.environ, "PID_FILE": str(tmp_path / "rank-pid"), "DISTLAUNCH_RUN_ID": f"parent-death-{os.getpid()}"}
     parent = subprocess.Popen([sys.executable, "-c", starter, sys.executable, "-m", "distlaunch.rank.worker",

@@ -211,7 +211,7 @@ def test_cancel_a_queued_and_a_running_batch_run(box, workdir):
     while "started" not in (output.read_text() if output.exists() else ""):
         if time.monotonic() > deadline:
             folder = workdir / "runs" / run_id
-            said = {name: (folder / name).read_text()[-2000:] for name in
+            said = {name: (folder / name).read_text(errors="replace")[-2000:] for name in
                     ("run.json", "logs/sbatch.log", "logs/mpirun.log", "logs/output.log") if (folder / name).exists()}
             raise AssertionError(f"the batch run did not start: {said}")
         time.sleep(0.2)

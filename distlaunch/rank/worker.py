@@ -64,7 +64,7 @@ if TYPE_CHECKING:
 else:
     Any = object  # what ``typing.get_type_hints`` reads these annotations as, typing not imported
 
-STARTED_BY = os.getppid()  # read at import: the process that started this worker (relay)
+STARTED_BY = os.getppid()  # read at import: the process that started this worker (StarterWatch)
 ORPHAN_KILL_S = 10.0  # a rank whose worker lost its starter gets SIGTERM, and SIGKILL this much later
 BOOTSTRAP = "distlaunch.rank.bootstrap"
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
@@ -262,6 +262,17 @@ class ForkedRank:
             except ProcessLookupError:  # reaped a moment ago
                 pass
 
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # SIGCHLD ignored where the worker started: reaped already
+                self.returncode = 0
+            else:
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
     def wait(self) -> int:
         if self.returncode is None:
             try:
@@ -319,14 +330,45 @@ def _close_inherited() -> None:
                 pass  # the listing's own descriptor, closed already
 
 
-def relay(child: subprocess.Popen[bytes] | ForkedRank, info: RankInfo, log: RankLog,
-          tail: MetricsTail | None = None, started_by: int | None = None) -> None:
-    """Pump the child's stdout and stderr until both close (and its metrics, with a tail).
-    Once the process that started this worker (``started_by``: mpirun's daemon, srun's
+class StarterWatch:
+    """Once the process that started this worker (``started_by``: mpirun's daemon, srun's
     step) is gone, end the child as a stop would, SIGKILL after ``ORPHAN_KILL_S``: a
     launcher killed outright takes mpirun with it, and mpirun, its pipes closed, can die
-    before it ends the ranks. Seen by the parent pid changing, at least once a second
-    (no PR_SET_PDEATHSIG here: that fires when the *thread* that forked the worker ends)."""
+    before it ends the ranks. Seen by the parent pid changing, checked while relaying and
+    while waiting (no PR_SET_PDEATHSIG here: that fires when the *thread* that forked the
+    worker ends, not the process)."""
+
+    def __init__(self, started_by: int) -> None:
+        self.started_by: int | None = started_by
+        self.orphaned: float | None = None
+
+    def check(self, child: subprocess.Popen[bytes] | ForkedRank) -> None:
+        if self.started_by is None or os.getppid() == self.started_by:
+            return
+        if self.orphaned is None:
+            self.orphaned = time.monotonic()
+            child.send_signal(signal.SIGTERM)
+        elif time.monotonic() - self.orphaned >= ORPHAN_KILL_S:
+            child.send_signal(signal.SIGKILL)
+            self.started_by = None
+
+
+def wait_watching(child: subprocess.Popen[bytes] | ForkedRank, watch: StarterWatch | None) -> int:
+    """``child.wait()``, seeing the starter gone meanwhile too (a program that closed its
+    output goes on after the relay ends); its exit is seen within a millisecond or two."""
+    delay = 0.0005
+    while (code := child.poll()) is None:
+        if watch is not None:
+            watch.check(child)
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+    return code
+
+
+def relay(child: subprocess.Popen[bytes] | ForkedRank, info: RankInfo, log: RankLog,
+          tail: MetricsTail | None = None, watch: StarterWatch | None = None) -> None:
+    """Pump the child's stdout and stderr until both close (and its metrics, with a tail),
+    checking ``watch`` at least once a second."""
     assert child.stdout is not None and child.stderr is not None
     selector = selectors.DefaultSelector()
     relays = {
@@ -335,16 +377,10 @@ def relay(child: subprocess.Popen[bytes] | ForkedRank, info: RankInfo, log: Rank
     }
     for fd in relays:
         selector.register(fd, selectors.EVENT_READ)
-    orphaned = None
     while relays:
         events = selector.select(timeout=IDLE_FLUSH_S)
-        if started_by is not None and os.getppid() != started_by:
-            if orphaned is None:
-                orphaned = time.monotonic()
-                child.send_signal(signal.SIGTERM)
-            elif time.monotonic() - orphaned >= ORPHAN_KILL_S:
-                child.send_signal(signal.SIGKILL)
-                started_by = None
+        if watch is not None:
+            watch.check(child)
         for key, _ in events:
             fd = key.fd
             data = os.read(fd, 65536)
@@ -449,8 +485,9 @@ def run_rank(command: list[str], run_dir: str, info: RankInfo, gpus: tuple[str, 
         tail = None
         if info.rank == 0 and os.environ.get(RELAY_METRICS) == "1":
             tail = MetricsTail(protocol.rank_metrics(run_dir, 0), info.prefix, sys.stdout.fileno())
-        relay(child, info, log, tail, STARTED_BY)
-        code = child.wait()
+        watch = StarterWatch(STARTED_BY)
+        relay(child, info, log, tail, watch)
+        code = wait_watching(child, watch)
         if tail is not None:
             tail.poll(now=True)  # the last lines
     finally:
