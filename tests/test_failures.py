@@ -246,6 +246,19 @@ def test_a_launcher_killed_outright_takes_its_job_with_it(tmp_path):
         wait_for(lambda: survivors(run_id) == [], 30, "mpirun and the ranks to end after the launcher's SIGKILL")
     except AssertionError:
         raise AssertionError([(p.pid, p.status(), p.cmdline()[:6]) for p in survivors(run_id)]) from None
+    finally:
+        forget_session(tmp_path / "runs" / run_id)
+
+
+def forget_session(run_dir: Path) -> None:
+    """What a killed launcher cannot do: remove the session folder its mpirun may have left
+    (``ompi.<pid>``), which would stop another user's mpirun that gets the same pid."""
+    import shutil
+    import tempfile
+
+    pid = json.loads((run_dir / "run.json").read_text()).get("mpirun_pid")
+    if pid:
+        shutil.rmtree(Path(tempfile.gettempdir()) / f"ompi.{pid}", ignore_errors=True)
 
 
 @pytest.mark.parametrize("closes_output", [False, True], ids=["relaying", "output-closed"])

@@ -340,7 +340,7 @@ def test_a_launcher_killed_outright_leaves_nothing_on_the_nodes(cluster, project
     connections, the masters' ending alone would cut mpirun off from its daemons; with
     plain ssh, only mpirun's own death signal ends the job."""
     import psutil
-    from test_failures import survivors, wait_for
+    from test_failures import forget_session, survivors, wait_for
 
     script = project / "faults.py"
     shutil.copy(SCRIPTS / "faults.py", script)
@@ -355,7 +355,10 @@ def test_a_launcher_killed_outright_leaves_nothing_on_the_nodes(cluster, project
     assert len(survivors(run_id)) >= 5, "premise: mpirun and the four ranks are running"
     proc.kill()
     proc.communicate(timeout=30)
-    wait_for(lambda: survivors(run_id) == [], 60, "every process of the run to end after the launcher's SIGKILL")
+    try:
+        wait_for(lambda: survivors(run_id) == [], 60, "every process of the run to end after the launcher's SIGKILL")
+    finally:
+        forget_session(tmp_path / "runs" / run_id)
 
     def of_the_run() -> list[str]:
         found = []

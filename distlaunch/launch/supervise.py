@@ -322,6 +322,22 @@ def ends_on_failure(argv: Sequence[str], env: Mapping[str, str]) -> bool:
                    for name, value in settings)
 
 
+def _remove_session_dir(pid: int) -> None:
+    """Open MPI 5's mpirun keeps its session in ``$TMPDIR/ompi.<its pid>`` and removes it as
+    it ends; one that was killed (after --kill-grace, or by the failure guard) leaves it,
+    and another user's mpirun that later gets the same pid cannot start. Ours to remove:
+    mpirun is reaped, and only a folder this user owns is touched."""
+    import shutil
+    import tempfile
+
+    folder = os.path.join(tempfile.gettempdir(), f"ompi.{pid}")
+    try:
+        if os.lstat(folder).st_uid == os.getuid():
+            shutil.rmtree(folder, ignore_errors=True)
+    except OSError:
+        pass
+
+
 def _exited(pid: int) -> int | None:
     """mpirun's return code once it has exited, WITHOUT reaping it (its pid stays ours)."""
     try:
@@ -395,7 +411,8 @@ class Supervisor:
             self.proc = subprocess.Popen(
                 list(self.plan.argv), env={**os.environ, **self.plan.env}, stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                preexec_fn=death_signal(),  # a launcher killed outright: mpirun ends the job itself
+                preexec_fn=death_signal(),  # a launcher killed outright: mpirun ends the job itself,
+                restore_signals=False,  # with SIGPIPE still ignored, so its closed pipes cannot kill it first
             )
         except BaseException:
             self._restore_handlers()
@@ -468,6 +485,7 @@ class Supervisor:
         try:
             leftovers = kill_run(self.run_id, self.proc.pid, grace=LEFTOVER_GRACE_S)
             code = self.proc.wait()  # reaped only now: its pid was ours during the scan
+            _remove_session_dir(self.proc.pid)
             for pump in self.pumps:
                 pump.join(timeout=10)
             self.logs.end_relay()  # a pump still running must not write what the collection adds to
