@@ -80,7 +80,7 @@ def metric_payload(line: bytes) -> bytes | None:
 # once, from any node, and never shows the line (also when mpirun prefixes it, --tag-output)
 FAILURE_NOTICE = "DISTLAUNCH_FAILURE_NOTICE"
 RANK_FAILED_MARK = b"\x1edistlaunch-rank-failed"
-_FAILED_LINE = re.compile(rb"\[ *(\d+)\] \x1edistlaunch-rank-failed$")
+_FAILED_LINE = re.compile(rb"\[ *(\d+)\] " + re.escape(RANK_FAILED_MARK) + rb"$")
 
 
 def failed_rank(line: bytes) -> tuple[int, bytes] | None:

@@ -135,7 +135,7 @@ class OutputPump(threading.Thread):
                 self._to_sink(b"".join(line + b"\n" for line in lines if self._shown(line)))
             self.logs.keep(lines)
         if pending:  # the last line, without its end
-            rest = self._failures_out([pending]) if self.on_failed is not None else [pending]
+            rest = [pending] if self.on_failed is None else self._failures_out([pending])
             for line in rest:
                 if self._shown(line):
                     self._to_sink(line if raw else line + b"\n")
@@ -156,6 +156,7 @@ class OutputPump(threading.Thread):
     def _failures_out(self, lines: list[bytes]) -> list[bytes]:
         """Pass on the ranks that failed; the other lines, and what another rank's line,
         cut by mpirun's forwarding, left before a notice (not a launcher's tag)."""
+        assert self.on_failed is not None
         rest = []
         for line in lines:
             found = failed_rank(line)
@@ -165,8 +166,7 @@ class OutputPump(threading.Thread):
             rank, before = found
             if before.strip() and not _LAUNCHER_TAG.fullmatch(before):
                 rest.append(before)
-            if self.on_failed is not None:
-                self.on_failed(rank)
+            self.on_failed(rank)
         return rest
 
     def _shown(self, line: bytes) -> bool:

@@ -7,8 +7,8 @@ prefix while keeping a raw copy in ``logs/rank-<N>.log``, forwards termination
 signals, and finally rewrites ``ranks/rank-<N>.json`` saying how the rank ended; a rank
 that failed is also told on stderr at once, in one marked line that only the launcher
 reads (``protocol.RANK_FAILED_MARK``, where it asks for it: the records of other nodes
-come back only at the end). It exits the way the child did (same code, or the same signal), so mpirun sees
-the real outcome.
+come back only at the end). It exits the way the child did (same code, or the same
+signal), so mpirun sees the real outcome.
 
 A ``.py`` program is run by the bootstrap in this very interpreter's fork when the
 program's command is this interpreter with this worker's own flags, and so are
@@ -232,7 +232,7 @@ def _is_this_python(path: str) -> bool:
 
 class ForkedRank:
     """The rank as a fork of this worker running the bootstrap, with the parts of
-    ``subprocess.Popen`` the worker uses (pid, stdout, stderr, send_signal, wait)."""
+    ``subprocess.Popen`` the worker uses (pid, stdout, stderr, send_signal, poll)."""
 
     def __init__(self, program: tuple[str, list[str]], env: dict[str, str], in_child: Callable[[], None]) -> None:
         out_r, out_w = os.pipe()
@@ -271,15 +271,6 @@ class ForkedRank:
             else:
                 if pid:
                     self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
-
-    def wait(self) -> int:
-        if self.returncode is None:
-            try:
-                _, status = os.waitpid(self.pid, 0)
-                self.returncode = os.waitstatus_to_exitcode(status)
-            except ChildProcessError:  # SIGCHLD ignored where the worker started: reaped already
-                self.returncode = 0
         return self.returncode
 
 
@@ -354,7 +345,7 @@ class StarterWatch:
 
 
 def wait_watching(child: subprocess.Popen[bytes] | ForkedRank, watch: StarterWatch | None) -> int:
-    """``child.wait()``, seeing the starter gone meanwhile too (a program that closed its
+    """Wait for the child's end, seeing the starter gone meanwhile too (a program that closed its
     output goes on after the relay ends); its exit is seen within a millisecond or two."""
     delay = 0.0005
     while (code := child.poll()) is None:
