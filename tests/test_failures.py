@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -163,6 +164,30 @@ def test_signal_to_distlaunch(tmp_path, ranks, signum):
     assert record["status"] == "cancelled" and record["exit_code"] == 128 + signum
     assert signal.Signals(signum).name in record["reason"]
     report(signal.Signals(signum).name, ranks, ended - sent, record["status"], job.proc.returncode)
+
+
+def test_a_stop_after_a_rank_failed_keeps_that_rank_as_the_cause(tmp_path):
+    """Hydra told to keep a job going after a failure (-disable-auto-cleanup): rank 1
+    exits 7 and rank 0 sleeps on. The user's Ctrl-C then ends the job, but rank 1 stays
+    its cause: status failed, its exit code, the stop said after it; no restart."""
+    hydra = shutil.which("mpirun.mpich")
+    if hydra is None:
+        pytest.skip("MPICH's mpirun (mpirun.mpich) is not installed")
+    job = Job(tmp_path, 2, "alone7", 1, "--mpirun", hydra, "--mpi-arg", "-disable-auto-cleanup", "--max-restarts",
+              "1")
+    job.wait_ready()
+    wait_for(lambda: (tmp_path / "fault-time").exists(), 30, "rank 1 to fail")
+    time.sleep(2)  # its worker's word reaches distlaunch in milliseconds
+    assert job.proc.poll() is None, "premise: the launcher keeps the job going after rank 1 failed"
+    job.proc.send_signal(signal.SIGINT)
+    _ended, record = job.finish(60)
+    attempt = record["attempts"][0]
+    assert (attempt["status"], attempt["exit_code"], attempt["failure"]["rank"]) == ("failed", 7, 1), attempt
+    assert "cancelled by SIGINT" in attempt["reason"] and "after rank 1 failed" in attempt["reason"], attempt
+    assert attempt["next"] == "no restart: SIGINT came after the attempt had failed", attempt["next"]
+    assert (record["status"], record["first_failure"]["rank"], job.proc.returncode) == ("cancelled", 1, 130), \
+        job.err
+    assert "rank 1 on" in job.err and "after rank 1 failed" in job.err, job.err
 
 
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGUSR2])

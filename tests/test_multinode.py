@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -276,11 +277,14 @@ def test_failure_matrix_on_two_nodes(cluster, project, tmp_path, cell):
     report(f"{fault} (2 nodes)", 4, ended - fault_at - waited, status, code)
 
 
-def test_a_job_whose_mpirun_hangs_after_a_failure_is_ended_with_the_rank_as_cause(cluster, project, tmp_path):
+@pytest.mark.parametrize("ended_by", ["guard", "ctrl-c"])
+def test_a_job_whose_mpirun_hangs_after_a_failure_is_ended_with_the_rank_as_cause(cluster, project, tmp_path,
+                                                                                 ended_by):
     """Node 3's Open MPI daemon stops answering (SIGSTOP), then rank 1 on node 2 is killed:
     mpirun never ends the job by itself. distlaunch ends it --kill-grace plus
-    ENDS_AFTER_FAILURE_S after rank 1's worker said it failed, records rank 1 as the
-    cause and leaves no process of the run."""
+    ENDS_AFTER_FAILURE_S after rank 1's worker said it failed (guard), or when the user
+    gives up waiting first (ctrl-c); either way it records rank 1 as the cause and leaves
+    no process of the run."""
     import contextlib
 
     import psutil
@@ -314,6 +318,10 @@ def test_a_job_whose_mpirun_hangs_after_a_failure_is_ended_with_the_rank_as_caus
     try:
         program_of(1).kill()
         killed = time.monotonic()
+        if ended_by == "ctrl-c":
+            time.sleep(3)  # rank 1's worker's word reaches distlaunch in milliseconds
+            assert proc.poll() is None, "premise: mpirun does not end the job by itself"
+            proc.send_signal(signal.SIGINT)
         _out, err = proc.communicate(timeout=2 + ENDS_AFTER_FAILURE_S + 90)
         took = time.monotonic() - killed
     finally:
@@ -326,9 +334,13 @@ def test_a_job_whose_mpirun_hangs_after_a_failure_is_ended_with_the_rank_as_caus
     assert proc.returncode == 137, err[-3000:]
     assert record["status"] == "failed" and record["exit_code"] == 137
     assert (record["first_failure"]["rank"], record["first_failure"]["signal"]) == (1, "SIGKILL")
-    assert "had not ended the job" in record["reason"], record["reason"]
-    assert "rank 1 on" in err and "(first failure)" in err and "had not ended the job" in err, err[-3000:]
-    assert 2 + ENDS_AFTER_FAILURE_S <= took < 2 + ENDS_AFTER_FAILURE_S + 60, took
+    said = r"had not ended the job" if ended_by == "guard" else r"cancelled by SIGINT, [34] s after rank 1 failed"
+    assert re.search(said, record["reason"]), record["reason"]
+    assert "rank 1 on" in err and "(first failure)" in err and re.search(said, err), err[-3000:]
+    if ended_by == "guard":
+        assert 2 + ENDS_AFTER_FAILURE_S <= took < 2 + ENDS_AFTER_FAILURE_S + 60, took
+    else:
+        assert took < 2 + ENDS_AFTER_FAILURE_S, took
     assert "distlaunch-rank-failed" not in err + (tmp_path / "runs" / run_id / "logs" / "output.log").read_text()
     wait_for(lambda: survivors(run_id) == [], 60, "every process of the run to end")
 

@@ -18,7 +18,7 @@ from ..plan.inputs import parse_input
 from ..plan.mpirun import LaunchPlan
 from ..plan.spec import LAUNCHERS, JobSpec, parse_env_file, parse_env_items, parse_tags
 from ..plan.units import parse_duration, parse_size
-from ..records import RunPaths, RunRecord, new_run_id
+from ..records import Failure, RunPaths, RunRecord, new_run_id
 from .hosts import placement_table
 from .options import (
     mpi_options,
@@ -367,17 +367,25 @@ def summarize(run_id: str, root: str, outcome: Outcome, ranks: int, nhosts: int,
         outcome.exit_code == outcome.failure.exit_code  # then the reason only adds to it
     if outcome.reason and not ranks_fault:
         click.echo(f"{head}: {outcome.reason}; exit code {outcome.exit_code}; run folder {root}", err=True)
+        if outcome.failure is not None and outcome.failure.rank is not None:  # a rank had failed before that
+            click.echo(f"distlaunch: before that, {outcome.failure.describe()} (first failure)", err=True)
+            _last_words(outcome.failure, root)
         return
     if outcome.failure is None:
         click.echo(f"{head} ({ranks} ranks on {nhosts} host(s)); run folder {root}", err=True)
         return
     click.echo(f"{head}: {outcome.failure.describe()} (first failure), exit code {outcome.exit_code}", err=True)
-    if outcome.failure.last_lines:
+    _last_words(outcome.failure, root, outcome.reason)
+
+
+def _last_words(failure: Failure, root: str, reason: str = "") -> None:
+    """The failed rank's last lines, then ``reason``, then where its whole log is."""
+    if failure.last_lines:
         click.echo("distlaunch: its last lines:", err=True)
-        for line in outcome.failure.last_lines:
+        for line in failure.last_lines:
             click.echo(f"    {line}", err=True)
-    if outcome.reason:
-        click.echo(f"distlaunch: {outcome.reason}", err=True)
-    rank = outcome.failure.rank
+    if reason:
+        click.echo(f"distlaunch: {reason}", err=True)
+    rank = failure.rank
     where = f"{root}/logs/rank-{rank}.log" if rank is not None else f"{root}/logs/mpirun.log"
     click.echo(f"distlaunch: full log: {where}; run folder {root}", err=True)

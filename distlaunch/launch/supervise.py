@@ -392,6 +392,7 @@ class Supervisor:
         self.late_stop: int | None = None  # a stop signal that came after mpirun ended (no restart then)
         self.failed: tuple[int, float] | None = None  # the first rank heard to fail, and when (monotonic)
         self.forced: str | None = None  # why distlaunch ended a job its launcher did not end after a failure
+        self.failed_before_stop: tuple[int, float] | None = None  # ``failed`` as it was when a stop came
         self.guards_failures = ends_on_failure(plan.argv, plan.env)  # else the job may go on after one
         self._handlers: dict[int, Any] = {}
 
@@ -471,6 +472,10 @@ class Supervisor:
             return
         name = signal.Signals(signum).name
         self.stopping = (status, 128 + signum if exit_code is None else exit_code, reason or f"cancelled by {name}")
+        if self.failed is not None:  # a rank had failed already: it stays the cause (``_outcome``)
+            self.failed_before_stop = (self.failed[0], time.monotonic() - self.failed[1])
+            if status is Status.CANCELLED:
+                self.late_stop = signum  # the user ended a failed job: whoever restarts it must not
         self.stop_deadline = time.monotonic() + self.watch.kill_grace
         log.info("stopping run %s: %s", self.run_id, self.stopping[2])
         if signum == signal.SIGINT and self.plan.interrupt_as is not None:
@@ -580,9 +585,18 @@ class Supervisor:
         reason = ""
         ended = [r for r in records.values() if r.exit_code is not None]
         assert self.logs is not None
-        if self.stopping is not None:
+        if self.stopping is not None and self.failed_before_stop is not None and failure is not None:
+            # a rank failed before the stop (and its launcher had not ended the job yet, or was
+            # told not to): the first failure stays the cause, the stop is what came after it
+            status, exit_code = Status.FAILED, failure.exit_code
+            rank, waited = self.failed_before_stop
+            reason = f"{self.stopping[2]}, {waited:.0f} s after rank {rank} failed"
+        elif self.stopping is not None:
             status, exit_code, reason = self.stopping
             failure = None  # the ranks died because we stopped them
+            if self.failed_before_stop is not None:  # heard, but its exit record never came
+                rank, waited = self.failed_before_stop
+                reason += f" ({waited:.0f} s after rank {rank} said it failed; its exit record is missing)"
         elif self.logs.problem is not None:
             status, exit_code = Status.FAILED, ExitCode.RUN_DIR
             reason = (f"cannot write to the run folder {self.paths.root} ({self.logs.problem}): its logs and "

@@ -1,6 +1,7 @@
 """Test payload for the failure matrix. FAULT picks what rank FAULT_RANK does:
 
 exception  raise RuntimeError        exit7   os._exit(7)
+alone7     os._exit(7) while the others sleep, with no MPI (a launcher told to keep a job going does)
 sigkill    wait to be killed          hang    sleep forever while the others wait in a barrier
 sleep      every rank just sleeps (for --timeout, SIGINT, SIGTERM)
 stubborn   every rank ignores SIGINT and SIGTERM and sleeps (only SIGKILL ends it)
@@ -64,6 +65,12 @@ if fault == "chatty":
         print(f"rank {rank} still working", flush=True)
         time.sleep(float(os.environ.get("CHATTY_EVERY", "1")))
     sys.exit(0)
+if fault == "alone7":
+    if rank == target:
+        time.sleep(0.5)
+        mark_fault()
+        os._exit(7)
+    time.sleep(3600)
 if rank == target or fault == "sleep":
     if fault == "exception":
         time.sleep(0.5)
