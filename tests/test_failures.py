@@ -227,13 +227,18 @@ def test_a_workers_failure_line_is_heard_and_never_shown(tmp_path, ranks):
     pump = OutputPump(Reads(b"[0] step 1\n[1] half of ", b"a line\n[1] " + RANK_FAILED_MARK[:6],
                             RANK_FAILED_MARK[6:] + b"\n[job-1,0]<stderr>: [0] " + RANK_FAILED_MARK + b"\n",
                             b"[0] a long line cut by mpirun [1] " + RANK_FAILED_MARK + b"\n[0] , here its end\n",
+                            # mpirun --output tag-detailed, --timestamp-output with --tag-output, and
+                            # srun --label with more than 10 tasks (padded)
+                            b"[1,1][node2:4242]<stderr>: [1] " + RANK_FAILED_MARK + b"\n",
+                            b"[Mon Dec  7 08:45:41 2026][1,0]<stdout>: [0] " + RANK_FAILED_MARK + b"\n",
+                            b" 1: [ 1] " + RANK_FAILED_MARK + b"\n",
                             b"mpirun: its own last words"), sink, ranks, logs, on_failed=heard.append)
     pump.run()
     logs.close()
-    assert heard == [1, 0, 1]
+    assert heard == [1, 0, 1, 1, 0, 1]
     shown = sink.getvalue()
     assert shown.startswith(b"[0] step 1\n[1] half of a line\n") and RANK_FAILED_MARK not in shown
-    assert b"[0] a long line cut by mpirun \n" in shown and b"<stderr>" not in shown
+    assert b"[0] a long line cut by mpirun \n" in shown and b"<std" not in shown and b" 1:" not in shown
     assert shown.rstrip(b"\n").endswith(b"mpirun: its own last words")
     kept = paths.output_log.read_bytes()
     assert b"half of a line" in kept and b"a long line cut by" in kept and b"its own last words" in kept

@@ -43,8 +43,9 @@ LEFTOVER_GRACE_S = 2.0  # after mpirun exits, ranks still finishing get this lon
 HANG_DUMP_WAIT_S = 1.0  # after asking ranks for their stacks, before stopping them
 POLL_S = 0.2
 MAX_PENDING = 1 << 20  # an output line without an end is passed on in pieces of this size
-# what mpirun --tag-output, Hydra's -prepend-rank or srun --label put before a rank's line
-_LAUNCHER_TAG = re.compile(rb"\[[^\]]*\]<std(?:out|err)>: ?|\[\d+\] ?|\d+: ?")
+# what mpirun --tag-output (also --output tag-detailed or tag-fullname, and with
+# --timestamp-output), Hydra's -prepend-rank or srun --label (padded) put before a rank's line
+_LAUNCHER_TAG = re.compile(rb"(?:\[[^\]]*\])+<std(?:out|err)>: ?|\[ *\d+\] ?| *\d+: ?")
 ENDS_AFTER_FAILURE_S = 30.0  # once a rank failed, mpirun gets --kill-grace and this long to end the job
 # (Slurm's default KillWait): the launcher told to let the job go on after a failure
 # (fault-tolerant MPI, Hydra's -disable-auto-cleanup, srun --kill-on-bad-exit=0) gets for ever
