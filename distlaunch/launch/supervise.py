@@ -585,6 +585,7 @@ class Supervisor:
         failure = root_cause(records, self.paths)
         reason = ""
         ended = [r for r in records.values() if r.exit_code is not None]
+        launcher = os.path.basename(self.plan.argv[0])
         assert self.logs is not None
         if self.stopping is not None and self.failed_before_stop is not None and failure is not None:
             # a rank failed before the stop (and its launcher had not ended the job yet, or was
@@ -606,14 +607,14 @@ class Supervisor:
             status, exit_code = Status.FAILED, failure.exit_code
         elif code != 0 and not records:
             status, exit_code = Status.FAILED, ExitCode.LAUNCH
-            launcher = os.path.basename(self.plan.argv[0])
             reason = (f"{launcher} could not start the job (no rank started): see its message above or in "
                       "logs/mpirun.log")
             failure = Failure(None, None, code if code > 0 else 128 - code, None,
-                              tuple(tail_lines(self.paths.mpirun_log)))
+                              tuple(tail_lines(self.paths.mpirun_log)), launcher=launcher)
         elif code != 0 or len(ended) < self.plan.nranks:
             status, exit_code = Status.FAILED, code if code > 0 else 1
-            failure = Failure(None, None, exit_code, None, tuple(tail_lines(self.paths.mpirun_log)))
+            failure = Failure(None, None, exit_code, None, tuple(tail_lines(self.paths.mpirun_log)),
+                              launcher=launcher)
         else:
             status, exit_code = Status.COMPLETED, 0
         if self.forced is not None and self.stopping is None and not reason:
