@@ -245,6 +245,38 @@ def test_a_workers_failure_line_is_heard_and_never_shown(tmp_path, ranks):
     assert RANK_FAILED_MARK not in kept
 
 
+def test_a_pump_still_writing_when_the_logs_close_writes_nothing(tmp_path):
+    """finish() closes the logs after waiting a while for the pumps; one still running then
+    must find them closed, not write into a closed file (ValueError in its thread)."""
+    import threading
+
+    from distlaunch.launch.supervise import LogFiles
+    from distlaunch.records import RunPaths
+
+    errors = []
+    for attempt in range(20):
+        paths = RunPaths(tmp_path / f"run-{attempt}")
+        paths.logs.mkdir(parents=True)
+        logs = LogFiles(paths)
+        writing = threading.Event()
+
+        def pump(logs=logs, writing=writing):
+            try:
+                for _ in range(2000):
+                    logs.keep([b"mpirun: a line of its own", b"[0] a rank's line"])
+                    writing.set()
+            except Exception as exc:  # noqa: BLE001 - what the test looks for
+                errors.append(repr(exc))
+
+        thread = threading.Thread(target=pump)
+        thread.start()
+        writing.wait()
+        logs.close()
+        thread.join()
+        assert paths.output_log.read_bytes().startswith(b"mpirun: a line of its own\n[0] a rank's line\n")
+    assert errors == []
+
+
 @pytest.mark.parametrize("argv,env,ends", [
     (["mpirun", "-n", "2", "python", "-m", "distlaunch.rank.worker", "--", "train.py", "--enable-recovery"], {},
      True),

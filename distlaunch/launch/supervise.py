@@ -216,7 +216,7 @@ class LogFiles:
                     self.own.flush()
             except OSError as exc:
                 self.problem = exc.strerror or str(exc)
-                self.close()
+                self._close_held()
 
     def metrics(self, lines: list[bytes]) -> None:
         """Rank 0's metrics lines, relayed from its node: appended to its metrics file here
@@ -234,7 +234,7 @@ class LogFiles:
                 self.relayed.flush()
             except OSError as exc:
                 self.problem = exc.strerror or str(exc)
-                self.close()
+                self._close_held()
 
     def end_relay(self) -> None:
         """No relayed metrics line is written from now on (the collection adds the rest)."""
@@ -248,6 +248,11 @@ class LogFiles:
                 self.relayed = None
 
     def close(self) -> None:
+        """Close every file; a pump still writing (one that did not end in time) then writes nothing."""
+        with self.lock:
+            self._close_held()
+
+    def _close_held(self) -> None:
         self.closed = True
         for handle in (self.everything, self.own, self.relayed):
             try:
