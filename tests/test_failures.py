@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -166,28 +167,62 @@ def test_signal_to_distlaunch(tmp_path, ranks, signum):
     report(signal.Signals(signum).name, ranks, ended - sent, record["status"], job.proc.returncode)
 
 
-def test_a_stop_after_a_rank_failed_keeps_that_rank_as_the_cause(tmp_path):
+@pytest.mark.parametrize("restarts", ["0", "1"])
+def test_a_stop_after_a_rank_failed_keeps_that_rank_as_the_first_failure(tmp_path, restarts):
     """Hydra told to keep a job going after a failure (-disable-auto-cleanup): rank 1
-    exits 7 and rank 0 sleeps on. The user's Ctrl-C then ends the job, but rank 1 stays
-    its cause: status failed, its exit code, the stop said after it; no restart."""
+    exits 7 and rank 0 sleeps on. The user's Ctrl-C then ends the job, which is cancelled
+    as any other, but rank 1 is kept as its first failure and named; no restart."""
     hydra = shutil.which("mpirun.mpich")
     if hydra is None:
         pytest.skip("MPICH's mpirun (mpirun.mpich) is not installed")
     job = Job(tmp_path, 2, "alone7", 1, "--mpirun", hydra, "--mpi-arg", "-disable-auto-cleanup", "--max-restarts",
-              "1")
+              restarts)
     job.wait_ready()
-    wait_for(lambda: (tmp_path / "fault-time").exists(), 30, "rank 1 to fail")
-    time.sleep(2)  # its worker's word reaches distlaunch in milliseconds
+
+    def rank_1_recorded() -> bool:  # its worker tells the launcher right after writing this
+        found = list((tmp_path / "runs").glob("*/ranks/rank-1.json"))
+        return bool(found) and json.loads(found[0].read_text()).get("exit_code") == 7
+
+    wait_for(rank_1_recorded, 30, "rank 1 to fail")
+    time.sleep(1)  # its worker's line reaches distlaunch in milliseconds
     assert job.proc.poll() is None, "premise: the launcher keeps the job going after rank 1 failed"
     job.proc.send_signal(signal.SIGINT)
     _ended, record = job.finish(60)
-    attempt = record["attempts"][0]
-    assert (attempt["status"], attempt["exit_code"], attempt["failure"]["rank"]) == ("failed", 7, 1), attempt
-    assert "cancelled by SIGINT" in attempt["reason"] and "after rank 1 failed" in attempt["reason"], attempt
-    assert attempt["next"] == "no restart: SIGINT came after the attempt had failed", attempt["next"]
-    assert (record["status"], record["first_failure"]["rank"], job.proc.returncode) == ("cancelled", 1, 130), \
-        job.err
-    assert "rank 1 on" in job.err and "after rank 1 failed" in job.err, job.err
+    assert (record["status"], record["exit_code"], job.proc.returncode) == ("cancelled", 130, 130), job.err
+    first = record["first_failure"]
+    assert (first["rank"], first["exit_code"]) == (1, 7), first
+    said = re.compile(r"cancelled by SIGINT, \d+ s after rank 1 failed")
+    if restarts == "0":
+        assert said.fullmatch(record["reason"]), record["reason"]
+    else:
+        attempt = record["attempts"][0]
+        assert (attempt["status"], attempt["failure"]["rank"]) == ("cancelled", 1), attempt
+        assert said.fullmatch(attempt["reason"]) and attempt["next"] == "no restart after a cancel or Ctrl-C", attempt
+    assert said.search(job.err) and "first failure: rank 1 on" in job.err and "rank-1.log" in job.err, job.err
+
+
+@pytest.mark.parametrize("heard,kept", [
+    ((1, 0.3, "SIGTERM"), False),  # scancel: the rank and distlaunch got the same SIGTERM at once
+    ((1, 5.0, "SIGTERM"), True),   # killed by SIGTERM long before the stop: its own failure
+    ((2, 0.1, "SIGTERM"), True),   # exited 7 just before: whatever the stop's signal
+    ((3, 5.0, "SIGINT"), False),   # heard, but its exit record never came (its node went away)
+], ids=["same-signal-at-once", "same-signal-earlier", "exit-code", "no-record"])
+def test_which_failure_heard_before_a_stop_is_kept(tmp_path, heard, kept):
+    from types import SimpleNamespace
+
+    from distlaunch.launch.supervise import Supervisor
+    from distlaunch.records import RankExit, RunPaths
+
+    paths = RunPaths(tmp_path / "run")
+    paths.logs.mkdir(parents=True)
+    records = {0: RankExit(0, host="n1", ended=10.0, exit_code=143, signal="SIGTERM"),
+               1: RankExit(1, host="n1", ended=9.0, exit_code=143, signal="SIGTERM"),
+               2: RankExit(2, host="n2", ended=9.0, exit_code=7)}
+    watching = SimpleNamespace(failed_before_stop=heard, paths=paths)
+    failure = Supervisor._failed_before_stop(watching, records)  # type: ignore[arg-type]
+    assert (failure is not None) is kept
+    if kept:
+        assert (failure.rank, failure.exit_code) == (heard[0], records[heard[0]].exit_code)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGUSR2])
@@ -232,13 +267,15 @@ def test_a_workers_failure_line_is_heard_and_never_shown(tmp_path, ranks):
                             b"[1,1][node2:4242]<stderr>: [1] " + RANK_FAILED_MARK + b"\n",
                             b"[Mon Dec  7 08:45:41 2026][1,0]<stdout>: [0] " + RANK_FAILED_MARK + b"\n",
                             b" 1: [ 1] " + RANK_FAILED_MARK + b"\n",
+                            b"Mon Dec  7 08:45:41 2026[1,0]<stderr>: [0] " + RANK_FAILED_MARK + b"\n",  # Open MPI 4
                             b"mpirun: its own last words"), sink, ranks, logs, on_failed=heard.append)
     pump.run()
     logs.close()
-    assert heard == [1, 0, 1, 1, 0, 1]
+    assert heard == [1, 0, 1, 1, 0, 1, 0]
     shown = sink.getvalue()
     assert shown.startswith(b"[0] step 1\n[1] half of a line\n") and RANK_FAILED_MARK not in shown
     assert b"[0] a long line cut by mpirun \n" in shown and b"<std" not in shown and b" 1:" not in shown
+    assert b"2026" not in shown
     assert shown.rstrip(b"\n").endswith(b"mpirun: its own last words")
     kept = paths.output_log.read_bytes()
     assert b"half of a line" in kept and b"a long line cut by" in kept and b"its own last words" in kept

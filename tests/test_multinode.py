@@ -331,12 +331,13 @@ def test_a_job_whose_mpirun_hangs_after_a_failure_is_ended_with_the_rank_as_caus
             proc.terminate()  # it stops its job itself
             proc.communicate(timeout=60)
     record = json.loads((tmp_path / "runs" / run_id / "run.json").read_text())
-    assert proc.returncode == 137, err[-3000:]
-    assert record["status"] == "failed" and record["exit_code"] == 137
+    status, code = ("failed", 137) if ended_by == "guard" else ("cancelled", 130)
+    assert proc.returncode == code, err[-3000:]
+    assert record["status"] == status and record["exit_code"] == code
     assert (record["first_failure"]["rank"], record["first_failure"]["signal"]) == (1, "SIGKILL")
-    said = r"had not ended the job" if ended_by == "guard" else r"cancelled by SIGINT, [34] s after rank 1 failed"
+    said = r"had not ended the job" if ended_by == "guard" else r"cancelled by SIGINT, \d+ s after rank 1 failed"
     assert re.search(said, record["reason"]), record["reason"]
-    assert "rank 1 on" in err and "(first failure)" in err and re.search(said, err), err[-3000:]
+    assert "rank 1 on" in err and "first failure" in err and re.search(said, err), err[-3000:]
     if ended_by == "guard":
         assert 2 + ENDS_AFTER_FAILURE_S <= took < 2 + ENDS_AFTER_FAILURE_S + 60, took
     else:

@@ -367,8 +367,8 @@ def summarize(run_id: str, root: str, outcome: Outcome, ranks: int, nhosts: int,
         outcome.exit_code == outcome.failure.exit_code  # then the reason only adds to it
     if outcome.reason and not ranks_fault:
         click.echo(f"{head}: {outcome.reason}; exit code {outcome.exit_code}; run folder {root}", err=True)
-        if outcome.failure is not None and outcome.failure.rank is not None:  # a rank had failed before that
-            click.echo(f"distlaunch: before that, {outcome.failure.describe()} (first failure)", err=True)
+        if outcome.failure is not None and outcome.failure.rank is not None:  # e.g. a stop after it
+            click.echo(f"distlaunch: first failure: {outcome.failure.describe()}", err=True)
             _last_words(outcome.failure, root)
         return
     if outcome.failure is None:

@@ -101,7 +101,7 @@ def show_command(run_id: str, runs_root: str, plot_to: str | None, list_files: b
         click.echo(f"error     {record.error}")
     failure = record.first_failure
     if failure:
-        who = f"rank {failure.rank} on {failure.host}" if failure.rank is not None else "mpirun"
+        who = f"rank {failure.rank} on {failure.host}" if failure.rank is not None else failure.launcher or "mpirun"
         how = failure.exception or (f"killed by {failure.signal}" if failure.signal
                                     else f"exit code {failure.exit_code}")
         click.echo(f"failure   {who}: {how}")

@@ -639,7 +639,7 @@ def _no_restart(outcome: Outcome, restart: int, budget: int, deadline: float | N
     if outcome.status is Status.CANCELLED:
         return "no restart after a cancel or Ctrl-C"
     if stop is not None:
-        return f"no restart: {signal.Signals(stop).name} came after the attempt had failed"
+        return f"no restart: {signal.Signals(stop).name} came while the attempt was ending"
     if outcome.status is Status.TIMEOUT and "--hang-timeout" not in outcome.reason:
         return "no restart after --timeout"
     if outcome.exit_code == ExitCode.RUN_DIR and outcome.reason.startswith("cannot write to the run folder"):

@@ -44,8 +44,11 @@ HANG_DUMP_WAIT_S = 1.0  # after asking ranks for their stacks, before stopping t
 POLL_S = 0.2
 MAX_PENDING = 1 << 20  # an output line without an end is passed on in pieces of this size
 # what mpirun --tag-output (also --output tag-detailed or tag-fullname, and with
-# --timestamp-output), Hydra's -prepend-rank or srun --label (padded) put before a rank's line
-_LAUNCHER_TAG = re.compile(rb"(?:\[[^\]]*\])+<std(?:out|err)>: ?|\[ *\d+\] ?| *\d+: ?")
+# --timestamp-output: bracketed in Open MPI 5, a bare ctime in 4), Hydra's -prepend-rank or
+# srun --label (padded) put before a rank's line
+_LAUNCHER_TAG = re.compile(rb"(?:\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4})?(?:\[[^\]]*\])*<std(?:out|err)>: ?"
+                           rb"|\[ *\d+\] ?| *\d+: ?")
+SAME_STOP_S = 2.0  # a rank killed by the stop's own signal this soon before it was stopped with the job
 ENDS_AFTER_FAILURE_S = 30.0  # once a rank failed, mpirun gets --kill-grace and this long to end the job
 # (Slurm's default KillWait): the launcher told to let the job go on after a failure
 # (fault-tolerant MPI, Hydra's -disable-auto-cleanup, srun --kill-on-bad-exit=0) gets for ever
@@ -307,10 +310,15 @@ def root_cause(records: dict[int, RankExit], paths: RunPaths) -> Failure | None:
     named = _cascades_named_by_mpirun(records, paths)
     primary = [r for r in failed if not _cascaded(r, paths, named)] or failed
     first = min(primary, key=lambda r: r.ended if r.ended is not None else float("inf"))
-    exc = first.exception or {}
+    return failure_of(first, paths)
+
+
+def failure_of(record: RankExit, paths: RunPaths) -> Failure:
+    """A failed rank's exit record as a Failure, with its last log lines."""
+    exc = record.exception or {}
     exception = f"{exc['type']}: {exc.get('message', '')}"[:300] if exc.get("type") else None
-    return Failure(first.rank, first.host, int(first.exit_code or 0), first.signal,
-                   tuple(tail_lines(paths.rank_log(first.rank))), exception)
+    return Failure(record.rank, record.host, int(record.exit_code or 0), record.signal,
+                   tuple(tail_lines(paths.rank_log(record.rank))), exception)
 
 
 def ends_on_failure(argv: Sequence[str], env: Mapping[str, str]) -> bool:
@@ -395,10 +403,12 @@ class Supervisor:
         self.started = 0.0
         self.code: int | None = None
         self.ended = False  # mpirun has exited: stop requests come too late from here on
-        self.late_stop: int | None = None  # a stop signal that came after mpirun ended (no restart then)
+        self.late_stop: int | None = None  # a stop signal that came as the job ended, or while it was being
+        # stopped for another reason (--hang-timeout, the failure guard): no restart then
         self.failed: tuple[int, float] | None = None  # the first rank heard to fail, and when (monotonic)
         self.forced: str | None = None  # why distlaunch ended a job its launcher did not end after a failure
-        self.failed_before_stop: tuple[int, float] | None = None  # ``failed`` as it was when a stop came
+        # the rank heard to fail before a stop came, how long before, and the stop's signal
+        self.failed_before_stop: tuple[int, float, str] | None = None
         self.guards_failures = ends_on_failure(plan.argv, plan.env)  # else the job may go on after one
         self._handlers: dict[int, Any] = {}
 
@@ -471,6 +481,8 @@ class Supervisor:
             return  # too late: the job ended on its own, and that is what it reports
         if self.stopping is not None:
             self.stop_deadline = time.monotonic()
+            if status is Status.CANCELLED:
+                self.late_stop = signum  # Ctrl-C during a --hang-timeout stop: no restart after it either
             return
         if self.forced is not None:  # ending already: the failed rank stays the cause, and no restart follows
             self.late_stop = signum
@@ -478,10 +490,8 @@ class Supervisor:
             return
         name = signal.Signals(signum).name
         self.stopping = (status, 128 + signum if exit_code is None else exit_code, reason or f"cancelled by {name}")
-        if self.failed is not None:  # a rank had failed already: it stays the cause (``_outcome``)
-            self.failed_before_stop = (self.failed[0], time.monotonic() - self.failed[1])
-            if status is Status.CANCELLED:
-                self.late_stop = signum  # the user ended a failed job: whoever restarts it must not
+        if self.failed is not None:  # a rank had failed already: kept as the first failure (``_outcome``)
+            self.failed_before_stop = (self.failed[0], time.monotonic() - self.failed[1], name)
         self.stop_deadline = time.monotonic() + self.watch.kill_grace
         log.info("stopping run %s: %s", self.run_id, self.stopping[2])
         if signum == signal.SIGINT and self.plan.interrupt_as is not None:
@@ -565,6 +575,19 @@ class Supervisor:
         if self.failed is None:
             self.failed = (rank, time.monotonic())
 
+    def _failed_before_stop(self, records: dict[int, RankExit]) -> Failure | None:
+        """A stopped job's ranks died because it was stopped, except one heard to fail before
+        the stop came (its launcher had not ended the job yet, or was told to go on): that
+        one is kept as the first failure. Not a rank killed by the very signal of the stop
+        a moment before it (scancel signals the ranks and distlaunch at once)."""
+        if self.failed_before_stop is None:
+            return None
+        rank, waited, stop_signal = self.failed_before_stop
+        record = records.get(rank)
+        if record is None or not record.failed or (record.signal == stop_signal and waited < SAME_STOP_S):
+            return None
+        return failure_of(record, self.paths)
+
     def _end_after_failure(self, waited: float) -> None:
         """The launcher ends a job when one rank fails (mpirun, srun --kill-on-bad-exit,
         Hydra); when it does not (a node's daemon that stopped answering), end it as a
@@ -592,18 +615,11 @@ class Supervisor:
         ended = [r for r in records.values() if r.exit_code is not None]
         launcher = os.path.basename(self.plan.argv[0])
         assert self.logs is not None
-        if self.stopping is not None and self.failed_before_stop is not None and failure is not None:
-            # a rank failed before the stop (and its launcher had not ended the job yet, or was
-            # told not to): the first failure stays the cause, the stop is what came after it
-            status, exit_code = Status.FAILED, failure.exit_code
-            rank, waited = self.failed_before_stop
-            reason = f"{self.stopping[2]}, {waited:.0f} s after rank {rank} failed"
-        elif self.stopping is not None:
+        if self.stopping is not None:
             status, exit_code, reason = self.stopping
-            failure = None  # the ranks died because we stopped them
-            if self.failed_before_stop is not None:  # heard, but its exit record never came
-                rank, waited = self.failed_before_stop
-                reason += f" ({waited:.0f} s after rank {rank} said it failed; its exit record is missing)"
+            failure = self._failed_before_stop(records)
+            if failure is not None and self.failed_before_stop is not None:
+                reason += f", {self.failed_before_stop[1]:.0f} s after rank {failure.rank} failed"
         elif self.logs.problem is not None:
             status, exit_code = Status.FAILED, ExitCode.RUN_DIR
             reason = (f"cannot write to the run folder {self.paths.root} ({self.logs.problem}): its logs and "
