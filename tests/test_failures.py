@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -346,18 +347,85 @@ def test_a_launcher_killed_outright_takes_its_job_with_it(tmp_path):
     except AssertionError:
         raise AssertionError([(p.pid, p.status(), p.cmdline()[:6]) for p in survivors(run_id)]) from None
     finally:
+        pid = json.loads((tmp_path / "runs" / run_id / "run.json").read_text())["mpirun_pid"]
+        left_shared = (Path(tempfile.gettempdir()) / f"ompi.{pid}").exists()
         forget_session(tmp_path / "runs" / run_id)
+    assert not (left_shared and open_mpi_5()), "mpirun's session folder was left where another user trips on it"
 
 
 def forget_session(run_dir: Path) -> None:
     """What a killed launcher cannot do: remove the session folder its mpirun may have left
-    (``ompi.<pid>``), which would stop another user's mpirun that gets the same pid."""
-    import shutil
+    (``ompi.<pid>``): in this user's own folder (Open MPI 5, launch.mpisession), where the
+    next run's end would remove it, or in the shared temporary directory (any other MPI),
+    where it would stop another user's mpirun that gets the same pid."""
     import tempfile
+
+    from distlaunch.plan.spec import default_remote_root
 
     pid = json.loads((run_dir / "run.json").read_text()).get("mpirun_pid")
     if pid:
-        shutil.rmtree(Path(tempfile.gettempdir()) / f"ompi.{pid}", ignore_errors=True)
+        shared = Path(tempfile.gettempdir())
+        for folder in (shared / Path(default_remote_root()).name / "mpirun", shared):
+            shutil.rmtree(folder / f"ompi.{pid}", ignore_errors=True)
+
+
+def open_mpi_5() -> bool:
+    from distlaunch.plan.mpi import Flavour, detect, find_mpirun
+
+    try:
+        mpi = detect(find_mpirun())
+    except Exception:  # noqa: BLE001 - no mpirun: the launch tests say so
+        return False
+    return mpi.flavour is Flavour.OPENMPI and mpi.major >= 5
+
+
+@pytest.mark.parametrize("case", ["fresh", "leftovers", "planted", "chosen"])
+def test_mpiruns_session_folder_is_this_users_own(distlaunch, tmp_path, case):
+    """Open MPI 5's mpirun keeps its session in $TMPDIR/ompi.<pid>; one killed with its
+    launcher leaves it there, and it stops another user's mpirun that later gets the same
+    pid. distlaunch gives mpirun $TMPDIR/distlaunch-<user>/mpirun (0700, this user's), and
+    each run's end removes what killed mpiruns left in it, but no live one's. A folder
+    another user could write is refused (mpirun keeps its default, with a warning), and a
+    session base the user chose is theirs."""
+    from distlaunch.plan.spec import default_remote_root
+
+    if not open_mpi_5():
+        pytest.skip("the session folder of Open MPI 5's mpirun (PRRTE)")
+    shared = tmp_path / "tmp"
+    shared.mkdir(mode=0o700)
+    root = shared / Path(default_remote_root()).name
+    base = root / "mpirun"
+    env = {"TMPDIR": str(shared)}
+    if case == "leftovers":  # what killed mpiruns left, and a live one's (this test's own pid)
+        root.mkdir(mode=0o700)
+        base.mkdir(mode=0o700)
+        gone = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1  # no process can have it
+        (base / f"ompi.{gone}" / "0").mkdir(parents=True)
+        (base / f"ompi.{os.getpid()}").mkdir()
+    elif case == "planted":
+        root.mkdir()
+        root.chmod(0o777)  # as though another user made it for us
+    elif case == "chosen":
+        env["PRTE_MCA_prte_tmpdir_base"] = str(tmp_path / "mine")
+        (tmp_path / "mine").mkdir()
+    script = tmp_path / "session.py"
+    script.write_text("import os\nprint('session in', os.environ['PMIX_SERVER_TMPDIR'])\n")
+    result = distlaunch("run", "--ppn", "2", str(script), env=env)
+    assert result.returncode == 0, result.stderr
+    pid = result.record()["mpirun_pid"]
+    where = {"fresh": base, "leftovers": base, "planted": shared, "chosen": tmp_path / "mine"}[case]
+    assert result.stdout.count(f"session in {where / f'ompi.{pid}'}\n") == 2, result.stdout
+    if case == "fresh":
+        assert oct(root.stat().st_mode & 0o777) == oct(base.stat().st_mode & 0o777) == "0o700"
+    if case == "leftovers":
+        assert sorted(path.name for path in base.iterdir()) == [f"ompi.{os.getpid()}"]
+    if case == "chosen":
+        assert not root.exists()
+    if case == "planted":
+        assert "can be written by other users" in result.stderr and "as usual" in result.stderr, result.stderr
+    else:
+        assert "session folder" not in result.stderr, result.stderr
+    assert not (shared / f"ompi.{pid}").exists() and not (where / f"ompi.{pid}").exists()
 
 
 @pytest.mark.parametrize("closes_output", [False, True], ids=["relaying", "output-closed"])

@@ -34,6 +34,7 @@ from ..nodes.procs import death_signal, dump_stacks, kill_run
 from ..plan.mpirun import LaunchPlan
 from ..protocol import RANK_FAILED_MARK, RELAY_METRICS, failed_rank, line_rank, metric_payload
 from ..records import Failure, RankExit, RunPaths, Status, open_private, read_rank_exits, tail_lines
+from .mpisession import LOCAL_BASE, default_base, remove_leftovers, session_env
 
 log = logging.getLogger(__name__)
 
@@ -336,22 +337,6 @@ def ends_on_failure(argv: Sequence[str], env: Mapping[str, str]) -> bool:
                    for name, value in settings)
 
 
-def _remove_session_dir(pid: int) -> None:
-    """Open MPI 5's mpirun keeps its session in ``$TMPDIR/ompi.<its pid>`` and removes it as
-    it ends; one that was killed (after --kill-grace, or by the failure guard) leaves it,
-    and another user's mpirun that later gets the same pid cannot start. Ours to remove:
-    mpirun is reaped, and only a folder this user owns is touched."""
-    import shutil
-    import tempfile
-
-    folder = os.path.join(tempfile.gettempdir(), f"ompi.{pid}")
-    try:
-        if os.lstat(folder).st_uid == os.getuid():
-            shutil.rmtree(folder, ignore_errors=True)
-    except OSError:
-        pass
-
-
 def _exited(pid: int) -> int | None:
     """mpirun's return code once it has exited, WITHOUT reaping it (its pid stays ours)."""
     try:
@@ -410,6 +395,8 @@ class Supervisor:
         # the rank heard to fail before a stop came, how long before, and the stop's signal
         self.failed_before_stop: tuple[int, float, str] | None = None
         self.guards_failures = ends_on_failure(plan.argv, plan.env)  # else the job may go on after one
+        # Open MPI 5: the folder mpirun keeps its session in, and whether it is this user's own
+        self.session_folder: tuple[str, bool] | None = None
         self._handlers: dict[int, Any] = {}
 
     # -- lifecycle
@@ -421,12 +408,17 @@ class Supervisor:
         except OSError as exc:
             raise RunDirError(f"cannot write in run folder {self.paths.root}: {exc.strerror or exc}: "
                               "free space or pick another --run-dir") from None
+        env = {**os.environ, **self.plan.env}
+        if self.plan.private_session:
+            added = session_env(self.plan.argv, env)
+            env.update(added)
+            self.session_folder = (added.get(LOCAL_BASE) or default_base(env), LOCAL_BASE in added)
         self.logs = LogFiles(self.paths)
         self.started = time.time()
         self._install_handlers()
         try:
             self.proc = subprocess.Popen(
-                list(self.plan.argv), env={**os.environ, **self.plan.env}, stdin=subprocess.DEVNULL,
+                list(self.plan.argv), env=env, stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                 preexec_fn=death_signal(),  # a launcher killed outright: mpirun ends the job itself,
                 restore_signals=False,  # with SIGPIPE still ignored, so its closed pipes cannot kill it first
@@ -506,7 +498,8 @@ class Supervisor:
         try:
             leftovers = kill_run(self.run_id, self.proc.pid, grace=LEFTOVER_GRACE_S)
             code = self.proc.wait()  # reaped only now: its pid was ours during the scan
-            _remove_session_dir(self.proc.pid)
+            if self.session_folder is not None:  # what a killed mpirun left (mpisession)
+                remove_leftovers(self.proc.pid, *self.session_folder)
             for pump in self.pumps:
                 pump.join(timeout=10)
             self.logs.end_relay()  # a pump still running must not write what the collection adds to

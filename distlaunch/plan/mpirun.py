@@ -52,6 +52,8 @@ class LaunchPlan:
     slots: Sequence[RankSlot] = field(default=())
     added: tuple[tuple[str, str], ...] = ()  # (flags distlaunch added on its own, why)
     interrupt_as: int | None = None  # the signal a forwarded Ctrl-C is sent as (None: SIGINT)
+    private_session: bool = False  # Open MPI 5's mpirun: its session folder goes in one of this user's
+    # own (launch.mpisession), not in the shared temporary directory
 
     @property
     def nranks(self) -> int:
@@ -260,4 +262,5 @@ def plan(
     argv += list(spec.mpi_args)
     argv += worker_argv(spec, placed, space, program, ctx)
     notes = tuple((shlex.join(flags), why) for flags, why in added)
-    return LaunchPlan(tuple(argv), env, hostfile_text(hosts, mpi.flavour), hostfile_path, slots, notes)
+    return LaunchPlan(tuple(argv), env, hostfile_text(hosts, mpi.flavour), hostfile_path, slots, notes,
+                      private_session=mpi.flavour is Flavour.OPENMPI and mpi.major >= 5)
