@@ -358,6 +358,7 @@ def forget_session(run_dir: Path) -> None:
     (``ompi.<pid>``): in this user's own folder (Open MPI 5, launch.mpisession), where the
     next run's end would remove it, or in the shared temporary directory (any other MPI),
     where it would stop another user's mpirun that gets the same pid."""
+    import socket
     import tempfile
 
     from distlaunch.plan.spec import default_remote_root
@@ -365,7 +366,8 @@ def forget_session(run_dir: Path) -> None:
     pid = json.loads((run_dir / "run.json").read_text()).get("mpirun_pid")
     if pid:
         shared = Path(tempfile.gettempdir())
-        for folder in (shared / Path(default_remote_root()).name / "mpirun", shared):
+        host = socket.gethostname().split(".")[0]
+        for folder in (shared / Path(default_remote_root()).name / f"mpirun-{host}", shared):
             shutil.rmtree(folder / f"ompi.{pid}", ignore_errors=True)
 
 
@@ -379,14 +381,17 @@ def open_mpi_5() -> bool:
     return mpi.flavour is Flavour.OPENMPI and mpi.major >= 5
 
 
-@pytest.mark.parametrize("case", ["fresh", "leftovers", "planted", "chosen"])
+@pytest.mark.parametrize("case", ["fresh", "leftovers", "planted", "chosen", "param-file"])
 def test_mpiruns_session_folder_is_this_users_own(distlaunch, tmp_path, case):
     """Open MPI 5's mpirun keeps its session in $TMPDIR/ompi.<pid>; one killed with its
     launcher leaves it there, and it stops another user's mpirun that later gets the same
     pid. distlaunch gives mpirun $TMPDIR/distlaunch-<user>/mpirun (0700, this user's), and
     each run's end removes what killed mpiruns left in it, but no live one's. A folder
     another user could write is refused (mpirun keeps its default, with a warning), and a
-    session base the user chose is theirs."""
+    session base the user chose, or that a parameter file sets, is theirs (PRRTE refuses
+    a local base beside it)."""
+    import socket
+
     from distlaunch.plan.spec import default_remote_root
 
     if not open_mpi_5():
@@ -394,7 +399,7 @@ def test_mpiruns_session_folder_is_this_users_own(distlaunch, tmp_path, case):
     shared = tmp_path / "tmp"
     shared.mkdir(mode=0o700)
     root = shared / Path(default_remote_root()).name
-    base = root / "mpirun"
+    base = root / f"mpirun-{socket.gethostname().split('.')[0]}"
     env = {"TMPDIR": str(shared)}
     if case == "leftovers":  # what killed mpiruns left, and a live one's (this test's own pid)
         root.mkdir(mode=0o700)
@@ -408,18 +413,23 @@ def test_mpiruns_session_folder_is_this_users_own(distlaunch, tmp_path, case):
     elif case == "chosen":
         env["PRTE_MCA_prte_tmpdir_base"] = str(tmp_path / "mine")
         (tmp_path / "mine").mkdir()
+    elif case == "param-file":  # the user's own PRRTE parameter file
+        (tmp_path / "home" / ".prte").mkdir(parents=True)
+        (tmp_path / "home" / ".prte" / "mca-params.conf").write_text(f"prte_tmpdir_base = {tmp_path / 'mine'}\n")
+        (tmp_path / "mine").mkdir()
+        env["HOME"] = str(tmp_path / "home")
     script = tmp_path / "session.py"
     script.write_text("import os\nprint('session in', os.environ['PMIX_SERVER_TMPDIR'])\n")
     result = distlaunch("run", "--ppn", "2", str(script), env=env)
     assert result.returncode == 0, result.stderr
     pid = result.record()["mpirun_pid"]
-    where = {"fresh": base, "leftovers": base, "planted": shared, "chosen": tmp_path / "mine"}[case]
+    where = {"fresh": base, "leftovers": base, "planted": shared}.get(case, tmp_path / "mine")
     assert result.stdout.count(f"session in {where / f'ompi.{pid}'}\n") == 2, result.stdout
     if case == "fresh":
         assert oct(root.stat().st_mode & 0o777) == oct(base.stat().st_mode & 0o777) == "0o700"
     if case == "leftovers":
         assert sorted(path.name for path in base.iterdir()) == [f"ompi.{os.getpid()}"]
-    if case == "chosen":
+    if case in ("chosen", "param-file"):
         assert not root.exists()
     if case == "planted":
         assert "can be written by other users" in result.stderr and "as usual" in result.stderr, result.stderr

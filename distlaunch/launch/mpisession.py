@@ -7,19 +7,23 @@ any other user's mpirun that later gets the same pid cannot start (PMIx cannot m
 folder: exit 70 at once). On a shared login node pids come round often enough for that.
 
 So distlaunch points mpirun's local session base (``prte_local_tmpdir_base``) at
-``$TMPDIR/distlaunch-<user>/mpirun`` (beside the nodes' scratch of the same name), each
-folder made mode 0700 and accepted only if it is this user's and no one else can write
-it (nor any folder above it, but for /tmp's sticky bit): what a killed mpirun leaves
-there can only ever meet this user's own later runs, and the next run's end removes it.
-Where that folder is not safe, or the user chose a session base themselves, mpirun keeps
-its default. The nodes' daemons (``prte_remote_tmpdir_base``) are left alone: they end
-with mpirun.
+``$TMPDIR/distlaunch-<user>/mpirun-<host>`` (in the folder the nodes' scratch has on
+them), each folder accepted only if it is this user's and no one else can write it (nor
+any folder above it, but for /tmp's sticky bit), the last one kept mode 0700: what a
+killed mpirun leaves there can only ever meet this user's own later runs on this host
+(a TMPDIR shared by several hosts has a folder per host), and the next run's end removes
+it. Where that folder is not safe, mpirun keeps its default, with a warning. Where a
+session base may have been chosen already (launcher arguments, environment, MCA
+parameter files: PRRTE refuses a local base beside a global one), nothing is added.
+The nodes' daemons (``prte_remote_tmpdir_base``) are left alone: they end with mpirun.
 """
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
+import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -41,29 +45,58 @@ def session_base(env: Mapping[str, str]) -> str | None:
     from ..plan.spec import default_remote_root
 
     root = Path(default_base(env)) / Path(default_remote_root()).name
-    base = root / "mpirun"
+    host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname().split(".")[0]) or "host"
+    base = root / f"mpirun-{host}"
     try:
         check_ancestors(root)
         private_dir(root)
         private_dir(base)
+        os.chmod(base, 0o700)
     except (Unsafe, OSError) as exc:
         why = (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
         log.warning("%s: Open MPI keeps its session folder in %s as usual, where another user's mpirun can "
-                    "stumble on what a killed one leaves (remove it to have a private one again)", why, root.parent)
+                    "stumble on what a killed one leaves (make that folder yours alone, or remove it, to have a "
+                    "private one again)", why, root.parent)
         return None
     return str(base)
 
 
-def chosen_by_user(argv: Sequence[str], env: Mapping[str, str]) -> bool:
-    """Whether the launcher's own arguments or its environment set a session base already."""
+def param_files(mpirun: str, env: Mapping[str, str]) -> list[Path]:
+    """The MCA parameter files PRRTE and Open MPI read, where they may be: the install's
+    own, Debian's and the user's."""
+    prefix = Path(os.path.realpath(mpirun)).parent.parent
+    home = Path(env.get("HOME") or os.path.expanduser("~"))
+    folders = [prefix / "etc", Path("/etc/openmpi")]
+    return [*(folder / name for folder in folders for name in ("prte-mca-params.conf", "openmpi-mca-params.conf")),
+            home / ".prte" / "mca-params.conf", home / ".openmpi" / "mca-params.conf"]
+
+
+def _names_a_base(key: str) -> bool:
+    return "tmpdir_base" in key or "top_session_dir" in key
+
+
+def chosen_elsewhere(argv: Sequence[str], env: Mapping[str, str]) -> bool:
+    """Whether a session base may be set already: by the launcher's own arguments (also a
+    ``--tune`` file), its environment (also other parameter files), or a parameter file."""
     own = argv[:list(argv).index("distlaunch.rank.worker")] if "distlaunch.rank.worker" in argv else argv
-    return any("tmpdir_base" in arg for arg in own) or any("tmpdir_base" in name for name in env)
+    if any(_names_a_base(arg) or arg.startswith("--tune") for arg in own):
+        return True
+    if any(_names_a_base(name) or "param_files" in name for name in env):
+        return True
+    for path in param_files(own[0], env) if own else []:
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        if any(_names_a_base(line.split("=", 1)[0]) for line in lines if not line.lstrip().startswith("#")):
+            return True
+    return False
 
 
 def session_env(argv: Sequence[str], env: Mapping[str, str]) -> dict[str, str]:
     """What to add to mpirun's environment ``env``: the private session base, unless the
-    user chose one or there is no safe one."""
-    if chosen_by_user(argv, env):
+    user or the site may have chosen one, or there is no safe one."""
+    if chosen_elsewhere(argv, env):
         return {}
     base = session_base(env)
     return {LOCAL_BASE: base} if base else {}

@@ -497,9 +497,9 @@ class Supervisor:
         self.ended = True
         try:
             leftovers = kill_run(self.run_id, self.proc.pid, grace=LEFTOVER_GRACE_S)
-            code = self.proc.wait()  # reaped only now: its pid was ours during the scan
-            if self.session_folder is not None:  # what a killed mpirun left (mpisession)
+            if self.session_folder is not None:  # what a killed mpirun left (mpisession), while its pid is ours
                 remove_leftovers(self.proc.pid, *self.session_folder)
+            code = self.proc.wait()  # reaped only now: its pid was ours during the scan
             for pump in self.pumps:
                 pump.join(timeout=10)
             self.logs.end_relay()  # a pump still running must not write what the collection adds to
