@@ -103,9 +103,10 @@ def session_env(argv: Sequence[str], env: Mapping[str, str]) -> dict[str, str]:
 
 
 def remove_leftovers(pid: int, folder: str, private: bool) -> None:
-    """After mpirun ``pid`` is reaped: its session folder in ``folder``, where a killed
-    one leaves it (ours only), and in this user's ``private`` base also those of earlier
-    mpiruns that no longer run (killed with their launcher)."""
+    """Once mpirun ``pid`` has exited, before it is reaped (its pid is still ours): its
+    session folder in ``folder``, where a killed one leaves it (ours only), and in this
+    user's ``private`` base also those of earlier mpiruns that no longer run (killed with
+    their launcher)."""
     found = [os.path.join(folder, f"ompi.{pid}")]
     if private:
         try:
