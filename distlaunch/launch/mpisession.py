@@ -64,9 +64,10 @@ def session_base(env: Mapping[str, str]) -> str | None:
 def param_files(mpirun: str, env: Mapping[str, str]) -> list[Path]:
     """The MCA parameter files PRRTE and Open MPI read, where they may be: the install's
     own, Debian's and the user's."""
-    prefix = Path(os.path.realpath(mpirun)).parent.parent
     home = Path(env.get("HOME") or os.path.expanduser("~"))
-    folders = [prefix / "etc", Path("/etc/openmpi")]
+    # the install's prefix, from mpirun as named (a venv's) and as resolved (a symlink into one)
+    prefixes = dict.fromkeys(Path(path).parent.parent for path in (mpirun, os.path.realpath(mpirun)))
+    folders = [*(prefix / "etc" for prefix in prefixes), Path("/etc/openmpi")]
     return [*(folder / name for folder in folders for name in ("prte-mca-params.conf", "openmpi-mca-params.conf")),
             home / ".prte" / "mca-params.conf", home / ".openmpi" / "mca-params.conf"]
 
@@ -78,7 +79,9 @@ def _names_a_base(key: str) -> bool:
 def chosen_elsewhere(argv: Sequence[str], env: Mapping[str, str]) -> bool:
     """Whether a session base may be set already: by the launcher's own arguments (also a
     ``--tune`` file), its environment (also other parameter files), or a parameter file."""
-    own = argv[:list(argv).index("distlaunch.rank.worker")] if "distlaunch.rank.worker" in argv else argv
+    from ..plan.mpirun import launcher_args
+
+    own = launcher_args(argv)
     if any(_names_a_base(arg) or arg.startswith("--tune") for arg in own):
         return True
     if any(_names_a_base(name) or "param_files" in name for name in env):

@@ -31,7 +31,7 @@ from typing import IO, Any, Protocol
 
 from ..errors import ExitCode, RunDirError
 from ..nodes.procs import death_signal, dump_stacks, kill_run
-from ..plan.mpirun import LaunchPlan
+from ..plan.mpirun import LaunchPlan, launcher_args
 from ..protocol import RANK_FAILED_MARK, RELAY_METRICS, failed_rank, line_rank, metric_payload
 from ..records import Failure, RankExit, RunPaths, Status, open_private, read_rank_exits, tail_lines
 from .mpisession import LOCAL_BASE, default_base, remove_leftovers, session_env
@@ -326,7 +326,7 @@ def ends_on_failure(argv: Sequence[str], env: Mapping[str, str]) -> bool:
     """Whether the launcher of ``argv`` ends the whole job when one rank fails, as
     distlaunch's plans have it, unless the user's own launcher arguments (before the
     worker's command: the program's own are not looked at) or environment say otherwise."""
-    own = list(argv[:argv.index("distlaunch.rank.worker")] if "distlaunch.rank.worker" in argv else argv)
+    own = launcher_args(argv)
     if KEEPS_GOING & set(own) or any(arg.startswith("--with-ft=") for arg in own):
         return False
     kill_on_bad_exit = [arg for arg in own if arg.startswith(("--kill-on-bad-exit", "-K"))]

@@ -60,6 +60,15 @@ class LaunchPlan:
         return len(self.slots)
 
 
+WORKER = "distlaunch.rank.worker"
+
+
+def launcher_args(argv: Sequence[str]) -> list[str]:
+    """The launcher's own part of a plan's argv: what comes before the worker's command
+    (the program's arguments are not the launcher's)."""
+    return list(argv[:list(argv).index(WORKER)] if WORKER in argv else argv)
+
+
 def hostfile_text(hosts: Sequence[tuple[str, int]], flavour: Flavour) -> str:
     """Hostfile in the flavour's own syntax, one line per host (``placement``'s) in rank order."""
     if flavour is Flavour.MPICH:
@@ -165,7 +174,7 @@ def worker_argv(spec: JobSpec, placed: Placement, space: Workspace, program: Seq
         counts = {count for _host, count in placement(placed.slots)}
         prefix = rank_prefix(ctx.container, paths, space.workdir or ctx.cwd, placed.gpu_mode, ctx.is_root,
                              counts.pop() if len(counts) == 1 else None)
-    argv = [*prefix, python, *SAFE_PATH, "-u", "-m", "distlaunch.rank.worker", "--run-dir", space.rank_dir]
+    argv = [*prefix, python, *SAFE_PATH, "-u", "-m", WORKER, "--run-dir", space.rank_dir]
     if placed.gpu_mode:
         argv += ["--gpus-per-rank", str(placed.gpus_per_rank)]
         if placed.restricted:
