@@ -227,6 +227,39 @@ def test_nested_ignore_files_apply_to_their_own_folder_only(tmp_path):
     assert tree.secrets_left_out == (".env",)
 
 
+@pytest.mark.parametrize("patterns", [
+    None,  # the secret patterns, as list_files uses them
+    ("build", "*.o", "tmp*", ".cache", "a.b*", "*~"),
+])
+def test_name_globs_match_as_gitignore_does(patterns):
+    """The pathspec-free matcher of plain name patterns says what pathspec's gitignore
+    matching says, for files and folders, at the top and deeper, inside matching folders,
+    near misses included; a pattern it cannot take exactly (a slash, '!', a '?' or a '*'
+    inside) makes it decline, so pathspec is used."""
+    import pathspec
+
+    from distlaunch.nodes.treesync import SECRET_PATTERNS, NameGlobs
+
+    patterns = patterns or SECRET_PATTERNS
+    globs = NameGlobs.of(patterns)
+    assert globs is not None
+    spec = pathspec.GitIgnoreSpec.from_lines(patterns)
+    names = {"train.py", "README", "x", ".", "a", ""}
+    for pattern in patterns:
+        core = pattern.strip("*")
+        names |= {pattern, core, core + "x", "x" + core, core[1:], core[:-1], core.upper(), f"x{core}x",
+                  core + ".bak", "." + core}
+    paths = set()
+    for name in filter(None, names):
+        paths |= {name, f"{name}/", f"src/{name}", f"src/{name}/", f"{name}/train.py", f"a/{name}/b/c.txt",
+                  f"a/b/{name}"}
+    checked = {path: spec.match_file(path) for path in sorted(paths)}
+    assert any(checked.values()) and not all(checked.values())
+    assert {path: globs.match_file(path) for path in checked} == checked
+    for odd in ("/build", "build/", "!keep", "a?c", "a*b", "[ab]", "**", "*", "#x", "x ", "\\x"):
+        assert NameGlobs.of([*patterns, odd]) is None, odd
+
+
 def test_a_source_dir_over_the_limits_is_refused_before_anything_is_copied(distlaunch, tmp_path):
     src = tmp_path / "home"
     src.mkdir()

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ..errors import DistlaunchError, ExitCode, SpecError
 from ..plan.hosts import is_local
@@ -49,6 +49,54 @@ SECRET_PATTERNS = (".env", ".env.*", "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25
 LARGE_BYTES = 100 * 1000 * 1000
 LARGE_FILES = 5000
 Progress = Callable[[str], None]
+
+
+class Matcher(Protocol):
+    """What an ignore file's patterns are used for: does this path (a folder's ending in /) match?"""
+
+    def match_file(self, file: str) -> bool: ...
+
+
+class NameGlobs:
+    """gitignore patterns that name a file or folder at any depth (no ``/``, no ``!``) and
+    are exact, ``prefix*`` or ``*suffix``, matched the way ``pathspec.GitIgnoreSpec``
+    matches them (a path matches when any of its parts does, so a matching folder's
+    contents match too) without importing pathspec and compiling a regex per pattern: the
+    default secret patterns cost nothing on a launch's critical path. ``of`` gives None
+    for any other pattern, and the caller then uses pathspec."""
+
+    def __init__(self, exact: frozenset[str], prefixes: tuple[str, ...], suffixes: tuple[str, ...]) -> None:
+        self.exact, self.prefixes, self.suffixes = exact, prefixes, suffixes
+
+    @classmethod
+    def of(cls, patterns: Sequence[str]) -> NameGlobs | None:
+        exact: set[str] = set()
+        prefixes: list[str] = []
+        suffixes: list[str] = []
+        for pattern in patterns:
+            if pattern.startswith("*") and _plain(pattern[1:]):
+                suffixes.append(pattern[1:])
+            elif pattern.endswith("*") and _plain(pattern[:-1]):
+                prefixes.append(pattern[:-1])
+            elif _plain(pattern):
+                exact.add(pattern)
+            else:
+                return None
+        return cls(frozenset(exact), tuple(prefixes), tuple(suffixes))
+
+    def match_name(self, name: str) -> bool:
+        return name in self.exact or name.startswith(self.prefixes) or name.endswith(self.suffixes)
+
+    def match_file(self, path: str) -> bool:
+        return any(self.match_name(part) for part in path.rstrip("/").split("/") if part)
+
+
+def _plain(text: str) -> bool:
+    """No character that gitignore gives a meaning: a name matched as it is."""
+    return bool(text) and not (set(text) & set("*?[]\\/!#")) and text == text.strip()
+
+
+SECRET_NAMES = NameGlobs.of(SECRET_PATTERNS)
 
 
 class SourceTooLarge(SpecError):
@@ -87,22 +135,21 @@ class SyncResult:
 def list_files(source: str | Path, exclude: Sequence[str] = (), max_files: int = 0, max_bytes: int = 0) -> SourceTree:
     """The files (and symlinks) to send, honouring .gitignore/.distlaunchignore files;
     never inside the absolute folders of ``exclude`` (a --run-dir within the source).
-    SourceTooLarge as soon as they pass ``max_files`` or ``max_bytes`` (0: no limit)."""
-    import pathspec
-
+    SourceTooLarge as soon as they pass ``max_files`` or ``max_bytes`` (0: no limit).
+    pathspec is imported only where an ignore file is found."""
     root = Path(source)
     skipped = {os.path.abspath(path) for path in exclude}
     chosen: list[str] = []
     secrets: list[str] = []
     nbytes = 0
-    secret_spec = pathspec.GitIgnoreSpec.from_lines(SECRET_PATTERNS)
+    secret_spec = SECRET_NAMES or _gitignore(SECRET_PATTERNS)
     largest = (0, "")
     # the ignore files that apply in each directory: its own and its parents', each with
     # the prefix of the folder it lies in ("" at the top, "a/b/" below), which its patterns
     # are relative to; worked out once per directory, not per file
-    in_force: dict[str, list[tuple[str, pathspec.PathSpec]]] = {}
+    in_force: dict[str, list[tuple[str, Matcher]]] = {}
 
-    def matches(specs: list[tuple[str, pathspec.PathSpec]], rel: str, is_dir: bool) -> bool:
+    def matches(specs: list[tuple[str, Matcher]], rel: str, is_dir: bool) -> bool:
         return any(spec.match_file(rel[len(prefix):] + ("/" if is_dir else "")) for prefix, spec in specs)
 
     for here_path, dirs, files in os.walk(root):
@@ -115,7 +162,7 @@ def list_files(source: str | Path, exclude: Sequence[str] = (), max_files: int =
                 lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
                 if not prefix and name == ".distlaunchignore":
                     lines = [*SECRET_PATTERNS, *lines]  # its '!' lines can bring a secret back
-                specs.append((prefix, pathspec.GitIgnoreSpec.from_lines(lines)))
+                specs.append((prefix, _gitignore(lines)))
         if not prefix and not (root / ".distlaunchignore").is_file():
             specs.append(("", secret_spec))
         keep = []
@@ -148,6 +195,12 @@ def list_files(source: str | Path, exclude: Sequence[str] = (), max_files: int =
                 if (max_files and len(chosen) > max_files) or (max_bytes and nbytes > max_bytes):
                     raise _too_large(root, len(chosen), nbytes, largest, max_files, max_bytes)
     return SourceTree(str(root), tuple(sorted(chosen)), nbytes, tuple(secrets))
+
+
+def _gitignore(lines: Sequence[str]) -> Matcher:
+    import pathspec
+
+    return pathspec.GitIgnoreSpec.from_lines(lines)
 
 
 def _too_large(root: Path, files: int, nbytes: int, largest: tuple[int, str], max_files: int,
