@@ -85,7 +85,9 @@ def launch_variants(folder: Path) -> dict[str, tuple[list[str], dict[str, str]]]
                        ("first_horovod.py", FIRST_HOROVOD), ("noop.py", "pass\n")):
         (folder / name).write_text(text)
     py = sys.executable
-    dl = [py, "-m", "distlaunch", "run", "--ppn", "2", "--run-dir", str(folder.parent / "runs")]
+    script = Path(py).parent / "distlaunch"  # the command users type: this Python's console script, where it has one
+    dl = [str(script)] if script.exists() else [py, "-m", "distlaunch"]
+    dl += ["run", "--ppn", "2", "--run-dir", str(folder.parent / "runs")]
     variants = {
         "noop.py: distlaunch": ([*dl, "noop.py"], {}),
         "noop.py: mpirun": (bare_mpirun_argv(2, [py, "noop.py"]), {}),
