@@ -313,6 +313,35 @@ def test_a_slow_snapshot_says_how_far_it_got(tmp_path, monkeypatch):
     assert snap.copied == 3
 
 
+def test_a_snapshot_links_from_the_newest_earlier_one_among_the_last_runs_only(tmp_path):
+    """Unchanged files are hard-linked from the newest earlier snapshot of the same source
+    among the LOOK_BACK newest run folders (by name; this run's own and hidden ones not
+    counted); one folder more and that snapshot is out of reach, so the file is copied."""
+    from distlaunch.launch import snapshot
+    from distlaunch.records import RunPaths
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("same\n")
+    runs = tmp_path / "runs"
+    (runs / ".hidden").mkdir(parents=True)
+
+    def take(name: str) -> snapshot.Snapshot:
+        (runs / name).mkdir()
+        return snapshot.take(str(src), RunPaths(runs / name), lambda _line: None)
+
+    assert take("20260101-000010").copied == 1
+    for i in range(11, 10 + snapshot.LOOK_BACK):  # LOOK_BACK - 1 newer folders with no snapshot
+        (runs / f"20260101-{i:06d}").mkdir()
+    (runs / "20260101-009999").mkdir()  # the next run's own folder: not counted
+    reached = snapshot.take(str(src), RunPaths(runs / "20260101-009999"), lambda _line: None)
+    assert (reached.linked, reached.copied) == (1, 0)
+    shutil.rmtree(runs / "20260101-009999")
+    (runs / f"20260101-{10 + snapshot.LOOK_BACK:06d}").mkdir()  # one more: the snapshot is out of reach
+    out_of_reach = take("20260101-009999")
+    assert (out_of_reach.linked, out_of_reach.copied) == (0, 1)
+
+
 def test_experiments_and_tags(distlaunch, tmp_path):
     src, data = make_project(tmp_path)
     scratch = tmp_path / "scratch"
