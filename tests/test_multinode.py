@@ -277,6 +277,12 @@ def test_failure_matrix_on_two_nodes(cluster, project, tmp_path, cell):
     report(f"{fault} (2 nodes)", 4, ended - fault_at - waited, status, code)
 
 
+def session_folders(cluster) -> set[str]:
+    """Open MPI's session folders in the nodes' /tmp (a node daemon's is prted.<pid>)."""
+    return {f"{node.address}:{path.name}" for node in cluster.nodes for path in node.path("/tmp").iterdir()
+            if path.name.startswith(("prted.", "ompi.", "prte."))}
+
+
 @pytest.mark.parametrize("ended_by", ["guard", "ctrl-c"])
 def test_a_job_whose_mpirun_hangs_after_a_failure_is_ended_with_the_rank_as_cause(cluster, project, tmp_path,
                                                                                  ended_by):
@@ -292,6 +298,7 @@ def test_a_job_whose_mpirun_hangs_after_a_failure_is_ended_with_the_rank_as_caus
 
     from distlaunch.launch.supervise import ENDS_AFTER_FAILURE_S
 
+    before = session_folders(cluster)
     script = project / "faults.py"
     shutil.copy(SCRIPTS / "faults.py", script)
     argv = [sys.executable, "-m", "distlaunch", "run", "--hosts", ",".join(f"{h}:2" for h in cluster.hosts),
@@ -344,16 +351,20 @@ def test_a_job_whose_mpirun_hangs_after_a_failure_is_ended_with_the_rank_as_caus
         assert took < 2 + ENDS_AFTER_FAILURE_S, took
     assert "distlaunch-rank-failed" not in err + (tmp_path / "runs" / run_id / "logs" / "output.log").read_text()
     wait_for(lambda: survivors(run_id) == [], 60, "every process of the run to end")
+    wait_for(lambda: session_folders(cluster) - before == set(), 30, "the node daemons' session folders to go")
 
 
 @pytest.mark.parametrize("share", ["1", "0"], ids=["shared-ssh", "plain-ssh"])
 def test_a_launcher_killed_outright_leaves_nothing_on_the_nodes(cluster, project, tmp_path, share):
     """SIGKILL gives distlaunch no moment to clean up: mpirun still takes the ranks on
-    both nodes down, and no ssh master or node agent of the run is left. With shared
-    connections, the masters' ending alone would cut mpirun off from its daemons; with
-    plain ssh, only mpirun's own death signal ends the job."""
+    both nodes down, and no ssh master or node agent of the run is left, nor a session
+    folder of its node daemons in the nodes' /tmp. With shared connections, the masters'
+    ending alone would cut mpirun off from its daemons; with plain ssh, only mpirun's own
+    death signal ends the job."""
     import psutil
     from test_failures import forget_session, survivors, wait_for
+
+    before = session_folders(cluster)
 
     script = project / "faults.py"
     shutil.copy(SCRIPTS / "faults.py", script)
@@ -366,6 +377,7 @@ def test_a_launcher_killed_outright_leaves_nothing_on_the_nodes(cluster, project
     assert proc.poll() is None, proc.communicate()
     run_id = next((tmp_path / "runs").iterdir()).name
     assert len(survivors(run_id)) >= 5, "premise: mpirun and the four ranks are running"
+    assert len(session_folders(cluster) - before) == 2, "premise: a daemon's session folder on each node"
     proc.kill()
     proc.communicate(timeout=30)
     try:
@@ -382,6 +394,7 @@ def test_a_launcher_killed_outright_leaves_nothing_on_the_nodes(cluster, project
         return found
 
     wait_for(lambda: of_the_run() == [], 30, "the run's ssh masters and node agents to end")
+    wait_for(lambda: session_folders(cluster) - before == set(), 30, "the node daemons' session folders to go")
 
 
 def test_shared_source_is_detected_and_not_synced(cluster, project, tmp_path):
