@@ -389,7 +389,7 @@ def test_mpiruns_session_folder_is_this_users_own(distlaunch, tmp_path, case):
     each run's end removes what killed mpiruns left in it, but no live one's. A folder
     another user could write is refused (mpirun keeps its default, with a warning), and a
     session base the user chose, or that a parameter file sets, is theirs (PRRTE refuses
-    a local base beside it)."""
+    a local base beside it). --dry-run shows what is to be added, and makes nothing."""
     import socket
 
     from distlaunch.plan.spec import default_remote_root
@@ -420,6 +420,16 @@ def test_mpiruns_session_folder_is_this_users_own(distlaunch, tmp_path, case):
         env["HOME"] = str(tmp_path / "home")
     script = tmp_path / "session.py"
     script.write_text("import os\nprint('session in', os.environ['PMIX_SERVER_TMPDIR'])\n")
+    # --dry-run shows the variable, where it is to be added, among the environment and
+    # with why among what distlaunch added; it makes no folder
+    dry = distlaunch("run", "--dry-run", "--ppn", "2", str(script), env=env)
+    assert dry.returncode == 0, dry.stderr
+    shown = f"PRTE_MCA_prte_local_tmpdir_base={base}"
+    lines = dry.stdout.splitlines()
+    assert lines.count(shown) == (0 if case in ("chosen", "param-file") else 1), dry.stdout
+    assert len([line for line in lines if line.startswith(f"{shown}  Open MPI 5: mpirun's session folder")]) == \
+        lines.count(shown), dry.stdout
+    assert root.exists() == (case in ("leftovers", "planted"))
     result = distlaunch("run", "--ppn", "2", str(script), env=env)
     assert result.returncode == 0, result.stderr
     pid = result.record()["mpirun_pid"]

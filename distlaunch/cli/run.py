@@ -1,6 +1,7 @@
 """``distlaunch run``: options → JobSpec (once, here), then the launch pipeline."""
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import sys
@@ -11,6 +12,7 @@ import click
 
 from ..errors import SpecError
 from ..launch.launcher import Prepared, launch, prepare
+from ..launch.mpisession import planned
 from ..launch.supervise import Console, Outcome, Watch
 from ..plan.container import RUNTIMES, ContainerSpec, image_arg
 from ..plan.envpolicy import is_secret, redact
@@ -331,11 +333,13 @@ def warn_secret_values(items: tuple[str, ...]) -> None:
 
 
 def explain(the_plan: LaunchPlan) -> str:
-    """What ``-v`` shows: the mpirun argv and the flags distlaunch added, with reasons."""
+    """What ``-v`` shows: the mpirun argv and what distlaunch added (flags, and its
+    session folder's variable), with reasons."""
     lines = [f"distlaunch: launch argv: {shlex.join(the_plan.argv)}\n"]
-    if the_plan.added:
+    added = [*the_plan.added, *planned(the_plan, os.environ)]
+    if added:
         lines.append("distlaunch: added on its own:\n")
-        lines += [f"distlaunch:   {row}" for row in format_table(the_plan.added).splitlines(keepends=True)]
+        lines += [f"distlaunch:   {row}" for row in format_table(added).splitlines(keepends=True)]
     return "".join(lines)
 
 
@@ -347,12 +351,16 @@ def show_dry_run(prepared: Prepared) -> None:
     click.echo(the_plan.hostfile_text, nl=False)
     click.echo("# command")
     click.echo(shlex.join(the_plan.argv))
+    session = planned(the_plan, os.environ)  # in mpirun's environment, not exported with -x
     click.echo("# environment added")
     for name, value in sorted(redact(the_plan.env).items()):
         click.echo(f"{name}={value}")
-    if the_plan.added:
+    for line, _why in session:
+        click.echo(line)
+    added = [*the_plan.added, *session]
+    if added:
         click.echo("# added by distlaunch")
-        click.echo(format_table(the_plan.added), nl=False)
+        click.echo(format_table(added), nl=False)
     click.echo("# placement")
     click.echo(placement_table(prepared.placed), nl=False)
 

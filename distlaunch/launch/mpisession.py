@@ -26,10 +26,16 @@ import shutil
 import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..plan.mpirun import LaunchPlan
 
 log = logging.getLogger(__name__)
 
 LOCAL_BASE = "PRTE_MCA_prte_local_tmpdir_base"
+WHY = ("Open MPI 5: mpirun's session folder in one of this user's own, not in the shared temporary folder, "
+       "where one a killed mpirun leaves would stop another user's mpirun that gets its pid")
 
 
 def default_base(env: Mapping[str, str]) -> str:
@@ -38,15 +44,21 @@ def default_base(env: Mapping[str, str]) -> str:
     return next((env[name] for name in ("TMPDIR", "TEMP", "TMP") if env.get(name)), "/tmp")
 
 
-def session_base(env: Mapping[str, str]) -> str | None:
-    """This user's private folder for mpirun's sessions, made if need be; None (and a
-    warning saying why) where it is not safe to use."""
-    from ..nodes.agent import Unsafe, check_ancestors, private_dir
+def _folders(env: Mapping[str, str]) -> tuple[Path, Path]:
+    """This user's folder in the temporary folder, and the one for mpirun's sessions on this host in it."""
     from ..plan.spec import default_remote_root
 
     root = Path(default_base(env)) / Path(default_remote_root()).name
     host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname().split(".")[0]) or "host"
-    base = root / f"mpirun-{host}"
+    return root, root / f"mpirun-{host}"
+
+
+def session_base(env: Mapping[str, str]) -> str | None:
+    """This user's private folder for mpirun's sessions, made if need be; None (and a
+    warning saying why) where it is not safe to use."""
+    from ..nodes.agent import Unsafe, check_ancestors, private_dir
+
+    root, base = _folders(env)
     try:
         check_ancestors(root)
         private_dir(root)
@@ -103,6 +115,16 @@ def session_env(argv: Sequence[str], env: Mapping[str, str]) -> dict[str, str]:
         return {}
     base = session_base(env)
     return {LOCAL_BASE: base} if base else {}
+
+
+def planned(plan: LaunchPlan, env: Mapping[str, str]) -> list[tuple[str, str]]:
+    """What ``session_env`` will add to ``plan``'s mpirun environment (over ``env``), with
+    why, as ``--dry-run`` and ``-v`` show it: worked out without making or checking any
+    folder (one that turns out not to be safe is left out at the start, with a warning)."""
+    env = {**env, **plan.env}
+    if not plan.private_session or chosen_elsewhere(plan.argv, env):
+        return []
+    return [(f"{LOCAL_BASE}={_folders(env)[1]}", WHY)]
 
 
 def remove_leftovers(pid: int, folder: str, private: bool) -> None:
