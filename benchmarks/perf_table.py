@@ -121,6 +121,7 @@ def launch_variants(folder: Path) -> dict[str, tuple[list[str], dict[str, str]]]
 
 def measure_launches(repeats: int, folder: Path) -> dict[str, list[float]]:
     variants = launch_variants(folder)
+    print(f"distlaunch started as {variants['noop.py: distlaunch'][0][0]}", file=sys.stderr)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for round_ in range(repeats + 1):  # round 0 warms the page cache and is dropped
         for name, (argv, extra) in variants.items():

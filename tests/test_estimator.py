@@ -229,13 +229,15 @@ def test_nested_ignore_files_apply_to_their_own_folder_only(tmp_path):
 
 @pytest.mark.parametrize("patterns", [
     None,  # the secret patterns, as list_files uses them
-    ("build", "*.o", "tmp*", ".cache", "a.b*", "*~"),
+    ("build", "*.o", "tmp*", ".cache", "a.b*", "*~", ".*", "*."),
 ])
 def test_name_globs_match_as_gitignore_does(patterns):
     """The pathspec-free matcher of plain name patterns says what pathspec's gitignore
     matching says, for files and folders, at the top and deeper, inside matching folders,
-    near misses included; a pattern it cannot take exactly (a slash, '!', a '?' or a '*'
-    inside) makes it decline, so pathspec is used."""
+    near misses included (a name ending in a newline too; one inside a path, where
+    pathspec's regular expression stops, matches here all the same: for secrets, the safe
+    side); a pattern it cannot take exactly (a slash, '!', a '?' or a '*' inside) makes it
+    decline, so pathspec is used."""
     import pathspec
 
     from distlaunch.nodes.treesync import SECRET_PATTERNS, NameGlobs
@@ -252,10 +254,14 @@ def test_name_globs_match_as_gitignore_does(patterns):
     paths = set()
     for name in filter(None, names):
         paths |= {name, f"{name}/", f"src/{name}", f"src/{name}/", f"{name}/train.py", f"a/{name}/b/c.txt",
-                  f"a/b/{name}"}
-    checked = {path: spec.match_file(path) for path in sorted(paths)}
+                  f"a/b/{name}", f"./{name}", f"/{name}", f"{name}\n", f"a/{name}\n/b"}
+    # a newline inside a path stops pathspec's regular expressions; the name before it still matches here
+    stricter = {path for path in paths if "\n" in path.rstrip("\n")}
+    checked = {path: spec.match_file(path) for path in sorted(paths - stricter)}
     assert any(checked.values()) and not all(checked.values())
     assert {path: globs.match_file(path) for path in checked} == checked
+    assert all(globs.match_file(path) for path in stricter if spec.match_file(path))
+    assert any(globs.match_file(path) and not spec.match_file(path) for path in stricter)
     for odd in ("/build", "build/", "!keep", "a?c", "a*b", "[ab]", "**", "*", "#x", "x ", "\\x"):
         assert NameGlobs.of([*patterns, odd]) is None, odd
 
@@ -315,8 +321,9 @@ def test_a_slow_snapshot_says_how_far_it_got(tmp_path, monkeypatch):
 
 def test_a_snapshot_links_from_the_newest_earlier_one_among_the_last_runs_only(tmp_path):
     """Unchanged files are hard-linked from the newest earlier snapshot of the same source
-    among the LOOK_BACK newest run folders (by name; this run's own and hidden ones not
-    counted); one folder more and that snapshot is out of reach, so the file is copied."""
+    among the LOOK_BACK newest run folders (by name; this run's own, and folders that are
+    no run's, such as sweeps/, not counted); one run folder more and that snapshot is out
+    of reach, so the file is copied."""
     from distlaunch.launch import snapshot
     from distlaunch.records import RunPaths
 
@@ -324,7 +331,8 @@ def test_a_snapshot_links_from_the_newest_earlier_one_among_the_last_runs_only(t
     src.mkdir()
     (src / "a.txt").write_text("same\n")
     runs = tmp_path / "runs"
-    (runs / ".hidden").mkdir(parents=True)
+    for other in (".hidden", "sweeps", "zz-notes"):  # not run folders: they take no place among the newest
+        (runs / other).mkdir(parents=True)
 
     def take(name: str) -> snapshot.Snapshot:
         (runs / name).mkdir()

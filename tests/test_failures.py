@@ -420,13 +420,14 @@ def test_mpiruns_session_folder_is_this_users_own(distlaunch, tmp_path, case):
         env["HOME"] = str(tmp_path / "home")
     script = tmp_path / "session.py"
     script.write_text("import os\nprint('session in', os.environ['PMIX_SERVER_TMPDIR'])\n")
-    # --dry-run shows the variable, where it is to be added, among the environment and
-    # with why among what distlaunch added; it makes no folder
+    # --dry-run shows the variable, where it is to be added (not beside a chosen base, nor
+    # in an unsafe folder), among the environment and with why among what distlaunch
+    # added; it makes no folder
     dry = distlaunch("run", "--dry-run", "--ppn", "2", str(script), env=env)
     assert dry.returncode == 0, dry.stderr
     shown = f"PRTE_MCA_prte_local_tmpdir_base={base}"
     lines = dry.stdout.splitlines()
-    assert lines.count(shown) == (0 if case in ("chosen", "param-file") else 1), dry.stdout
+    assert lines.count(shown) == (1 if case in ("fresh", "leftovers") else 0), dry.stdout
     assert len([line for line in lines if line.startswith(f"{shown}  Open MPI 5: mpirun's session folder")]) == \
         lines.count(shown), dry.stdout
     assert root.exists() == (case in ("leftovers", "planted"))

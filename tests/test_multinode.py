@@ -320,6 +320,7 @@ def test_a_job_whose_mpirun_hangs_after_a_failure_is_ended_with_the_rank_as_caus
                 return item
         raise AssertionError(f"rank {rank}'s program not found")
 
+    assert len(session_folders(cluster) - before) == 2, "premise: a daemon's session folder on each node"
     daemon = next(p for p in program_of(2).parents() if p.name() in ("prted", "orted"))  # node 3's
     daemon.suspend()
     try:

@@ -53,17 +53,31 @@ def _folders(env: Mapping[str, str]) -> tuple[Path, Path]:
     return root, root / f"mpirun-{host}"
 
 
+def _safe_base(env: Mapping[str, str], make: bool) -> Path:
+    """The private folder for mpirun's sessions, its folders checked (and with ``make``,
+    made, the last one 0700); Unsafe or OSError where it is not safe to use."""
+    from ..nodes.agent import check_ancestors, check_private, private_dir
+
+    root, base = _folders(env)
+    check_ancestors(root)
+    for folder in (root, base):
+        if make:
+            private_dir(folder)
+        elif os.path.lexists(folder):
+            check_private(folder)
+    if make:
+        os.chmod(base, 0o700)
+    return base
+
+
 def session_base(env: Mapping[str, str]) -> str | None:
     """This user's private folder for mpirun's sessions, made if need be; None (and a
     warning saying why) where it is not safe to use."""
-    from ..nodes.agent import Unsafe, check_ancestors, private_dir
+    from ..nodes.agent import Unsafe
 
-    root, base = _folders(env)
+    root = _folders(env)[0]
     try:
-        check_ancestors(root)
-        private_dir(root)
-        private_dir(base)
-        os.chmod(base, 0o700)
+        base = _safe_base(env, make=True)
     except (Unsafe, OSError) as exc:
         why = (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
         log.warning("%s: Open MPI keeps its session folder in %s as usual, where another user's mpirun can "
@@ -119,12 +133,17 @@ def session_env(argv: Sequence[str], env: Mapping[str, str]) -> dict[str, str]:
 
 def planned(plan: LaunchPlan, env: Mapping[str, str]) -> list[tuple[str, str]]:
     """What ``session_env`` will add to ``plan``'s mpirun environment (over ``env``), with
-    why, as ``--dry-run`` and ``-v`` show it: worked out without making or checking any
-    folder (one that turns out not to be safe is left out at the start, with a warning)."""
+    why, as ``--dry-run`` and ``-v`` show it: the same checks, but nothing is made (where a
+    folder is not safe, nothing is shown here, and the launch says why)."""
+    from ..nodes.agent import Unsafe
+
     env = {**env, **plan.env}
     if not plan.private_session or chosen_elsewhere(plan.argv, env):
         return []
-    return [(f"{LOCAL_BASE}={_folders(env)[1]}", WHY)]
+    try:
+        return [(f"{LOCAL_BASE}={_safe_base(env, make=False)}", WHY)]
+    except (Unsafe, OSError):
+        return []
 
 
 def remove_leftovers(pid: int, folder: str, private: bool) -> None:

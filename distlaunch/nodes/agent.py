@@ -197,6 +197,12 @@ def private_dir(path: Path) -> None:
         os.mkdir(path, 0o700)
     except FileExistsError:
         pass
+    check_private(path)
+
+
+def check_private(path: Path) -> None:
+    """``path`` is a real folder of ours that no one else can write; else Unsafe says what
+    is wrong (OSError where it cannot be looked at)."""
     info = os.lstat(path)
     if stat.S_ISLNK(info.st_mode):
         raise Unsafe(f"{path} is a symbolic link (to {os.readlink(path)})")

@@ -63,7 +63,9 @@ class NameGlobs:
     matches them (a path matches when any of its parts does, so a matching folder's
     contents match too) without importing pathspec and compiling a regex per pattern: the
     default secret patterns cost nothing on a launch's critical path. ``of`` gives None
-    for any other pattern, and the caller then uses pathspec."""
+    for any other pattern, and the caller then uses pathspec. One difference, on the safe
+    side for secrets: a part with a newline inside a path (``a/.env\\n/b``) matches by its
+    name here, where pathspec's regular expressions stop at the newline."""
 
     def __init__(self, exact: frozenset[str], prefixes: tuple[str, ...], suffixes: tuple[str, ...]) -> None:
         self.exact, self.prefixes, self.suffixes = exact, prefixes, suffixes
@@ -88,7 +90,13 @@ class NameGlobs:
         return name in self.exact or name.startswith(self.prefixes) or name.endswith(self.suffixes)
 
     def match_file(self, path: str) -> bool:
-        return any(self.match_name(part) for part in path.rstrip("/").split("/") if part)
+        if path.startswith("/"):  # as pathspec takes a path: one leading / or ./ dropped
+            path = path[1:]
+        elif path.startswith("./"):
+            path = path[2:]
+        # a name ending in a newline also matches as without it, as pathspec's regular expressions do
+        return any(self.match_name(part) or (part.endswith("\n") and self.match_name(part[:-1]))
+                   for part in path.rstrip("/").split("/") if part)
 
 
 def _plain(text: str) -> bool:
