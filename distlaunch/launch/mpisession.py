@@ -70,15 +70,18 @@ def _safe_base(env: Mapping[str, str], make: bool) -> Path:
     return base
 
 
-def session_base(env: Mapping[str, str]) -> str | None:
-    """This user's private folder for mpirun's sessions, made if need be; None (and a
-    warning saying why) where it is not safe to use."""
+def session_base(env: Mapping[str, str], make: bool = True) -> str | None:
+    """This user's private folder for mpirun's sessions, made if need be; None (and, with
+    ``make``, a warning saying why) where it is not safe to use. ``make=False`` only
+    checks, for what a dry run shows: the launch makes it, or says why not."""
     from ..nodes.agent import Unsafe
 
     root = _folders(env)[0]
     try:
-        base = _safe_base(env, make=True)
+        base = _safe_base(env, make)
     except (Unsafe, OSError) as exc:
+        if not make:
+            return None
         why = (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
         log.warning("%s: Open MPI keeps its session folder in %s as usual, where another user's mpirun can "
                     "stumble on what a killed one leaves (make that folder yours alone, or remove it, to have a "
@@ -122,28 +125,24 @@ def chosen_elsewhere(argv: Sequence[str], env: Mapping[str, str]) -> bool:
     return False
 
 
-def session_env(argv: Sequence[str], env: Mapping[str, str]) -> dict[str, str]:
+def session_env(argv: Sequence[str], env: Mapping[str, str], make: bool = True) -> dict[str, str]:
     """What to add to mpirun's environment ``env``: the private session base, unless the
-    user or the site may have chosen one, or there is no safe one."""
+    user or the site may have chosen one, or there is no safe one (``make``: see
+    ``session_base``)."""
     if chosen_elsewhere(argv, env):
         return {}
-    base = session_base(env)
+    base = session_base(env, make)
     return {LOCAL_BASE: base} if base else {}
 
 
 def planned(plan: LaunchPlan, env: Mapping[str, str]) -> list[tuple[str, str]]:
     """What ``session_env`` will add to ``plan``'s mpirun environment (over ``env``), with
-    why, as ``--dry-run`` and ``-v`` show it: the same checks, but nothing is made (where a
+    why, as ``--dry-run`` and ``-v`` show it: the same decision, but nothing is made (where a
     folder is not safe, nothing is shown here, and the launch says why)."""
-    from ..nodes.agent import Unsafe
-
-    env = {**env, **plan.env}
-    if not plan.private_session or chosen_elsewhere(plan.argv, env):
+    if not plan.private_session:
         return []
-    try:
-        return [(f"{LOCAL_BASE}={_safe_base(env, make=False)}", WHY)]
-    except (Unsafe, OSError):
-        return []
+    added = session_env(plan.argv, {**env, **plan.env}, make=False)
+    return [(f"{name}={value}", WHY) for name, value in added.items()]
 
 
 def remove_leftovers(pid: int, folder: str, private: bool) -> None:
