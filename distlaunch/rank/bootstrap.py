@@ -17,11 +17,20 @@ for ``python -c`` and ``python -m`` ranks of the launcher's own Python (``run``,
 - it is started with ``python -P`` (the current directory is not searched for its own
   imports) and puts the script's directory first on ``sys.path``, as plain python does;
 - ``sys.exit(N)`` with N != 0 also leaves at once, for the same reason; exit 0 is normal;
+- a program that ended well leaves through the interpreter's own exit (its threads
+  joined, its atexit handlers run, its modules torn down, MPI finalized), all but the
+  collector's last passes: after the program's own atexit handlers, the files it left
+  open are flushed as above and every object is frozen (``gc.freeze``), so the exit
+  does not walk them again. With torch loaded those passes took about 0.24 s of every
+  rank's exit (170,000 objects; a full collection alone takes 65 ms). What is skipped is
+  only what Python does not promise: ``__del__`` of an object still in a reference cycle
+  at exit. ``DISTLAUNCH_FULL_EXIT=1`` keeps them;
 - nothing else: ``sys.argv``, ``sys.path[0]`` and ``__main__`` look as they would.
 """
 from __future__ import annotations
 
 import _thread
+import atexit
 import builtins
 import faulthandler
 import gc
@@ -38,7 +47,7 @@ from collections.abc import Callable
 from importlib.machinery import BuiltinImporter, SourceFileLoader, SourcelessFileLoader
 from importlib.util import MAGIC_NUMBER
 
-from ..protocol import EXCEPTION_FILE, dump_signal
+from ..protocol import EXCEPTION_FILE, FULL_EXIT, dump_signal
 
 # the interpreter's own path, before the script's folder goes first: without -P (before
 # Python 3.11) its first entry is the working directory, which _first_on_path replaces
@@ -129,8 +138,22 @@ def _flush_files() -> None:
     found.sort(key=lambda handle: not issubclass(type(handle), io.TextIOWrapper))
     done = _allocate_lock()
     done.acquire()
-    _start_new_thread(_flush_each, (found, done))
+    try:
+        _start_new_thread(_flush_each, (found, done))
+    except RuntimeError:  # no new thread at exit (Python 3.12+ in an atexit handler): here, unbounded
+        _flush_each(found, done)
     done.acquire(timeout=FLUSH_WAIT_S)
+
+
+def _freeze_at_exit() -> None:
+    """The rank's last atexit handler where its program ended well (registered before
+    the program ran, so it runs after the program's own): flush the files still open,
+    as the collector's last passes would have by finalizing them, then freeze every
+    object so that those passes skip them (see the module's docstring)."""
+    try:
+        _flush_files()
+    finally:
+        gc.freeze()
 
 
 def _flush_each(handles: list[io.IOBase], done: _thread.LockType) -> None:
@@ -274,6 +297,8 @@ def _guarded(body: Callable[[], object]) -> None:
     """Run the program's ``body`` with the dump signal armed; return only when it ended
     well, leave the process at once otherwise (see the module's docstring)."""
     faulthandler.register(dump_signal(), file=sys.stderr, all_threads=True, chain=False)
+    if os.environ.get(FULL_EXIT) != "1":
+        atexit.register(_freeze_at_exit)
     try:
         body()
     except SystemExit as exc:
