@@ -10,6 +10,13 @@ backend), rank 0 serves Horovod's own rendezvous server (``horovod.runner.http``
 one address (127.0.0.1 when every rank is on this node, never all interfaces) and a
 port the OS picks, and MPI tells the others where. The server lives in rank 0's
 process as a daemon thread, so nothing outlives the job.
+
+Horovod's store polls: a GET for a key a peer has not put yet answers 404, and the rank
+then sleeps 10 ms before asking again. Its init makes six rendezvous (global, local and
+cross, then the same for the global process set), and in each one rank is nearly always
+first, so a plain server cost every init about 40 ms of sleeps. Here a GET for a key not
+there yet waits for its PUT (up to ``LONG_POLL_S``, then 404 as before), so a rendezvous
+takes its round trips only. The answers are the same; only when they come differs.
 """
 from __future__ import annotations
 
@@ -21,14 +28,52 @@ from typing import Any
 from .rendezvous import interface_towards, master_address, mpi_topology
 
 SERVER_POLL_S = 0.05
+LONG_POLL_S = 1.0  # the longest a GET waits for its key; Horovod's own timeout (30 s) still counts
+
+
+def _long_poll_server() -> Any:
+    """Horovod's rendezvous server class, with GETs that wait for their key (a subclass
+    made on first use: horovod is imported only where its Gloo mode runs)."""
+    global _server_class
+    if _server_class is not None:
+        return _server_class
+    from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer
+
+    class Handler(RendezvousHandler):
+        def _get_value(self, scope: str, key: str) -> bytes | None:
+            server = self.server
+            with server.arrived:  # holds the store's own lock, as Horovod's GET does
+                server.arrived.wait_for(lambda: server.closing or key in server.cache.get(scope, {}),
+                                        timeout=LONG_POLL_S)
+                return server.cache.get(scope, {}).get(key)
+
+        def _put_value(self, scope: str, key: str, value: bytes) -> None:
+            super()._put_value(scope, key, value)
+            with self.server.arrived:
+                self.server.arrived.notify_all()
+
+    class Server(RendezvousHTTPServer):
+        daemon_threads = True  # a GET still waiting never holds up the rank's exit
+
+        def __init__(self, address: tuple[str, int]) -> None:
+            super().__init__(address, Handler, 0)
+            self.arrived = threading.Condition(self.cache_lock)
+            self.closing = False
+
+        def close_waits(self) -> None:
+            """Answer every waiting GET now (404 where its key is still missing)."""
+            with self.arrived:
+                self.closing = True
+                self.arrived.notify_all()
+
+    _server_class = Server
+    return Server
 
 
 def _serve(address: str, plan: list[Any]) -> int:
     """Start Horovod's rendezvous server on ``address``; its port."""
     global _server
-    from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer
-
-    server = RendezvousHTTPServer((address, 0), RendezvousHandler, 0)
+    server = _long_poll_server()((address, 0))
     server.init(plan)
     # serve_forever notices a shutdown only between polls: its default 0.5 s poll kept
     # every rank 0 waiting up to that long in hvd.shutdown()
@@ -49,6 +94,7 @@ def _resolves(host: str) -> bool:
 # the environment the process had, not from a rendezvous that is gone.
 _before: dict[str, str | None] = {}  # each variable prepare set: its value before
 _server: Any = None
+_server_class: Any = None
 
 
 def forget() -> None:
@@ -70,6 +116,7 @@ def forget() -> None:
 
 
 def _stop(server: Any) -> None:
+    server.close_waits()
     server.shutdown()
     server.server_close()
 
