@@ -163,6 +163,52 @@ def test_real_horovod_gloo_default_at_each_init(tmp_path, backend):
     assert "[0] left nothing" in comm.stdout
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if getattr(b, "values", [b])[0] == "horovod"])
+def test_the_gloo_rendezvous_answers_a_key_when_it_is_put(backend, monkeypatch):
+    """Horovod's rendezvous server as the ranks serve it: a GET for a key not there yet
+    waits for its PUT and answers it then (Horovod's own answers 404, and its store sleeps
+    10 ms before asking again); one that never comes is a 404 after LONG_POLL_S, as at
+    once before; closing answers the GETs still waiting at once."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from distlaunch.hvd import horovod_gloo
+
+    monkeypatch.setattr(horovod_gloo, "LONG_POLL_S", 3.0)
+    server = horovod_gloo._long_poll_server()(("127.0.0.1", 0))
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/global"
+
+    def get(key: str) -> tuple[int, bytes, float]:
+        start = time.monotonic()
+        try:
+            with urllib.request.urlopen(f"{url}/{key}", timeout=10) as answer:
+                return answer.status, answer.read(), time.monotonic() - start
+        except urllib.error.HTTPError as error:
+            return error.code, b"", time.monotonic() - start
+
+    def put(key: str, value: bytes, after: float) -> None:
+        time.sleep(after)
+        urllib.request.urlopen(urllib.request.Request(f"{url}/{key}", data=value, method="PUT"), timeout=10).close()
+
+    try:
+        threading.Thread(target=put, args=("1", b"address of rank 1", 0.3)).start()
+        status, body, took = get("1")
+        assert (status, body) == (200, b"address of rank 1") and 0.25 < took < 2.0, (status, body, took)
+        assert get("1")[:2] == (200, b"address of rank 1")  # there already: answered at once
+        monkeypatch.setattr(horovod_gloo, "LONG_POLL_S", 0.3)
+        status, body, took = get("never")
+        assert status == 404 and 0.25 < took < 2.0, (status, took)
+        monkeypatch.setattr(horovod_gloo, "LONG_POLL_S", 30.0)
+        threading.Timer(0.3, server.close_waits).start()
+        status, body, took = get("never")
+        assert status == 404 and took < 5.0, (status, took)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.mark.parametrize("launcher", ["distlaunch", "mpirun"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_exception_mid_training_ends_the_job_fast(tmp_path, backend, launcher):
