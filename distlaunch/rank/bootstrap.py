@@ -129,10 +129,13 @@ def _flush_files() -> None:
       loaded, on a failing rank only), after ``gc.unfreeze`` so that the files of a
       program that froze its objects (``gc.freeze``) are found too; by type alone, so no
       object's own ``__class__`` is asked (some warn or raise).
-    - Text files first: theirs flushes into the binary file below it."""
+    - Text files first: theirs flushes into the binary file below it.
+    - Not the standard streams, which are flushed on their own: a program that left no
+      file open starts no thread (a rank's exit; see ``_freeze_at_exit``)."""
     gc.unfreeze()
     kinds = (io.TextIOWrapper, io.BufferedWriter, io.BufferedRandom)
-    found = [obj for obj in gc.get_objects() if issubclass(type(obj), kinds)]
+    streams = {id(stream) for stream in _standard_streams()}
+    found = [obj for obj in gc.get_objects() if issubclass(type(obj), kinds) and id(obj) not in streams]
     if not found:
         return
     found.sort(key=lambda handle: not issubclass(type(handle), io.TextIOWrapper))
@@ -154,6 +157,17 @@ def _freeze_at_exit() -> None:
         _flush_files()
     finally:
         gc.freeze()
+
+
+def _standard_streams() -> list[object]:
+    """sys's standard streams (and the originals), with the binary files below them."""
+    found = []
+    for stream in (sys.stdin, sys.stdout, sys.stderr, sys.__stdin__, sys.__stdout__, sys.__stderr__):
+        if stream is not None:
+            found.append(stream)
+            if issubclass(type(stream), io.TextIOWrapper):  # by type: a stand-in's own attributes are not asked
+                found.append(stream.buffer)
+    return found
 
 
 def _flush_each(handles: list[io.IOBase], done: _thread.LockType) -> None:
