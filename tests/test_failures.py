@@ -706,6 +706,7 @@ def test_a_failing_ranks_flush_leaves_pipes_alone(tmp_path):
     """What a failing rank flushes are the regular files open for writing: text pending
     for a pipe stays where it is (its reader may be gone or slow), a file's is written."""
     import _thread
+    import weakref
 
     from distlaunch.rank import bootstrap
 
@@ -719,7 +720,7 @@ def test_a_failing_ranks_flush_leaves_pipes_alone(tmp_path):
     try:
         pipe.write("pending for the pipe")
         regular.write("pending for the file")
-        bootstrap._flush_each([pipe, regular, reader], done)
+        bootstrap._flush_each([weakref.ref(pipe), weakref.ref(regular), weakref.ref(reader)], done)
         assert not done.locked()
         with pytest.raises(BlockingIOError):
             os.read(read_end, 100)

@@ -375,14 +375,24 @@ class Note:  # in a reference cycle to the end: only the collector's last passes
 
 kept = Note(os.path.join(out, f"del-{rank}.txt"))
 del kept  # garbage now, in a cycle: left to the collector
-atexit.register(lambda: open(os.path.join(out, f"atexit-{rank}.txt"), "w").write(str(len(gc.get_objects()) > 0)))
+frozen_at_start = gc.get_freeze_count()
+
+
+def last_words():  # the program's own handler: nothing frozen yet when it runs (a freeze adds this
+    # program's objects to the count; until then it only shrinks, as frozen objects are freed)
+    with open(os.path.join(out, f"atexit-{rank}.txt"), "w") as said:
+        said.write(str(gc.get_freeze_count() <= frozen_at_start))
+
+
+atexit.register(last_words)
 """
 
 
 @pytest.mark.parametrize("fork", ["1", "0"])
 def test_a_rank_that_ends_well_skips_only_the_collectors_last_passes(distlaunch, tmp_path, fork):
     """A rank whose program ended well leaves through the interpreter's exit (its atexit
-    handlers run) but with every object frozen for the collector after them: an object
+    handlers run, before anything is frozen) but with every object frozen for the
+    collector after them: an object
     still in a reference cycle then is not finalized (Python does not promise it at exit).
     ``DISTLAUNCH_FULL_EXIT=1`` gives plain python's exit, finalizer included. (The files
     such objects hold are flushed all the same: the test above, its ``held`` file.)"""
@@ -403,22 +413,36 @@ def test_a_rank_that_ends_well_skips_only_the_collectors_last_passes(distlaunch,
             assert (out / f"del-{rank}.txt").exists() is finalized, (full, rank)
 
 
-def test_open_files_are_flushed_where_no_thread_can_be_started(tmp_path, monkeypatch):
-    """Python 3.12+ refuses a new thread in an atexit handler: the files are then flushed
-    in the handler itself, not left unflushed."""
+def test_the_exit_freezes_only_once_the_open_files_are_flushed(tmp_path, monkeypatch):
+    """A rank that ended well flushes its open files in a thread of its own, then freezes
+    every object; where no thread can be started (Python 3.12+ refuses one in an atexit
+    handler) it freezes nothing, leaving the flush to the interpreter's whole exit. A
+    failing rank's flush says so, and ``_leave_now`` leaves all the same."""
+    import _thread
+    import gc
+
     from distlaunch.rank import bootstrap
 
-    def refuse(*_args):
-        raise RuntimeError("can't create new thread at interpreter shutdown")
-
-    monkeypatch.setattr(bootstrap, "_start_new_thread", refuse)
     path = tmp_path / "open.txt"
     handle = open(path, "w")  # noqa: SIM115 - left open on purpose
     try:
-        handle.write("buffered")
-        assert path.read_text() == ""
-        bootstrap._flush_files()
-        assert path.read_text() == "buffered"
+        monkeypatch.setattr(gc, "get_objects", lambda: [handle, sys.stdout])  # not this test run's own files
+        monkeypatch.setattr(gc, "unfreeze", lambda: None)
+        frozen = []
+        monkeypatch.setattr(gc, "freeze", lambda: frozen.append(True))
+
+        def refuse(*_args):
+            raise RuntimeError("can't create new thread at interpreter shutdown")
+
+        monkeypatch.setattr(bootstrap, "_start_new_thread", refuse)
+        handle.write("written")
+        bootstrap._freeze_at_exit()
+        assert frozen == [] and path.read_text() == ""
+        with pytest.raises(RuntimeError):
+            bootstrap._flush_files()
+        monkeypatch.setattr(bootstrap, "_start_new_thread", _thread.start_new_thread)
+        bootstrap._freeze_at_exit()
+        assert frozen == [True] and path.read_text() == "written"
     finally:
         handle.close()
 

@@ -19,12 +19,16 @@ for ``python -c`` and ``python -m`` ranks of the launcher's own Python (``run``,
 - ``sys.exit(N)`` with N != 0 also leaves at once, for the same reason; exit 0 is normal;
 - a program that ended well leaves through the interpreter's own exit (its threads
   joined, its atexit handlers run, its modules torn down, MPI finalized), all but the
-  collector's last passes: after the program's own atexit handlers, the files it left
-  open are flushed as above and every object is frozen (``gc.freeze``), so the exit
-  does not walk them again. With torch loaded those passes took about 0.24 s of every
-  rank's exit (170,000 objects; a full collection alone takes 65 ms). What is skipped is
-  only what Python does not promise: ``__del__`` of an object still in a reference cycle
-  at exit. ``DISTLAUNCH_FULL_EXIT=1`` keeps them;
+  collector's last passes: after the program's own atexit handlers, the regular files
+  it left open are flushed as above and every object is frozen (``gc.freeze``), so the
+  exit does not walk them again (where no thread can be started for the flush, nothing
+  is frozen). With torch loaded those passes
+  took about 0.24 s of every rank's exit (170,000 objects; one full collection takes
+  65 ms). What they would have done, and Python does not promise at exit, is then not
+  done: an object in a reference cycle at exit (already garbage, or made garbage by the
+  teardown), and whatever only such a cycle holds, is never finalized: no ``__del__``,
+  no weakref callback, nothing it holds is closed (a gzip file held only from a cycle
+  gets no trailer). ``DISTLAUNCH_FULL_EXIT=1`` (read when the rank starts) keeps them;
 - nothing else: ``sys.argv``, ``sys.path[0]`` and ``__main__`` look as they would.
 """
 from __future__ import annotations
@@ -42,6 +46,7 @@ import stat
 import sys
 import time
 import types
+import weakref
 import zipimport
 from collections.abc import Callable
 from importlib.machinery import BuiltinImporter, SourceFileLoader, SourcelessFileLoader
@@ -122,29 +127,28 @@ def _flush_files() -> None:
     - Regular files only: a pipe or socket whose reader is gone or slow could block.
     - In a thread of its own, waited for ``FLUSH_WAIT_S`` at most: a file whose lock
       another thread holds and never gives back (one that was writing to it when the
-      program forked, say) would block the flush for ever; the rank leaves all the same.
+      program forked, or a daemon thread stuck in a write) would block the flush for
+      ever; the rank leaves all the same. The thread holds the files by weak reference
+      only, so a file it never got to is still closed by the exit, as it would have been.
       Started by ``_thread``'s own functions, bound when the bootstrap was imported: a
       ``threading`` the program shadowed or patched (gevent) cannot stand in for them.
-    - Found through the collector, which tracks every file object (~40 ms with torch
-      loaded, on a failing rank only), after ``gc.unfreeze`` so that the files of a
-      program that froze its objects (``gc.freeze``) are found too; by type alone, so no
-      object's own ``__class__`` is asked (some warn or raise).
+      Where no thread can be started (Python 3.12+ in an atexit handler) it raises.
+    - Found through the collector, which tracks every file object (about 20 ms with
+      torch loaded), after ``gc.unfreeze`` so that the files of a program that froze its
+      objects (``gc.freeze``) are found too; by type alone, so no object's own
+      ``__class__`` is asked (some warn or raise).
     - Text files first: theirs flushes into the binary file below it.
-    - Not the standard streams, which are flushed on their own: a program that left no
-      file open starts no thread (a rank's exit; see ``_freeze_at_exit``)."""
+    - Not the standard streams, which are flushed on their own."""
     gc.unfreeze()
     kinds = (io.TextIOWrapper, io.BufferedWriter, io.BufferedRandom)
     streams = {id(stream) for stream in _standard_streams()}
-    found = [obj for obj in gc.get_objects() if issubclass(type(obj), kinds) and id(obj) not in streams]
+    found = [weakref.ref(obj) for obj in gc.get_objects() if issubclass(type(obj), kinds) and id(obj) not in streams]
     if not found:
         return
-    found.sort(key=lambda handle: not issubclass(type(handle), io.TextIOWrapper))
+    found.sort(key=lambda ref: not issubclass(type(ref()), io.TextIOWrapper))
     done = _allocate_lock()
     done.acquire()
-    try:
-        _start_new_thread(_flush_each, (found, done))
-    except RuntimeError:  # no new thread at exit (Python 3.12+ in an atexit handler): here, unbounded
-        _flush_each(found, done)
+    _start_new_thread(_flush_each, (found, done))
     done.acquire(timeout=FLUSH_WAIT_S)
 
 
@@ -152,34 +156,45 @@ def _freeze_at_exit() -> None:
     """The rank's last atexit handler where its program ended well (registered before
     the program ran, so it runs after the program's own): flush the files still open,
     as the collector's last passes would have by finalizing them, then freeze every
-    object so that those passes skip them (see the module's docstring)."""
+    object so that those passes skip them (see the module's docstring). Where the files
+    cannot be flushed so (no thread to be had), nothing is frozen: the interpreter's
+    whole exit then, which flushes them itself."""
     try:
         _flush_files()
-    finally:
-        gc.freeze()
+    except Exception:  # noqa: BLE001 - no thread, no memory: the exit as python's own
+        return
+    gc.freeze()
 
 
 def _standard_streams() -> list[object]:
     """sys's standard streams (and the originals), with the binary files below them."""
-    found = []
+    found: list[object] = []
     for stream in (sys.stdin, sys.stdout, sys.stderr, sys.__stdin__, sys.__stdout__, sys.__stderr__):
-        if stream is not None:
-            found.append(stream)
-            if issubclass(type(stream), io.TextIOWrapper):  # by type: a stand-in's own attributes are not asked
-                found.append(stream.buffer)
+        if stream is None:
+            continue
+        found.append(stream)
+        if issubclass(type(stream), io.TextIOWrapper):
+            try:  # io's own accessor: a subclass's property of that name is not asked
+                found.append(io.TextIOWrapper.buffer.__get__(stream))
+            except Exception:  # noqa: BLE001, S112 - detached: nothing below it to leave out
+                continue
     return found
 
 
-def _flush_each(handles: list[io.IOBase], done: _thread.LockType) -> None:
-    """In the flush thread: flush each of ``handles`` that is open for writing on a regular
-    file, then release ``done``."""
+def _flush_each(handles: list[weakref.ref[io.IOBase]], done: _thread.LockType) -> None:
+    """In the flush thread: flush each of ``handles`` (still there) that is open for
+    writing on a regular file, then release ``done``."""
     try:
-        for handle in handles:
+        for ref in handles:
+            handle = ref()
             try:
-                if not handle.closed and handle.writable() and stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                if handle is not None and not handle.closed and handle.writable() and \
+                        stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
                     handle.flush()
             except BaseException:  # noqa: BLE001 - detached, closed meanwhile, a disk full
                 continue
+            finally:
+                handle = None  # held no longer than its own flush
     finally:
         done.release()
 

@@ -29,7 +29,7 @@ from the worker:
 - its own objects, frozen for the garbage collector (``gc.freeze``) just before the
   fork, so the rank's collections, the last one at exit too, do not walk them; the
   program's objects are collected as in any interpreter (``gc.get_objects()`` lists
-  only those, not the worker's). A failing rank unfreezes them to find the program's
+  only those, not the worker's). A rank's exit unfreezes them to find the program's
   open files (``bootstrap._flush_files``), so the worker holds no buffered file object
   of its own when it forks: its descriptor would be closed in the rank, and a file of
   the program's could have its number by then.
