@@ -22,13 +22,13 @@ for ``python -c`` and ``python -m`` ranks of the launcher's own Python (``run``,
   collector's last passes: after the program's own atexit handlers, the regular files
   it left open are flushed as above and every object is frozen (``gc.freeze``), so the
   exit does not walk them again (where no thread can be started for the flush, nothing
-  is frozen). With torch loaded those passes
-  took about 0.24 s of every rank's exit (170,000 objects; one full collection takes
-  65 ms). What they would have done, and Python does not promise at exit, is then not
-  done: an object in a reference cycle at exit (already garbage, or made garbage by the
-  teardown), and whatever only such a cycle holds, is never finalized: no ``__del__``,
-  no weakref callback, nothing it holds is closed (a gzip file held only from a cycle
-  gets no trailer). ``DISTLAUNCH_FULL_EXIT=1`` (read when the rank starts) keeps them;
+  is frozen). With torch loaded those passes took about 0.24 s of every rank's exit
+  (170,000 objects; one full collection takes 65 ms). What they would have done, and
+  Python does not promise at exit, is then not done: an object in a reference cycle at
+  exit (already garbage, or made garbage by the teardown), and whatever only such a
+  cycle holds, is never finalized: no ``__del__``, no weakref callback, nothing it holds
+  is closed (a gzip file held only from a cycle gets no trailer).
+  ``DISTLAUNCH_FULL_EXIT=1`` (read when the rank starts) keeps them;
 - nothing else: ``sys.argv``, ``sys.path[0]`` and ``__main__`` look as they would.
 """
 from __future__ import annotations
