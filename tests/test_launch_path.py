@@ -3,6 +3,7 @@ leftover scan, collecting in one rsync, the environment lists, the wheel check a
 GPU inventory on a machine without a driver."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -360,21 +361,28 @@ def test_a_failing_rank_flushes_the_files_of_a_program_that_froze_its_objects(di
         assert (tmp_path / f"frozen-{rank}.txt").read_text() == "last lines before the crash\n"
 
 
-CYCLE_AT_EXIT = """import atexit, gc, os, sys
-out, rank = sys.argv[1], os.environ["RANK"]
+CYCLE_AT_EXIT = """import atexit, gc, os, sys, weakref
+out, rank, mode = sys.argv[1], os.environ["RANK"], sys.argv[2]
 
 
-class Note:  # in a reference cycle to the end: only the collector's last passes finalize it
+class Plain:  # no finalizer of its own
+    pass
+
+
+class Note:
     def __init__(self, path):
-        self.path, self.me = path, self
+        self.path = path
 
     def __del__(self):
         with open(self.path, "w") as done:
             done.write("finalized")
 
 
-kept = Note(os.path.join(out, f"del-{rank}.txt"))
-del kept  # garbage now, in a cycle: left to the collector
+kept = Plain() if mode == "weakref" else Note(os.path.join(out, f"del-{rank}.txt"))
+kept.me = kept  # in a reference cycle: only the collector frees it
+fd = os.open(os.path.join(out, f"callback-{rank}.txt"), os.O_WRONLY | os.O_CREAT, 0o600)
+sys.distlaunch_test_watch = weakref.ref(kept, lambda _ref, fd=fd, write=os.write: write(fd, b"called"))
+del kept  # garbage now, left to the collector
 frozen_at_start = gc.get_freeze_count()
 
 
@@ -389,44 +397,59 @@ atexit.register(last_words)
 
 
 @pytest.mark.parametrize("fork", ["1", "0"])
-def test_a_rank_that_ends_well_skips_only_the_collectors_last_passes(distlaunch, tmp_path, fork):
+def test_a_rank_that_ends_well_skips_the_collectors_last_passes_only_where_they_finalize_nothing(
+        distlaunch, tmp_path, fork):
     """A rank whose program ended well leaves through the interpreter's exit (its atexit
-    handlers run, before anything is frozen) but with every object frozen for the
-    collector after them: an object
-    still in a reference cycle then is not finalized (Python does not promise it at exit).
-    ``DISTLAUNCH_FULL_EXIT=1`` gives plain python's exit, finalizer included. (The files
-    such objects hold are flushed all the same: the test above, its ``held`` file.)"""
+    handlers run, before anything is frozen). Where no live object has a finalizer, every
+    object is then frozen for the collector: a weakref callback of an object left in a
+    reference cycle does not run (Python does not promise it at exit). Where one has
+    (``__del__``), nothing is frozen, and it runs as under plain python, the callback
+    too. ``DISTLAUNCH_FULL_EXIT=1`` always gives plain python's exit. (Open files are
+    flushed either way: the test above, its ``held`` file.)"""
     (tmp_path / "cycle.py").write_text(CYCLE_AT_EXIT)
-    plain_out = tmp_path / "plain"
-    plain_out.mkdir()
-    subprocess.run([sys.executable, "cycle.py", str(plain_out)], cwd=tmp_path, env={**os.environ, "RANK": "0"},
-                   check=True, capture_output=True)
-    assert {f.name: f.read_text() for f in plain_out.iterdir()} == {"del-0.txt": "finalized", "atexit-0.txt": "True"}
-    for full, finalized in (("0", False), ("1", True)):
-        out = tmp_path / f"full-{full}"
+    plain = {}
+    for mode in ("weakref", "finalizer"):
+        out = tmp_path / f"plain-{mode}"
         out.mkdir()
-        result = distlaunch("run", "--ppn", "2", "cycle.py", str(out),
-                            env={"DISTLAUNCH_FORK_RANKS": fork, "DISTLAUNCH_FULL_EXIT": full})
-        assert result.returncode == 0, result.stderr
-        for rank in (0, 1):
-            assert (out / f"atexit-{rank}.txt").read_text() == "True"
-            assert (out / f"del-{rank}.txt").exists() is finalized, (full, rank)
+        subprocess.run([sys.executable, "cycle.py", str(out), mode], cwd=tmp_path, env={**os.environ, "RANK": "0"},
+                       check=True, capture_output=True)
+        plain[mode] = {f.name: f.read_text() for f in out.iterdir()}
+    assert plain == {"weakref": {"atexit-0.txt": "True", "callback-0.txt": "called"},
+                     "finalizer": {"atexit-0.txt": "True", "callback-0.txt": "called", "del-0.txt": "finalized"}}
+    for full in ("0", "1"):
+        for mode in ("weakref", "finalizer"):
+            out = tmp_path / f"full-{full}-{mode}"
+            out.mkdir()
+            result = distlaunch("run", "--ppn", "2", "cycle.py", str(out), mode,
+                                env={"DISTLAUNCH_FORK_RANKS": fork, "DISTLAUNCH_FULL_EXIT": full})
+            assert result.returncode == 0, result.stderr
+            frozen = full == "0" and mode == "weakref"
+            for rank in (0, 1):
+                expected = {name.replace("-0.", f"-{rank}."): text for name, text in plain[mode].items()}
+                if frozen:
+                    expected[f"callback-{rank}.txt"] = ""
+                assert {f.name: f.read_text() for f in out.iterdir() if f.name.endswith(f"-{rank}.txt")} == expected, \
+                    (full, mode, rank)
 
 
 def test_the_exit_freezes_only_once_the_open_files_are_flushed(tmp_path, monkeypatch):
     """A rank that ended well flushes its open files in a thread of its own, then freezes
     every object; where no thread can be started (Python 3.12+ refuses one in an atexit
-    handler) it freezes nothing, leaving the flush to the interpreter's whole exit. A
-    failing rank's flush says so, and ``_leave_now`` leaves all the same."""
+    handler), or where an object would be finalized (a gzip file: its close writes the
+    trailer), it freezes nothing, leaving all to the interpreter's whole exit. A failing
+    rank's flush says so, and ``_leave_now`` leaves all the same."""
     import _thread
     import gc
+    import gzip
 
     from distlaunch.rank import bootstrap
 
     path = tmp_path / "open.txt"
     handle = open(path, "w")  # noqa: SIM115 - left open on purpose
+    packed = gzip.GzipFile(tmp_path / "open.gz", "wb")
+    live = [handle, sys.__stdout__, (n for n in range(3))]  # a generator with nothing to run when closed
     try:
-        monkeypatch.setattr(gc, "get_objects", lambda: [handle, sys.stdout])  # not this test run's own files
+        monkeypatch.setattr(gc, "get_objects", lambda: list(live))  # not this test run's own objects
         monkeypatch.setattr(gc, "unfreeze", lambda: None)
         frozen = []
         monkeypatch.setattr(gc, "freeze", lambda: frozen.append(True))
@@ -441,10 +464,51 @@ def test_the_exit_freezes_only_once_the_open_files_are_flushed(tmp_path, monkeyp
         with pytest.raises(RuntimeError):
             bootstrap._flush_files()
         monkeypatch.setattr(bootstrap, "_start_new_thread", _thread.start_new_thread)
+        live.append(packed)
+        bootstrap._freeze_at_exit()
+        assert frozen == [] and path.read_text() == ""
+        live.remove(packed)
+        next(live[2])  # suspended now, but with no handler to run
         bootstrap._freeze_at_exit()
         assert frozen == [True] and path.read_text() == "written"
     finally:
         handle.close()
+        packed.close()
+
+
+def test_what_the_collectors_last_passes_would_finalize_is_told_by_type_and_generator_code():
+    """A type with ``__del__`` (its own or inherited) would be finalized, plain files and
+    sockets not; a generator only when suspended where closing it runs a handler."""
+    import gzip
+    import socket
+
+    from distlaunch.rank import bootstrap
+
+    class Noted:
+        def __del__(self):
+            pass
+
+    def plain():
+        yield 1
+
+    def guarded():
+        try:
+            yield 1
+        finally:
+            pass
+
+    assert not bootstrap._would_finalize([1, "a", [], io.BytesIO(), sys.__stdout__, plain(), guarded()])
+    with socket.socket() as sock:
+        assert not bootstrap._would_finalize([sock])
+    assert bootstrap._would_finalize([Noted()])
+    assert bootstrap._would_finalize([gzip.GzipFile(fileobj=io.BytesIO(), mode="wb")])
+    started, finished = guarded(), guarded()
+    next(started)
+    list(finished)
+    assert bootstrap._would_finalize([started]) and not bootstrap._would_finalize([finished])
+    running = plain()
+    next(running)
+    assert not bootstrap._would_finalize([running])
 
 
 @pytest.mark.parametrize("fork", ["1", "0"])

@@ -18,17 +18,18 @@ for ``python -c`` and ``python -m`` ranks of the launcher's own Python (``run``,
   imports) and puts the script's directory first on ``sys.path``, as plain python does;
 - ``sys.exit(N)`` with N != 0 also leaves at once, for the same reason; exit 0 is normal;
 - a program that ended well leaves through the interpreter's own exit (its threads
-  joined, its atexit handlers run, its modules torn down, MPI finalized), all but the
-  collector's last passes: after the program's own atexit handlers, the regular files
-  it left open are flushed as above and every object is frozen (``gc.freeze``), so the
-  exit does not walk them again (where no thread can be started for the flush, nothing
-  is frozen). With torch loaded those passes took about 0.24 s of every rank's exit
-  (170,000 objects; one full collection takes 65 ms). What they would have done, and
-  Python does not promise at exit, is then not done: an object in a reference cycle at
-  exit (already garbage, or made garbage by the teardown), and whatever only such a
-  cycle holds, is never finalized: no ``__del__``, no weakref callback, nothing it holds
-  is closed (a gzip file held only from a cycle gets no trailer).
-  ``DISTLAUNCH_FULL_EXIT=1`` (read when the rank starts) keeps them;
+  joined, its atexit handlers run, its modules torn down, MPI finalized), and where the
+  collector's last passes would finalize nothing, without them: after the program's own
+  atexit handlers, if no live object's type has a finalizer (``__del__``, its own or
+  inherited: a gzip file's close, a generator's ``finally``) but plain files, the regular
+  files left open are flushed as above and every object is frozen (``gc.freeze``), so the
+  exit does not walk them again; otherwise (or where no thread can be started for the
+  flush) nothing is frozen. With torch loaded those passes took about 0.24 s of every
+  rank's exit (170,000 objects; one full collection takes 65 ms). What still differs
+  from python's own exit, which Python does not promise either: the weakref callbacks
+  of an object in a reference cycle at exit, and the deallocation of a C type's object
+  held only from one, do not run. ``DISTLAUNCH_FULL_EXIT=1`` (read when the rank starts)
+  keeps them;
 - nothing else: ``sys.argv``, ``sys.path[0]`` and ``__main__`` look as they would.
 """
 from __future__ import annotations
@@ -119,7 +120,7 @@ def _user_frames(exc: BaseException) -> BaseException:
     return exc.with_traceback(tb)  # None: a script that did not compile shows no frame, as with python
 
 
-def _flush_files() -> None:
+def _flush_files(objects: list[object] | None = None) -> None:
     """Flush the files the program left open for writing, as the interpreter's exit
     would have by closing them (``os._exit`` skips it; a crashing program's own log
     would end before its last lines).
@@ -138,11 +139,15 @@ def _flush_files() -> None:
       objects (``gc.freeze``) are found too; by type alone, so no object's own
       ``__class__`` is asked (some warn or raise).
     - Text files first: theirs flushes into the binary file below it.
-    - Not the standard streams, which are flushed on their own."""
-    gc.unfreeze()
+    - Not the standard streams, which are flushed on their own.
+    - ``objects``: what ``gc.get_objects()`` gave a caller that unfroze them already."""
+    if objects is None:
+        gc.unfreeze()
+        objects = gc.get_objects()
     kinds = (io.TextIOWrapper, io.BufferedWriter, io.BufferedRandom)
     streams = {id(stream) for stream in _standard_streams()}
-    found = [weakref.ref(obj) for obj in gc.get_objects() if issubclass(type(obj), kinds) and id(obj) not in streams]
+    found = [weakref.ref(obj) for obj in objects if issubclass(type(obj), kinds) and id(obj) not in streams]
+    del objects
     if not found:
         return
     found.sort(key=lambda ref: not issubclass(type(ref()), io.TextIOWrapper))
@@ -152,17 +157,66 @@ def _flush_files() -> None:
     done.acquire(timeout=FLUSH_WAIT_S)
 
 
+# io types whose objects lose nothing where the collector's last passes skip them: text
+# and buffered writers are flushed first (_flush_files); readers, raw and in-memory
+# files have nothing left to write. Exact types: a subclass may close with a purpose.
+_NOTHING_TO_FINALIZE = frozenset({io.TextIOWrapper, io.BufferedWriter, io.BufferedRandom, io.BufferedReader,
+                                  io.FileIO, io.BytesIO, io.StringIO})
+_GENERATORS = {types.GeneratorType: "gi", types.CoroutineType: "cr", types.AsyncGeneratorType: "ag"}
+
+
+def _has_finalizer(kind: type) -> bool:
+    """Whether objects of ``kind`` run code when freed (``__del__``, its own or inherited:
+    io's close, a generator's ``finally``); where that cannot be told, they do."""
+    try:
+        return any("__del__" in vars(base) for base in kind.__mro__ if base is not object)
+    except Exception:  # noqa: BLE001 - an odd metaclass: the safe answer
+        return True
+
+
+def _would_finalize(objects: list[object]) -> bool:
+    """Whether the collector's last passes could run a finalizer among ``objects``: one
+    whose type has one (``_has_finalizer``), but for the files of ``_NOTHING_TO_FINALIZE``
+    and for generators and coroutines with nothing to run when closed: finished or
+    not started, or with no handler in their code (Python 3.11+; a plain ``yield``
+    loop, a sampler's ``__iter__``). By type first: a few hundred types for
+    hundreds of thousands of objects."""
+    kinds = set(map(type, objects))
+    plain = _NOTHING_TO_FINALIZE
+    socket = sys.modules.get("socket")
+    if socket is not None:  # a socket left open is closed by the process's end all the same
+        plain = plain | {getattr(socket, "socket", None)}
+    if any(kind not in plain and kind not in _GENERATORS and _has_finalizer(kind) for kind in kinds):
+        return True
+    present = {kind: _GENERATORS[kind] for kind in kinds if kind in _GENERATORS}
+    if not present:
+        return False
+    for obj in objects:
+        prefix = present.get(type(obj))
+        if prefix is not None and getattr(obj, f"{prefix}_frame") is not None \
+                and getattr(obj, f"{prefix}_suspended", True) \
+                and getattr(getattr(obj, f"{prefix}_code"), "co_exceptiontable", b"?"):
+            return True  # suspended (or, before Python 3.11, maybe) where closing it runs a handler
+    return False
+
+
 def _freeze_at_exit() -> None:
     """The rank's last atexit handler where its program ended well (registered before
-    the program ran, so it runs after the program's own): flush the files still open,
-    as the collector's last passes would have by finalizing them, then freeze every
-    object so that those passes skip them (see the module's docstring). Where the files
-    cannot be flushed so (no thread to be had), nothing is frozen: the interpreter's
-    whole exit then, which flushes them itself."""
+    the program ran, so it runs after the program's own): where the collector's last
+    passes would finalize nothing (``_would_finalize``), flush the files still open and
+    freeze every object, so that those passes skip them (see the module's docstring).
+    Otherwise, or where the files cannot be flushed so (no thread to be had), nothing is
+    frozen: the interpreter's whole exit then."""
     try:
-        _flush_files()
+        gc.unfreeze()
+        objects = gc.get_objects()
+        if _would_finalize(objects):
+            return
+        _flush_files(objects)
     except Exception:  # noqa: BLE001 - no thread, no memory: the exit as python's own
         return
+    finally:
+        objects = None
     gc.freeze()
 
 
