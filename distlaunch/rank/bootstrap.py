@@ -21,15 +21,17 @@ for ``python -c`` and ``python -m`` ranks of the launcher's own Python (``run``,
   joined, its atexit handlers run, its modules torn down, MPI finalized), and where the
   collector's last passes would finalize nothing, without them: after the program's own
   atexit handlers, if no live object's type has a finalizer (``__del__``, its own or
-  inherited: a gzip file's close, a generator's ``finally``) but plain files, the regular
-  files left open are flushed as above and every object is frozen (``gc.freeze``), so the
-  exit does not walk them again; otherwise (or where no thread can be started for the
-  flush) nothing is frozen. With torch loaded those passes took about 0.24 s of every
-  rank's exit (170,000 objects; one full collection takes 65 ms). What still differs
-  from python's own exit, which Python does not promise either: the weakref callbacks
-  of an object in a reference cycle at exit, and the deallocation of a C type's object
-  held only from one, do not run. ``DISTLAUNCH_FULL_EXIT=1`` (read when the rank starts)
-  keeps them;
+  inherited: a gzip file's close, a generator's ``finally``) but plain files, sockets and
+  generators that close quietly (``_would_finalize``), the regular files left open are
+  flushed as above and every object is frozen (``gc.freeze``), so the exit does not walk
+  them again; otherwise (or where no thread can be started for the flush) nothing is
+  frozen. With torch loaded those passes took about 0.24 s of every rank's exit
+  (170,000 objects; one full collection takes 65 ms). What still differs from python's
+  own exit, which Python does not promise either: the weakref callbacks
+  of an object in a reference cycle at exit, the deallocation of a C type's object held
+  only from one (an sqlite3 connection before Python 3.12 leaves its ``-wal`` file), and
+  the ResourceWarnings of the files and sockets among them, do not happen.
+  ``DISTLAUNCH_FULL_EXIT=1`` (read when the rank starts) keeps them;
 - nothing else: ``sys.argv``, ``sys.path[0]`` and ``__main__`` look as they would.
 """
 from __future__ import annotations
@@ -133,7 +135,7 @@ def _flush_files(objects: list[object] | None = None) -> None:
       only, so a file it never got to is still closed by the exit, as it would have been.
       Started by ``_thread``'s own functions, bound when the bootstrap was imported: a
       ``threading`` the program shadowed or patched (gevent) cannot stand in for them.
-      Where no thread can be started (Python 3.12+ in an atexit handler) it raises.
+      Where no thread can be started (Python 3.12 in an atexit handler) it raises.
     - Found through the collector, which tracks every file object (about 20 ms with
       torch loaded), after ``gc.unfreeze`` so that the files of a program that froze its
       objects (``gc.freeze``) are found too; by type alone, so no object's own
@@ -162,42 +164,55 @@ def _flush_files(objects: list[object] | None = None) -> None:
 # files have nothing left to write. Exact types: a subclass may close with a purpose.
 _NOTHING_TO_FINALIZE = frozenset({io.TextIOWrapper, io.BufferedWriter, io.BufferedRandom, io.BufferedReader,
                                   io.FileIO, io.BytesIO, io.StringIO})
-_GENERATORS = {types.GeneratorType: "gi", types.CoroutineType: "cr", types.AsyncGeneratorType: "ag"}
+_TYPE_MRO = type.__dict__["__mro__"].__get__  # type's own accessors: no metaclass of the program's is asked
+_TYPE_DICT = type.__dict__["__dict__"].__get__
 
 
 def _has_finalizer(kind: type) -> bool:
     """Whether objects of ``kind`` run code when freed (``__del__``, its own or inherited:
     io's close, a generator's ``finally``); where that cannot be told, they do."""
     try:
-        return any("__del__" in vars(base) for base in kind.__mro__ if base is not object)
-    except Exception:  # noqa: BLE001 - an odd metaclass: the safe answer
+        return any("__del__" in _TYPE_DICT(base) for base in _TYPE_MRO(kind) if base is not object)
+    except Exception:  # noqa: BLE001 - the safe answer
         return True
 
 
+def _closes_quietly(generator: types.GeneratorType) -> bool:
+    """Whether closing ``generator`` runs nothing: finished, not started, or suspended in
+    code with no handler (no ``try``/``with``; a plain ``yield`` loop such as a sampler's
+    ``__iter__``) and not delegating (``yield from``). Told exactly on Python 3.11 only:
+    3.12+ gives every generator a handler of its own, and before 3.11 the code's handlers
+    cannot be read, so a suspended generator counts as running something there."""
+    frame = generator.gi_frame
+    if frame is None:
+        return True
+    suspended = getattr(generator, "gi_suspended", None)
+    if suspended is None:  # before Python 3.11
+        suspended = frame.f_lasti != -1
+    if not suspended:
+        return True
+    return (sys.version_info[:2] == (3, 11) and generator.gi_yieldfrom is None
+            and not generator.gi_code.co_exceptiontable)
+
+
 def _would_finalize(objects: list[object]) -> bool:
-    """Whether the collector's last passes could run a finalizer among ``objects``: one
-    whose type has one (``_has_finalizer``), but for the files of ``_NOTHING_TO_FINALIZE``
-    and for generators and coroutines with nothing to run when closed: finished or
-    not started, or with no handler in their code (Python 3.11+; a plain ``yield``
-    loop, a sampler's ``__iter__``). By type first: a few hundred types for
+    """Whether the collector's last passes could run code among ``objects``: an object
+    whose type has a finalizer (``_has_finalizer``), but for the plain files of
+    ``_NOTHING_TO_FINALIZE``, sockets (the process's end closes them all the same) and
+    generators that close quietly (``_closes_quietly``); any coroutine or asynchronous
+    generator counts (one never awaited warns). By type first: a few hundred types for
     hundreds of thousands of objects."""
     kinds = set(map(type, objects))
     plain = _NOTHING_TO_FINALIZE
     socket = sys.modules.get("socket")
-    if socket is not None:  # a socket left open is closed by the process's end all the same
+    if socket is not None:
         plain = plain | {getattr(socket, "socket", None)}
-    if any(kind not in plain and kind not in _GENERATORS and _has_finalizer(kind) for kind in kinds):
+    if any(kind not in plain and kind is not types.GeneratorType and _has_finalizer(kind) for kind in kinds):
         return True
-    present = {kind: _GENERATORS[kind] for kind in kinds if kind in _GENERATORS}
-    if not present:
+    if types.GeneratorType not in kinds:
         return False
-    for obj in objects:
-        prefix = present.get(type(obj))
-        if prefix is not None and getattr(obj, f"{prefix}_frame") is not None \
-                and getattr(obj, f"{prefix}_suspended", True) \
-                and getattr(getattr(obj, f"{prefix}_code"), "co_exceptiontable", b"?"):
-            return True  # suspended (or, before Python 3.11, maybe) where closing it runs a handler
-    return False
+    generators = [obj for obj in objects if type(obj) is types.GeneratorType]
+    return not all(map(_closes_quietly, generators))
 
 
 def _freeze_at_exit() -> None:
