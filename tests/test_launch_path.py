@@ -523,7 +523,8 @@ def test_what_the_collectors_last_passes_would_finalize_is_told_by_type_and_gene
     with socket.socket() as sock:
         assert not bootstrap._would_finalize([sock])
     assert bootstrap._would_finalize([Noted()])
-    assert bootstrap._would_finalize([gzip.GzipFile(fileobj=io.BytesIO(), mode="wb")])
+    with gzip.GzipFile(fileobj=io.BytesIO(), mode="wb") as packed:
+        assert bootstrap._would_finalize([packed])
     assert bootstrap._would_finalize([io.TextIOWrapper(io.BytesIO())]) is False
     assert bootstrap._would_finalize([type("Wrapper", (io.TextIOWrapper,), {})(io.BytesIO())])
     waiting = asyncio.sleep(0)
