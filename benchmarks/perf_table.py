@@ -16,7 +16,8 @@ A B C A B C so that machine noise hits all alike; medians):
 - under the hvd-on-torch row and the horovodrun row, bare ``mpirun`` starting the same
   kind of script against the same reference: what mpirun alone costs, with ranks that
   exit as plain python does (distlaunch's ranks skip the collector's last passes at
-  exit, so distlaunch can come out below it: ``DISTLAUNCH_FULL_EXIT=1`` for like for like);
+  exit where those would finalize nothing, as here, so distlaunch can come out below it:
+  ``DISTLAUNCH_FULL_EXIT=1`` for like for like);
 - placement and plan for 10,000 hosts / 80,000 ranks, in process;
 - the shared-memory allreduce against MPI_Allreduce (mpi4py), 2 ranks, time ratio per
   size from 1 to 256 MiB (median and range over --shm-repeats runs, the two backends
