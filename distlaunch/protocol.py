@@ -28,7 +28,8 @@ EXCEPTION_FILE = "DISTLAUNCH_EXCEPTION_FILE"  # where the bootstrap records an u
 DUMP_SIGNAL = "DISTLAUNCH_DUMP_SIGNAL"  # overrides the stack-dump signal
 GPU_INVENTORY = "DISTLAUNCH_GPU_INVENTORY"  # a JSON device list instead of NVML
 FORK_RANKS = "DISTLAUNCH_FORK_RANKS"  # "0": a worker starts a new interpreter for every rank, never forks
-FULL_EXIT = "DISTLAUNCH_FULL_EXIT"  # "1": a rank that ended well leaves with the collector's last passes too
+FULL_EXIT = "DISTLAUNCH_FULL_EXIT"  # "1": a rank that ended well leaves with the collector's last passes
+# and the native libraries' exit handlers too
 RELAY_METRICS = "DISTLAUNCH_RELAY_METRICS"  # "1": rank 0 is on another node; its worker relays its metrics live
 
 # -- where ranks on other nodes keep their logs and records until they are collected

