@@ -94,6 +94,34 @@ def test_user_btl_choice_wins():
     assert "self,sm" not in argv
 
 
+def test_ucx_memory_hooks_are_turned_off_only_where_mpi_uses_no_ucx_and_the_user_did_not_say():
+    """The wheel's libmpi loads UCX, whose memory hooks cost every rank ~40 ms as it loads:
+    distlaunch turns them off where neither MPI's PML (ob1) nor its one-sided component
+    (UCX's excluded) can be UCX, and never over the user's own setting."""
+    program = resolve_program(JobSpec(str(REPO / "examples" / "train.py")))
+
+    def events(target: TargetSpec, inv: Inventory = NO_GPU, ambient: frozenset[str] = frozenset(),
+               mpi: str = "ompi5", **kwargs: object) -> str | None:
+        spec = JobSpec(str(REPO / "examples" / "train.py"), **kwargs)  # type: ignore[arg-type]
+        the_plan = plan(spec, place(target, env={}, inv=inv), MPIS[mpi], "R", "/r", LaunchContext(False, 4, ambient),
+                        program)
+        value = the_plan.env.get("UCX_MEM_EVENTS")
+        assert value is None or "UCX_MEM_EVENTS" in the_plan.argv  # exported to every rank
+        assert (value == "no") == any(flags == "UCX_MEM_EVENTS=no" for flags, _why in the_plan.added)
+        return value
+
+    local = TargetSpec(ppn=2)
+    assert events(local) == "no"
+    assert events(local, mpi="ompi4") is None  # a site's Open MPI may do one-sided over UCX
+    assert events(local, FOUR_GPUS) is None  # device buffers: UCX's PML stays in the running
+    assert events(TargetSpec(hosts="node1:2,node2:2")) is None
+    assert events(local, mpi_args=("--mca", "osc", "ucx")) is None
+    assert events(local, mpi_args=("--mca", "pml", "ucx")) is None
+    assert events(local, env=(("UCX_MEM_EVENTS", "yes"),)) == "yes"  # the user's own, passed on as theirs
+    assert events(local, mpi_args=("-x", "UCX_MEM_EVENTS=yes")) is None
+    assert events(local, ambient=frozenset({"UCX_MEM_EVENTS"})) is None  # the launcher's own, exported as it is
+
+
 def test_ob1_is_named_only_for_cpu_ranks_on_this_host_and_never_over_the_users_choice():
     """Nor when the user picked an MTL, which only the cm PML drives; nor on one remote
     host, whose GPUs are not known here."""
