@@ -519,7 +519,8 @@ def test_the_libraries_that_lose_nothing_without_their_exit_handlers_are_told_by
     monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(__file__="/v/site-packages/torch/__init__.py"))
     dynload = os.path.join(os.path.realpath(os.path.dirname(os.__file__)), "lib-dynload", "_json.cpython-3x.so")
     quiet = ["/usr/lib/x86_64-linux-gnu/libc.so.6", "/lib/libc-2.31.so", "/usr/lib/libstdc++.so.6.0.30",
-             "/lib64/ld-linux-x86-64.so.2", "/lib/x86_64-linux-gnu/ld-2.31.so", "/v/lib/libopen-pal.so.80", "/v/lib/openmpi/libevent_core-2.1.so.7",
+             "/lib64/ld-linux-x86-64.so.2", "/lib/x86_64-linux-gnu/ld-2.31.so", "/v/lib/libopen-pal.so.80",
+             "/v/lib/openmpi/libevent_core-2.1.so.7",
              "/usr/lib/x86_64-linux-gnu/libnl-route-3.so.200", "/v/lib/openmpi/libucs.so.0",
              "/v/lib/openmpi/ucx/libuct_ib.so.0", dynload, "/v/site-packages/torch/lib/libtorch_cpu.so",
              "/v/site-packages/torch.libs/libgomp-a34b3233.so.1", "/opt/x/libgomp-a34b3233.so.1"]
