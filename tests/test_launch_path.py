@@ -633,8 +633,16 @@ def test_what_the_collectors_last_passes_would_finalize_is_told_by_type_and_gene
     class Unhashable(metaclass=Equal):
         pass
 
+    class Hashing(type):  # a hash of its own: the census must not run it
+        def __hash__(cls):
+            raise KeyboardInterrupt(cls)
+
+    class Hashed(metaclass=Hashing):
+        pass
+
     assert not bootstrap._would_finalize([1, "a", [], io.BytesIO(), sys.__stdout__, plain(), guarded(), Odd()])
     assert not bootstrap._would_finalize([Unhashable(), plain()])
+    assert not bootstrap._would_finalize([Hashed(), 1])
     bootstrap._flush_files([Unhashable(), sys.__stdout__])  # nothing to flush: no thread, and no TypeError
     with socket.socket() as sock:
         assert not bootstrap._would_finalize([sock])
