@@ -92,13 +92,16 @@ def user_sets_mca(spec: JobSpec, ctx: LaunchContext, name: str) -> bool:
 
 
 def user_sets_variable(spec: JobSpec, ctx: LaunchContext, variable: str) -> bool:
-    """Whether the user set environment ``variable`` for the ranks (env, --env, or --mpi-arg
-    as ``-x NAME=...``): theirs wins."""
-    if variable in ctx.ambient_env or any(k == variable for k, _ in spec.env):
-        return True
+    """Whether the user set environment ``variable`` for the ranks: theirs wins."""
+    return variable in user_variables(spec, ctx)
+
+
+def user_variables(spec: JobSpec, ctx: LaunchContext) -> set[str]:
+    """The names of the variables the user set for the ranks: in the environment, with
+    --env, or with --mpi-arg as ``-x NAME[=...]``."""
     args = list(spec.mpi_args)
-    return any(word in ("-x", "--x") and following.split("=", 1)[0] == variable
-               for word, following in zip(args, args[1:]))
+    named = {following.split("=", 1)[0] for word, following in zip(args, args[1:]) if word in ("-x", "--x")}
+    return {*ctx.ambient_env, *(name for name, _ in spec.env), *named}
 
 
 def master_addr(slots: Sequence[RankSlot], local_names: frozenset[str]) -> str:
@@ -243,11 +246,7 @@ def _user_tunes_ucx(spec: JobSpec, ctx: LaunchContext) -> bool:
     """Whether the user set any ``UCX_*`` or ``UCC_*`` variable (env, --env, ``-x``): their
     program may use UCX itself (torch's UCC backend, ucx-py), so its settings are left as
     they are (some, such as ``UCX_RCACHE_ENABLE=yes``, need the memory hooks)."""
-    prefixes = ("UCX_", "UCC_")
-    args = list(spec.mpi_args)
-    return (any(name.startswith(prefixes) for name in ctx.ambient_env)
-            or any(name.startswith(prefixes) for name, _ in spec.env)
-            or any(word in ("-x", "--x") and following.startswith(prefixes) for word, following in zip(args, args[1:])))
+    return any(name.startswith(("UCX_", "UCC_")) for name in user_variables(spec, ctx))
 
 
 def plan(
@@ -277,7 +276,7 @@ def plan(
     if mpi.flavour is Flavour.OPENMPI:
         added = _openmpi_flags(spec, mpi, ctx, hosts, multi, placed.gpu_mode)
     notes = [(shlex.join(flags), why) for flags, why in added]
-    for name, value, why in _openmpi_env(spec, ctx, [flags for flags, _why in added]) if added else ():
+    for name, value, why in _openmpi_env(spec, ctx, [flags for flags, _why in added]):
         env[name] = value
         notes.append((f"{name}={value}", why))
     exported = sorted(set(env) | set(exported_names(ctx.ambient_env, spec.env_pass)))
