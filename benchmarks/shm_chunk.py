@@ -44,7 +44,7 @@ from distlaunch.hvd.bench import sizes_from  # noqa: E402
 from distlaunch.hvd.shm_allreduce import SETS, ShmAllreduce  # noqa: E402
 from distlaunch.plan.units import format_size, parse_size  # noqa: E402
 
-CHUNKS = "64KiB,128KiB,256KiB,512KiB,1MiB"
+CHUNKS = "256KiB,1MiB,2MiB,4MiB,8MiB"
 SIZES = "1MiB,2MiB,4MiB,8MiB,16MiB,64MiB"
 
 

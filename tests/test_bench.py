@@ -65,6 +65,17 @@ def test_bench_cli_tiny_sweep(tmp_path):
     assert "--bind-to" in record["argv"] and "none" in record["argv"]  # --mpi-arg reached mpirun
 
 
+def test_the_shared_allreduce_steps_shrink_with_ranks_and_a_small_dev_shm():
+    from distlaunch.hvd.shm_allreduce import CHUNK, SEGMENT, SETS, step_bytes
+
+    assert step_bytes(CHUNK, 2, 24 << 30) == CHUNK == 4 << 20  # a large /dev/shm: the chunk asked
+    assert step_bytes(CHUNK, 2, None) == CHUNK  # none to read: SEGMENT bounds it alone
+    assert step_bytes(CHUNK, 8, None) == SEGMENT // (SETS * 8) // 8 * 8  # many ranks: the segment bounds it
+    assert step_bytes(CHUNK, 2, 64 << 20) == (8 << 20) // 6 // 8 * 8  # a container's 64 MiB: 1/8 of it
+    assert step_bytes(CHUNK, 1024, 64 << 20) == 4096  # never below a page
+    assert step_bytes(12_345, 2, None) == 12_344  # whole elements of every dtype
+
+
 def test_large_rows_time_a_quarter_of_the_iterations_but_never_fewer_than_five():
     from distlaunch.hvd.bench import LARGE, timed_iters
 

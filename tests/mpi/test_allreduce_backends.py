@@ -76,6 +76,31 @@ def tiny_steps():
     shm.close()
 
 
+def test_every_rank_cuts_its_steps_alike_whatever_it_was_asked():
+    """The step is the least any rank would take (a rank asked for another chunk, or one on a
+    node with a smaller /dev/shm): else the ranks would pass different numbers of barriers."""
+    from distlaunch.hvd.shm_allreduce import SEGMENT, SETS, SHM_SHARE, ShmAllreduce, shm_bytes
+
+    shm = ShmAllreduce(COMM, chunk=4096 if COMM.rank == COMM.size - 1 else 12_288)
+    try:
+        assert COMM.allgather(shm.chunk) == [4096] * COMM.size  # every rank fails alike, or none
+        count = 10_007  # about ten steps of 4 KiB in float32
+        send = pattern(count, COMM.rank, np.dtype("float32"))
+        recv = np.empty_like(send)
+        shm.allreduce(send, recv, "sum")
+        np.testing.assert_array_equal(recv, expected(count, COMM.size, "sum", np.dtype("float32")))
+    finally:
+        shm.close()
+    default = ShmAllreduce(COMM)
+    try:
+        assert len(set(COMM.allgather(default.chunk))) == 1
+        segment = SETS * default.size * default.chunk
+        assert segment <= SEGMENT
+        assert shm_bytes() is None or segment <= shm_bytes() // SHM_SHARE
+    finally:
+        default.close()
+
+
 @pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("op", ["sum", "max"])
 @pytest.mark.parametrize("dtype", ["float16", "float64", "int32"])
