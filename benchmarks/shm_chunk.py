@@ -21,8 +21,8 @@ It prints medians (warm-up calls not counted) of each, and the ratios MPI/shm (>
 and MPI/floor; ``--json`` writes them too (``perf_table.py`` reads it).
 
     mpirun -n 2 python benchmarks/shm_chunk.py       (or: distlaunch run --ppn 2 benchmarks/shm_chunk.py)
-    mpirun -n 2 python benchmarks/shm_chunk.py --chunks 128KiB,1MiB --sizes 1MiB,16MiB
-    mpirun -n 2 python benchmarks/shm_chunk.py --chunks 1MiB --sizes 1MiB:256MiB --json floor.json
+    mpirun -n 2 python benchmarks/shm_chunk.py --chunks 1MiB,4MiB --sizes 1MiB,16MiB
+    mpirun -n 2 python benchmarks/shm_chunk.py --chunks 4MiB --sizes 1MiB:256MiB --json floor.json
 """
 from __future__ import annotations
 

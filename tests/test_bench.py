@@ -66,14 +66,16 @@ def test_bench_cli_tiny_sweep(tmp_path):
 
 
 def test_the_shared_allreduce_steps_shrink_with_ranks_and_a_small_dev_shm():
-    from distlaunch.hvd.shm_allreduce import CHUNK, SEGMENT, SETS, step_bytes
+    from distlaunch.hvd.shm_allreduce import CHUNK, step_bytes
 
     assert step_bytes(CHUNK, 2, 24 << 30) == CHUNK == 4 << 20  # a large /dev/shm: the chunk asked
     assert step_bytes(CHUNK, 2, None) == CHUNK  # none to read: SEGMENT bounds it alone
-    assert step_bytes(CHUNK, 8, None) == SEGMENT // (SETS * 8) // 8 * 8  # many ranks: the segment bounds it
-    assert step_bytes(CHUNK, 2, 64 << 20) == (8 << 20) // 6 // 8 * 8  # a container's 64 MiB: 1/8 of it
-    assert step_bytes(CHUNK, 1024, 64 << 20) == 4096  # never below a page
-    assert step_bytes(12_345, 2, None) == 12_344  # whole elements of every dtype
+    assert step_bytes(CHUNK, 8, None) == 2_796_160  # many ranks: 64 MiB over 24 slots, in 64-byte lines
+    assert step_bytes(CHUNK, 2, 64 << 20) == 1_398_080  # a container's 64 MiB: 1/8 of it over 6 slots
+    assert step_bytes(CHUNK, 8, 64 << 20) == 1 << 20  # ... over 24 slots: no smaller than the 1 MiB of old
+    assert step_bytes(CHUNK, 24, 64 << 20) == 932_032  # ... unless SEGMENT says so: 64 MiB over 72 slots
+    assert step_bytes(CHUNK, 20_000, None) == 4096  # never below a page
+    assert step_bytes(12_345, 2, None) == 12_288  # whole 64-byte lines: whole elements of every dtype
 
 
 def test_large_rows_time_a_quarter_of_the_iterations_but_never_fewer_than_five():

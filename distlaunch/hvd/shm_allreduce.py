@@ -5,8 +5,9 @@ through in steps of at most ``CHUNK`` bytes; a step's elements are cut into n sl
 slice r being rank r's to reduce. Every step ends at a barrier, where each rank waits for
 the slowest, so fewer, larger steps cost less than steps sized to stay in a core's cache
 (measured: ``benchmarks/shm_chunk.py``). The segment holds three steps for every rank, so
-the step shrinks with many ranks on a node, or a small shared-memory filesystem (a
-container's 64 MiB ``/dev/shm``), where MPI backs the window. A step has three stages:
+the step shrinks with many ranks on a node, and is no larger than 1 MiB on a small
+shared-memory filesystem (a container's 64 MiB ``/dev/shm``, where Open MPI backs the
+window by default). A step has three stages:
 
 1. copy-in: rank j copies its inputs for the other ranks' slices into its slot j (its
    own slice it never copies: it reads that straight from its send buffer);
@@ -53,9 +54,11 @@ import numpy as np
 CHUNK = 4 << 20  # bytes of the user's buffer per pipelined step (measured at 2 ranks, bench allreduce: against
 # 1 MiB steps, 1.1-1.3x faster from 4 MiB buffers up, alike below; 8 MiB steps gain no more for twice the memory)
 SEGMENT = 64 << 20  # at most this much shared memory per communicator
-SHM_SHARE = 8  # ... and at most this fraction of the filesystem that backs it (/dev/shm): MPI's own segments,
-# other jobs' and the program's live there too, and a full tmpfs is a SIGBUS on the page touched, not an error
-SHM_DIR = "/dev/shm"
+SHM_SHARE = 8  # steps over STEP_MIN only where their segment takes at most this fraction of the filesystem that
+# backs it: MPI's own segments, other jobs' and the program's live there too, and MPI checks the free space only
+# as it makes the window (what is taken after that is a SIGBUS on the page touched, not an error)
+STEP_MIN = 1 << 20  # where it does not fit: the step every size had before 4 MiB steps were measured faster
+SHM_DIR = "/dev/shm"  # Open MPI's default for the window's backing file (osc_sm_backing_directory)
 SMALL = 256 << 10  # buffers up to this many bytes, all ranks together, take the one-barrier path (measured:
 # at 2 ranks it wins up to 128 KiB a rank, the pipelined path from 256 KiB)
 SMALL_ACROSS = 64 << 10  # the same, with several nodes
@@ -65,22 +68,27 @@ UFUNCS = {"sum": np.add, "min": np.minimum, "max": np.maximum, "prod": np.multip
 MPI_OPS = {"sum": "SUM", "min": "MIN", "max": "MAX", "prod": "PROD"}
 
 
-def shm_bytes(folder: str = SHM_DIR) -> int | None:
-    """The size of the shared-memory filesystem (not what is free: that changes from one
-    rank's look to the next); None where there is none to read."""
+def shm_bytes(folder: str | None = None) -> int | None:
+    """The size of the filesystem that backs the window (Open MPI's
+    ``osc_sm_backing_directory``, /dev/shm by default): not what is free, which changes
+    from one rank's look to the next. None where there is none to read."""
     try:
-        fs = os.statvfs(folder)
+        fs = os.statvfs(folder or os.environ.get("OMPI_MCA_osc_sm_backing_directory") or SHM_DIR)
     except OSError:
         return None
     return fs.f_frsize * fs.f_blocks or None
 
 
 def step_bytes(chunk: int, ranks: int, shm: int | None) -> int:
-    """The step for ``ranks`` ranks on a node: ``chunk``, less where the segment's three
-    sets of one slot per rank would outgrow ``SEGMENT`` or 1/``SHM_SHARE`` of ``shm``
-    bytes of shared memory; whole elements of every dtype, at least 4 KiB."""
-    limit = SEGMENT if shm is None else min(SEGMENT, shm // SHM_SHARE)
-    return max(min(chunk, limit // (SETS * ranks)), 4096) // 8 * 8
+    """The step for ``ranks`` ranks on a node: ``chunk``, less where the segment (three
+    sets of one slot per rank) would outgrow ``SEGMENT``, or, for a step over
+    ``STEP_MIN``, 1/``SHM_SHARE`` of ``shm`` bytes of shared memory; at least 4 KiB, in
+    whole 64-byte lines (whole elements of every dtype)."""
+    slots = SETS * ranks
+    limit = SEGMENT // slots
+    if shm is not None:
+        limit = min(limit, max(shm // SHM_SHARE // slots, STEP_MIN))
+    return max(min(chunk, limit), 4096) // 64 * 64
 
 
 class ShmAllreduce:

@@ -76,10 +76,10 @@ def tiny_steps():
     shm.close()
 
 
-def test_every_rank_cuts_its_steps_alike_whatever_it_was_asked():
+def test_shm_steps_are_cut_alike_on_every_rank_whatever_each_asked():
     """The step is the least any rank would take (a rank asked for another chunk, or one on a
     node with a smaller /dev/shm): else the ranks would pass different numbers of barriers."""
-    from distlaunch.hvd.shm_allreduce import SEGMENT, SETS, SHM_SHARE, ShmAllreduce, shm_bytes
+    from distlaunch.hvd.shm_allreduce import CHUNK, SEGMENT, SETS, SHM_SHARE, STEP_MIN, ShmAllreduce, shm_bytes
 
     shm = ShmAllreduce(COMM, chunk=4096 if COMM.rank == COMM.size - 1 else 12_288)
     try:
@@ -94,9 +94,10 @@ def test_every_rank_cuts_its_steps_alike_whatever_it_was_asked():
     default = ShmAllreduce(COMM)
     try:
         assert len(set(COMM.allgather(default.chunk))) == 1
+        assert default.chunk <= CHUNK and default.chunk % 64 == 0
         segment = SETS * default.size * default.chunk
         assert segment <= SEGMENT
-        assert shm_bytes() is None or segment <= shm_bytes() // SHM_SHARE
+        assert shm_bytes() is None or default.chunk <= STEP_MIN or segment <= shm_bytes() // SHM_SHARE
     finally:
         default.close()
 
