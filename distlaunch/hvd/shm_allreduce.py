@@ -5,9 +5,10 @@ through in steps of at most ``CHUNK`` bytes; a step's elements are cut into n sl
 slice r being rank r's to reduce. Every step ends at a barrier, where each rank waits for
 the slowest, so fewer, larger steps cost less than steps sized to stay in a core's cache
 (measured: ``benchmarks/shm_chunk.py``). The segment holds three steps for every rank, so
-the step shrinks with many ranks on a node, and is no larger than 1 MiB on a small
-shared-memory filesystem (a container's 64 MiB ``/dev/shm``, where Open MPI backs the
-window by default). A step has three stages:
+the step shrinks with many ranks on a node, and it is over 1 MiB only where those slots
+fit in 1/8 of the shared-memory filesystem (where Open MPI backs the window: /dev/shm by
+default; a container's 64 MiB one gives 1.33 MiB steps at 2 ranks, 1 MiB from 3 ranks
+up). A step has three stages:
 
 1. copy-in: rank j copies its inputs for the other ranks' slices into its slot j (its
    own slice it never copies: it reads that straight from its send buffer);
@@ -71,7 +72,10 @@ MPI_OPS = {"sum": "SUM", "min": "MIN", "max": "MAX", "prod": "PROD"}
 def shm_bytes(folder: str | None = None) -> int | None:
     """The size of the filesystem that backs the window (Open MPI's
     ``osc_sm_backing_directory``, /dev/shm by default): not what is free, which changes
-    from one rank's look to the next. None where there is none to read."""
+    from one rank's look to the next. None where there is none to read. Read from the
+    environment, where mpirun's ``--mca`` puts it: a folder named in an MCA parameter
+    file, or Open MPI's fallback to its session folder, is not seen (/dev/shm's size
+    stands in)."""
     try:
         fs = os.statvfs(folder or os.environ.get("OMPI_MCA_osc_sm_backing_directory") or SHM_DIR)
     except OSError:
@@ -80,10 +84,10 @@ def shm_bytes(folder: str | None = None) -> int | None:
 
 
 def step_bytes(chunk: int, ranks: int, shm: int | None) -> int:
-    """The step for ``ranks`` ranks on a node: ``chunk``, less where the segment (three
-    sets of one slot per rank) would outgrow ``SEGMENT``, or, for a step over
-    ``STEP_MIN``, 1/``SHM_SHARE`` of ``shm`` bytes of shared memory; at least 4 KiB, in
-    whole 64-byte lines (whole elements of every dtype)."""
+    """The step for ``ranks`` ranks on a node: ``chunk``, less where the segment's slots
+    (three sets of one per rank; its headers come on top) would outgrow ``SEGMENT``, or,
+    for a step over ``STEP_MIN``, 1/``SHM_SHARE`` of ``shm`` bytes of shared memory; at
+    least 4 KiB, in whole 64-byte lines (whole elements of every dtype)."""
     slots = SETS * ranks
     limit = SEGMENT // slots
     if shm is not None:
