@@ -69,7 +69,7 @@ UFUNCS = {"sum": np.add, "min": np.minimum, "max": np.maximum, "prod": np.multip
 MPI_OPS = {"sum": "SUM", "min": "MIN", "max": "MAX", "prod": "PROD"}
 
 
-def shm_bytes(folder: str | None = None) -> int | None:
+def shm_bytes() -> int | None:
     """The size of the filesystem that backs the window (Open MPI's
     ``osc_sm_backing_directory``, /dev/shm by default): not what is free, which changes
     from one rank's look to the next. None where there is none to read. Read from the
@@ -77,7 +77,7 @@ def shm_bytes(folder: str | None = None) -> int | None:
     file, or Open MPI's fallback to its session folder, is not seen (/dev/shm's size
     stands in)."""
     try:
-        fs = os.statvfs(folder or os.environ.get("OMPI_MCA_osc_sm_backing_directory") or SHM_DIR)
+        fs = os.statvfs(os.environ.get("OMPI_MCA_osc_sm_backing_directory") or SHM_DIR)
     except OSError:
         return None
     return fs.f_frsize * fs.f_blocks or None
