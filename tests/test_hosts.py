@@ -18,11 +18,13 @@ from distlaunch.plan.hosts import (
     check_hostnames,
     compress_hostlist,
     expand_hostlist,
+    hostname,
     parse_hostfile,
     parse_hostfile_text,
     parse_hosts_arg,
     parse_tasks_per_node,
     resolve,
+    this_host_names,
 )
 
 HOSTLISTS = [
@@ -42,6 +44,15 @@ TASKS = [
     ("4(x1),2(x2)", 3, [4, 2, 2]),
 ]
 
+
+
+def test_this_hosts_name_is_socket_s_without_importing_it():
+    """hostname() is the kernel's node name, which is what socket.gethostname() returns,
+    so a run on this host alone never imports socket (test_light_import checks that)."""
+    import socket
+
+    assert hostname() == socket.gethostname()
+    assert {hostname(), hostname().split(".")[0], "localhost"} <= this_host_names()
 
 @pytest.mark.parametrize("expr,names", HOSTLISTS)
 def test_expand_hostlist(expr, names):

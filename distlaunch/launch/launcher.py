@@ -15,22 +15,20 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..errors import DistlaunchError, ExitCode, HostError, RunDirError, SpecError
-from ..nodes import inputs as node_inputs
 from ..nodes.transport import Nodes, SrunTransport, SSHTransport, Transport, for_each
 from ..plan.container import Container
 from ..plan.envpolicy import redact, redact_argv, redact_pairs
-from ..plan.hosts import SLURM_HOSTS, SLURM_JOB, SLURM_STEP, RankSlot, is_local, placement, this_host_names
+from ..plan.hosts import SLURM_HOSTS, SLURM_JOB, SLURM_STEP, RankSlot, hostname, is_local, placement, this_host_names
 from ..plan.layout import RemoteLayout
 from ..plan.mpi import MPIInstall, detect, find_mpirun
 from ..plan.mpirun import LaunchContext, LaunchPlan, plan
@@ -40,6 +38,9 @@ from ..plan.ssh import SSHOptions, unshared
 from ..records import Attempt, RunPaths, RunRecord, Status, allocate
 from .metrics import write_tensorboard
 from .supervise import PASS_SIGNALS, STOP_SIGNALS, Console, Outcome, Supervisor, Watch
+
+if TYPE_CHECKING:
+    from ..nodes.inputs import ResolvedInput
 
 log = logging.getLogger(__name__)
 RESOLVE_LIMIT = 1024
@@ -59,7 +60,7 @@ class Prepared:
     program: tuple[str, ...]
     transport: Transport
     srun: str | None = None  # with --launcher srun
-    inputs: tuple[node_inputs.ResolvedInput, ...] = ()
+    inputs: tuple[ResolvedInput, ...] = ()  # --input; nodes.inputs is imported only where there are some
 
     @property
     def slots(self) -> tuple[RankSlot, ...]:
@@ -120,6 +121,7 @@ def check_resolvable(names: list[str], origin: str) -> None:
     """HostError naming the first host that does not resolve (looked up in parallel)."""
     if not names or len(names) > RESOLVE_LIMIT:
         return
+    import socket  # only where there are other hosts
 
     def resolves(name: str) -> bool:
         try:
@@ -205,7 +207,11 @@ def prepare(spec: JobSpec, progress: Callable[[str], None] = log.info) -> Prepar
         srun = shutil.which("srun")
         if srun is None:
             raise SpecError("--launcher srun: srun is not on PATH: install slurm-client or use --launcher mpirun")
-    resolved = node_inputs.resolve(spec.inputs, spec.remote_root, progress)
+    resolved: tuple[ResolvedInput, ...] = ()
+    if spec.inputs:
+        from ..nodes.inputs import resolve as resolve_inputs
+
+        resolved = resolve_inputs(spec.inputs, spec.remote_root, progress)
     container = None
     if spec.container is not None:
         from .container import resolve as resolve_container
@@ -246,7 +252,7 @@ def new_record(prepared: Prepared, the_plan: LaunchPlan, paths: RunPaths) -> Run
         argv=[unshared(word) for word in the_plan.argv],
         env_added={name: unshared(value) for name, value in redact(the_plan.env).items()},
         hostfile=the_plan.hostfile_text,
-        launcher={"host": socket.gethostname(), "pid": os.getpid(), "cwd": os.getcwd(),
+        launcher={"host": hostname(), "pid": os.getpid(), "cwd": os.getcwd(),
                   "argv": redact_argv(sys.argv), "transport": prepared.transport.name},
         versions=versions(prepared.mpi),
         experiment=spec.experiment_name,
@@ -371,13 +377,16 @@ def _before_launch(prepared: Prepared, paths: RunPaths, record: RunRecord, progr
                                  max_files=spec.max_source_files, max_bytes=spec.max_source_bytes)
             record.code = snap.summary()
             record.save(paths)
-    node_inputs.check_in_place(prepared.nodes, prepared.hosts, prepared.inputs)
-    if any(item.spec.copy for item in prepared.inputs):
-        staged = node_inputs.stage(prepared.nodes, prepared.hosts, prepared.inputs, spec.remote_root, paths.run_id,
-                                   progress)
-        for item in record.inputs:
-            item["nodes"] = [r for r in staged if r["name"] == item["name"]]
-        record.save(paths)
+    if prepared.inputs:
+        from ..nodes import inputs as node_inputs
+
+        node_inputs.check_in_place(prepared.nodes, prepared.hosts, prepared.inputs)
+        if any(item.spec.copy for item in prepared.inputs):
+            staged = node_inputs.stage(prepared.nodes, prepared.hosts, prepared.inputs, spec.remote_root,
+                                       paths.run_id, progress)
+            for item in record.inputs:
+                item["nodes"] = [r for r in staged if r["name"] == item["name"]]
+            record.save(paths)
     layout = prepared.remote_layout(paths.run_id)
     if layout is not None and snap is not None:
         from ..nodes.treesync import sync

@@ -23,10 +23,11 @@ import logging
 import os
 import re
 import shutil
-import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from ..plan.hosts import hostname
 
 if TYPE_CHECKING:
     from ..plan.mpirun import LaunchPlan
@@ -49,7 +50,7 @@ def _folders(env: Mapping[str, str]) -> tuple[Path, Path]:
     from ..plan.spec import default_remote_root
 
     root = Path(default_base(env)) / Path(default_remote_root()).name
-    host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname().split(".")[0]) or "host"
+    host = re.sub(r"[^A-Za-z0-9._-]", "_", hostname().split(".")[0]) or "host"
     return root, root / f"mpirun-{host}"
 
 

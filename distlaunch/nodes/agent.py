@@ -41,7 +41,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import stat
 import sys
 import time
@@ -105,10 +104,11 @@ def _names(stdin: str) -> list[str]:
 
 def probe(remote_root: str | None, container: list[str] | None = None) -> dict[str, Any]:
     from ..plan.gpus import inventory
+    from ..plan.hosts import hostname
     from ..plan.installed import versions
 
     facts: dict[str, Any] = {
-        "hostname": socket.gethostname(),
+        "hostname": hostname(),
         "python": sys.executable,
         "python_version": ".".join(map(str, sys.version_info[:3])),
         "user": _user(),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from bisect import bisect_right
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -444,9 +443,15 @@ def placement(slots: Sequence[RankSlot]) -> list[tuple[str, int]]:
 LOCAL_ALIASES = frozenset({LOCALHOST, "127.0.0.1", "::1"})
 
 
+def hostname() -> str:
+    """This machine's name, as ``socket.gethostname()`` gives it (the kernel's node name),
+    without importing socket, which a run on this host alone has no other use for."""
+    return os.uname().nodename
+
+
 def this_host_names() -> frozenset[str]:
     """The names that mean this machine: the loopback aliases and its hostname."""
-    here = socket.gethostname()
+    here = hostname()
     return LOCAL_ALIASES | {here, here.split(".")[0]}
 
 
