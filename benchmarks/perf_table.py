@@ -18,6 +18,11 @@ A B C A B C so that machine noise hits all alike; medians):
   exit as plain python does (distlaunch's ranks skip the collector's last passes at
   exit where those would finalize nothing, as here, so distlaunch can come out below it:
   ``DISTLAUNCH_FULL_EXIT=1`` for like for like);
+- under the no-op row, its floor (``launch_floor.py``): a Python parent starting the same
+  bare mpirun; the same after importing every module ``distlaunch run`` imports but its
+  own (click, the standard library); and that starting the mpirun argv and environment
+  of a real ``distlaunch run`` (its rank worker and bootstrap): what distlaunch takes over
+  the last is its own code, modules and work;
 - placement and plan for 10,000 hosts / 80,000 ranks, in process;
 - the shared-memory allreduce against MPI_Allreduce (mpi4py), 2 ranks, time ratio per
   size from 1 to 256 MiB (median and range over --shm-repeats runs, the two backends
@@ -88,11 +93,12 @@ def launch_variants(folder: Path) -> dict[str, tuple[list[str], dict[str, str]]]
         (folder / name).write_text(text)
     py = sys.executable
     script = Path(py).parent / "distlaunch"  # the command users type: this Python's console script, where it has one
-    dl = [str(script)] if script.exists() else [py, "-m", "distlaunch"]
-    dl += ["run", "--ppn", "2", "--run-dir", str(folder.parent / "runs")]
+    run = ["run", "--ppn", "2", "--run-dir", str(folder.parent / "runs")]
+    dl = [str(script), *run] if script.exists() else [py, "-m", "distlaunch", *run]
     variants = {
         "noop.py: distlaunch": ([*dl, "noop.py"], {}),
         "noop.py: mpirun": (bare_mpirun_argv(2, [py, "noop.py"]), {}),
+        **floor_variants(run, folder),
         "noop: distlaunch": ([*dl, py, "-c", "pass"], {}),
         "noop: mpirun": (bare_mpirun_argv(2, [py, "-c", "pass"]), {}),
         "first allreduce: distlaunch, hvd on torch": ([*dl, "first_hvd.py"], {"DISTLAUNCH_HVD_BACKEND": "torch"}),
@@ -119,6 +125,34 @@ def launch_variants(folder: Path) -> dict[str, tuple[list[str], dict[str, str]]]
                                                           {})
     variants["first allreduce: mpirun + Horovod"] = (bare_mpirun_argv(2, [py, "first_horovod.py"]), {})
     return variants
+
+
+def floor_variants(run: list[str], folder: Path) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """launch_floor.py's three rows: a Python parent starting bare mpirun; the same after
+    importing what ``distlaunch run`` imports, but its own modules; and that starting the
+    mpirun argv and environment a real ``distlaunch run`` just used (rank worker, bootstrap)."""
+    from distlaunch.launch.mpisession import session_env
+    from distlaunch.records import RunPaths, RunRecord
+
+    listing = folder.parent / "modules.txt"
+    code = (f"import atexit, sys\natexit.register(lambda: open({str(listing)!r}, 'w').write(','.join(sys.modules)))\n"
+            f"sys.argv = ['distlaunch', *{[*run, 'noop.py']!r}]\nfrom distlaunch.cli.main import main\nmain()\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+    if proc.returncode:
+        raise SystemExit(f"distlaunch run failed ({proc.returncode}): {proc.stderr.strip()[-300:]}")
+    modules = ",".join(sorted(name for name in listing.read_text().split(",")
+                              if name != "__main__" and name.split(".")[0] != "distlaunch"))
+    (root,) = (path for path in (folder.parent / "runs").iterdir() if (path / "run.json").exists())  # the one run
+    record = RunRecord.load(RunPaths(root))
+    env = {**record.env_added, **session_env(record.argv, {**os.environ, **record.env_added})}
+    floor = [sys.executable, str(REPO / "benchmarks" / "launch_floor.py")]
+    bare = bare_mpirun_argv(2, [sys.executable, "noop.py"])
+    return {
+        "noop.py: floor, a Python parent": ([*floor, "", *bare], {}),
+        "noop.py: floor, its imports": ([*floor, modules, *bare], {}),
+        "noop.py: floor, its imports and mpirun argv": ([*floor, modules, *record.argv], env),
+    }
 
 
 def measure_launches(repeats: int, folder: Path) -> dict[str, list[float]]:
@@ -210,6 +244,15 @@ def main() -> None:
     for what, name in (("noop.py, 2 ranks, vs mpirun", "noop.py"), ("python -c pass, 2 ranks, vs mpirun", "noop")):
         rows.append((what, f"{med[f'{name}: distlaunch']:.3f} s", f"{med[f'{name}: mpirun']:.3f} s",
                      f"+{med[f'{name}: distlaunch'] - med[f'{name}: mpirun']:.3f} s", "<= +0.10 s"))
+        if name != "noop.py":
+            continue
+        for floor, what in (("a Python parent", "  floor: a Python parent starting that mpirun"),
+                            ("its imports", "  floor: ... after importing distlaunch run's modules, not its own"),
+                            ("its imports and mpirun argv",
+                             "  floor: ... starting distlaunch's mpirun argv (rank shims)")):
+            mine = med[f"noop.py: floor, {floor}"]
+            rows.append((what, f"{mine:.3f} s", f"{med['noop.py: mpirun']:.3f} s",
+                         f"+{mine - med['noop.py: mpirun']:.3f} s", ""))
 
     def pair(what: str, mine: str, theirs: str, target: str) -> None:
         if mine in med and theirs in med:
