@@ -18,11 +18,12 @@ A B C A B C so that machine noise hits all alike; medians):
   exit as plain python does (distlaunch's ranks skip the collector's last passes at
   exit where those would finalize nothing, as here, so distlaunch can come out below it:
   ``DISTLAUNCH_FULL_EXIT=1`` for like for like);
-- under the no-op row, its floor (``launch_floor.py``): a Python parent starting the same
-  bare mpirun; the same after importing every module ``distlaunch run`` imports but its
-  own (click, the standard library); and that starting the mpirun argv and environment
-  of a real ``distlaunch run`` (its rank worker and bootstrap): what distlaunch takes over
-  the last is its own code, modules and work;
+- under the no-op row, what is left without distlaunch's own code (``launch_floor.py``):
+  a Python parent starting the same bare mpirun; the same after importing the modules a
+  real ``distlaunch run`` loads that are not distlaunch's (click, the standard library);
+  and that starting the mpirun argv and environment of that real run (its MPI flags and
+  exports, its rank worker and bootstrap): what distlaunch takes over the last is its own
+  code, modules and work;
 - placement and plan for 10,000 hosts / 80,000 ranks, in process;
 - the shared-memory allreduce against MPI_Allreduce (mpi4py), 2 ranks, time ratio per
   size from 1 to 256 MiB (median and range over --shm-repeats runs, the two backends
@@ -36,7 +37,7 @@ A B C A B C so that machine noise hits all alike; medians):
 - with --multinode (root, sshd, rsync, unshare): a no-op on 2 simulated nodes against
   the same on localhost (the same code each run, and changed before each run).
 
-    python benchmarks/perf_table.py                      # about 4 minutes here
+    python benchmarks/perf_table.py                      # about 5 minutes here
     python benchmarks/perf_table.py --repeats 9 --shm-repeats 5 --multinode --json perf.json
 """
 from __future__ import annotations
@@ -87,7 +88,8 @@ def tool(name: str) -> str | None:
 
 
 def launch_variants(folder: Path) -> dict[str, tuple[list[str], dict[str, str]]]:
-    """name: (argv, extra environment) for every launch row that can run here."""
+    """name: (argv, extra environment) for every launch row that can run here (one real
+    ``distlaunch run`` first, for the floor rows' argv and modules)."""
     for name, text in (("first_hvd.py", FIRST_HVD), ("first_torch.py", FIRST_TORCH),
                        ("first_horovod.py", FIRST_HOROVOD), ("noop.py", "pass\n")):
         (folder / name).write_text(text)
@@ -129,23 +131,37 @@ def launch_variants(folder: Path) -> dict[str, tuple[list[str], dict[str, str]]]
 
 def floor_variants(run: list[str], folder: Path) -> dict[str, tuple[list[str], dict[str, str]]]:
     """launch_floor.py's three rows: a Python parent starting bare mpirun; the same after
-    importing what ``distlaunch run`` imports, but its own modules; and that starting the
-    mpirun argv and environment a real ``distlaunch run`` just used (rank worker, bootstrap)."""
+    importing the modules a real ``distlaunch run`` loads that are not distlaunch's; and
+    that starting the mpirun argv and environment that run used (its MPI flags and
+    exports, rank worker, bootstrap), with the session folder distlaunch adds for Open MPI 5."""
     from distlaunch.launch.mpisession import session_env
+    from distlaunch.plan.mpi import Flavour, detect, find_mpirun
     from distlaunch.records import RunPaths, RunRecord
 
     listing = folder.parent / "modules.txt"
-    code = (f"import atexit, sys\natexit.register(lambda: open({str(listing)!r}, 'w').write(','.join(sys.modules)))\n"
+    code = ("import atexit, sys\n"
+            "def listing():\n"
+            "    names = ','.join(list(sys.modules))\n"
+            f"    with open({str(listing)!r}, 'w') as out:\n"
+            "        out.write(names)\n"
+            "atexit.register(listing)\n"
             f"sys.argv = ['distlaunch', *{[*run, 'noop.py']!r}]\nfrom distlaunch.cli.main import main\nmain()\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                           text=True)
     if proc.returncode:
         raise SystemExit(f"distlaunch run failed ({proc.returncode}): {proc.stderr.strip()[-300:]}")
-    modules = ",".join(sorted(name for name in listing.read_text().split(",")
-                              if name != "__main__" and name.split(".")[0] != "distlaunch"))
-    (root,) = (path for path in (folder.parent / "runs").iterdir() if (path / "run.json").exists())  # the one run
-    record = RunRecord.load(RunPaths(root))
-    env = {**record.env_added, **session_env(record.argv, {**os.environ, **record.env_added})}
+    loaded = listing.read_text().split(",") if listing.exists() else []
+    if "click" not in loaded:
+        raise SystemExit(f"the modules of a distlaunch run were not listed in {listing}")
+    modules = ",".join(sorted(name for name in loaded if name != "__main__" and name.split(".")[0] != "distlaunch"))
+    runs = [path for path in (folder.parent / "runs").iterdir() if (path / "run.json").exists()]
+    if len(runs) != 1:
+        raise SystemExit(f"expected the one run folder of that run in {folder.parent / 'runs'}, found {len(runs)}")
+    record = RunRecord.load(RunPaths(runs[0]))  # its folder serves every round (ranks write there again)
+    env = dict(record.env_added)
+    mpi = detect(find_mpirun())
+    if mpi.flavour is Flavour.OPENMPI and mpi.major >= 5:  # as the plan's private_session
+        env.update(session_env(record.argv, {**os.environ, **env}))
     floor = [sys.executable, str(REPO / "benchmarks" / "launch_floor.py")]
     bare = bare_mpirun_argv(2, [sys.executable, "noop.py"])
     return {
@@ -246,12 +262,12 @@ def main() -> None:
                      f"+{med[f'{name}: distlaunch'] - med[f'{name}: mpirun']:.3f} s", "<= +0.10 s"))
         if name != "noop.py":
             continue
-        for floor, what in (("a Python parent", "  floor: a Python parent starting that mpirun"),
-                            ("its imports", "  floor: ... after importing distlaunch run's modules, not its own"),
-                            ("its imports and mpirun argv",
-                             "  floor: ... starting distlaunch's mpirun argv (rank shims)")):
+        for floor, label in (("a Python parent", "  without distlaunch: a Python parent starting that mpirun"),
+                             ("its imports", "  ... after importing the run's other modules (click, stdlib)"),
+                             ("its imports and mpirun argv",
+                              "  ... starting the run's mpirun argv and env (flags, rank shims)")):
             mine = med[f"noop.py: floor, {floor}"]
-            rows.append((what, f"{mine:.3f} s", f"{med['noop.py: mpirun']:.3f} s",
+            rows.append((label, f"{mine:.3f} s", f"{med['noop.py: mpirun']:.3f} s",
                          f"+{mine - med['noop.py: mpirun']:.3f} s", ""))
 
     def pair(what: str, mine: str, theirs: str, target: str) -> None:
@@ -297,8 +313,9 @@ def main() -> None:
                      f"{min(fractions):.2f}-{max(fractions):.2f}", ">= 0.5"))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     print(f"{args.repeats} interleaved launch rounds, {args.shm_repeats} allreduce runs; medians "
-          "(the ratio column of the shm rows is the range over runs; a floor row gives MPI's time over the floor's, "
-          "and shm's ratio in those same runs)")
+          "(the ratio column of the shm rows is the range over runs; an shm floor row gives MPI's time over the "
+          "floor's, and shm's ratio in those same runs; the rows under the no-op row are without distlaunch's own "
+          "code, launch_floor.py)")
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     if args.json:

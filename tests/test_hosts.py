@@ -45,7 +45,6 @@ TASKS = [
 ]
 
 
-
 def test_this_hosts_name_is_socket_s_without_importing_it():
     """hostname() is the kernel's node name, which is what socket.gethostname() returns,
     so a run on this host alone never imports socket (test_light_import checks that)."""
@@ -53,6 +52,7 @@ def test_this_hosts_name_is_socket_s_without_importing_it():
 
     assert hostname() == socket.gethostname()
     assert {hostname(), hostname().split(".")[0], "localhost"} <= this_host_names()
+
 
 @pytest.mark.parametrize("expr,names", HOSTLISTS)
 def test_expand_hostlist(expr, names):

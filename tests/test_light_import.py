@@ -142,10 +142,10 @@ NOT_FOR_ONE_HOST = ("distlaunch.nodes.treesync", "distlaunch.launch.snapshot", "
 ])
 def test_a_run_on_this_host_imports_only_what_it_uses(tmp_path, program, ignore_file, loaded):
     """A real localhost launch does not import what only other nodes (code sync, node
-    health, socket for their addresses), restarts, Slurm or --input need: ~8 ms of every
-    launch. A .py script's run imports the code snapshot's modules, and only those (which
-    also shows the probe sees imports); pathspec (12 ms) only where an ignore file needs
-    it, not for the secret patterns."""
+    health, socket for their addresses), restarts, Slurm or --input need: ~5 ms of every
+    launch, and 3-6 ms more for socket and nodes.inputs. A .py script's run imports the
+    code snapshot's modules, and only those (which also shows the probe sees imports);
+    pathspec (12 ms) only where an ignore file needs it, not for the secret patterns."""
     import json
 
     (tmp_path / "noop.py").write_text("pass\n")
