@@ -433,6 +433,66 @@ def test_a_rank_that_ends_well_skips_the_collectors_last_passes_only_where_they_
                     (full, mode, rank)
 
 
+HELD_AT_EXIT = """import atexit, os, sys, weakref
+out, rank = sys.argv[1], os.environ["RANK"]
+
+
+class Plain:  # no finalizer of its own
+    pass
+
+
+held = Plain()  # held by this module alone, in no cycle: freed when the modules are torn down
+fd = os.open(os.path.join(out, f"callback-{rank}"), os.O_WRONLY | os.O_CREAT, 0o600)
+# a callback holding nothing of this module's (a lambda of its own would hold its globals, and so `held`)
+sys.distlaunch_test_watch = weakref.ref(held, eval("lambda _ref: write(fd, b'called')", {"write": os.write, "fd": fd}))
+atexit.register(lambda: open(os.path.join(out, f"atexit-{rank}"), "w").close())
+"""
+SITE_AT_EXIT = """import atexit, os
+
+
+def said():  # in a rank (forked: the worker registered it, before RANK was set)
+    if "RANK" in os.environ:
+        open(os.path.join(os.environ["SITE_OUT"], "site-" + os.environ["RANK"]), "w").close()
+
+
+if "SITE_OUT" in os.environ:
+    atexit.register(said)
+"""
+
+
+@pytest.mark.parametrize("fork", ["1", "0"])
+def test_a_rank_whose_exit_handler_runs_last_ends_right_after_it(distlaunch, tmp_path, fork):
+    """Where the bootstrap's atexit handler runs last (none was registered before the
+    program ran) and nothing would be finalized, the rank ends in it: its modules are
+    not torn down, so the weakref callback of an object only a module holds does not
+    run, where plain python runs it. The program's own atexit handlers run all the same.
+    Where another handler was registered first (a ``sitecustomize``'s, as coverage's
+    is), it runs too, and so does the rest of the exit, the teardown with it; and so it
+    does with ``DISTLAUNCH_FULL_EXIT=1``."""
+    (tmp_path / "held.py").write_text(HELD_AT_EXIT)
+    site = tmp_path / "sitepackage"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITE_AT_EXIT)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    subprocess.run([sys.executable, "held.py", str(plain)], cwd=tmp_path, env={**os.environ, "RANK": "0"},
+                   check=True)
+    assert {f.name: f.read_text() for f in plain.iterdir()} == {"atexit-0": "", "callback-0": "called"}
+    pythonpath = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    for case, env in (("fast", {}), ("full", {"DISTLAUNCH_FULL_EXIT": "1"}),
+                      ("site", {"PYTHONPATH": pythonpath})):
+        out = tmp_path / case
+        out.mkdir()
+        result = distlaunch("run", "--ppn", "2", "held.py", str(out),
+                            env={"DISTLAUNCH_FORK_RANKS": fork, "SITE_OUT": str(out), **env})
+        assert result.returncode == 0, (case, result.stderr)
+        for rank in (0, 1):
+            expected = {f"atexit-{rank}": "", f"callback-{rank}": "" if case == "fast" else "called"}
+            if case == "site":
+                expected[f"site-{rank}"] = ""
+            assert {f.name: f.read_text() for f in out.iterdir() if f.name.endswith(f"-{rank}")} == expected, case
+
+
 NATIVE_AT_EXIT = """import ctypes, os, sys
 out, mode = sys.argv[1], sys.argv[2]
 libc = ctypes.CDLL(None)
@@ -538,12 +598,14 @@ def test_the_libraries_that_lose_nothing_without_their_exit_handlers_are_told_by
     assert bootstrap._loud_libraries(quiet) == ["/v/site-packages/torch/lib/libtorch_cpu.so"]
 
 
-def test_the_exit_freezes_only_once_the_open_files_are_flushed(tmp_path, monkeypatch):
-    """A rank that ended well flushes its open files in a thread of its own, then freezes
-    every object; where no thread can be started (Python 3.12 refuses one in an atexit
-    handler), or where an object would be finalized (a gzip file: its close writes the
-    trailer), it freezes nothing, leaving all to the interpreter's whole exit. A failing
-    rank's flush says so, and ``_leave_now`` leaves all the same."""
+def test_the_exit_skips_the_last_passes_only_once_the_open_files_are_flushed(tmp_path, monkeypatch):
+    """A rank that ended well flushes its open files in a thread of its own before its
+    exit may skip the collector's last passes (``_nothing_to_finalize``); where no thread
+    can be started (Python 3.12 refuses one in an atexit handler), or where an object
+    would be finalized (a gzip file: its close writes the trailer), it may not, leaving
+    all to the interpreter's whole exit. Where only the standard streams are open, it
+    need not look for files. A failing rank's flush says so, and ``_leave_now`` leaves
+    all the same."""
     import _thread
     import gc
     import gzip
@@ -553,29 +615,32 @@ def test_the_exit_freezes_only_once_the_open_files_are_flushed(tmp_path, monkeyp
     path = tmp_path / "open.txt"
     handle = open(path, "w")  # noqa: SIM115 - left open on purpose
     packed = gzip.GzipFile(tmp_path / "open.gz", "wb")
-    live = [handle, sys.__stdout__, (n for n in range(3))]  # a generator not started: nothing to run when closed
+    streams = [stream for stream in bootstrap._standard_streams()  # pytest's own stand-ins left out
+               if type(stream) in (io.TextIOWrapper, io.BufferedWriter, io.FileIO) and gc.is_tracked(stream)]
+    live = [handle, *streams, (n for n in range(3))]  # a generator not started: nothing to run when closed
     try:
         monkeypatch.setattr(gc, "get_objects", lambda: list(live))  # not this test run's own objects
         monkeypatch.setattr(gc, "unfreeze", lambda: None)
-        frozen = []
-        monkeypatch.setattr(gc, "freeze", lambda: frozen.append(True))
 
         def refuse(*_args):
             raise RuntimeError("can't create new thread at interpreter shutdown")
 
         monkeypatch.setattr(bootstrap, "_start_new_thread", refuse)
         handle.write("written")
-        bootstrap._freeze_at_exit()
-        assert frozen == [] and path.read_text() == ""
+        assert bootstrap._nothing_to_finalize() is False and path.read_text() == ""
         with pytest.raises(RuntimeError):
             bootstrap._flush_files()
+        live.remove(handle)
+        with monkeypatch.context() as patch:  # the standard streams only: no thread, no pass over the objects
+            patch.setattr(bootstrap._Census, "chosen", refuse)
+            bootstrap._flush_files()
+        assert bootstrap._nothing_to_finalize() is True
+        live.append(handle)
         monkeypatch.setattr(bootstrap, "_start_new_thread", _thread.start_new_thread)
         live.append(packed)
-        bootstrap._freeze_at_exit()
-        assert frozen == [] and path.read_text() == ""
+        assert bootstrap._nothing_to_finalize() is False and path.read_text() == ""
         live.remove(packed)
-        bootstrap._freeze_at_exit()
-        assert frozen == [True] and path.read_text() == "written"
+        assert bootstrap._nothing_to_finalize() is True and path.read_text() == "written"
     finally:
         handle.close()
         packed.close()

@@ -33,8 +33,17 @@ for ``python -c`` and ``python -m`` ranks of the launcher's own Python (``run``,
   the ResourceWarnings of the files and sockets among them, do not happen. Where it
   froze them, and every library mapped is known to lose nothing by it, the process
   then ends as soon as Python's exit is over, without the native libraries' exit
-  handlers (``_end_at_native_exit``: 70-80 ms with torch loaded).
-  ``DISTLAUNCH_FULL_EXIT=1`` (read when the rank starts) keeps them all;
+  handlers (``_end_at_native_exit``: 70-80 ms with torch loaded). Where, on top of
+  that, its last atexit handler is the bootstrap's (none was registered before the
+  program ran: no ``sitecustomize``'s, no coverage's), it ends right after it, without
+  the rest of Python's exit either (``_end_now``): the standard streams and C's are
+  flushed, MPI that mpi4py would finalize is finalized (as late as Python's exit
+  would, but with every module still there), and then ``os._exit``. Nothing is
+  frozen then, and the modules are not torn down (about 15 ms with torch and
+  ``distlaunch.hvd`` loaded): what else differs is that the weakref callbacks and C
+  deallocations of the objects the modules still hold do not happen either, as for
+  those in a cycle above. ``DISTLAUNCH_FULL_EXIT=1`` (read when the rank starts) keeps
+  them all;
 - nothing else: ``sys.argv``, ``sys.path[0]`` and ``__main__`` look as they would.
 """
 from __future__ import annotations
@@ -66,6 +75,7 @@ from ..protocol import EXCEPTION_FILE, FULL_EXIT, dump_signal
 _START_PATH = sys.path[:] if getattr(sys.flags, "safe_path", False) else sys.path[1:]
 _start_new_thread, _allocate_lock = _thread.start_new_thread, _thread.allocate_lock  # as started, not patched
 FLUSH_WAIT_S = 5.0  # how long a failing rank waits at most for its open files to be flushed
+_RUNS_LAST = False  # whether _at_exit was the first atexit handler registered (so it runs last)
 
 
 def _stdlib(name: str) -> types.ModuleType:
@@ -140,10 +150,11 @@ def _flush_files(objects: list[object] | None = None, census: _Census | None = N
       Started by ``_thread``'s own functions, bound when the bootstrap was imported: a
       ``threading`` the program shadowed or patched (gevent) cannot stand in for them.
       Where no thread can be started (Python 3.12 in an atexit handler) it raises.
-    - Found through the collector, which tracks every file object (about 20 ms with
-      torch loaded), after ``gc.unfreeze`` so that the files of a program that froze its
-      objects (``gc.freeze``) are found too; by type alone, so no object's own
-      ``__class__`` is asked (some warn or raise).
+    - Found through the collector, which tracks every file object (about 12 ms with
+      torch loaded; 2 ms where the standard streams are the only ones, counted by type),
+      after ``gc.unfreeze`` so that the files of a program that froze its objects
+      (``gc.freeze``) are found too; by type alone, so no object's own ``__class__`` is
+      asked (some warn or raise).
     - Text files first: theirs flushes into the binary file below it.
     - Not the standard streams, which are flushed on their own.
     - ``objects``: what ``gc.get_objects()`` gave a caller that unfroze them already;
@@ -156,7 +167,11 @@ def _flush_files(objects: list[object] | None = None, census: _Census | None = N
         census = _census(objects)
     writers = (io.TextIOWrapper, io.BufferedWriter, io.BufferedRandom)
     files = {key for key, kind in census.distinct.items() if issubclass(kind, writers)}
-    streams = {id(stream) for stream in _standard_streams()}
+    standard = _standard_streams()
+    streams = {id(stream) for stream in standard}
+    listed = {id(stream) for stream in standard if id(type(stream)) in files and gc.is_tracked(stream)}
+    if census.count(files) == len(listed):  # those files are the standard streams (tracked: listed)
+        return
     found = [weakref.ref(obj) for obj in itertools.compress(objects, census.chosen(files)) if id(obj) not in streams]
     del objects, census
     if not found:
@@ -230,9 +245,10 @@ def _would_finalize(objects: list[object], census: _Census | None = None) -> boo
 
 class _Census:
     """The types of the live objects, in their order (``kinds``), and the distinct ones by
-    id (``distinct``). Hashed directly where no metaclass among theirs defines ``__eq__``
-    or ``__hash__`` of its own (then a type may not hash at all, or run the program's code
-    to), which is nearly always so (~7 ms for 170,000 objects); otherwise by id (~20 ms)."""
+    id (``distinct``). Hashed and compared directly where no metaclass among theirs
+    defines ``__eq__`` or ``__hash__`` of its own (then a type may not hash at all, or run
+    the program's code to), which is nearly always so (~7 ms for 170,000 objects);
+    otherwise by id (~20 ms)."""
 
     __slots__ = ("kinds", "distinct", "hashable")
 
@@ -244,6 +260,12 @@ class _Census:
             self.distinct = {id(kind): kind for kind in set(kinds)}
         else:
             self.distinct = dict(zip(map(id, kinds), kinds))
+
+    def count(self, keys: set[int]) -> int:
+        """How many objects have one of the types of ``keys`` (ids in ``distinct``)."""
+        if self.hashable:  # one pass in C per type (~2 ms), types compared by identity
+            return sum(self.kinds.count(self.distinct[key]) for key in keys if key in self.distinct)
+        return sum(self.chosen(keys))
 
     def chosen(self, keys: set[int]) -> Iterator[bool]:
         """For each object, whether its type is one of ``keys`` (ids in ``distinct``)."""
@@ -267,13 +289,12 @@ def _hashes_its_own_way(metaclass: type) -> bool:
         return True
 
 
-def _freeze_at_exit() -> bool:
-    """The rank's last atexit handler where its program ended well (registered before
-    the program ran, so it runs after the program's own): where the collector's last
-    passes would finalize nothing (``_would_finalize``), flush the files still open and
-    freeze every object, so that those passes skip them (see the module's docstring).
-    Otherwise, or where the files cannot be flushed so (no thread to be had), nothing is
-    frozen: the interpreter's whole exit then. Whether it froze them."""
+def _nothing_to_finalize() -> bool:
+    """In the rank's last atexit handler where its program ended well (registered before
+    the program ran, so it runs after the program's own): whether the collector's last
+    passes and the modules' teardown would finalize nothing (``_would_finalize``), and if
+    so, flush the files still open. False also where the files cannot be flushed so (no
+    thread to be had): the interpreter's whole exit then."""
     objects = census = None
     try:
         gc.unfreeze()
@@ -286,7 +307,6 @@ def _freeze_at_exit() -> bool:
         return False
     finally:
         objects = census = None
-    gc.freeze()
     return True
 
 
@@ -361,6 +381,27 @@ def _mapped_libraries() -> list[str]:
                        if len(field) == 6 and "x" in field[1] and not field[5].startswith("[") and field[5] != program})
 
 
+def _mpi_active(paths: list[str]) -> bool | None:
+    """Whether an MPI library among ``paths`` (``libmpi``, ``libmpich``) is initialized and
+    not finalized; None where one's state cannot be read."""
+    active = False
+    for path in paths:
+        if _library_name(path) not in ("libmpi", "libmpich"):
+            continue
+        try:
+            import ctypes
+
+            mpi = ctypes.CDLL(path)
+            initialized, finalized = ctypes.c_int(0), ctypes.c_int(0)
+            if mpi.MPI_Initialized(ctypes.byref(initialized)) != 0 or \
+                    mpi.MPI_Finalized(ctypes.byref(finalized)) != 0:
+                return None
+        except (ImportError, OSError, AttributeError):
+            return None
+        active = active or (bool(initialized.value) and not finalized.value)
+    return active
+
+
 def _mpi_left_to_native_exit(paths: list[str]) -> bool:
     """Whether an MPI library among ``paths`` is initialized and not finalized, and
     Python's exit may not finalize it. mpi4py finalizes (from ``Py_AtExit``, before the
@@ -371,22 +412,8 @@ def _mpi_left_to_native_exit(paths: list[str]) -> bool:
     where torch has one, the native exit runs. Where MPI's state cannot be read, it does too.
     Not told: MPI started by the program's own ``ctypes`` call before it imported mpi4py
     (mpi4py then leaves MPI alone, and no C handler would finalize it either)."""
-    import ctypes
-
-    active = False
-    for path in paths:
-        if _library_name(path) not in ("libmpi", "libmpich"):
-            continue
-        try:
-            mpi = ctypes.CDLL(path)
-            initialized, finalized = ctypes.c_int(0), ctypes.c_int(0)
-            if mpi.MPI_Initialized(ctypes.byref(initialized)) != 0 or \
-                    mpi.MPI_Finalized(ctypes.byref(finalized)) != 0:
-                return True
-        except (OSError, AttributeError):
-            return True
-        active = active or (bool(initialized.value) and not finalized.value)
-    return active and not _mpi4py_finalizes()
+    active = _mpi_active(paths)
+    return active is None or (active and not _mpi4py_finalizes())
 
 
 def _mpi4py_finalizes() -> bool:
@@ -408,7 +435,7 @@ def _mpi4py_finalizes() -> bool:
         return False
 
 
-def _end_at_native_exit() -> None:
+def _end_at_native_exit(paths: list[str]) -> None:
     """After Python's own exit has run in full (its modules torn down, ``Py_AtExit``'s
     functions such as mpi4py's ``MPI_Finalize`` called), end the process at once with the
     exit status: C's buffered streams are flushed and closed (``fcloseall``), then
@@ -422,7 +449,6 @@ def _end_at_native_exit() -> None:
     ``_exit`` reads the status and ``fcloseall`` nothing, which the x86-64 and AArch64
     calling conventions make safe."""
     try:
-        paths = _mapped_libraries()
         if _loud_libraries(paths) or _mpi_left_to_native_exit(paths):
             return
         import ctypes
@@ -436,12 +462,74 @@ def _end_at_native_exit() -> None:
         pass
 
 
+def _std_streams_flushed() -> int:
+    """Flush ``sys.stdout`` and ``sys.stderr`` as the interpreter's exit does: the exit
+    status it then gives, 120 where either could not be flushed, else 0."""
+    status = 0
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None and not stream.closed:
+                stream.flush()
+        except Exception:  # noqa: BLE001 - a closed or broken stream: python's exit says 120 too
+            status = 120
+    return status
+
+
+def _end_now(paths: list[str]) -> None:
+    """End the process here, in the last atexit handler, where the rest of Python's exit
+    would only free what the process's end frees anyway (see the module's docstring):
+    the bootstrap's handler runs last (``_RUNS_LAST``), every library mapped (``paths``)
+    is known to lose nothing (checked by the caller), and no MPI is left active but one
+    that mpi4py would finalize at Python's exit, which is finalized here instead (a rank
+    that never finalizes is a failed job to mpirun). Python's and C's streams are
+    flushed, and ``os._exit`` gives the status Python's exit would. Returns where it may
+    not end the process so, MPI's state cannot be read, or finalizing it failed."""
+    if not _RUNS_LAST:
+        return
+    try:
+        import ctypes
+
+        flush_c_streams = ctypes.CDLL(None).fflush
+        active = _mpi_active(paths)
+        if active and _mpi4py_finalizes():
+            sys.modules["mpi4py.MPI"].Finalize()
+            active = _mpi_active(paths)
+        if active is not False:
+            return
+    except Exception:  # noqa: BLE001 - no ctypes, no glibc, MPI's own error: Python's exit then
+        return
+    status = _std_streams_flushed()
+    flush_c_streams(None)
+    os._exit(status)
+
+
 def _at_exit() -> None:
-    """The rank's last atexit handler where its program ended well: the collector's last
-    passes skipped where they would finalize nothing (``_freeze_at_exit``), and then the
-    libraries' native exit handlers where they would lose nothing (``_end_at_native_exit``)."""
-    if _freeze_at_exit():
-        _end_at_native_exit()
+    """The rank's last atexit handler where its program ended well. Where nothing would
+    be finalized (``_nothing_to_finalize``, which flushes the open files): if every
+    library mapped is known to lose nothing without its exit handlers, the process ends
+    here where it may (``_end_now``); otherwise every object is frozen for the
+    collector's last passes, and the libraries' native exit handlers are skipped where
+    they may (``_end_at_native_exit``). The collector is off meanwhile: a collection set
+    off by what this handler allocates (reading the process's maps, importing ctypes)
+    would finalize some of what the freeze or the end keeps from it."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        try:
+            paths = _mapped_libraries()
+            quiet = not _loud_libraries(paths)
+        except Exception:  # noqa: BLE001 - no /proc: the native exit as usual
+            paths, quiet = [], False
+        if not _nothing_to_finalize():
+            return
+        if quiet:
+            _end_now(paths)
+        gc.freeze()
+        if quiet:
+            _end_at_native_exit(paths)
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def _standard_streams() -> list[object]:
@@ -600,11 +688,22 @@ def _new_main() -> types.ModuleType:
     return main
 
 
+def _exit_handlers() -> int | None:
+    """How many atexit handlers are registered (inherited from the worker in a fork, a
+    ``sitecustomize``'s); None where Python does not tell."""
+    try:
+        return atexit._ncallbacks()
+    except Exception:  # noqa: BLE001 - another Python's atexit: as if there were some
+        return None
+
+
 def _guarded(body: Callable[[], object]) -> None:
     """Run the program's ``body`` with the dump signal armed; return only when it ended
     well, leave the process at once otherwise (see the module's docstring)."""
+    global _RUNS_LAST
     faulthandler.register(dump_signal(), file=sys.stderr, all_threads=True, chain=False)
     if os.environ.get(FULL_EXIT) != "1":
+        _RUNS_LAST = _exit_handlers() == 0
         atexit.register(_at_exit)
     try:
         body()
