@@ -209,6 +209,61 @@ def test_the_gloo_rendezvous_answers_a_key_when_it_is_put(backend, monkeypatch):
         server.server_close()
 
 
+PMIX_OPTION = """import os, socket
+from mpi4py import MPI
+from distlaunch.rank import pmixlink
+
+
+def nodelay():  # TCP_NODELAY of each of this process's connections to its PMIx server
+    servers, found = pmixlink.server_addresses(os.environ), []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            duplicate = os.dup(int(name))
+        except OSError:
+            continue
+        try:
+            sock = socket.socket(fileno=duplicate)
+        except OSError:
+            os.close(duplicate)
+            continue
+        with sock:
+            try:
+                if tuple(sock.getpeername()[:2]) in servers:
+                    found.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            except OSError:
+                pass
+    return found
+
+
+before = nodelay()
+import distlaunch.hvd as hvd
+hvd.init()
+with open(os.path.join(os.environ["OUT_DIR"], f"nodelay-{hvd.rank()}"), "w") as said:
+    said.write(repr((before, nodelay())))
+hvd.shutdown()
+"""
+
+
+@pytest.mark.parametrize("launcher", ["distlaunch", "mpirun"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hvd_init_switches_nagle_off_on_the_ranks_pmix_connection(tmp_path, backend, launcher):
+    """Each rank's connection to its PMIx server (Open MPI's runtime, found from the
+    server's address in its environment) has Nagle's algorithm on once MPI started, and
+    off after ``hvd.init()``, under distlaunch and plain mpirun alike, so that MPI's
+    finalize does not wait for a delayed acknowledgement (``distlaunch.rank.pmixlink``)."""
+    from distlaunch.plan.mpi import Flavour, detect, find_mpirun
+
+    script = tmp_path / "pmix_option.py"
+    script.write_text(PMIX_OPTION)
+    result = run_job(tmp_path, backend, 2, str(script), launcher=launcher, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    pmix = detect(find_mpirun()).flavour is Flavour.OPENMPI  # MPICH's Hydra has no PMIx server: nothing to find
+    for rank in (0, 1):
+        before, after = eval((tmp_path / f"nodelay-{rank}").read_text())  # noqa: S307 - the script's own repr
+        assert (before and set(before) == {0}) if pmix else before == [], (rank, before)
+        assert after == [1] * len(before), (rank, after)
+
+
 @pytest.mark.parametrize("launcher", ["distlaunch", "mpirun"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_exception_mid_training_ends_the_job_fast(tmp_path, backend, launcher):

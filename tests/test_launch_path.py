@@ -3,6 +3,7 @@ leftover scan, collecting in one rsync, the environment lists, the wheel check a
 GPU inventory on a machine without a driver."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -493,6 +494,56 @@ def test_a_rank_whose_exit_handler_runs_last_ends_right_after_it(distlaunch, tmp
             assert {f.name: f.read_text() for f in out.iterdir() if f.name.endswith(f"-{rank}")} == expected, case
 
 
+PMIX_AT_EXIT = """import os, socket, sys
+from mpi4py import MPI
+from distlaunch.rank import pmixlink
+
+
+def options(servers=pmixlink.server_addresses(os.environ), os=os, socket=socket):
+    found = []  # TCP_NODELAY of each connection to the PMIx server
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            sock = socket.socket(fileno=os.dup(int(name)))
+        except OSError:
+            continue
+        with sock:
+            try:
+                if tuple(sock.getpeername()[:2]) in servers:
+                    found.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            except OSError:
+                pass
+    return found
+
+
+class Probe:  # a finalizer: the rank's whole exit, whose teardown runs it after every atexit handler
+    def __del__(self, options=options, path=os.path.join(sys.argv[1], f"nodelay-{MPI.COMM_WORLD.rank}"), open=open):
+        with open(path, "w") as said:
+            said.write(repr(options()))
+
+
+probe = Probe()
+"""
+
+
+def test_a_rank_that_ends_well_with_mpi_active_finalizes_it_without_nagle(distlaunch, tmp_path):
+    """Where MPI is still active when a rank's program ends well, the bootstrap's atexit
+    handler switches Nagle's algorithm off on the rank's connection to its PMIx server
+    before MPI is finalized (here by Python's exit, after the teardown that runs the
+    probe's ``__del__``); ``DISTLAUNCH_FULL_EXIT=1`` leaves it on."""
+    from distlaunch.plan.mpi import Flavour, detect, find_mpirun
+
+    (tmp_path / "probe.py").write_text(PMIX_AT_EXIT)
+    pmix = detect(find_mpirun()).flavour is Flavour.OPENMPI  # MPICH's Hydra has no PMIx server: nothing to find
+    for full in ("0", "1"):
+        out = tmp_path / f"full-{full}"
+        out.mkdir()
+        result = distlaunch("run", "--ppn", "2", "probe.py", str(out), env={"DISTLAUNCH_FULL_EXIT": full})
+        assert result.returncode == 0, result.stderr
+        for rank in (0, 1):
+            found = eval((out / f"nodelay-{rank}").read_text())  # noqa: S307 - the probe's own repr
+            assert found == ([1 if full == "0" else 0] if pmix else []), (full, rank)
+
+
 NATIVE_AT_EXIT = """import ctypes, os, sys
 out, mode = sys.argv[1], sys.argv[2]
 libc = ctypes.CDLL(None)
@@ -644,6 +695,41 @@ def test_the_exit_skips_the_last_passes_only_once_the_open_files_are_flushed(tmp
     finally:
         handle.close()
         packed.close()
+
+
+def test_nagle_goes_off_on_the_pmix_servers_connections_and_no_other_socket():
+    """``pmixlink.nodelay`` sets TCP_NODELAY on the process's TCP connections to the
+    server its ``PMIX_SERVER_URI*`` names, by the peer's address, and touches no other
+    socket (one to another port, a listening one, a UDP one); the URIs' TCP addresses
+    are read in either family, anything else in them is ignored."""
+    import socket
+
+    from distlaunch.rank import pmixlink
+
+    assert pmixlink.server_addresses({
+        "PMIX_SERVER_URI41": "prterun-node-1@0.0;tcp4://127.0.0.1:41719", "PMIX_SERVER_URI21": "x@0.0;tcp6://[::1]:5",
+        "PMIX_SERVER_URI3": "no address", "PMIX_SERVER_URI2": "x@0.0;tcp4://127.0.0.1:port",
+        "PMIX_SERVER_URI4": "x@0.0;usock://tmp/sock", "OTHER_URI": "x@0.0;tcp4://10.0.0.1:9"}) == \
+        {("127.0.0.1", 41719), ("::1", 5)}
+    with contextlib.ExitStack() as stack:
+        servers = [stack.enter_context(socket.create_server(("127.0.0.1", 0))) for _ in range(2)]
+        clients = [stack.enter_context(socket.create_connection(server.getsockname())) for server in servers]
+        accepted = [stack.enter_context(server.accept()[0]) for server in servers]
+        datagram = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        host, port = servers[0].getsockname()
+        env = {"PMIX_SERVER_URI41": f"prterun-node-1@0.0;tcp4://{host}:{port}"}
+        everyone = [*servers, *clients, *accepted, datagram]
+        descriptors = len(os.listdir("/proc/self/fd"))
+
+        def option(sock):
+            return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) if sock is not datagram else 0
+
+        assert [option(sock) for sock in everyone] == [0] * len(everyone)
+        assert pmixlink.nodelay(env) == 1
+        assert [option(sock) for sock in everyone] == [0, 0, 1, 0, 0, 0, 0]
+        assert pmixlink.nodelay({}) == 0 and pmixlink.nodelay({"PMIX_SERVER_URI4": "x@0.0;tcp4://127.0.0.1:1"}) == 0
+        assert all(sock.fileno() >= 0 for sock in everyone)  # every socket still open
+        assert len(os.listdir("/proc/self/fd")) == descriptors  # and no duplicate left behind
 
 
 def test_what_the_collectors_last_passes_would_finalize_is_told_by_type_and_generator_code():

@@ -113,6 +113,9 @@ def mpi_topology(info: RankInfo | None = None) -> tuple[Any, Topology]:
     WorldError when MPI sees another world than the launcher announced."""
     from mpi4py import MPI
 
+    from ..rank import pmixlink
+
+    pmixlink.nodelay()  # MPI's finalize at the end: 1-6 ms instead of 40-50
     world = MPI.COMM_WORLD
     if info is not None and world.size != info.size:
         library = MPI.Get_library_version().strip().splitlines()[0][:80]

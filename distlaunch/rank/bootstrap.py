@@ -503,8 +503,23 @@ def _end_now(paths: list[str]) -> None:
     os._exit(status)
 
 
+def _pmix_without_nagle(paths: list[str]) -> None:
+    """Where MPI is active (or its state cannot be read), so that a finalize is still to
+    come (here or in Python's exit), switch Nagle's algorithm off on the rank's
+    connection to its PMIx server: Open MPI's finalize then takes 1-6 ms, not 40-50
+    (``pmixlink``)."""
+    try:
+        if _mpi_active(paths) is not False:
+            from . import pmixlink
+
+            pmixlink.nodelay()
+    except Exception:  # noqa: BLE001, S110 - an option left as it was: a slower finalize, nothing else
+        pass
+
+
 def _at_exit() -> None:
-    """The rank's last atexit handler where its program ended well. Where nothing would
+    """The rank's last atexit handler where its program ended well. The finalize of an
+    MPI still active is made quicker (``_pmix_without_nagle``). Where nothing would
     be finalized (``_nothing_to_finalize``, which flushes the open files): if every
     library mapped is known to lose nothing without its exit handlers, the process ends
     here where it may (``_end_now``); otherwise every object is frozen for the
@@ -520,6 +535,7 @@ def _at_exit() -> None:
             quiet = not _loud_libraries(paths)
         except Exception:  # noqa: BLE001 - no /proc: the native exit as usual
             paths, quiet = [], False
+        _pmix_without_nagle(paths)
         if not _nothing_to_finalize():
             return
         if quiet:
