@@ -447,6 +447,9 @@ fd = os.open(os.path.join(out, f"callback-{rank}"), os.O_WRONLY | os.O_CREAT, 0o
 # a callback holding nothing of this module's (a lambda of its own would hold its globals, and so `held`)
 sys.distlaunch_test_watch = weakref.ref(held, eval("lambda _ref: write(fd, b'called')", {"write": os.write, "fd": fd}))
 atexit.register(lambda: open(os.path.join(out, f"atexit-{rank}"), "w").close())
+if os.environ.get("HELD_DAEMON"):  # a thread that could still write, or call MPI, after the bootstrap's handler
+    import threading, time
+    threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
 """
 SITE_AT_EXIT = """import atexit, os
 
@@ -464,12 +467,16 @@ if "SITE_OUT" in os.environ:
 @pytest.mark.parametrize("fork", ["1", "0"])
 def test_a_rank_whose_exit_handler_runs_last_ends_right_after_it(distlaunch, tmp_path, fork):
     """Where the bootstrap's atexit handler runs last (none was registered before the
-    program ran) and nothing would be finalized, the rank ends in it: its modules are
-    not torn down, so the weakref callback of an object only a module holds does not
-    run, where plain python runs it. The program's own atexit handlers run all the same.
-    Where another handler was registered first (a ``sitecustomize``'s, as coverage's
-    is), it runs too, and so does the rest of the exit, the teardown with it; and so it
-    does with ``DISTLAUNCH_FULL_EXIT=1``."""
+    program ran), nothing would be finalized, every library loaded is known to lose
+    nothing and no other thread runs, the rank ends in it: its modules are not torn
+    down, so the weakref callback of an object only a module holds does not run, where
+    plain python runs it. The program's own atexit handlers run all the same. Where
+    another handler was registered first (a ``sitecustomize``'s, as coverage's is), it
+    runs too, and so does the rest of the exit, the teardown with it; and so it does
+    where a daemon thread still runs, and with ``DISTLAUNCH_FULL_EXIT=1``."""
+    probe = "from distlaunch.rank import bootstrap as b; print(b._loud_libraries(b._mapped_libraries()))"
+    quiet = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                           check=True).stdout.strip() == "[]"  # else (an LD_PRELOAD, say) no rank ends early
     (tmp_path / "held.py").write_text(HELD_AT_EXIT)
     site = tmp_path / "sitepackage"
     site.mkdir()
@@ -481,17 +488,63 @@ def test_a_rank_whose_exit_handler_runs_last_ends_right_after_it(distlaunch, tmp
     assert {f.name: f.read_text() for f in plain.iterdir()} == {"atexit-0": "", "callback-0": "called"}
     pythonpath = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
     for case, env in (("fast", {}), ("full", {"DISTLAUNCH_FULL_EXIT": "1"}),
-                      ("site", {"PYTHONPATH": pythonpath})):
+                      ("site", {"PYTHONPATH": pythonpath}), ("daemon", {"HELD_DAEMON": "1"})):
         out = tmp_path / case
         out.mkdir()
         result = distlaunch("run", "--ppn", "2", "held.py", str(out),
                             env={"DISTLAUNCH_FORK_RANKS": fork, "SITE_OUT": str(out), **env})
         assert result.returncode == 0, (case, result.stderr)
         for rank in (0, 1):
-            expected = {f"atexit-{rank}": "", f"callback-{rank}": "" if case == "fast" else "called"}
+            expected = {f"atexit-{rank}": "", f"callback-{rank}": "" if case == "fast" and quiet else "called"}
             if case == "site":
                 expected[f"site-{rank}"] = ""
             assert {f.name: f.read_text() for f in out.iterdir() if f.name.endswith(f"-{rank}")} == expected, case
+
+
+KEPT_AT_EXIT = """import atexit, os, sys
+out, rank, mode = sys.argv[1], os.environ["RANK"], sys.argv[2]
+if mode == "tee":  # a stdout of the program's own, with no 'closed' (Python's exit takes it as open)
+    class Tee:
+        def __init__(self, path):
+            self.copy = open(path, "w")
+        def write(self, text):
+            sys.__stdout__.write(text)
+            return self.copy.write(text)
+        def flush(self):
+            self.copy.flush()
+    sys.stdout = Tee(os.path.join(out, f"tee-{rank}"))
+    print(f"teed by rank {rank}")
+elif mode == "device":  # a buffered file on the rank's output pipe, left open: only Python's exit flushes it
+    kept = open("/dev/stdout", "w")
+    kept.write(f"written to /dev/stdout by rank {rank}\\n")
+elif mode == "manual":  # the program runs the handlers itself, then goes on
+    atexit._run_exitfuncs()
+    open(os.path.join(out, f"after-{rank}"), "w").close()
+    sys.stdout.flush()
+    os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("fork", ["1", "0"])
+def test_a_rank_that_ends_in_its_exit_handler_keeps_what_python_would(distlaunch, tmp_path, fork):
+    """Whatever way the rank ends: a ``sys.stdout`` of the program's own without a
+    ``closed`` attribute is flushed and the rank exits 0, as under plain python; a file
+    left open for writing on the rank's output pipe is flushed by Python's exit (not
+    skipped); a program that runs the atexit handlers itself goes on afterwards."""
+    (tmp_path / "kept.py").write_text(KEPT_AT_EXIT)
+    for mode in ("tee", "device", "manual"):
+        out = tmp_path / mode
+        out.mkdir()
+        result = distlaunch("run", "--ppn", "2", "kept.py", str(out), mode, env={"DISTLAUNCH_FORK_RANKS": fork})
+        assert result.returncode == 0, (mode, result.stderr)
+        for rank in (0, 1):
+            if mode == "tee":
+                assert (out / f"tee-{rank}").read_text() == f"teed by rank {rank}\n"
+                assert f"teed by rank {rank}" in result.stdout
+            elif mode == "device":
+                assert f"written to /dev/stdout by rank {rank}" in result.stdout
+            else:
+                assert (out / f"after-{rank}").exists()
 
 
 PMIX_AT_EXIT = """import os, socket, sys
@@ -699,9 +752,11 @@ def test_the_exit_skips_the_last_passes_only_once_the_open_files_are_flushed(tmp
 
 def test_nagle_goes_off_on_the_pmix_servers_connections_and_no_other_socket():
     """``pmixlink.nodelay`` sets TCP_NODELAY on the process's TCP connections to the
-    server its ``PMIX_SERVER_URI*`` names, by the peer's address, and touches no other
-    socket (one to another port, a listening one, a UDP one); the URIs' TCP addresses
-    are read in either family, anything else in them is ignored."""
+    server its ``PMIX_SERVER_URI*`` names, by the peer's address in the kernel's socket
+    table, and touches no other socket (one to another port, a listening one, a UDP
+    one): none is made non-blocking by ``socket.setdefaulttimeout``, none is left open.
+    The URIs' TCP addresses are read in either family, anything else in them is ignored,
+    and the table's addresses (IPv4 mapped into IPv6 too) in this machine's byte order."""
     import socket
 
     from distlaunch.rank import pmixlink
@@ -709,8 +764,12 @@ def test_nagle_goes_off_on_the_pmix_servers_connections_and_no_other_socket():
     assert pmixlink.server_addresses({
         "PMIX_SERVER_URI41": "prterun-node-1@0.0;tcp4://127.0.0.1:41719", "PMIX_SERVER_URI21": "x@0.0;tcp6://[::1]:5",
         "PMIX_SERVER_URI3": "no address", "PMIX_SERVER_URI2": "x@0.0;tcp4://127.0.0.1:port",
+        "PMIX_SERVER_URI22": "x@0.0;tcp4://node1:7", "PMIX_SERVER_URI23": "x@0.0;tcp4://127.0.0.1:\u00b2",
         "PMIX_SERVER_URI4": "x@0.0;usock://tmp/sock", "OTHER_URI": "x@0.0;tcp4://10.0.0.1:9"}) == \
         {("127.0.0.1", 41719), ("::1", 5)}
+    mapped = socket.inet_pton(socket.AF_INET6, "::ffff:127.0.0.1")
+    words = "".join(f"{int.from_bytes(mapped[i:i + 4], sys.byteorder):08X}" for i in range(0, 16, 4))
+    assert pmixlink._peer(f"{words}:8A85") == ("127.0.0.1", 0x8A85)
     with contextlib.ExitStack() as stack:
         servers = [stack.enter_context(socket.create_server(("127.0.0.1", 0))) for _ in range(2)]
         clients = [stack.enter_context(socket.create_connection(server.getsockname())) for server in servers]
@@ -719,17 +778,23 @@ def test_nagle_goes_off_on_the_pmix_servers_connections_and_no_other_socket():
         host, port = servers[0].getsockname()
         env = {"PMIX_SERVER_URI41": f"prterun-node-1@0.0;tcp4://{host}:{port}"}
         everyone = [*servers, *clients, *accepted, datagram]
-        descriptors = len(os.listdir("/proc/self/fd"))
+        descriptors = sorted(os.listdir("/proc/self/fd"))
 
         def option(sock):
             return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) if sock is not datagram else 0
 
         assert [option(sock) for sock in everyone] == [0] * len(everyone)
-        assert pmixlink.nodelay(env) == 1
+        blocking = [os.get_blocking(sock.fileno()) for sock in everyone]
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(5.0)  # what a Python socket made on a descriptor would apply to it
+        try:
+            assert pmixlink.nodelay(env) == 1
+        finally:
+            socket.setdefaulttimeout(previous)
         assert [option(sock) for sock in everyone] == [0, 0, 1, 0, 0, 0, 0]
+        assert [os.get_blocking(sock.fileno()) for sock in everyone] == blocking
         assert pmixlink.nodelay({}) == 0 and pmixlink.nodelay({"PMIX_SERVER_URI4": "x@0.0;tcp4://127.0.0.1:1"}) == 0
-        assert all(sock.fileno() >= 0 for sock in everyone)  # every socket still open
-        assert len(os.listdir("/proc/self/fd")) == descriptors  # and no duplicate left behind
+        assert sorted(os.listdir("/proc/self/fd")) == descriptors  # nothing opened, nothing closed
 
 
 def test_what_the_collectors_last_passes_would_finalize_is_told_by_type_and_generator_code():

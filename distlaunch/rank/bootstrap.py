@@ -35,15 +35,19 @@ for ``python -c`` and ``python -m`` ranks of the launcher's own Python (``run``,
   then ends as soon as Python's exit is over, without the native libraries' exit
   handlers (``_end_at_native_exit``: 70-80 ms with torch loaded). Where, on top of
   that, its last atexit handler is the bootstrap's (none was registered before the
-  program ran: no ``sitecustomize``'s, no coverage's), it ends right after it, without
-  the rest of Python's exit either (``_end_now``): the standard streams and C's are
-  flushed, MPI that mpi4py would finalize is finalized (as late as Python's exit
-  would, but with every module still there), and then ``os._exit``. Nothing is
-  frozen then, and the modules are not torn down (about 15 ms with torch and
-  ``distlaunch.hvd`` loaded): what else differs is that the weakref callbacks and C
-  deallocations of the objects the modules still hold do not happen either, as for
-  those in a cycle above. ``DISTLAUNCH_FULL_EXIT=1`` (read when the rank starts) keeps
-  them all;
+  program ran: no ``sitecustomize``'s, no coverage's) and no other thread may still run
+  Python code, it ends right in that handler, without the rest of Python's exit
+  (``_end_now``): the standard streams are flushed as Python's exit flushes them, MPI
+  that mpi4py would finalize is finalized (as late as Python's exit would, but with
+  every module still there), C's streams are flushed, and then ``os._exit``. A file
+  left open for writing on a pipe or a device, which only Python's exit would flush,
+  keeps the whole exit. Nothing is frozen then, and the modules are not torn down
+  (about 15 ms with torch and ``distlaunch.hvd`` loaded): what else differs is that the
+  weakref callbacks and C deallocations of the objects the modules still hold do not
+  happen either, as for those in a cycle above. Before any MPI is finalized, Nagle's
+  algorithm goes off on the rank's connection to its PMIx server (``pmixlink``: 40 ms
+  of Open MPI 5's finalize). ``DISTLAUNCH_FULL_EXIT=1`` (read when the rank starts)
+  keeps them all;
 - nothing else: ``sys.argv``, ``sys.path[0]`` and ``__main__`` look as they would.
 """
 from __future__ import annotations
@@ -76,6 +80,7 @@ _START_PATH = sys.path[:] if getattr(sys.flags, "safe_path", False) else sys.pat
 _start_new_thread, _allocate_lock = _thread.start_new_thread, _thread.allocate_lock  # as started, not patched
 FLUSH_WAIT_S = 5.0  # how long a failing rank waits at most for its open files to be flushed
 _RUNS_LAST = False  # whether _at_exit was the first atexit handler registered (so it runs last)
+_FLUSH_THREADS: set[int] = set()  # the flush threads that are done (ending, if not gone yet)
 
 
 def _stdlib(name: str) -> types.ModuleType:
@@ -136,7 +141,7 @@ def _user_frames(exc: BaseException) -> BaseException:
     return exc.with_traceback(tb)  # None: a script that did not compile shows no frame, as with python
 
 
-def _flush_files(objects: list[object] | None = None, census: _Census | None = None) -> None:
+def _flush_files(objects: list[object] | None = None, census: _Census | None = None) -> bool:
     """Flush the files the program left open for writing, as the interpreter's exit
     would have by closing them (``os._exit`` skips it; a crashing program's own log
     would end before its last lines).
@@ -159,7 +164,10 @@ def _flush_files(objects: list[object] | None = None, census: _Census | None = N
     - Not the standard streams, which are flushed on their own.
     - ``objects``: what ``gc.get_objects()`` gave a caller that unfroze them already;
       ``census``: their types (``_census``), where the caller has them (one pass over
-      170,000 objects reads each object's header: ~10 ms, not worth doing twice)."""
+      170,000 objects reads each object's header: ~10 ms, not worth doing twice).
+
+    Whether a file is left that only Python's exit would flush: open for writing on a
+    pipe, a terminal or a device (``/dev/stdout``), or not told in time."""
     if objects is None:
         gc.unfreeze()
         objects = gc.get_objects()
@@ -171,16 +179,20 @@ def _flush_files(objects: list[object] | None = None, census: _Census | None = N
     streams = {id(stream) for stream in standard}
     listed = {id(stream) for stream in standard if id(type(stream)) in files and gc.is_tracked(stream)}
     if census.count(files) == len(listed):  # those files are the standard streams (tracked: listed)
-        return
+        return False
     found = [weakref.ref(obj) for obj in itertools.compress(objects, census.chosen(files)) if id(obj) not in streams]
     del objects, census
     if not found:
-        return
+        return False
     found.sort(key=lambda ref: not issubclass(type(ref()), io.TextIOWrapper))
     done = _allocate_lock()
     done.acquire()
-    _start_new_thread(_flush_each, (found, done))
-    done.acquire(timeout=FLUSH_WAIT_S)
+    left: list[bool] = []
+    ident = _start_new_thread(_flush_each, (found, done, left))
+    if not done.acquire(timeout=FLUSH_WAIT_S):
+        return True
+    _FLUSH_THREADS.add(ident)  # done: it only returns now
+    return bool(left)
 
 
 # io types whose objects lose nothing where the collector's last passes skip them: text
@@ -294,15 +306,15 @@ def _nothing_to_finalize() -> bool:
     the program ran, so it runs after the program's own): whether the collector's last
     passes and the modules' teardown would finalize nothing (``_would_finalize``), and if
     so, flush the files still open. False also where the files cannot be flushed so (no
-    thread to be had): the interpreter's whole exit then."""
+    thread to be had, a file open for writing on a pipe or a device): the interpreter's
+    whole exit then."""
     objects = census = None
     try:
         gc.unfreeze()
         objects = gc.get_objects()
         census = _census(objects)
-        if _would_finalize(objects, census):
+        if _would_finalize(objects, census) or _flush_files(objects, census):
             return False
-        _flush_files(objects, census)
     except Exception:  # noqa: BLE001 - no thread, no memory: the exit as python's own
         return False
     finally:
@@ -417,9 +429,11 @@ def _mpi_left_to_native_exit(paths: list[str]) -> bool:
 
 
 def _mpi4py_finalizes() -> bool:
-    """Whether mpi4py, loaded, will finalize the MPI that is active now at Python's exit:
-    it initialized MPI at its import (where MPI was active before, it leaves it to whoever
-    started it), with its ``finalize`` option on (``None``: as ``initialize``)."""
+    """Whether mpi4py, loaded, is to finalize the MPI that is active now at Python's exit:
+    its ``finalize`` option is on (``None``: as ``initialize``), and torch has no MPI
+    process group. Not told: where MPI was active before mpi4py's import, mpi4py leaves
+    it to whoever started it, though its option says otherwise (the bootstrap's end
+    then finalizes it, where the native exit would leave it unfinalized)."""
     if "mpi4py.MPI" not in sys.modules:
         return False
     rc = getattr(sys.modules.get("mpi4py"), "rc", None)
@@ -462,16 +476,42 @@ def _end_at_native_exit(paths: list[str]) -> None:
         pass
 
 
+def _is_closed(stream: object) -> bool:
+    """A stream's ``closed``, read as Python's exit reads it: open where it cannot be told."""
+    try:
+        return bool(stream.closed)  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - no such attribute (a tee of the program's), or it raised
+        return False
+
+
 def _std_streams_flushed() -> int:
-    """Flush ``sys.stdout`` and ``sys.stderr`` as the interpreter's exit does: the exit
-    status it then gives, 120 where either could not be flushed, else 0."""
+    """Flush the standard streams as the interpreter's exit does: ``sys.stdout`` (a
+    failure reported as an exception ignored) and ``sys.stderr``, where not closed; the
+    originals (``sys.__stdout__``, ``sys.__stderr__``) too where the program replaced
+    them, as the exit's teardown closes them. The exit status Python then gives: 120
+    where ``sys.stdout`` or ``sys.stderr`` could not be flushed, else 0."""
     status = 0
-    for stream in (sys.stdout, sys.stderr):
+    for stream, report in ((sys.stdout, True), (sys.stderr, False)):
+        if stream is None or _is_closed(stream):
+            continue
         try:
-            if stream is not None and not stream.closed:
-                stream.flush()
-        except Exception:  # noqa: BLE001 - a closed or broken stream: python's exit says 120 too
+            stream.flush()
+        except Exception as exc:  # noqa: BLE001 - python's exit says 120 too
             status = 120
+            if report:
+                try:  # as Python reports it (its hook's argument type cannot be made from Python)
+                    lines = _stdlib("traceback").format_exception(type(exc), exc, exc.__traceback__)
+                    sys.stderr.write(f"Exception ignored in: {stream!r}\n{''.join(lines)}")
+                    sys.stderr.flush()
+                except Exception:  # noqa: BLE001, S110 - nothing left to report it on
+                    pass
+    for original in (sys.__stdout__, sys.__stderr__):
+        if original is not None and original is not sys.stdout and original is not sys.stderr \
+                and not _is_closed(original):
+            try:
+                original.flush()
+            except Exception:  # noqa: BLE001, S110 - as the teardown's close: ignored
+                pass
     return status
 
 
@@ -481,24 +521,29 @@ def _end_now(paths: list[str]) -> None:
     the bootstrap's handler runs last (``_RUNS_LAST``), every library mapped (``paths``)
     is known to lose nothing (checked by the caller), and no MPI is left active but one
     that mpi4py would finalize at Python's exit, which is finalized here instead (a rank
-    that never finalizes is a failed job to mpirun). Python's and C's streams are
+    that never finalizes is a failed job to mpirun), and no other thread (but a flush
+    thread that is done) may still run Python code. Python's and C's streams are
     flushed, and ``os._exit`` gives the status Python's exit would. Returns where it may
     not end the process so, MPI's state cannot be read, or finalizing it failed."""
-    if not _RUNS_LAST:
-        return
+    if not _RUNS_LAST or set(sys._current_frames()) - _FLUSH_THREADS != {_thread.get_ident()}:
+        return  # another thread may still run Python code: its writes, its MPI calls, until Python's exit
     try:
         import ctypes
 
         flush_c_streams = ctypes.CDLL(None).fflush
         active = _mpi_active(paths)
-        if active and _mpi4py_finalizes():
-            sys.modules["mpi4py.MPI"].Finalize()
-            active = _mpi_active(paths)
-        if active is not False:
+        if active and not _mpi4py_finalizes():
             return
-    except Exception:  # noqa: BLE001 - no ctypes, no glibc, MPI's own error: Python's exit then
+    except Exception:  # noqa: BLE001 - no ctypes, no glibc: Python's exit then
         return
-    status = _std_streams_flushed()
+    status = _std_streams_flushed()  # before MPI's finalize, as Python's exit
+    if active:
+        try:
+            sys.modules["mpi4py.MPI"].Finalize()
+            if _mpi_active(paths) is not False:
+                return
+        except Exception:  # noqa: BLE001 - MPI's own error: Python's exit then
+            return
     flush_c_streams(None)
     os._exit(status)
 
@@ -526,7 +571,10 @@ def _at_exit() -> None:
     collector's last passes, and the libraries' native exit handlers are skipped where
     they may (``_end_at_native_exit``). The collector is off meanwhile: a collection set
     off by what this handler allocates (reading the process's maps, importing ctypes)
-    would finalize some of what the freeze or the end keeps from it."""
+    would finalize some of what the freeze or the end keeps from it. Called by the
+    program itself (``atexit._run_exitfuncs()``), it does nothing."""
+    if sys._getframe().f_back is not None:  # called by the program (atexit._run_exitfuncs): not the exit
+        return
     collecting = gc.isenabled()
     gc.disable()
     try:
@@ -563,16 +611,19 @@ def _standard_streams() -> list[object]:
     return found
 
 
-def _flush_each(handles: list[weakref.ref[io.IOBase]], done: _thread.LockType) -> None:
+def _flush_each(handles: list[weakref.ref[io.IOBase]], done: _thread.LockType, left: list[bool]) -> None:
     """In the flush thread: flush each of ``handles`` (still there) that is open for
-    writing on a regular file, then release ``done``."""
+    writing on a regular file, note in ``left`` one open for writing on anything else,
+    then release ``done``."""
     try:
         for ref in handles:
             handle = ref()
             try:
-                if handle is not None and not handle.closed and handle.writable() and \
-                        stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-                    handle.flush()
+                if handle is not None and not handle.closed and handle.writable():
+                    if stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                        handle.flush()
+                    else:
+                        left.append(True)
             except BaseException:  # noqa: BLE001 - detached, closed meanwhile, a disk full
                 continue
             finally:
