@@ -704,8 +704,9 @@ def test_a_failing_fork_of_a_rank_leaves_though_a_file_lock_is_held_for_ever(dis
 
 def test_a_failing_ranks_flush_leaves_pipes_alone(tmp_path):
     """What a failing rank flushes are the regular files open for writing: text pending
-    for a pipe stays where it is (its reader may be gone or slow), a file's is written;
-    the pipe is noted as left to Python's exit (a rank that ends well takes it then)."""
+    for a pipe stays where it is (its reader may be gone or slow), a file's is written, and
+    so is /dev/null's (nothing can block there); the pipe is noted as left to Python's
+    exit (a rank that ends well takes it then)."""
     import _thread
     import weakref
 
@@ -716,18 +717,25 @@ def test_a_failing_ranks_flush_leaves_pipes_alone(tmp_path):
     pipe = open(write_end, "w")
     regular = open(tmp_path / "regular.txt", "w")
     reader = open(tmp_path / "regular.txt")
+    null = open(os.devnull, "w")
     done = _thread.allocate_lock()
     done.acquire()
     try:
         pipe.write("pending for the pipe")
         regular.write("pending for the file")
+        null.write("pending for nothing")
         left = []
+        bootstrap._flush_each([weakref.ref(null), weakref.ref(regular), weakref.ref(reader)], done, left)
+        assert not done.locked() and left == []
+        assert [bootstrap._is_null(os.fstat(handle.fileno())) for handle in (null, pipe, regular)] == \
+            [True, False, False]
+        done.acquire()
         bootstrap._flush_each([weakref.ref(pipe), weakref.ref(regular), weakref.ref(reader)], done, left)
         assert not done.locked() and left == [True]
         with pytest.raises(BlockingIOError):
             os.read(read_end, 100)
         assert (tmp_path / "regular.txt").read_text() == "pending for the file"
     finally:
-        for handle in (pipe, regular, reader):
+        for handle in (pipe, regular, reader, null):
             handle.close()
         os.close(read_end)

@@ -754,9 +754,10 @@ def test_nagle_goes_off_on_the_pmix_servers_connections_and_no_other_socket():
     """``pmixlink.nodelay`` sets TCP_NODELAY on the process's TCP connections to the
     server its ``PMIX_SERVER_URI*`` names, by the peer's address in the kernel's socket
     table, and touches no other socket (one to another port, a listening one, a UDP
-    one): none is made non-blocking by ``socket.setdefaulttimeout``, none is left open.
-    The URIs' TCP addresses are read in either family, anything else in them is ignored,
-    and the table's addresses (IPv4 mapped into IPv6 too) in this machine's byte order."""
+    one): none is made non-blocking by ``socket.setdefaulttimeout``, none is opened or
+    closed. The URIs' TCP addresses are read in either family (without a scope), anything
+    else in them is ignored, and a peer's address as C's ``getpeername`` writes it (an
+    IPv4 address mapped into IPv6 as IPv4)."""
     import socket
 
     from distlaunch.rank import pmixlink
@@ -765,11 +766,13 @@ def test_nagle_goes_off_on_the_pmix_servers_connections_and_no_other_socket():
         "PMIX_SERVER_URI41": "prterun-node-1@0.0;tcp4://127.0.0.1:41719", "PMIX_SERVER_URI21": "x@0.0;tcp6://[::1]:5",
         "PMIX_SERVER_URI3": "no address", "PMIX_SERVER_URI2": "x@0.0;tcp4://127.0.0.1:port",
         "PMIX_SERVER_URI22": "x@0.0;tcp4://node1:7", "PMIX_SERVER_URI23": "x@0.0;tcp4://127.0.0.1:\u00b2",
-        "PMIX_SERVER_URI4": "x@0.0;usock://tmp/sock", "OTHER_URI": "x@0.0;tcp4://10.0.0.1:9"}) == \
-        {("127.0.0.1", 41719), ("::1", 5)}
-    mapped = socket.inet_pton(socket.AF_INET6, "::ffff:127.0.0.1")
-    words = "".join(f"{int.from_bytes(mapped[i:i + 4], sys.byteorder):08X}" for i in range(0, 16, 4))
-    assert pmixlink._peer(f"{words}:8A85") == ("127.0.0.1", 0x8A85)
+        "PMIX_SERVER_URI4": "x@0.0;usock://tmp/sock", "OTHER_URI": "x@0.0;tcp4://10.0.0.1:9",
+        "PMIX_SERVER_URI42": "x@0.0;tcp6://[fe80::1%eth0]:7"}) == {("127.0.0.1", 41719), ("::1", 5), ("fe80::1", 7)}
+    family6 = socket.AF_INET6.to_bytes(2, sys.byteorder)
+    mapped = family6 + (41719).to_bytes(2, "big") + bytes(4) + socket.inet_pton(socket.AF_INET6, "::ffff:127.0.0.1")
+    assert pmixlink._address(mapped + bytes(4)) == ("127.0.0.1", 41719)
+    assert pmixlink._address(family6 + bytes(6) + bytes(15) + b"\x01" + bytes(4)) == ("::1", 0)
+    assert pmixlink._address(socket.AF_UNIX.to_bytes(2, sys.byteorder) + b"/tmp/x") is None
     with contextlib.ExitStack() as stack:
         servers = [stack.enter_context(socket.create_server(("127.0.0.1", 0))) for _ in range(2)]
         clients = [stack.enter_context(socket.create_connection(server.getsockname())) for server in servers]

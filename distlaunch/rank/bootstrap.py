@@ -24,8 +24,9 @@ for ``python -c`` and ``python -m`` ranks of the launcher's own Python (``run``,
   inherited: a gzip file's close, a generator's ``finally``) but plain files, sockets and
   generators that close quietly (``_would_finalize``), the regular files left open are
   flushed as above and every object is frozen (``gc.freeze``), so the exit does not walk
-  them again; otherwise (or where no thread can be started for the flush) nothing is
-  frozen. With torch loaded those passes took about 0.24 s of every rank's exit
+  them again; otherwise (or where no thread can be started for the flush, or a file is
+  left open for writing on a pipe or a device, which only Python's exit flushes)
+  nothing is frozen. With torch loaded those passes took about 0.24 s of every rank's exit
   (170,000 objects; one full collection takes 65 ms). What still differs from python's
   own exit, which Python does not promise either: the weakref callbacks
   of an object in a reference cycle at exit, the deallocation of a C type's object held
@@ -81,6 +82,7 @@ _start_new_thread, _allocate_lock = _thread.start_new_thread, _thread.allocate_l
 FLUSH_WAIT_S = 5.0  # how long a failing rank waits at most for its open files to be flushed
 _RUNS_LAST = False  # whether _at_exit was the first atexit handler registered (so it runs last)
 _FLUSH_THREADS: set[int] = set()  # the flush threads that are done (ending, if not gone yet)
+_MAIN_THREAD = _thread.get_ident()  # the thread that runs the program, and then the interpreter's exit
 
 
 def _stdlib(name: str) -> types.ModuleType:
@@ -167,7 +169,7 @@ def _flush_files(objects: list[object] | None = None, census: _Census | None = N
       170,000 objects reads each object's header: ~10 ms, not worth doing twice).
 
     Whether a file is left that only Python's exit would flush: open for writing on a
-    pipe, a terminal or a device (``/dev/stdout``), or not told in time."""
+    pipe, a terminal or a device but ``/dev/null`` (``/dev/stdout``), or not told in time."""
     if objects is None:
         gc.unfreeze()
         objects = gc.get_objects()
@@ -430,10 +432,11 @@ def _mpi_left_to_native_exit(paths: list[str]) -> bool:
 
 def _mpi4py_finalizes() -> bool:
     """Whether mpi4py, loaded, is to finalize the MPI that is active now at Python's exit:
-    its ``finalize`` option is on (``None``: as ``initialize``), and torch has no MPI
-    process group. Not told: where MPI was active before mpi4py's import, mpi4py leaves
-    it to whoever started it, though its option says otherwise (the bootstrap's end
-    then finalizes it, where the native exit would leave it unfinalized)."""
+    its ``finalize`` option is on (``None``: as ``initialize``), and torch was not built
+    with MPI (its MPI process group would start MPI in C++). Not told: where MPI was
+    active before mpi4py's import, mpi4py leaves it to whoever started it, though its
+    option says otherwise (the bootstrap's end then finalizes it, where the native exit
+    would leave it unfinalized)."""
     if "mpi4py.MPI" not in sys.modules:
         return False
     rc = getattr(sys.modules.get("mpi4py"), "rc", None)
@@ -496,21 +499,21 @@ def _std_streams_flushed() -> int:
             continue
         try:
             stream.flush()
-        except Exception as exc:  # noqa: BLE001 - python's exit says 120 too
+        except BaseException as exc:  # noqa: BLE001 - python's exit says 120 too
             status = 120
             if report:
                 try:  # as Python reports it (its hook's argument type cannot be made from Python)
-                    lines = _stdlib("traceback").format_exception(type(exc), exc, exc.__traceback__)
-                    sys.stderr.write(f"Exception ignored in: {stream!r}\n{''.join(lines)}")
+                    said = "".join(_stdlib("traceback").format_exception_only(type(exc), exc))
+                    sys.stderr.write(f"Exception ignored in: {stream!r}\n{said}")
                     sys.stderr.flush()
-                except Exception:  # noqa: BLE001, S110 - nothing left to report it on
+                except BaseException:  # noqa: BLE001, S110 - nothing left to report it on
                     pass
     for original in (sys.__stdout__, sys.__stderr__):
         if original is not None and original is not sys.stdout and original is not sys.stderr \
                 and not _is_closed(original):
             try:
                 original.flush()
-            except Exception:  # noqa: BLE001, S110 - as the teardown's close: ignored
+            except BaseException:  # noqa: BLE001, S110 - as the teardown's close: ignored
                 pass
     return status
 
@@ -521,18 +524,19 @@ def _end_now(paths: list[str]) -> None:
     the bootstrap's handler runs last (``_RUNS_LAST``), every library mapped (``paths``)
     is known to lose nothing (checked by the caller), and no MPI is left active but one
     that mpi4py would finalize at Python's exit, which is finalized here instead (a rank
-    that never finalizes is a failed job to mpirun), and no other thread (but a flush
-    thread that is done) may still run Python code. Python's and C's streams are
+    that never finalizes is a failed job to mpirun), and no other thread Python started
+    is alive (but a flush thread that is done) nor runs Python code. Python's and C's streams are
     flushed, and ``os._exit`` gives the status Python's exit would. Returns where it may
     not end the process so, MPI's state cannot be read, or finalizing it failed."""
-    if not _RUNS_LAST or set(sys._current_frames()) - _FLUSH_THREADS != {_thread.get_ident()}:
+    if not _RUNS_LAST or _thread._count() > len(_FLUSH_THREADS) or \
+            set(sys._current_frames()) - _FLUSH_THREADS != {_thread.get_ident()}:
         return  # another thread may still run Python code: its writes, its MPI calls, until Python's exit
     try:
         import ctypes
 
         flush_c_streams = ctypes.CDLL(None).fflush
         active = _mpi_active(paths)
-        if active and not _mpi4py_finalizes():
+        if active is None or (active and not _mpi4py_finalizes()):
             return
     except Exception:  # noqa: BLE001 - no ctypes, no glibc: Python's exit then
         return
@@ -573,8 +577,8 @@ def _at_exit() -> None:
     off by what this handler allocates (reading the process's maps, importing ctypes)
     would finalize some of what the freeze or the end keeps from it. Called by the
     program itself (``atexit._run_exitfuncs()``), it does nothing."""
-    if sys._getframe().f_back is not None:  # called by the program (atexit._run_exitfuncs): not the exit
-        return
+    if sys._getframe().f_back is not None or _thread.get_ident() != _MAIN_THREAD:
+        return  # called by the program (atexit._run_exitfuncs), in any thread: not the exit
     collecting = gc.isenabled()
     gc.disable()
     try:
@@ -611,16 +615,28 @@ def _standard_streams() -> list[object]:
     return found
 
 
+def _is_null(status: os.stat_result) -> bool:
+    """Whether ``status`` is ``/dev/null``'s (a write there never blocks)."""
+    if not stat.S_ISCHR(status.st_mode):
+        return False
+    try:
+        null = os.stat(os.devnull)
+    except OSError:
+        return False
+    return stat.S_ISCHR(null.st_mode) and null.st_rdev == status.st_rdev
+
+
 def _flush_each(handles: list[weakref.ref[io.IOBase]], done: _thread.LockType, left: list[bool]) -> None:
     """In the flush thread: flush each of ``handles`` (still there) that is open for
-    writing on a regular file, note in ``left`` one open for writing on anything else,
-    then release ``done``."""
+    writing on a regular file or ``/dev/null``, note in ``left`` one open for writing on
+    anything else (a pipe, a terminal), then release ``done``."""
     try:
         for ref in handles:
             handle = ref()
             try:
                 if handle is not None and not handle.closed and handle.writable():
-                    if stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                    status = os.fstat(handle.fileno())
+                    if stat.S_ISREG(status.st_mode) or _is_null(status):
                         handle.flush()
                     else:
                         left.append(True)
@@ -767,9 +783,10 @@ def _exit_handlers() -> int | None:
 def _guarded(body: Callable[[], object]) -> None:
     """Run the program's ``body`` with the dump signal armed; return only when it ended
     well, leave the process at once otherwise (see the module's docstring)."""
-    global _RUNS_LAST
+    global _RUNS_LAST, _MAIN_THREAD
     faulthandler.register(dump_signal(), file=sys.stderr, all_threads=True, chain=False)
     if os.environ.get(FULL_EXIT) != "1":
+        _MAIN_THREAD = _thread.get_ident()
         _RUNS_LAST = _exit_handlers() == 0
         atexit.register(_at_exit)
     try:

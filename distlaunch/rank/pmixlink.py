@@ -9,21 +9,21 @@ switches the algorithm off on this process's connections to the server named in
 instead of 42-49 ms. Nothing else changes: PMIx frames its own messages, only their
 packets go out sooner.
 
-The connections are found without touching any socket: the kernel's table of this
-network namespace's TCP sockets (``/proc/self/net/tcp``, ``tcp6``) gives each one's peer
-and inode, and ``/proc/self/fd`` says which inodes are this process's. The option is then
-set with C's ``setsockopt`` on the descriptor itself: wrapping it in a Python socket
-would apply ``socket.setdefaulttimeout``'s non-blocking mode to it (Linux with glibc).
+The connections are found and changed through C's socket calls on this process's own
+descriptors (``getsockopt``, ``getpeername``, ``setsockopt``: Linux with glibc), among
+those ``/proc/self/fd`` shows as sockets: wrapping one in a Python socket would apply
+``socket.setdefaulttimeout``'s non-blocking mode to it, and the kernel's table of TCP
+sockets (``/proc/net/tcp``) lists the whole host's, not this process's.
 """
 from __future__ import annotations
 
+import _socket  # its constants only: the socket module's classes are not used
 import ipaddress
 import os
 import sys
 from collections.abc import Mapping
 
 URI_PREFIX = "PMIX_SERVER_URI"  # PMIX_SERVER_URI4, ...41, ...3, ...2, ...21: the same server, per protocol version
-IPPROTO_TCP, TCP_NODELAY = 6, 1  # Linux's numbers (netinet/in.h, netinet/tcp.h)
 
 
 def server_addresses(environ: Mapping[str, str]) -> set[tuple[str, int]]:
@@ -40,44 +40,53 @@ def server_addresses(environ: Mapping[str, str]) -> set[tuple[str, int]]:
             if not (sep and colon and scheme in ("tcp", "tcp4", "tcp6") and port.isascii() and port.isdigit()):
                 continue
             try:
-                found.add((str(ipaddress.ip_address(host.strip("[]"))), int(port)))
+                address = ipaddress.ip_address(host.strip("[]").partition("%")[0])  # no scope: getpeername has none
             except ValueError:  # a name, not an address: PMIx writes addresses
                 continue
+            found.add((str(address), int(port)))
     return found
 
 
-def _peer(field: str) -> tuple[str, int]:
-    """A ``/proc/net/tcp`` address field (``0100007F:A2A7``: the address's 32-bit words in
-    this machine's byte order, then the port) as (host, port)."""
-    words, _, port = field.partition(":")  # well formed: the kernel writes it
-    raw = b"".join(int(words[i:i + 8], 16).to_bytes(4, sys.byteorder) for i in range(0, len(words), 8))
-    address = ipaddress.ip_address(raw)
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return str(address), int(port, 16)
+def _address(raw: bytes) -> tuple[str, int] | None:
+    """A ``sockaddr`` as ``getpeername`` fills it, as (host, port): IPv4, or IPv6 (an
+    IPv4 address mapped into it as IPv4, without a scope); None for any other family."""
+    family = int.from_bytes(raw[:2], sys.byteorder)
+    if family == _socket.AF_INET and len(raw) >= 8:
+        return str(ipaddress.IPv4Address(raw[4:8])), int.from_bytes(raw[2:4], "big")
+    if family == _socket.AF_INET6 and len(raw) >= 24:
+        address = ipaddress.IPv6Address(raw[8:24])
+        return str(address.ipv4_mapped or address), int.from_bytes(raw[2:4], "big")
+    return None
 
 
 def connections_to(servers: set[tuple[str, int]]) -> list[int]:
-    """This process's descriptors of TCP sockets whose peer is one of ``servers``."""
-    inodes: dict[str, list[int]] = {}
-    for name in os.listdir("/proc/self/fd"):
+    """This process's descriptors of connected TCP (stream) sockets whose peer is one of
+    ``servers``; none where ``/proc`` or glibc is not there."""
+    import ctypes
+
+    try:
+        names = os.listdir("/proc/self/fd")
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return []
+    raw = ctypes.create_string_buffer(128)
+    length = ctypes.c_uint32()
+    kind = ctypes.c_int()
+    kind_length = ctypes.c_uint32()
+    found = []
+    for name in names:
         try:
-            link = os.readlink(f"/proc/self/fd/{name}")
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                continue
         except OSError:  # closed meanwhile
             continue
-        if link.startswith("socket:[") and name.isdigit():
-            inodes.setdefault(link[8:-1], []).append(int(name))
-    found = []
-    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
-        try:
-            with open(table) as rows:
-                next(rows, None)  # the header
-                for row in rows:
-                    fields = row.split()
-                    if len(fields) > 9 and fields[9] in inodes and _peer(fields[2]) in servers:
-                        found += inodes[fields[9]]
-        except OSError:  # no IPv6, no /proc
-            continue
+        fd = int(name)
+        length.value, kind_length.value = len(raw), ctypes.sizeof(kind)
+        if libc.getsockopt(fd, _socket.SOL_SOCKET, _socket.SO_TYPE, ctypes.byref(kind), ctypes.byref(kind_length)) \
+                or kind.value != _socket.SOCK_STREAM or libc.getpeername(fd, raw, ctypes.byref(length)):
+            continue  # not a stream socket, not connected, or gone
+        if _address(raw.raw[:length.value]) in servers:
+            found.append(fd)
     return found
 
 
@@ -86,17 +95,12 @@ def nodelay(environ: Mapping[str, str] | None = None) -> int:
     (``server_addresses``, ``connections_to``); how many it did. Nothing where no server
     is named, or ``/proc`` or glibc is not there."""
     servers = server_addresses(os.environ if environ is None else environ)
-    if not servers:
+    descriptors = connections_to(servers) if servers else []
+    if not descriptors:
         return 0
-    try:
-        descriptors = connections_to(servers)
-        if not descriptors:
-            return 0
-        import ctypes
+    import ctypes
 
-        setsockopt = ctypes.CDLL(None, use_errno=True).setsockopt
-    except (OSError, AttributeError):
-        return 0
+    setsockopt = ctypes.CDLL(None, use_errno=True).setsockopt
     one = ctypes.c_int(1)
-    return sum(setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, ctypes.byref(one), ctypes.sizeof(one)) == 0
+    return sum(setsockopt(fd, _socket.IPPROTO_TCP, _socket.TCP_NODELAY, ctypes.byref(one), ctypes.sizeof(one)) == 0
                for fd in descriptors)
