@@ -157,7 +157,7 @@ def _flush_files(objects: list[object] | None = None, census: _Census | None = N
       Started by ``_thread``'s own functions, bound when the bootstrap was imported: a
       ``threading`` the program shadowed or patched (gevent) cannot stand in for them.
       Where no thread can be started (Python 3.12 in an atexit handler) it raises.
-    - Found through the collector, which tracks every file object (about 12 ms with
+    - Found through the collector, which tracks every file object (about 14 ms with
       torch loaded; 2 ms where the standard streams are the only ones, counted by type),
       after ``gc.unfreeze`` so that the files of a program that froze its objects
       (``gc.freeze``) are found too; by type alone, so no object's own ``__class__`` is
@@ -522,12 +522,13 @@ def _end_now(paths: list[str]) -> None:
     """End the process here, in the last atexit handler, where the rest of Python's exit
     would only free what the process's end frees anyway (see the module's docstring):
     the bootstrap's handler runs last (``_RUNS_LAST``), every library mapped (``paths``)
-    is known to lose nothing (checked by the caller), and no MPI is left active but one
+    is known to lose nothing (checked by the caller), no MPI is left active but one
     that mpi4py would finalize at Python's exit, which is finalized here instead (a rank
     that never finalizes is a failed job to mpirun), and no other thread Python started
-    is alive (but a flush thread that is done) nor runs Python code. Python's and C's streams are
-    flushed, and ``os._exit`` gives the status Python's exit would. Returns where it may
-    not end the process so, MPI's state cannot be read, or finalizing it failed."""
+    is alive (but a flush thread that is done), nor any runs Python code. Python's and
+    C's streams are flushed, and ``os._exit`` gives the status Python's exit would.
+    Returns where it may not end the process so, MPI's state cannot be read, or
+    finalizing it failed."""
     if not _RUNS_LAST or _thread._count() > len(_FLUSH_THREADS) or \
             set(sys._current_frames()) - _FLUSH_THREADS != {_thread.get_ident()}:
         return  # another thread may still run Python code: its writes, its MPI calls, until Python's exit
