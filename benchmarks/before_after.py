@@ -14,6 +14,7 @@ are printed with their ratio: the machine's noise hits both.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import statistics
@@ -73,18 +74,17 @@ def run(root: Path, old: Path, args: argparse.Namespace) -> None:
         if importlib.util.find_spec("horovod") is not None:
             cases["first allreduce, real Horovod"] = (["--ppn", "2"], ["first_hvd.py"],
                                                       {"DISTLAUNCH_HVD_BACKEND": "horovod"})
-    box = None
-    if args.multinode:
-        from tests.cluster.cluster import make, missing_tools
+    with contextlib.ExitStack() as stack:
+        if args.multinode:
+            from tests.cluster.cluster import make, missing_tools
 
-        if missing_tools():
-            raise SystemExit(f"--multinode needs {', '.join(missing_tools())}")
-        (root / "cluster").mkdir()
-        box = make(root / "cluster", 2, shared=[str(root), sys.prefix, str(REPO)])
-        box.up()
-        cases["no-op, 2 nodes, 1 rank each"] = (["--hosts", f"{box.hosts[0]}:1,{box.hosts[1]}:1", "--ssh-config",
-                                                 str(box.ssh_config)], ["noop.py"], {})
-    try:
+            if missing_tools():
+                raise SystemExit(f"--multinode needs {', '.join(missing_tools())}")
+            (root / "cluster").mkdir()
+            box = make(root / "cluster", 2, shared=[str(root), sys.prefix, str(REPO)])
+            stack.enter_context(box.running())  # down again on an error, Ctrl-C or SIGTERM too
+            cases["no-op, 2 nodes, 1 rank each"] = (["--hosts", f"{box.hosts[0]}:1,{box.hosts[1]}:1", "--ssh-config",
+                                                     str(box.ssh_config)], ["noop.py"], {})
         walls: dict[tuple[str, str], list[float]] = {(case, side): [] for case in cases for side in sides}
         for round_ in range(args.repeats + 1):  # round 0 warms caches and is not counted
             for case, (extra, program, case_env) in cases.items():
@@ -94,9 +94,6 @@ def run(root: Path, old: Path, args: argparse.Namespace) -> None:
                     if round_:
                         walls[case, side].append(wall)
             print(f"round {round_}/{args.repeats} done", file=sys.stderr)
-    finally:
-        if box is not None:
-            box.down()
     print(f"distlaunch run, {args.before} (before) and this checkout (after) taking turns, "
           f"medians of {args.repeats}:")
     for case in cases:

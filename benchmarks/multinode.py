@@ -55,8 +55,7 @@ def main() -> None:
         root = Path(tmp)
         (root / "cluster").mkdir()
         box = make(root / "cluster", 2, shared=[str(root), sys.prefix, str(REPO)])
-        box.up()
-        try:
+        with box.running():  # down again on an error, Ctrl-C or SIGTERM too
             src = root / "src"
             for i in range(args.files):
                 sub = src / f"pkg{i % 20}"
@@ -80,8 +79,6 @@ def main() -> None:
                   f"(+{both - local:.2f} s); shared / not shared ssh = {both / plain:.2f} ({both - plain:+.2f} s)")
             if args.allreduce:
                 allreduce_across(box, root, args.sizes)
-        finally:
-            box.down()
 
 
 def launch_times(box, root: Path, src: Path, repeats: int) -> dict[str, float]:

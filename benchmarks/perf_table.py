@@ -331,13 +331,10 @@ def multinode(tmp: Path, repeats: int) -> dict[str, float]:
         raise SystemExit(f"--multinode needs {', '.join(missing_tools())}")
     (tmp / "cluster").mkdir()
     box = make(tmp / "cluster", 2, shared=[str(tmp), sys.prefix, str(REPO)])
-    box.up()
-    try:
+    with box.running():  # down again on an error, Ctrl-C or SIGTERM too
         src = tmp / "src"
         src.mkdir()
         return launch_times(box, tmp, src, repeats)
-    finally:
-        box.down()
 
 
 if __name__ == "__main__":

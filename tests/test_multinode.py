@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -551,6 +552,86 @@ def test_a_cluster_left_running_does_not_get_in_the_way(cluster, tmp_path):
             assert answer.returncode == 0 and answer.stdout.strip() == node.hostname
     finally:
         second.down()
+
+
+STAY_UP = """import os, sys, time
+from pathlib import Path
+from tests.cluster.cluster import make
+root = Path(sys.argv[1])
+box = make(root / "box", 2, shared=[str(root), sys.prefix, sys.argv[2]])
+with box.running():
+    (root / "pids.new").write_text(" ".join(str(node.pid) for node in box.nodes))
+    os.replace(root / "pids.new", root / "pids")
+    time.sleep(300)
+"""
+
+
+@needs_root
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_script_stopped_by_a_signal_inside_cluster_running_stops_its_nodes(tmp_path, signum):
+    """The benchmarks bring their nodes up with ``Cluster.running()``. The nodes run in
+    sessions of their own, so SIGTERM's or SIGHUP's default action would end the script
+    and leave them running; inside the block the signal ends the script through its
+    ``finally`` instead: every node is gone, nothing answers on their port, and the
+    script exits with 128 + the signal."""
+    if missing_tools():
+        pytest.skip(f"cluster in a box needs {', '.join(missing_tools())}")
+    (tmp_path / "box").mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", STAY_UP, str(tmp_path), str(REPO)], cwd=REPO,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "pids").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (tmp_path / "pids").exists(), f"the nodes did not come up (exit {proc.poll()})"
+        pids = [int(word) for word in (tmp_path / "pids").read_text().split()]
+        box = Cluster.load(tmp_path / "box")
+        assert len(pids) == 2 and all(Path(f"/proc/{pid}").exists() for pid in pids)
+        for address in box.hosts:
+            socket.create_connection((address, box.port), timeout=5).close()  # sshd answers
+        proc.send_signal(signum)
+        assert proc.wait(timeout=60) == 128 + signum
+        assert [pid for pid in pids if Path(f"/proc/{pid}").exists()] == []
+        for address in box.hosts:
+            with pytest.raises(OSError):
+                socket.create_connection((address, box.port), timeout=5).close()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if (tmp_path / "box" / "state.json").exists():
+            for node in Cluster.load(tmp_path / "box").nodes:  # whatever the script left
+                if node.pid is not None and Path(f"/proc/{node.pid}").exists():
+                    os.killpg(node.pid, signal.SIGKILL)
+
+
+@needs_root
+def test_a_cluster_whose_second_node_fails_to_start_stops_the_first(tmp_path):
+    """``up()`` that fails half-way (here node3's start raises, as ``wait_ready`` does when
+    a node does not come up) stops the nodes it had started before it raises."""
+    if missing_tools():
+        pytest.skip(f"cluster in a box needs {', '.join(missing_tools())}")
+    box = make(tmp_path / "box", 2, shared=[str(tmp_path)])
+    started = []
+    start_node = box.start_node
+
+    def start(node):
+        if node is box.nodes[1]:
+            raise RuntimeError("simulated node node3 did not come up")
+        start_node(node)
+        started.append(node.pid)
+
+    box.start_node = start
+    try:
+        with pytest.raises(RuntimeError, match="did not come up"):
+            box.up()
+        assert len(started) == 1
+        assert not Path(f"/proc/{started[0]}").exists(), "node2 was left running"
+        assert [node.pid for node in box.nodes] == [None, None]
+    finally:
+        for pid in started:
+            if Path(f"/proc/{pid}").exists():
+                os.killpg(pid, signal.SIGKILL)
 
 
 def test_detached_children_on_the_nodes_are_cleaned_up_there(cluster, project, tmp_path):

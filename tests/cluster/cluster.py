@@ -19,6 +19,7 @@ By hand:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pwd
@@ -28,6 +29,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -201,17 +203,44 @@ class Cluster:
         self.start_node(node)
 
     def up(self) -> None:
+        """Start every node; where one fails to start, the ones started are stopped again."""
         if not self.port:
             self.port = free_port(self.hosts)
         self.write_config()
-        for node in self.nodes:
-            self.start_node(node)
+        try:
+            for node in self.nodes:
+                self.start_node(node)
+        except BaseException:
+            self.down()
+            raise
         self.save()
 
     def down(self) -> None:
         for node in self.nodes:
             self.stop_node(node)
         self.save()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[Cluster]:
+        """The nodes up for a ``with`` block and down after it, however it ends: an
+        exception, Ctrl-C, or SIGTERM or SIGHUP to this process. The nodes run in sessions
+        of their own, so a signal's default action would end this process and leave them
+        behind; while the block runs, those two signals raise ``Terminated`` instead, and
+        while the nodes are stopped they wait (blocked), then act as they did before.
+        For a script's main thread (``signal`` allows no other)."""
+        stops = {signal.SIGTERM, signal.SIGHUP}
+        before = {signum: signal.signal(signum, _terminated) for signum in stops}
+        try:
+            self.up()
+            yield self
+        finally:
+            signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+            try:
+                self.down()
+            finally:
+                for signum, handler in before.items():
+                    signal.signal(signum, handler)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
 
     def save(self) -> None:
         state = {"port": self.port, "users": self.users, "shared": self.shared,
@@ -228,6 +257,14 @@ class Cluster:
         for node, saved in zip(cluster.nodes, state["nodes"]):
             node.pid = saved["pid"]
         return cluster
+
+
+class Terminated(SystemExit):
+    """SIGTERM or SIGHUP reached a process inside ``Cluster.running()``; exit status 128 + signal."""
+
+
+def _terminated(signum: int, _frame: object) -> None:
+    raise Terminated(128 + signum)
 
 
 def make(root: Path, count: int, users: list[str] | None = None, shared: list[str] | None = None) -> Cluster:
