@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -209,31 +210,9 @@ def test_the_gloo_rendezvous_answers_a_key_when_it_is_put(backend, monkeypatch):
         server.server_close()
 
 
-PMIX_OPTION = """import os, socket
+PMIX_OPTION = """import os
 from mpi4py import MPI
-from distlaunch.rank import pmixlink
-
-
-def nodelay():  # TCP_NODELAY of each of this process's connections to its PMIx server
-    servers, found = pmixlink.server_addresses(os.environ), []
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            duplicate = os.dup(int(name))
-        except OSError:
-            continue
-        try:
-            sock = socket.socket(fileno=duplicate)
-        except OSError:
-            os.close(duplicate)
-            continue
-        with sock:
-            try:
-                if tuple(sock.getpeername()[:2]) in servers:
-                    found.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
-            except OSError:
-                pass
-    return found
-
+from pmix_nodelay import nodelay
 
 before = nodelay()
 import distlaunch.hvd as hvd
@@ -255,6 +234,7 @@ def test_hvd_init_switches_nagle_off_on_the_ranks_pmix_connection(tmp_path, back
 
     script = tmp_path / "pmix_option.py"
     script.write_text(PMIX_OPTION)
+    shutil.copy(SCRIPTS / "pmix_nodelay.py", tmp_path)
     result = run_job(tmp_path, backend, 2, str(script), launcher=launcher, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     pmix = detect(find_mpirun()).flavour is Flavour.OPENMPI  # MPICH's Hydra has no PMIx server: nothing to find

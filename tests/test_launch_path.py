@@ -16,6 +16,7 @@ import types
 from pathlib import Path
 
 import pytest
+from conftest import SCRIPTS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -547,29 +548,13 @@ def test_a_rank_that_ends_in_its_exit_handler_keeps_what_python_would(distlaunch
                 assert (out / f"after-{rank}").exists()
 
 
-PMIX_AT_EXIT = """import os, socket, sys
+PMIX_AT_EXIT = """import os, sys
 from mpi4py import MPI
-from distlaunch.rank import pmixlink
-
-
-def options(servers=pmixlink.server_addresses(os.environ), os=os, socket=socket):
-    found = []  # TCP_NODELAY of each connection to the PMIx server
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            sock = socket.socket(fileno=os.dup(int(name)))
-        except OSError:
-            continue
-        with sock:
-            try:
-                if tuple(sock.getpeername()[:2]) in servers:
-                    found.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
-            except OSError:
-                pass
-    return found
+from pmix_nodelay import nodelay
 
 
 class Probe:  # a finalizer: the rank's whole exit, whose teardown runs it after every atexit handler
-    def __del__(self, options=options, path=os.path.join(sys.argv[1], f"nodelay-{MPI.COMM_WORLD.rank}"), open=open):
+    def __del__(self, options=nodelay, path=os.path.join(sys.argv[1], f"nodelay-{MPI.COMM_WORLD.rank}"), open=open):
         with open(path, "w") as said:
             said.write(repr(options()))
 
@@ -586,6 +571,7 @@ def test_a_rank_that_ends_well_with_mpi_active_finalizes_it_without_nagle(distla
     from distlaunch.plan.mpi import Flavour, detect, find_mpirun
 
     (tmp_path / "probe.py").write_text(PMIX_AT_EXIT)
+    shutil.copy(SCRIPTS / "pmix_nodelay.py", tmp_path)
     pmix = detect(find_mpirun()).flavour is Flavour.OPENMPI  # MPICH's Hydra has no PMIx server: nothing to find
     for full in ("0", "1"):
         out = tmp_path / f"full-{full}"
