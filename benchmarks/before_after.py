@@ -30,6 +30,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from perf_table import FIRST_HVD  # noqa: E402
 
+from tests.stopsignals import unwinding  # noqa: E402
+
 
 def timed(argv: list[str], cwd: Path, env: dict[str, str]) -> float:
     start = time.perf_counter()
@@ -82,7 +84,7 @@ def run(root: Path, old: Path, args: argparse.Namespace) -> None:
                 raise SystemExit(f"--multinode needs {', '.join(missing_tools())}")
             (root / "cluster").mkdir()
             box = make(root / "cluster", 2, shared=[str(root), sys.prefix, str(REPO)])
-            stack.enter_context(box.running())  # down again on an error, Ctrl-C or SIGTERM too
+            stack.enter_context(box.running())  # down again however main() ends
             cases["no-op, 2 nodes, 1 rank each"] = (["--hosts", f"{box.hosts[0]}:1,{box.hosts[1]}:1", "--ssh-config",
                                                      str(box.ssh_config)], ["noop.py"], {})
         walls: dict[tuple[str, str], list[float]] = {(case, side): [] for case in cases for side in sides}
@@ -103,4 +105,5 @@ def run(root: Path, old: Path, args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with unwinding():  # SIGTERM or SIGHUP: out through every finally, the nodes and daemons stopped
+        main()

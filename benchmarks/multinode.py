@@ -40,6 +40,7 @@ from distlaunch.plan.spec import default_remote_root  # noqa: E402
 from distlaunch.plan.ssh import SSHOptions  # noqa: E402
 from distlaunch.plan.units import format_size  # noqa: E402
 from tests.cluster.cluster import make, missing_tools  # noqa: E402
+from tests.stopsignals import unwinding  # noqa: E402
 
 
 def main() -> None:
@@ -55,7 +56,7 @@ def main() -> None:
         root = Path(tmp)
         (root / "cluster").mkdir()
         box = make(root / "cluster", 2, shared=[str(root), sys.prefix, str(REPO)])
-        with box.running():  # down again on an error, Ctrl-C or SIGTERM too
+        with box.running():  # down again however main() ends
             src = root / "src"
             for i in range(args.files):
                 sub = src / f"pkg{i % 20}"
@@ -134,4 +135,5 @@ def allreduce_across(box, root: Path, sizes: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with unwinding():  # SIGTERM or SIGHUP: out through every finally, the nodes and daemons stopped
+        main()

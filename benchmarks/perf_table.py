@@ -58,6 +58,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from launch_overhead import bare_mpirun_argv, timed  # noqa: E402
 
+from tests.stopsignals import unwinding  # noqa: E402
+
 FIRST_HVD = """import torch
 import distlaunch.hvd as hvd
 hvd.init()
@@ -331,11 +333,12 @@ def multinode(tmp: Path, repeats: int) -> dict[str, float]:
         raise SystemExit(f"--multinode needs {', '.join(missing_tools())}")
     (tmp / "cluster").mkdir()
     box = make(tmp / "cluster", 2, shared=[str(tmp), sys.prefix, str(REPO)])
-    with box.running():  # down again on an error, Ctrl-C or SIGTERM too
+    with box.running():  # down again however main() ends
         src = tmp / "src"
         src.mkdir()
         return launch_times(box, tmp, src, repeats)
 
 
 if __name__ == "__main__":
-    main()
+    with unwinding():  # SIGTERM or SIGHUP: out through every finally, the nodes and daemons stopped
+        main()

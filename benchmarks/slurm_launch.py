@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.slurmbox.box import SlurmBox, missing  # noqa: E402
+from tests.stopsignals import unwinding  # noqa: E402
 
 INNER = """import json, subprocess, sys, time
 variants = json.loads(sys.argv[1])
@@ -87,4 +88,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with unwinding():  # SIGTERM or SIGHUP: out through every finally, the nodes and daemons stopped
+        main()

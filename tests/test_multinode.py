@@ -557,9 +557,10 @@ def test_a_cluster_left_running_does_not_get_in_the_way(cluster, tmp_path):
 STAY_UP = """import os, sys, time
 from pathlib import Path
 from tests.cluster.cluster import make
+from tests.stopsignals import unwinding
 root = Path(sys.argv[1])
 box = make(root / "box", 2, shared=[str(root), sys.prefix, sys.argv[2]])
-with box.running():
+with unwinding(), box.running():  # as the benchmarks bring nodes up
     (root / "pids.new").write_text(" ".join(str(node.pid) for node in box.nodes))
     os.replace(root / "pids.new", root / "pids")
     time.sleep(300)
@@ -568,12 +569,12 @@ with box.running():
 
 @needs_root
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
-def test_a_script_stopped_by_a_signal_inside_cluster_running_stops_its_nodes(tmp_path, signum):
-    """The benchmarks bring their nodes up with ``Cluster.running()``. The nodes run in
-    sessions of their own, so SIGTERM's or SIGHUP's default action would end the script
-    and leave them running; inside the block the signal ends the script through its
-    ``finally`` instead: every node is gone, nothing answers on their port, and the
-    script exits with 128 + the signal."""
+def test_a_benchmark_stopped_by_a_signal_stops_its_simulated_nodes(tmp_path, signum):
+    """The benchmarks bring their nodes up with ``Cluster.running()`` inside
+    ``tests.stopsignals.unwinding()``. The nodes run in sessions of their own, so
+    SIGTERM's or SIGHUP's default action would end the script and leave them running;
+    there the signal ends the script through its ``finally`` instead: every node is gone,
+    nothing answers on their port, and the script exits with 128 + the signal."""
     if missing_tools():
         pytest.skip(f"cluster in a box needs {', '.join(missing_tools())}")
     (tmp_path / "box").mkdir()

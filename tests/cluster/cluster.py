@@ -222,25 +222,15 @@ class Cluster:
 
     @contextlib.contextmanager
     def running(self) -> Iterator[Cluster]:
-        """The nodes up for a ``with`` block and down after it, however it ends: an
-        exception, Ctrl-C, or SIGTERM or SIGHUP to this process. The nodes run in sessions
-        of their own, so a signal's default action would end this process and leave them
-        behind; while the block runs, those two signals raise ``Terminated`` instead, and
-        while the nodes are stopped they wait (blocked), then act as they did before.
-        For a script's main thread (``signal`` allows no other)."""
-        stops = {signal.SIGTERM, signal.SIGHUP}
-        before = {signum: signal.signal(signum, _terminated) for signum in stops}
+        """The nodes up for a ``with`` block and down after it, however it ends (``up()``
+        that fails half-way too). A script that may be stopped by a signal enters
+        ``tests.stopsignals.unwinding()`` first: the nodes run in sessions of their own,
+        and a signal's default action would leave them running."""
+        self.up()
         try:
-            self.up()
             yield self
         finally:
-            signal.pthread_sigmask(signal.SIG_BLOCK, stops)
-            try:
-                self.down()
-            finally:
-                for signum, handler in before.items():
-                    signal.signal(signum, handler)
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+            self.down()
 
     def save(self) -> None:
         state = {"port": self.port, "users": self.users, "shared": self.shared,
@@ -257,14 +247,6 @@ class Cluster:
         for node, saved in zip(cluster.nodes, state["nodes"]):
             node.pid = saved["pid"]
         return cluster
-
-
-class Terminated(SystemExit):
-    """SIGTERM or SIGHUP reached a process inside ``Cluster.running()``; exit status 128 + signal."""
-
-
-def _terminated(signum: int, _frame: object) -> None:
-    raise Terminated(128 + signum)
 
 
 def make(root: Path, count: int, users: list[str] | None = None, shared: list[str] | None = None) -> Cluster:
