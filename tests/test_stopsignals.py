@@ -46,3 +46,30 @@ def test_a_stop_signal_unwinds_the_script_through_its_teardown(signum):
             proc.kill()
             proc.wait()
     assert out.strip() == "torn down; the default SIGTERM in a child: True", out
+
+
+HELD = """import os, signal, time
+from tests.stopsignals import held, unwinding
+signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
+with unwinding():
+    os.kill(os.getpid(), signal.SIGHUP)
+    time.sleep(0.2)
+    print("SIGHUP still ignored", signal.getsignal(signal.SIGHUP) is signal.SIG_IGN, flush=True)
+    try:
+        with held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # the handler has run by now: it only noted the signal
+            print("held block done", flush=True)
+        print("after the held block", flush=True)
+    finally:
+        print("unwound", flush=True)
+"""
+
+
+def test_a_stop_signal_inside_held_waits_for_the_block_and_an_ignored_one_stays_ignored():
+    """A signal that comes inside ``held()`` (starting a node and noting its pid, stopping
+    the nodes) is raised only as the block ends, so the block is never cut in two; a
+    signal the script was started with ignored (``nohup``) is left ignored."""
+    proc = subprocess.run([sys.executable, "-c", HELD], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert proc.stdout.splitlines() == ["SIGHUP still ignored True", "held block done", "unwound"], proc.stdout

@@ -33,6 +33,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.stopsignals import held
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -159,9 +161,11 @@ class Cluster:
             argv += ["--hide", path]
         argv += ["--", "/usr/sbin/sshd", "-D", "-e", "-f", str(self.sshd_config(node))]
         log = open(self.root / f"{node.hostname}.log", "ab")
-        proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                start_new_session=True)
-        node.pid = proc.pid
+        with held():  # a node started is a node noted (here and in state.json), so down() finds it
+            proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    start_new_session=True)
+            node.pid = proc.pid
+            self.save()
         self.wait_ready(node)
 
     def wait_ready(self, node: Node, timeout: float = 20) -> None:
@@ -210,15 +214,16 @@ class Cluster:
         try:
             for node in self.nodes:
                 self.start_node(node)
+            self.save()
         except BaseException:
             self.down()
             raise
-        self.save()
 
     def down(self) -> None:
-        for node in self.nodes:
-            self.stop_node(node)
-        self.save()
+        with held():  # every node stopped, even if a stop signal comes half-way
+            for node in self.nodes:
+                self.stop_node(node)
+            self.save()
 
     @contextlib.contextmanager
     def running(self) -> Iterator[Cluster]:
@@ -226,11 +231,11 @@ class Cluster:
         that fails half-way too). A script that may be stopped by a signal enters
         ``tests.stopsignals.unwinding()`` first: the nodes run in sessions of their own,
         and a signal's default action would leave them running."""
-        self.up()
         try:
+            self.up()
             yield self
         finally:
-            self.down()
+            self.down()  # again where up() failed: it skips the nodes not running
 
     def save(self) -> None:
         state = {"port": self.port, "users": self.users, "shared": self.shared,

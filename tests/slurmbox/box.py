@@ -32,6 +32,8 @@ from typing import Any, Callable
 
 import psutil
 
+from tests.stopsignals import held
+
 INSTALL_HINT = "apt-get install -y slurmctld slurmd slurm-client munge libpmix-dev"
 BINARIES = ("slurmctld", "slurmd", "munged", "sinfo", "srun", "salloc", "sbatch", "squeue", "scancel")
 LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
@@ -240,7 +242,12 @@ class SlurmBox:
                 self.procs.pop(name).wait(timeout=10)
 
     def down(self, grace: float = 10) -> None:
-        """Cancel every job, stop the daemons, kill what is left, undo /etc/hosts. Idempotent."""
+        """Cancel every job, stop the daemons, kill what is left, undo /etc/hosts. Idempotent.
+        A stop signal that comes meanwhile waits for the end (``tests.stopsignals.held``)."""
+        with held():
+            self._down(grace)
+
+    def _down(self, grace: float) -> None:
         if not self.pids and self.state_file.exists():
             saved = json.loads(self.state_file.read_text())
             self.pids, self.hosts_line = saved["pids"], saved["hosts_line"]
