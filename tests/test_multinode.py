@@ -556,7 +556,9 @@ def test_a_cluster_left_running_does_not_get_in_the_way(cluster, tmp_path):
 
 
 needs_root_for_nodes = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start simulated nodes")
-STAY_UP = """import os, sys, time
+STAY_UP = """import os, signal, sys, time
+for signum in (signal.SIGTERM, signal.SIGHUP):  # as a script started plainly (pytest may run under nohup)
+    signal.signal(signum, signal.SIG_DFL)
 from pathlib import Path
 from tests.cluster.cluster import make
 from tests.stopsignals import unwinding

@@ -10,7 +10,11 @@ import sys
 import pytest
 from conftest import REPO
 
-SCRIPT = """import os, signal, subprocess, sys, time
+START = """import signal
+for signum in (signal.SIGTERM, signal.SIGHUP):  # as a script started plainly (pytest may run under nohup)
+    signal.signal(signum, signal.SIG_DFL)
+"""
+SCRIPT = START + """import os, signal, subprocess, sys, time
 from tests.stopsignals import unwinding
 with unwinding():
     pass
@@ -48,7 +52,7 @@ def test_a_stop_signal_unwinds_the_script_through_its_teardown(signum):
     assert out.strip() == "torn down; the default SIGTERM in a child: True", out
 
 
-HELD = """import os, signal, time
+HELD = START + """import os, signal, time
 from tests.stopsignals import held, unwinding
 signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
 with unwinding():
